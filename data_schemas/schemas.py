@@ -1,0 +1,151 @@
+"""The Parquet contracts of every dataset the pipeline writes (DESIGN.md, "Parquet contracts").
+
+Schemas are explicit: a table is never written with an inferred schema, because a column that
+happens to be all-null in one shard would otherwise change type between shards and break
+`datasets.load_dataset("parquet", ...)` on the whole directory.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+
+SPAN = pa.struct(
+    [
+        pa.field("segment_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("char_start", pa.int32(), nullable=False),
+        pa.field("char_end", pa.int32(), nullable=False),
+        pa.field("token_start", pa.int32(), nullable=False),
+        pa.field("token_end", pa.int32(), nullable=False),
+        pa.field("label", pa.string(), nullable=False),
+    ]
+)
+
+
+def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
+    return pa.schema(fields, metadata={b"schema_name": name.encode(), b"schema_version": SCHEMA_VERSION.encode()})
+
+
+def _f(name: str, typ: pa.DataType, nullable: bool = False) -> pa.Field:
+    return pa.field(name, typ, nullable=nullable)
+
+
+PROMPTS = _schema(
+    "prompts",
+    [
+        _f("prompt_id", pa.string()),
+        _f("problem", pa.string()),
+        _f("answer", pa.string()),
+        _f("solution", pa.string(), nullable=True),
+        _f("source", pa.string()),
+        _f("meta", pa.string()),
+    ],
+)
+
+ROLLOUTS = _schema(
+    "rollouts",
+    [
+        _f("rollout_id", pa.string()),
+        _f("round", pa.int32()),
+        _f("prompt_id", pa.string()),
+        _f("sample_index", pa.int32()),
+        _f("checkpoint", pa.string()),
+        _f("prompt_token_ids", pa.list_(pa.int32())),
+        _f("response_text", pa.string()),
+        _f("response_token_ids", pa.list_(pa.int32())),
+        _f("response_logprobs", pa.list_(pa.float32())),
+        _f("finish_reason", pa.string()),
+        _f("engine", pa.string()),
+        _f("sampling", pa.string()),
+    ],
+)
+
+VERDICTS = _schema(
+    "verdicts",
+    [
+        _f("rollout_id", pa.string()),
+        _f("reward", pa.float32()),
+        _f("correct", pa.bool_()),
+        _f("extracted_answer", pa.string(), nullable=True),
+        _f("status", pa.string()),
+        _f("detail", pa.string(), nullable=True),
+    ],
+)
+
+ANNOTATIONS = _schema(
+    "annotations",
+    [
+        _f("rollout_id", pa.string()),
+        _f("route", pa.string()),
+        _f("annotator", pa.string()),
+        _f("spans", pa.list_(SPAN)),
+        _f("coverage", pa.float32()),
+        _f("status", pa.string()),
+        _f("raw_response", pa.string(), nullable=True),
+        _f("error", pa.string(), nullable=True),
+        _f("latency_s", pa.float32()),
+    ],
+)
+
+# One row per optimizer step. The fixed columns are the ones every method reports; methods may
+# add namespaced float columns (`kl/forward`, `pg/clip_frac`), which `extend_metrics` admits.
+TRAIN_METRICS = _schema(
+    "train_metrics",
+    [
+        _f("step", pa.int64()),
+        _f("round", pa.int32()),
+        _f("loss", pa.float64()),
+        _f("pg_loss", pa.float64()),
+        _f("kl_loss", pa.float64()),
+        _f("kl_weight", pa.float64()),
+        _f("entropy", pa.float64()),
+        _f("response_len_mean", pa.float64()),
+        _f("span_token_frac", pa.float64()),
+        _f("clip_frac", pa.float64()),
+        _f("grad_norm", pa.float64()),
+        _f("lr", pa.float64()),
+        _f("tokens_per_s", pa.float64()),
+        _f("peak_mem_bytes", pa.int64()),
+    ],
+)
+
+EVAL_SAMPLES = _schema(
+    "eval_samples",
+    [
+        _f("benchmark", pa.string()),
+        _f("problem_id", pa.string()),
+        _f("sample_index", pa.int32()),
+        _f("response_text", pa.string()),
+        _f("extracted_answer", pa.string(), nullable=True),
+        _f("correct", pa.bool_()),
+        _f("num_tokens", pa.int32()),
+    ],
+)
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "prompts": PROMPTS,
+    "rollouts": ROLLOUTS,
+    "verdicts": VERDICTS,
+    "annotations": ANNOTATIONS,
+    "train_metrics": TRAIN_METRICS,
+    "eval_samples": EVAL_SAMPLES,
+}
+
+# Datasets whose rows carry a `status` column; the manifest counts rows by it.
+STATUS_COLUMN = "status"
+
+
+def get_schema(name: str) -> pa.Schema:
+    """Look a schema up by name; an unknown name lists the valid ones."""
+    try:
+        return SCHEMAS[name]
+    except KeyError:
+        raise KeyError(f"unknown schema {name!r}; valid: {sorted(SCHEMAS)}") from None
+
+
+def extend_metrics(extra_columns: list[str]) -> pa.Schema:
+    """TRAIN_METRICS plus float64 columns for namespaced extras, in a stable (sorted) order."""
+    known = set(TRAIN_METRICS.names)
+    extra = [pa.field(c, pa.float64(), nullable=True) for c in sorted(set(extra_columns) - known)]
+    return pa.schema(list(TRAIN_METRICS) + extra, metadata=TRAIN_METRICS.metadata)

@@ -1,0 +1,164 @@
+"""`trace-rl`: the command line. Every command is a thin shell over a stage, a flow or a tool.
+
+Errors a user can cause end in one readable line (exit code 2), not a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .errors import NotBuiltError, TraceError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="TRACE: GRPO + token-routed on-policy self-distillation, as a staged pipeline.")
+testbed_app = typer.Typer(no_args_is_help=True, help="The CPU testbed (tiny model + synthetic task).")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect configs.")
+app.add_typer(testbed_app, name="testbed")
+app.add_typer(config_app, name="config")
+console = Console(stderr=True)
+
+STAGE_NAMES = ["prepare", "rollout", "verify", "annotate", "train", "evaluate"]
+OverridesArg = typer.Argument(None, help="overrides: section.key=value ...", show_default=False)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
+    _setup_logging(verbose)
+
+
+def _load(config: Optional[str], overrides: Optional[list[str]]):
+    from .config import load_config
+
+    return load_config(config, overrides or [])
+
+
+@app.command()
+def run(config: str = typer.Argument("demo", help="config file or packaged name"),
+        overrides: Optional[list[str]] = OverridesArg,
+        rounds: Optional[int] = typer.Option(None, help="number of rounds (default: run.rounds)")) -> None:
+    """Run the training flow in-process (Prefect ephemeral mode): rounds of rollout, verify,
+    annotate, train; continues from the first incomplete stage."""
+    cfg = _load(config, overrides)
+    from flows.training import run_training_local
+
+    run_training_local(cfg, rounds=rounds)
+
+
+@app.command()
+def demo(overrides: Optional[list[str]] = OverridesArg) -> None:
+    """The testbed end to end on CPU: build it, a few TRACE rounds, evaluation, where to look."""
+    cfg = _load("demo", overrides)
+    from flows.demo import run_demo
+
+    run_demo(cfg)
+
+
+@app.command()
+def stage(name: str = typer.Argument(..., help=f"one of {STAGE_NAMES}"),
+          config: str = typer.Argument(..., help="config file or packaged name"),
+          overrides: Optional[list[str]] = OverridesArg,
+          round: Optional[int] = typer.Option(None, "--round", "-r", help="round index K"),
+          force: bool = typer.Option(False, help="redo it even if its output is current")) -> None:
+    """Run one stage (without Prefect). Its output is rewritten atomically; downstream stages
+    of the same round become stale."""
+    if name not in STAGE_NAMES:
+        raise TraceError(f"unknown stage {name!r}; valid: {STAGE_NAMES}")
+    cfg = _load(config, overrides)
+    from stages import get_stage
+
+    manifest = get_stage(name)(cfg, round, force=force, progress=True)
+    console.print(f"[green]{name}[/]: {manifest.rows} rows {manifest.counts} in "
+                  f"{manifest.seconds:.1f}s -> {cfg.run.run_root}/{manifest.dataset}")
+
+
+@app.command("eval")
+def eval_cmd(config: str = typer.Argument(..., help="config file or packaged name"),
+             overrides: Optional[list[str]] = OverridesArg,
+             checkpoint: str = typer.Option("latest", help="'latest', 'initial', round-K or a model dir"),
+             benchmarks: Optional[str] = typer.Option(None, help="comma-separated (default: eval.benchmarks)")) -> None:
+    """Evaluate a checkpoint on benchmarks: avg@k with bootstrap 95% CIs and the 5-column mean."""
+    cfg = _load(config, overrides)
+    from stages.evaluate import run_eval
+
+    names = benchmarks.split(",") if benchmarks else None
+    run_eval(cfg, checkpoint=checkpoint, benchmarks=names, progress=True)
+
+
+@app.command()
+def inspect(path: str = typer.Argument(..., help="a dataset directory, a Parquet file or a run directory"),
+            html: Optional[str] = typer.Option(None, help="write a self-contained HTML view here"),
+            examples: int = typer.Option(3, help="examples to print")) -> None:
+    """Summarise a shard: counts by status, reward rate, span coverage, examples with spans."""
+    from pipeline.inspect import inspect_path
+
+    inspect_path(path, html=html, examples=examples)
+
+
+@app.command()
+def status(config: str = typer.Argument("demo"), overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Show which stages of which rounds are complete, stale or missing."""
+    cfg = _load(config, overrides)
+    from stages.status import print_status
+
+    print_status(cfg)
+
+
+@testbed_app.command("init")
+def testbed_init(config: str = typer.Argument("demo"), overrides: Optional[list[str]] = OverridesArg,
+                 out: Optional[str] = typer.Option(None, help="output dir (default: model.testbed_dir)"),
+                 force: bool = typer.Option(False, help="rebuild even if a matching build exists")) -> None:
+    """Build (deterministically) and cache the testbed model and tokenizer."""
+    cfg = _load(config, overrides)
+    from pipeline.testbed.build import build_testbed
+
+    target = out or cfg.model.testbed_dir or os.path.join(cfg.run.run_root, "testbed")
+    path = build_testbed(cfg.model.testbed, target, force=force, progress=True)
+    console.print(f"testbed ready: {path}")
+
+
+@config_app.command("show")
+def config_show(config: str = typer.Argument("demo"), overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Print the resolved config (file + base + overrides + defaults)."""
+    from .config import dump_config
+
+    print(dump_config(_load(config, overrides)))
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except NotBuiltError as exc:
+        console.print(f"[yellow]not built yet:[/] {exc}")
+        sys.exit(2)
+    except TraceError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as exc:
+        sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""The run config: one small typed model per component, composed, loaded from YAML.
+
+`load_config("configs/demo.yaml", ["rollout.n=4", "train.lr=2e-6"])` reads the file (following
+`base:` to the file it extends), applies `key.sub=value` overrides (values parsed as YAML) and
+validates everything before any work starts. Each component owns its model (trainer/config.py,
+stages/engines/config.py, ...); this file only composes them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.testbed.config import TestbedConfig
+from stages.annotators.config import AnnotateConfig
+from stages.engines.config import RolloutConfig
+from stages.verifiers.config import VerifyConfig
+from trainer.config import TrainConfig
+
+from .errors import ConfigError
+
+DEFAULT_INSTRUCTION = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Strict):
+    name: str = "demo"
+    root: str | None = Field(None, description="run directory (local path or fsspec URL); default runs/<name>")
+    seed: int = 0
+    rounds: int = Field(3, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_dir_name(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError("must be a plain directory name such as 'demo' (no '/', not hidden)")
+        return v
+
+    @property
+    def run_root(self) -> str:
+        return self.root or os.path.join("runs", self.name)
+
+
+class ModelConfig(_Strict):
+    path: str = Field("testbed", description="'testbed' or a local HF model dir / hub name")
+    testbed_dir: str | None = Field(None, description="where the testbed build is cached")
+    testbed: TestbedConfig = Field(default_factory=TestbedConfig)
+
+
+class DataConfig(_Strict):
+    source: str = Field("testbed", description="'testbed', a .jsonl/.parquet path, or a HF datasets name")
+    split: str = "train"
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="contract column -> source column (prompt_id, problem, answer, solution)",
+    )
+    instruction: str = Field(DEFAULT_INSTRUCTION, description="str.format template with {problem}")
+    limit: int | None = Field(None, ge=1)
+    testbed_prompts: int = Field(2048, ge=1, description="training prompts generated for the testbed")
+
+    @field_validator("instruction")
+    @classmethod
+    def _has_problem(cls, v: str) -> str:
+        if "{problem}" not in v:
+            raise ValueError("must contain the field {problem} (use {{ }} for literal braces)")
+        return v
+
+
+class EvalConfig(_Strict):
+    benchmarks: list[str] = Field(default_factory=lambda: ["testbed"])
+    data_dir: str = Field("../shared/data", description="folder holding <benchmark>/test.jsonl")
+    k: int = Field(4, ge=1, description="samples per problem (avg@k)")
+    temperature: float = Field(0.6, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    top_k: int = 20
+    max_tokens: int = Field(32768, ge=1)
+    enable_thinking: bool = True
+    limit: int | None = Field(None, ge=1, description="problems per benchmark (None = all)")
+    bootstrap: int = Field(1000, ge=0)
+    every_round: bool = Field(False, description="evaluate each round's checkpoint, not just the last")
+
+
+class TraceConfig(_Strict):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def section(self, name: str) -> dict[str, Any]:
+        return getattr(self, name).model_dump(mode="json")
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """A config path as given, or a bare name looked up in the packaged configs/ folder."""
+    p = Path(path)
+    if p.exists():
+        return p
+    for candidate in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+        if candidate.exists():
+            return candidate
+    known = sorted(c.stem for c in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config file {str(path)!r} not found; packaged configs: {known}")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base:' chain loops back on itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    parent = _read_yaml(resolve_config_path(path.parent / base if not Path(base).is_absolute() else base),
+                        seen + (path.resolve(),))
+    return _merge(parent, data)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` strings; values are parsed as YAML (so `8`, `1e-6`, `null`, `[a,b]`)."""
+    data = _merge({}, data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. rollout.n=8")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = value
+    return data
+
+
+def _explain(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  - {where}: unknown key (misspelt? see `trace-rl config show` for valid keys)")
+        else:
+            got = err.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  - {where}: {err['msg']}{got_s}")
+    lines.append("Fix the value in the file or override it on the command line: section.key=value")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> TraceConfig:
+    try:
+        return TraceConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, source)) from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TraceConfig:
+    """Load, merge overrides and validate. `path=None` gives the embedded default (the testbed)."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        resolved = resolve_config_path(path)
+        data = _read_yaml(resolved)
+        source = str(resolved)
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data, source)
+
+
+def dump_config(cfg: TraceConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,208 @@
+"""The run store: every dataset of a run, on a local path or any fsspec URL.
+
+A dataset is a directory of `part-NNNNN.parquet` files plus `_manifest.json`. The manifest is
+written last (through a temporary name and a rename where the filesystem has one), so its
+presence means the dataset is complete; readers trust only the parts the manifest lists, so a
+process killed mid-write can never leave a dataset that looks complete or mixes old and new parts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import fsspec
+import pyarrow as pa
+
+from data_schemas import SCHEMA_VERSION, read_parquet, rows_to_table, write_parquet
+from data_schemas.schemas import STATUS_COLUMN
+
+from .errors import StageError
+from .fingerprint import code_version, fingerprint
+
+MANIFEST = "_manifest.json"
+
+
+@dataclass
+class Manifest:
+    """What a finished stage output holds and what it was made from."""
+
+    dataset: str
+    stage: str
+    schema: str
+    schema_version: str
+    config_fingerprint: str
+    inputs: dict[str, str]
+    rows: int
+    counts: dict[str, int]
+    files: list[dict[str, Any]]
+    code_version: str
+    started_at: float
+    finished_at: float
+    fingerprint: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return self.finished_at - self.started_at
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        return cls(**json.loads(text))
+
+
+def round_dir(round_index: int) -> str:
+    """`round-0003`: zero-padded so directory listings sort by round."""
+    return f"round-{round_index:04d}"
+
+
+class DatasetWriter:
+    """Writes the parts of one dataset; `close()` writes the manifest. Use as a context manager:
+    an exception inside the block leaves the dataset incomplete (no manifest)."""
+
+    def __init__(self, store: "RunStore", name: str, schema: pa.Schema, *, stage: str,
+                 config_fingerprint: str, inputs: dict[str, str], allow_extra: bool = False):
+        self.store, self.name, self.schema = store, name, schema
+        self.stage, self.config_fingerprint, self.inputs = stage, config_fingerprint, inputs
+        self.allow_extra = allow_extra
+        self.files: list[dict[str, Any]] = []
+        self.counts: Counter[str] = Counter()
+        self.started_at = time.time()
+        self.extra: dict[str, Any] = {}
+        self.manifest: Manifest | None = None
+        store._begin_rewrite(name)
+
+    def write_rows(self, rows: Iterable[dict[str, Any]]) -> None:
+        self.write_table(rows_to_table(rows, self.schema, where=f"{self.name} (rows)"))
+
+    def write_table(self, table: pa.Table) -> None:
+        part = f"part-{len(self.files):05d}.parquet"
+        final = self.store.path(self.name, part)
+        tmp = self.store.path(self.name, f".{part}.{uuid.uuid4().hex[:8]}.tmp")
+        write_parquet(table, tmp, self.schema, filesystem=self.store.fs, allow_extra=self.allow_extra)
+        self.store.fs.mv(tmp, final)
+        self.files.append({"name": part, "rows": table.num_rows})
+        if STATUS_COLUMN in table.column_names:
+            self.counts.update(table.column(STATUS_COLUMN).to_pylist())
+
+    def close(self) -> Manifest:
+        rows = sum(f["rows"] for f in self.files)
+        manifest = Manifest(
+            dataset=self.name, stage=self.stage, schema=self.schema.metadata[b"schema_name"].decode(),
+            schema_version=SCHEMA_VERSION, config_fingerprint=self.config_fingerprint,
+            inputs=dict(self.inputs), rows=rows, counts=dict(self.counts) or {"all": rows},
+            files=self.files, code_version=code_version(), started_at=self.started_at,
+            finished_at=time.time(), extra=self.extra,
+        )
+        # A fresh nonce: a forced rerun always yields a new fingerprint, so downstream stages
+        # that recorded the old one become stale even when the content happens to be identical.
+        manifest.fingerprint = fingerprint([self.config_fingerprint, self.inputs, self.files, uuid.uuid4().hex])
+        self.store.write_text(self.store.path(self.name, MANIFEST), manifest.to_json())
+        self.manifest = manifest
+        return manifest
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+
+
+class RunStore:
+    """One run's directory: `RunStore("runs/demo")` or `RunStore("s3://bucket/runs/demo")`."""
+
+    def __init__(self, root: str):
+        self.root = str(root)
+        self.fs, self._root = fsspec.core.url_to_fs(self.root)
+        self.is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    # paths -------------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return "/".join([self._root.rstrip("/"), *[p.strip("/") for p in parts if p]])
+
+    def local_path(self, *parts: str) -> Path:
+        """A local directory inside the run (checkpoints, scratch). Only local runs have one."""
+        if not self.is_local:
+            raise StageError(
+                f"{self.root} is not a local path; checkpoints and trainer scratch need a local "
+                "run directory (set run.root to a local or network-mounted path)"
+            )
+        return Path(self.path(*parts))
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def write_text(self, path: str, text: str) -> None:
+        """Write a small text file atomically (temporary name, then rename)."""
+        parent = path.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        with self.fs.open(tmp, "w") as fh:
+            fh.write(text)
+        self.fs.mv(tmp, path)
+
+    def read_text(self, path: str) -> str:
+        with self.fs.open(path, "r") as fh:
+            return fh.read()
+
+    # datasets ----------------------------------------------------------------------------
+    def manifest(self, name: str) -> Manifest | None:
+        """The manifest of a complete dataset, or None while it is missing or incomplete."""
+        path = self.path(name, MANIFEST)
+        if not self.fs.exists(path):
+            return None
+        return Manifest.from_json(self.read_text(path))
+
+    def is_current(self, name: str, config_fingerprint: str, inputs: dict[str, str]) -> bool:
+        """True when `name` is complete and was made from this config and these inputs."""
+        m = self.manifest(name)
+        return m is not None and m.config_fingerprint == config_fingerprint and m.inputs == inputs
+
+    def _begin_rewrite(self, name: str) -> None:
+        # Manifest first: from this moment the dataset reads as incomplete, whatever happens.
+        directory = self.path(name)
+        if self.fs.exists(self.path(name, MANIFEST)):
+            self.fs.rm(self.path(name, MANIFEST))
+        if self.fs.exists(directory):
+            for entry in self.fs.ls(directory, detail=False):
+                self.fs.rm(entry, recursive=True)
+        self.fs.makedirs(directory, exist_ok=True)
+
+    def writer(self, name: str, schema: pa.Schema, *, stage: str, config_fingerprint: str,
+               inputs: dict[str, str] | None = None, allow_extra: bool = False) -> DatasetWriter:
+        return DatasetWriter(self, name, schema, stage=stage, config_fingerprint=config_fingerprint,
+                             inputs=inputs or {}, allow_extra=allow_extra)
+
+    def read(self, name: str, schema: pa.Schema, allow_extra: bool = False) -> pa.Table:
+        """All rows of a complete dataset, parts in order, checked against `schema`."""
+        m = self.manifest(name)
+        if m is None:
+            raise StageError(
+                f"dataset {self.path(name)} is missing or incomplete (no {MANIFEST}); "
+                "run the stage that writes it first"
+            )
+        tables = [read_parquet(self.path(name, f["name"]), schema, self.fs, allow_extra)
+                  for f in m.files]
+        if not tables:
+            return schema.empty_table()
+        table = pa.concat_tables(tables, promote_options="default") if allow_extra else pa.concat_tables(tables)
+        if table.num_rows != m.rows:
+            raise StageError(f"{self.path(name)}: manifest says {m.rows} rows, parts hold {table.num_rows}")
+        return table
+
+    def invalidate(self, name: str) -> bool:
+        """Remove a dataset's manifest so it reads as incomplete; True if there was one."""
+        path = self.path(name, MANIFEST)
+        if self.fs.exists(path):
+            self.fs.rm(path)
+            return True
+        return False

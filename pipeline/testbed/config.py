@@ -1,0 +1,101 @@
+"""Configuration of the CPU testbed: task difficulty, tokenizer, tiny model, warm start, eval."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_TEACHER_TEMPLATE = "{problem}\n\nHere is a reference solution:\n{context}"
+
+
+class TestbedConfig(BaseModel):
+    """Everything that determines a testbed build; its fingerprint keys the build cache.
+
+    Defaults give the embedded demo: column addition of 2- to 4-digit numbers, a 2-layer
+    Qwen3 with hidden size 128, warm-started for about two minutes on two CPU cores so that
+    held-out student accuracy at temperature 1 is middling and the privileged teacher's is high.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    __test__ = False  # keep pytest from collecting this class (its name starts with "Test")
+
+    # --- task ---------------------------------------------------------------------------
+    min_digits: int = Field(2, ge=1, le=12, description="fewest digits of an operand")
+    max_digits: int = Field(4, ge=1, le=12, description="most digits of an operand")
+    heldout_mod: int = Field(
+        10, ge=2, description="a problem is held out iff hash(problem) % heldout_mod == 0"
+    )
+    # --- tokenizer ----------------------------------------------------------------------
+    vocab_size: int = Field(512, ge=270, le=4096, description="BPE vocabulary (bytes + merges)")
+    tokenizer_corpus_size: int = Field(1000, ge=50, description="problems used to train BPE")
+    # --- model --------------------------------------------------------------------------
+    hidden_size: int = Field(128, ge=16)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(512, ge=16)
+    max_position_embeddings: int = Field(512, ge=64)
+    # --- warm start (SFT) ---------------------------------------------------------------
+    sft_steps: int = Field(600, ge=1)
+    sft_batch_size: int = Field(32, ge=1)
+    sft_lr: float = Field(3e-3, gt=0)
+    sft_warmup_steps: int = Field(30, ge=0)
+    sft_weight_decay: float = Field(0.0, ge=0)
+    sft_num_problems: int = Field(20000, ge=1, description="distinct training problems")
+    privileged_frac: float = Field(
+        0.4, ge=0, le=1, description="fraction of SFT examples in the teacher (privileged) format"
+    )
+    label_frac: float = Field(
+        0.5, ge=0, le=1, description="fraction of privileged examples with 'Watch out for: ...'"
+    )
+    corrupt_frac: float = Field(
+        0.45,
+        ge=0,
+        le=1,
+        description="fraction of student-format SFT targets with one injected arithmetic error; "
+        "the main knob that sets the warm start's student accuracy",
+    )
+    enable_thinking: bool = Field(
+        False, description="chat template thinking mode used for SFT (and so for rollouts)"
+    )
+    teacher_template: str = DEFAULT_TEACHER_TEMPLATE
+    # --- evaluation ---------------------------------------------------------------------
+    eval_size: int = Field(256, ge=0, description="held-out problems for the build's accuracy")
+    eval_max_new_tokens: int = Field(192, ge=8)
+    eval_batch_size: int = Field(128, ge=1)
+    seed: int = 0
+
+    @field_validator("teacher_template")
+    @classmethod
+    def _template_has_fields(cls, v: str) -> str:
+        if "{problem}" not in v or "{context}" not in v:
+            raise ValueError(
+                "teacher_template must contain both '{problem}' and '{context}' "
+                f"(the default is {DEFAULT_TEACHER_TEMPLATE!r}); got {v!r}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> TestbedConfig:
+        if self.min_digits > self.max_digits:
+            raise ValueError(
+                f"min_digits ({self.min_digits}) must be <= max_digits ({self.max_digits})"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads "
+                f"({self.num_heads}); e.g. set num_heads to a divisor of hidden_size"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})"
+            )
+        return self
+
+    def fingerprint(self) -> str:
+        """Stable hex digest of every field; equal configs give equal builds."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]

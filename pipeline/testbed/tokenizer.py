@@ -1,0 +1,104 @@
+"""A byte-level BPE tokenizer trained locally on testbed text, with a Qwen3-style chat template.
+
+Digits are split one per token before BPE (as Qwen does), so column arithmetic works on
+single-digit tokens; byte-level coding makes every string encodable and decoding exact.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from pipeline.testbed.config import TestbedConfig
+from pipeline.testbed.task import (
+    ERROR_LABELS,
+    KEY_LABEL,
+    corrupt_steps,
+    make_prompt_row,
+    privileged_message,
+    render_solution,
+    sample_pairs,
+)
+
+PAD, EOS, IM_START = "<|endoftext|>", "<|im_end|>", "<|im_start|>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+SPECIAL_TOKENS = [PAD, IM_START, EOS]
+
+# Mirrors Qwen3's template for the parts the pipeline uses: plain role/content turns and the
+# generation prompt, where enable_thinking=false pre-fills an empty think block.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def _corpus(cfg: TestbedConfig) -> Iterator[str]:
+    """Texts in every format the model will see (student, teacher, corrupted, chat wrapper)."""
+    rng = random.Random(f"tokenizer|{cfg.seed}")
+    pairs = sample_pairs(cfg, cfg.tokenizer_corpus_size, cfg.seed + 7919, "train")
+    for i, (a, b) in enumerate(pairs):
+        row = make_prompt_row(a, b, f"tok-{i}")
+        label = rng.choice([*ERROR_LABELS, KEY_LABEL])
+        teacher = privileged_message(
+            row["problem"], solution=row["solution"], answer=row["answer"], label=label,
+            template=cfg.teacher_template,
+        )
+        wrong, _, _ = corrupt_steps(a, b, rng)
+        yield f"user\n{teacher}\nassistant\n\n\n\n{row['solution']}\n"
+        yield render_solution(wrong)
+    # Every digit and common symbol must exist as a token even in a tiny corpus.
+    yield "0123456789 +-=*/()[]{}\\,.:;!?'\"\n The final answer is"
+
+
+def build_tokenizer(cfg: TestbedConfig) -> PreTrainedTokenizerFast:
+    """Train the BPE on generated testbed text (seconds); deterministic for a given cfg."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(cfg), trainer=trainer)
+    # <think> tags are ordinary added tokens (kept by skip_special_tokens), as in Qwen3.
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=None,
+        padding_side="left",
+        model_max_length=cfg.max_position_embeddings,
+        clean_up_tokenization_spaces=False,
+    )
+    fast.add_tokens([THINK_OPEN, THINK_CLOSE], special_tokens=False)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerFast, user_text: str, enable_thinking: bool) -> str:
+    """The chat-templated prompt text for one user message (shared contract)."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": user_text}],
+        add_generation_prompt=True,
+        enable_thinking=enable_thinking,
+        tokenize=False,
+    )

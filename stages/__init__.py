@@ -1,0 +1,30 @@
+"""Pipeline stages: each is a plain `run(cfg, round_index, *, force, progress) -> Manifest`."""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Callable
+
+from pipeline.errors import NotBuiltError, TraceError
+
+_STAGE_MODULES = {
+    "prepare": "stages.prepare",
+    "rollout": "stages.rollout",
+    "verify": "stages.verify",
+    "annotate": "stages.annotate",
+    "train": "stages.train",
+    "evaluate": "stages.evaluate",
+}
+
+
+def get_stage(name: str) -> Callable:
+    """The `run` function of a stage, by name."""
+    if name not in _STAGE_MODULES:
+        raise TraceError(f"unknown stage {name!r}; valid: {sorted(_STAGE_MODULES)}")
+    try:
+        module = import_module(_STAGE_MODULES[name])
+    except ModuleNotFoundError as exc:
+        if exc.name == _STAGE_MODULES[name]:
+            raise NotBuiltError(f"stage {name!r} is planned (DESIGN.md) but not built yet") from None
+        raise
+    return module.run

@@ -1,0 +1,136 @@
+"""Configuration of the trainer (one pydantic model per concern, composed into `TrainConfig`).
+
+Defaults are METHOD.md's: DAPO clip-higher (0.2 / 0.28), λ schedule w0 = 0.5 held for 10 steps and
+annealed to 0 at step 40, teacher re-synced every 10 optimizer steps, pointwise KL term clip 0.05,
+global token-mean aggregation, lr 1e-5.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+METHODS = ("grpo", "self_opd", "trace")
+
+
+class RouteConfig(BaseModel):
+    """Which routed action TRACE applies (METHOD.md "Routing"); either or both may be on."""
+
+    model_config = ConfigDict(extra="forbid")
+    key_forward: bool = True  # forward KL on key spans of correct rollouts (strong base)
+    error_reverse: bool = False  # reverse KL on error spans of incorrect rollouts (weak base)
+
+
+class ScheduleConfig(BaseModel):
+    """λ_k = w0 for k < hold_steps, linear to 0 at zero_step, 0 afterwards (k = global step)."""
+
+    model_config = ConfigDict(extra="forbid")
+    w0: float = 0.5
+    hold_steps: int = 10
+    zero_step: int = 40
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScheduleConfig":
+        if self.w0 <= 0:
+            raise ValueError(f"schedule.w0={self.w0} must be > 0 (the paper uses 0.5)")
+        if not 0 <= self.hold_steps <= self.zero_step:
+            raise ValueError(
+                f"need 0 <= schedule.hold_steps ({self.hold_steps}) <= schedule.zero_step "
+                f"({self.zero_step}); e.g. hold_steps=10, zero_step=40"
+            )
+        return self
+
+
+class SelfOPDConfig(BaseModel):
+    """All-token self-distillation baseline (SDPO / SRPO-style)."""
+
+    model_config = ConfigDict(extra="forbid")
+    direction: Literal["forward", "reverse", "jsd"] = "reverse"
+    # add: TRACE's combination with S_y = every response token and the λ schedule;
+    # replace: SDPO-style, the KL alone with weight 1 on every token and no GRPO term.
+    mode: Literal["add", "replace"] = "add"
+    jsd_beta: float = 0.5
+
+    @field_validator("jsd_beta")
+    @classmethod
+    def _beta(cls, v: float) -> float:
+        if not 0.0 < v < 1.0:
+            raise ValueError(f"self_opd.jsd_beta={v} must lie in (0, 1); 0.5 is the symmetric JSD")
+        return v
+
+
+class TrainConfig(BaseModel):
+    """Everything `train_round` needs; see METHOD.md for the maths behind each field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["grpo", "self_opd", "trace"] = "trace"
+    route: RouteConfig = RouteConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    self_opd: SelfOPDConfig = SelfOPDConfig()
+    kl_term_clip: float | None = 0.05
+    kl_support: Literal["full", "topk"] = "full"
+    topk: int = 20
+    span_source: Literal["annotated", "random", "inverted"] = "annotated"
+    span_fraction: float = 0.25  # token budget of the random / inverted ablations
+    loss_agg: Literal["token_mean", "seq_mean_token_mean"] = "token_mean"
+    adv_norm_std: bool = True
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+    mini_batch_size: int = 256  # rollouts per optimizer step (32 prompts x 8 samples)
+    micro_batch_size: int = 4  # rollouts per forward/backward on one process
+    logprob_chunk: int = 1024  # tokens per lm_head chunk in the memory-lean path
+    teacher_sync_every: int = 10  # 0 = the live weights under no_grad
+    teacher_template: str = "{problem}\n\nHere is a reference solution:\n{context}"
+    old_logprobs: Literal["recompute", "engine"] = "recompute"
+    gradient_checkpointing: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    seed: int = 0
+    save_every: int = 0  # in-round progress save every N optimizer steps; 0 = never
+    tensorboard: bool = True
+
+    @field_validator("teacher_template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        try:
+            v.format(problem="p", context="c")
+        except (KeyError, IndexError) as e:
+            raise ValueError(
+                f"teacher_template may only use the fields {{problem}} and {{context}}; got {e!r}"
+            ) from e
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        positive = {
+            "mini_batch_size": self.mini_batch_size,
+            "micro_batch_size": self.micro_batch_size,
+            "logprob_chunk": self.logprob_chunk,
+            "topk": self.topk,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name}={value} must be >= 1")
+        if self.micro_batch_size > self.mini_batch_size:
+            raise ValueError(
+                f"micro_batch_size ({self.micro_batch_size}) must not exceed mini_batch_size "
+                f"({self.mini_batch_size}); lower micro_batch_size"
+            )
+        if self.kl_term_clip is not None and self.kl_term_clip <= 0:
+            raise ValueError(f"kl_term_clip={self.kl_term_clip} must be > 0, or null to disable")
+        if not 0.0 < self.span_fraction <= 1.0:
+            raise ValueError(f"span_fraction={self.span_fraction} must lie in (0, 1]")
+        if self.method == "trace" and not (self.route.key_forward or self.route.error_reverse):
+            raise ValueError(
+                "method=trace needs route.key_forward or route.error_reverse (or both) set to true"
+            )
+        if self.teacher_sync_every < 0 or self.save_every < 0 or self.warmup_steps < 0:
+            raise ValueError("teacher_sync_every, save_every and warmup_steps must be >= 0")
+        return self

@@ -1,0 +1,199 @@
+"""Dense reference loss functions (DESIGN.md "The loss contract").
+
+Pure functions on small tensors; the memory-lean path (trainer/lean.py) reuses `token_kl` chunk by
+chunk and is tested against these on whole sequences.
+
+Reading of the paper's "each per-vocabulary term clipped pointwise at 0.05" (`term_clip`): every
+summand of the KL sum over the vocabulary is clamped from above, term_v <- min(term_v, c), so that
+no single vocabulary entry contributes more than c nats (nor any gradient once it exceeds c).
+Negative summands are left alone: they are bounded already (q log(q/p) >= q - p >= -1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+DIRECTIONS = ("forward", "reverse", "jsd")
+AGG_MODES = ("token_mean", "seq_mean_token_mean")
+KL_SUPPORTS = ("full", "topk")
+
+
+def _clip(terms_NV: Tensor, term_clip: float | None) -> Tensor:
+    return terms_NV if term_clip is None else terms_NV.clamp(max=term_clip)
+
+
+def topk_bucket_logprobs(
+    student_logits_NV: Tensor, teacher_logits_NV: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
+    """Restrict both distributions to the student's top-k ids plus one tail bucket.
+
+    Returns log-probs [N, k+1] for student and teacher; column k holds log(1 - Σ top-k mass).
+    The ids are chosen without gradient (a selection, not a function to differentiate).
+    """
+    s_logp_NV = student_logits_NV.float().log_softmax(-1)
+    t_logp_NV = teacher_logits_NV.float().log_softmax(-1)
+    k = min(k, s_logp_NV.shape[-1] - 1)
+    with torch.no_grad():
+        ids_NK = s_logp_NV.topk(k, dim=-1).indices
+
+    def with_tail(logp_NV: Tensor) -> Tensor:
+        top_NK = logp_NV.gather(-1, ids_NK)
+        mass_N1 = top_NK.logsumexp(-1, keepdim=True)
+        # log(1 - exp(m)) computed stably; clamp keeps the tail finite when top-k holds all mass
+        tail_N1 = torch.log(-torch.expm1(mass_N1.clamp(max=-1e-7)))
+        return torch.cat([top_NK, tail_N1], dim=-1)
+
+    return with_tail(s_logp_NV), with_tail(t_logp_NV)
+
+
+def kl_from_logprobs(
+    s_logp_NV: Tensor,
+    t_logp_NV: Tensor,
+    direction: str,
+    term_clip: float | None = None,
+    beta: float = 0.5,
+) -> Tensor:
+    """Per-token divergence [N] between student (s) and teacher (t) log-probs [N, V].
+
+    forward = KL(t‖s) = Σ_v t_v (log t_v − log s_v); reverse = KL(s‖t);
+    jsd = β KL(t‖m) + (1−β) KL(s‖m) with m = β t + (1−β) s.
+    """
+    if direction == "forward":
+        terms_NV = t_logp_NV.exp() * (t_logp_NV - s_logp_NV)
+    elif direction == "reverse":
+        terms_NV = s_logp_NV.exp() * (s_logp_NV - t_logp_NV)
+    elif direction == "jsd":
+        log_m_NV = torch.logsumexp(
+            torch.stack([t_logp_NV + torch.log(torch.tensor(beta)),
+                         s_logp_NV + torch.log(torch.tensor(1.0 - beta))]),
+            dim=0,
+        )
+        terms_NV = beta * t_logp_NV.exp() * (t_logp_NV - log_m_NV) + (1.0 - beta) * (
+            s_logp_NV.exp() * (s_logp_NV - log_m_NV)
+        )
+    else:
+        raise ValueError(f"unknown KL direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
+    return _clip(terms_NV, term_clip).sum(-1)
+
+
+def token_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    direction: str,
+    term_clip: float | None = None,
+    *,
+    beta: float = 0.5,
+    support: str = "full",
+    topk: int = 20,
+) -> Tensor:
+    """Full-vocabulary per-token divergence [N] from logits [N, V] (computed in float32).
+
+    `support="topk"` replaces the vocabulary by the student's top-k ids plus one tail bucket.
+    """
+    if support == "full":
+        s_logp_NV = student_logits.float().log_softmax(-1)
+        t_logp_NV = teacher_logits.float().log_softmax(-1)
+    elif support == "topk":
+        s_logp_NV, t_logp_NV = topk_bucket_logprobs(student_logits, teacher_logits, topk)
+    else:
+        raise ValueError(f"unknown kl_support {support!r}; valid: {', '.join(KL_SUPPORTS)}")
+    return kl_from_logprobs(s_logp_NV, t_logp_NV, direction, term_clip, beta)
+
+
+def kl_weight(step: int, w0: float = 0.5, hold_steps: int = 10, zero_step: int = 40) -> float:
+    """λ at global optimizer step `step`: w0 while step < hold_steps, linear decay, 0 from zero_step."""
+    if step < hold_steps:
+        return float(w0)
+    if step >= zero_step:
+        return 0.0
+    return float(w0) * (zero_step - step) / (zero_step - hold_steps)
+
+
+def grpo_advantages(
+    rewards: Tensor, group_ids: Tensor | list, norm_std: bool = True, eps: float = 1e-6
+) -> Tensor:
+    """Group-relative advantages [B] from rewards [B] and group ids [B] (ints or strings).
+
+    (r − group mean) / (unbiased group std + eps) with norm_std, else r − group mean (Dr.GRPO).
+    A group of one has no baseline to compare against and gets 0.
+    """
+    rewards_B = torch.as_tensor(rewards, dtype=torch.float32)
+    keys = group_ids.tolist() if isinstance(group_ids, Tensor) else list(group_ids)
+    index = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+    gid_B = torch.tensor([index[key] for key in keys], dtype=torch.long)
+    n_groups = len(index)
+    count_G = torch.zeros(n_groups).index_add_(0, gid_B, torch.ones_like(rewards_B))
+    mean_G = torch.zeros(n_groups).index_add_(0, gid_B, rewards_B) / count_G
+    centred_B = rewards_B - mean_G[gid_B]
+    if norm_std:
+        sq_G = torch.zeros(n_groups).index_add_(0, gid_B, centred_B**2)
+        std_G = (sq_G / (count_G - 1).clamp(min=1)).sqrt()
+        centred_B = centred_B / (std_G[gid_B] + eps)
+    return torch.where(count_G[gid_B] > 1, centred_B, torch.zeros_like(centred_B))
+
+
+def clipped_pg_loss(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, eps_low: float = 0.2, eps_high: float = 0.28
+) -> tuple[Tensor, Tensor]:
+    """DAPO clip-higher per-token loss ℓ [B, T] and a bool [B, T] marking clipped tokens."""
+    adv_B1 = advantages.reshape(-1, 1).to(logp.dtype)
+    ratio_BT = torch.exp(logp - old_logp)
+    unclipped_BT = ratio_BT * adv_B1
+    clipped_BT = ratio_BT.clamp(1.0 - eps_low, 1.0 + eps_high) * adv_B1
+    loss_BT = -torch.minimum(unclipped_BT, clipped_BT)
+    return loss_BT, (clipped_BT < unclipped_BT).detach()
+
+
+def routed_token_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    kl: Tensor,
+    span_mask: Tensor,
+    lam: float,
+    w0: float,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+) -> Tensor:
+    """Per-token TRACE loss [B, T]: ℓ_t off spans, (1 − lam/w0)·ℓ_t + lam·kl_t on spans.
+
+    logp, old_logp, kl, span_mask: [B, T]; advantages: [B] (broadcast over tokens).
+    """
+    pg_BT, _ = clipped_pg_loss(logp, old_logp, advantages, eps_low, eps_high)
+    span_BT = span_mask.to(torch.bool)
+    on_span_BT = (1.0 - lam / w0) * pg_BT + lam * kl
+    return torch.where(span_BT, on_span_BT, pg_BT)
+
+
+def aggregate(
+    loss_bt: Tensor, mask_bt: Tensor, mode: str, *, normaliser: float | None = None
+) -> Tensor:
+    """Reduce a per-token loss [B, T] under mask [B, T] to a scalar.
+
+    token_mean: Σ loss / Σ mask (DAPO); seq_mean_token_mean: mean over sequences of each
+    sequence's token mean. `normaliser` (the mini-batch's total tokens, resp. sequences) replaces
+    the local denominator so that micro-batch sums add up to the same value however split.
+    """
+    mask_BT = mask_bt.to(loss_bt.dtype)
+    if mode == "token_mean":
+        denom = mask_BT.sum() if normaliser is None else normaliser
+        return (loss_bt * mask_BT).sum() / denom
+    if mode == "seq_mean_token_mean":
+        per_seq_B = (loss_bt * mask_BT).sum(-1) / mask_BT.sum(-1).clamp(min=1)
+        denom = per_seq_B.shape[0] if normaliser is None else normaliser
+        return per_seq_B.sum() / denom
+    raise ValueError(f"unknown loss_agg {mode!r}; valid: {', '.join(AGG_MODES)}")
+
+
+def masked_mean(values_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    """Mean of values where mask is set (0 when the mask is empty)."""
+    m = mask_BT.to(values_BT.dtype)
+    return (values_BT * m).sum() / m.sum().clamp(min=1)
+
+
+__all__ = [
+    "token_kl", "kl_from_logprobs", "topk_bucket_logprobs", "kl_weight", "grpo_advantages",
+    "clipped_pg_loss", "routed_token_loss", "aggregate", "masked_mean",
+]
