@@ -83,8 +83,9 @@ class DatasetWriter:
     def write_rows(self, rows: Iterable[dict[str, Any]]) -> None:
         self.write_table(rows_to_table(rows, self.schema, where=f"{self.name} (rows)"))
 
-    def write_table(self, table: pa.Table) -> None:
-        part = f"part-{len(self.files):05d}.parquet"
+    def write_table(self, table: pa.Table, part: str | None = None) -> None:
+        """Write one part; `part` names it (default `part-NNNNN.parquet`)."""
+        part = part or f"part-{len(self.files):05d}.parquet"
         final = self.store.path(self.name, part)
         tmp = self.store.path(self.name, f".{part}.{uuid.uuid4().hex[:8]}.tmp")
         write_parquet(table, tmp, self.schema, filesystem=self.store.fs, allow_extra=self.allow_extra)

@@ -90,19 +90,20 @@ def initial_model_dir(cfg: TraceConfig) -> str:
     return build_testbed(cfg.model.testbed, out, progress=True)
 
 
-def checkpoint_for_round(cfg: TraceConfig, store: RunStore, round_index: int) -> tuple[str, str]:
-    """(model dir, identity fingerprint) of the policy that samples round `round_index`.
+def checkpoint_for_round(cfg: TraceConfig, store: RunStore, round_index: int) -> tuple[str, dict[str, str]]:
+    """(model dir, {input name: fingerprint}) of the policy that samples round `round_index`.
 
     Round 0 samples the initial model; round k > 0 the checkpoint the train stage of round k-1
     wrote, which counts as existing only once that stage's manifest does.
     """
     if round_index == 0:
         path = initial_model_dir(cfg)
-        return path, fingerprint(["initial", cfg.model.model_dump(mode="json")])
+        return path, {"initial_model": fingerprint(["initial", cfg.model.model_dump(mode="json")])}
     train = store.manifest(dataset_name("train", round_index - 1))
     if train is None:
         raise StageError(
             f"round {round_index} needs the checkpoint of round {round_index - 1}'s train stage, "
             "which has not finished; run it first"
         )
-    return str(store.local_path("checkpoints", round_dir(round_index))), train.fingerprint
+    name = dataset_name("train", round_index - 1)
+    return str(store.local_path("checkpoints", round_dir(round_index))), {name: train.fingerprint}

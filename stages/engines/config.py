@@ -6,6 +6,7 @@ thinking mode on for the student.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Literal
 
@@ -52,8 +53,9 @@ class VLLMOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     python: str = Field(
-        default_factory=lambda: sys.executable,
-        description="interpreter with vllm installed (e.g. .venv-vllm/bin/python)",
+        default_factory=lambda: os.environ.get("TRACE_VLLM_PYTHON", sys.executable),
+        description="interpreter with vllm installed (e.g. .venv-vllm/bin/python); default: "
+        "$TRACE_VLLM_PYTHON, else the current interpreter",
     )
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1

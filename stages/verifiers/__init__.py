@@ -1,0 +1,29 @@
+"""Verifiers: reward a rollout by checking its answer against the reference (verify stage)."""
+
+from stages.verifiers.base import (
+    VERDICT_STATUSES,
+    CheckFn,
+    Verdict,
+    VerifierSpec,
+    get_verifier,
+    register_verifier,
+    verifier_names,
+)
+
+# Importing the verifier modules registers them by name.
+from stages.verifiers import choice, math_verifier, testbed  # noqa: E402,F401  isort: skip
+from stages.verifiers.config import VerifyConfig  # noqa: E402
+from stages.verifiers.run import VerifierPool, verify_rows  # noqa: E402
+
+__all__ = [
+    "VERDICT_STATUSES",
+    "CheckFn",
+    "Verdict",
+    "VerifierPool",
+    "VerifierSpec",
+    "VerifyConfig",
+    "get_verifier",
+    "register_verifier",
+    "verifier_names",
+    "verify_rows",
+]

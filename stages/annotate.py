@@ -1,0 +1,75 @@
+"""Stage `annotate`: route each rollout and ask the annotator for its critical spans.
+
+Routing follows the method: a correct rollout is annotated for key spans when the trainer uses
+forward KL on key spans (`route.key_forward`, or the inverted-mask ablation, which needs the key
+spans to invert them); an incorrect rollout for error spans when it uses reverse KL on error spans.
+Everything else gets a `skipped` row without any call, so the dataset always has one row per
+rollout.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, VERDICTS
+from pipeline.config import TraceConfig
+from pipeline.store import Manifest
+
+from .common import dataset_name, plan
+
+log = logging.getLogger("trace_rl.stages.annotate")
+
+
+def route_for(cfg: TraceConfig, correct: bool) -> str:
+    """'key', 'error' or 'none' for one rollout under the configured method."""
+    t = cfg.train
+    if t.method != "trace" or t.span_source == "random":
+        return "none"
+    if correct and t.route.key_forward:
+        return "key"
+    if not correct and t.route.error_reverse:
+        return "error"
+    return "none"
+
+
+def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progress: bool = True) -> Manifest:
+    round_index = 0 if round_index is None else round_index
+    rollouts_name = dataset_name("rollout", round_index)
+    verdicts_name = dataset_name("verify", round_index)
+    parts = {"annotate": cfg.section("annotate"), "route": [cfg.train.method, cfg.train.span_source,
+             cfg.train.route.model_dump()]}
+    p = plan(cfg, "annotate", round_index, parts, ["prompts", rollouts_name, verdicts_name], force=force)
+    if p.skip:
+        return p.existing
+    prompts = {r["prompt_id"]: r for r in p.store.read("prompts", PROMPTS).to_pylist()}
+    verdicts = {v["rollout_id"]: v for v in p.store.read(verdicts_name, VERDICTS).to_pylist()}
+    rollouts = p.store.read(rollouts_name, ROLLOUTS)
+    items = []
+    for r in rollouts.select(["rollout_id", "prompt_id", "response_text", "response_token_ids"]).to_pylist():
+        prompt = prompts[r["prompt_id"]]
+        verdict = verdicts.get(r["rollout_id"])
+        correct = bool(verdict and verdict["correct"])
+        items.append({
+            "rollout_id": r["rollout_id"], "route": route_for(cfg, correct),
+            "problem": prompt["problem"], "answer": prompt["answer"], "solution": prompt["solution"],
+            "meta": prompt["meta"], "response_text": r["response_text"],
+            "response_token_ids": r["response_token_ids"], "prompt": prompt,
+        })
+    # The rollouts' own checkpoint: its tokenizer produced the ids that spans must index, and
+    # the `self` annotator serves exactly this policy.
+    model_dir = rollouts.column("checkpoint")[0].as_py() if rollouts.num_rows else None
+    from transformers import AutoTokenizer
+
+    from stages.annotators import annotate_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir) if model_dir else None
+    cache_dir = str(p.store.local_path("cache", "annotations")) if p.store.is_local else None
+    rows = annotate_rows(cfg.annotate, items, tokenizer, cache_dir=cache_dir, checkpoint=model_dir,
+                         progress=progress)
+    with p.store.writer(p.name, ANNOTATIONS, stage="annotate", config_fingerprint=p.config_fingerprint,
+                        inputs=p.inputs) as w:
+        w.write_rows(rows)
+        covered = [r["coverage"] for r in rows if r["status"] == "ok"]
+        w.extra = {"mean_coverage_ok": sum(covered) / len(covered) if covered else 0.0}
+    log.info("annotate round %d: %s", round_index, dict(w.counts))
+    return w.manifest

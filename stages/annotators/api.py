@@ -1,0 +1,173 @@
+"""The `api` annotator transport: async OpenAI-compatible chat completions with our own retries.
+
+The client is created with max_retries=0: retries happen here so that the policy is explicit
+and tested. Retried: 429 (waiting at least Retry-After / retry-after-ms when the server sends
+it), 408, 409, 5xx, timeouts and connection errors; exponential backoff with jitter, capped at
+backoff_max_s. Not retried: other 4xx (a bad request or key will not fix itself).
+Concurrency is bounded by a semaphore held only while a request is in flight (not while
+backing off). The API key is read from the environment by name and scrubbed from every error
+string this module produces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import openai
+
+from stages.annotators.config import ApiOptions
+
+RETRY_STATUS = (408, 409, 429)
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """One request's outcome: raw reply text when status is ok, else the failure."""
+
+    raw: str | None
+    status: str  # ok | api_error | timeout
+    error: str | None
+    latency_s: float
+
+
+def read_api_key(env_name: str) -> str:
+    """The key from the named environment variable; the error names the variable, not a value."""
+    key = os.environ.get(env_name)
+    if not key:
+        raise RuntimeError(
+            f"environment variable {env_name} is not set: export the annotator API key in it "
+            "(or set annotate.api.api_key_env to the variable that holds it)"
+        )
+    return key
+
+
+def redact(text: str, secret: str | None) -> str:
+    """`text` with every occurrence of `secret` replaced."""
+    return text.replace(secret, "[REDACTED]") if secret else text
+
+
+def retry_after_s(err: openai.APIStatusError) -> float | None:
+    """Seconds the server asked us to wait (retry-after-ms, retry-after seconds or HTTP date)."""
+    headers = err.response.headers if err.response is not None else {}
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return float(ms) / 1000.0
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+
+def classify(err: BaseException) -> tuple[bool, str]:
+    """(retryable, final status if it is the last failure) for one failed try."""
+    if isinstance(err, (openai.APITimeoutError, asyncio.TimeoutError, TimeoutError)):
+        return True, "timeout"
+    if isinstance(err, openai.APIConnectionError):
+        return True, "api_error"
+    if isinstance(err, openai.APIStatusError):
+        return err.status_code in RETRY_STATUS or err.status_code >= 500, "api_error"
+    return False, "api_error"
+
+
+def describe(err: BaseException) -> str:
+    """A short, key-free description of a failure."""
+    status = getattr(err, "status_code", None)
+    head = type(err).__name__ + (f" (HTTP {status})" if status else "")
+    body = str(err).strip()
+    return f"{head}: {body[:300]}" if body else head
+
+
+class ApiCaller:
+    """Sends chat requests to one endpoint with bounded concurrency and retries."""
+
+    def __init__(self, opts: ApiOptions, *, model: str, base_url: str | None, api_key: str,
+                 temperature: float, concurrency: int, extra_body: dict | None = None):
+        self.opts = opts
+        self.model = model
+        self.temperature = temperature
+        self.extra_body = dict(opts.extra_body if extra_body is None else extra_body)
+        self._key = api_key
+        self._sem = asyncio.Semaphore(concurrency)
+        self._client = openai.AsyncOpenAI(
+            base_url=base_url, api_key=api_key, max_retries=0, timeout=opts.timeout_s
+        )
+
+    def sampling(self) -> dict:
+        """The request fields that change a reply (part of the cache key)."""
+        return {"temperature": self.temperature, "max_tokens": self.opts.max_tokens,
+                "extra_body": self.extra_body}
+
+    async def _try_once(self, messages: list[dict]) -> str:
+        async with self._sem:
+            resp = await asyncio.wait_for(
+                self._client.chat.completions.create(
+                    model=self.model, messages=messages, temperature=self.temperature,
+                    max_tokens=self.opts.max_tokens, extra_body=self.extra_body or None,
+                ),
+                # The client's own timeout is per read; this bounds the whole request.
+                timeout=self.opts.timeout_s,
+            )
+        if not resp.choices:
+            raise ValueError("the reply has no choices")
+        return resp.choices[0].message.content or ""
+
+    def _delay(self, attempt: int, err: BaseException) -> float:
+        backoff = self.opts.backoff_base_s * (2**attempt) * random.uniform(0.5, 1.0)
+        if isinstance(err, openai.APIStatusError):
+            asked = retry_after_s(err)
+            if asked is not None:
+                backoff = max(backoff, asked)
+        return min(backoff, self.opts.backoff_max_s)
+
+    async def call(self, messages: list[dict]) -> CallResult:
+        """One reply, retried per the module policy; never raises for transport failures."""
+        t0 = time.perf_counter()
+        last_status, last_error = "api_error", "no attempt made"
+        for attempt in range(self.opts.max_retries + 1):
+            try:
+                raw = await self._try_once(messages)
+                return CallResult(redact(raw, self._key), "ok", None, time.perf_counter() - t0)
+            except Exception as err:  # noqa: BLE001 - every failure becomes a row status
+                retryable, last_status = classify(err)
+                last_error = redact(f"attempt {attempt + 1}: {describe(err)}", self._key)
+                if not retryable or attempt == self.opts.max_retries:
+                    break
+                await asyncio.sleep(self._delay(attempt, err))
+        return CallResult(None, last_status, last_error, time.perf_counter() - t0)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+async def call_all(
+    caller: ApiCaller,
+    requests: Sequence[list[dict]],
+    on_done: Callable[[int, CallResult], Awaitable[None] | None] | None = None,
+) -> list[CallResult]:
+    """Results of all requests, in input order; `on_done(index, result)` as each finishes."""
+
+    async def one(i: int) -> CallResult:
+        res = await caller.call(requests[i])
+        if on_done is not None:
+            maybe = on_done(i, res)
+            if asyncio.iscoroutine(maybe):
+                await maybe
+        return res
+
+    try:
+        return list(await asyncio.gather(*(one(i) for i in range(len(requests)))))
+    finally:
+        await caller.close()

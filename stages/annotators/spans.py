@@ -1,0 +1,100 @@
+"""Turn chosen segment ids into token spans, applying the coverage cap.
+
+Grouping: the chosen ids are sorted and consecutive ids form one span (so neighbouring
+segments never become two spans that share a boundary token). Each span keeps the label.
+
+Cap order: spans are admitted in the annotator's order of preference: a span's rank is the
+earliest position of any of its ids in the annotator's list (for [7, 3, 4]: span [7] first,
+then [3, 4]). While admitting, the union of span tokens may not exceed
+floor(coverage_cap * n_tokens); the span that crosses the budget is cut at its end (keeping
+its first tokens) and later spans are dropped. The cut is recorded in the row's `error`
+field as a note ("coverage_cap: ..."), the status stays "ok". The returned spans are sorted
+by position.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from stages.annotators.align import char_span_to_tokens
+from stages.annotators.segments import Segment
+
+
+@dataclass
+class SpanPlan:
+    """Spans of one rollout (annotations-row dicts), their token coverage and any cap note."""
+
+    spans: list[dict]
+    coverage: float
+    note: str | None
+
+
+def group_ids(ids: Sequence[int]) -> list[list[int]]:
+    """Consecutive runs of the sorted ids, ordered by the annotator's preference."""
+    rank = {i: k for k, i in reversed(list(enumerate(ids)))}
+    runs: list[list[int]] = []
+    for i in sorted(set(ids)):
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return sorted(runs, key=lambda run: min(rank[i] for i in run))
+
+
+def _take_uncovered(covered: list[bool], t0: int, t1: int, budget: int) -> tuple[int, int]:
+    """(new end, tokens newly covered): the range [t0, end) holds at most `budget` new tokens."""
+    taken = 0
+    for t in range(t0, t1):
+        if not covered[t]:
+            if taken == budget:
+                return t, taken
+            taken += 1
+            covered[t] = True
+    return t1, taken
+
+
+def build_spans(
+    segments: Sequence[Segment],
+    ids: Sequence[int],
+    label: str,
+    offsets: Sequence[tuple[int, int]],
+    text: str,
+    coverage_cap: float,
+) -> SpanPlan:
+    """Spans for validated 1-based `ids`; `offsets` from token_char_offsets ([T] pairs)."""
+    n_tokens = len(offsets)
+    budget = math.floor(coverage_cap * n_tokens + 1e-9)
+    covered = [False] * n_tokens
+    by_id = {s.segment_id: s for s in segments}
+    spans: list[dict] = []
+    used, wanted, dropped = 0, 0, []
+    for run in group_ids(ids):
+        c0, c1 = by_id[run[0]].char_start, by_id[run[-1]].char_end
+        tok = char_span_to_tokens(offsets, text, c0, c1)
+        if tok is None:
+            continue
+        t0, t1 = tok
+        wanted += sum(1 for t in range(t0, t1) if not covered[t])
+        end, taken = _take_uncovered(covered, t0, t1, budget - used)
+        used += taken
+        if end <= t0:
+            dropped.extend(run)
+            continue
+        if end < t1:
+            c1 = max(c0, min(c1, offsets[end - 1][1]))
+            dropped.extend(i for i in run if by_id[i].char_start >= c1)
+            run = [i for i in run if by_id[i].char_start < c1]
+        spans.append(
+            {"segment_ids": list(run), "char_start": c0, "char_end": c1,
+             "token_start": t0, "token_end": end, "label": label}
+        )
+    spans.sort(key=lambda s: s["token_start"])
+    note = None
+    if used < wanted:
+        note = (
+            f"coverage_cap: kept {used} of {wanted} span tokens (cap {coverage_cap} x "
+            f"{n_tokens} tokens = {budget}); dropped segments {sorted(dropped)}"
+        )
+    return SpanPlan(spans, used / n_tokens if n_tokens else 0.0, note)

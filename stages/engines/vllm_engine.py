@@ -1,0 +1,224 @@
+"""The `vllm` rollout engine, parent side (runs in the main venv, never imports vllm).
+
+vLLM pins its own torch, so it lives in another venv: this module tokenizes the prompts, writes a
+request file, runs stages/engines/vllm_worker.py with cfg.vllm.python (one process per
+data-parallel shard), streams its log and reads back a Parquet result.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from pipeline.errors import StageError
+from stages.engines.base import (
+    check_prompts,
+    decode_response,
+    encode_prompt,
+    load_tokenizer,
+    make_row,
+    prompt_seed,
+    sampling_json,
+    stop_token_ids,
+)
+from stages.engines.config import RolloutConfig
+
+ENGINE = "vllm"
+WORKER_SCRIPT = Path(__file__).with_name("vllm_worker.py")
+LOG_TAIL_LINES = 40
+
+
+def cpu_env(cache_dir: str | Path, omp_threads_bind: str | None = None) -> dict[str, str]:
+    """Environment for vLLM's CPU build (tests, benchmark): small KV cache, no torch.compile.
+
+    omp_threads_bind: e.g. "0-1"; without it vLLM's CPU worker may bind to a single core.
+    """
+    cache_dir = Path(cache_dir)
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "TORCH_COMPILE_DISABLE": "1",  # skips a ~20 s compile that tiny models never pay back
+        "VLLM_CACHE_ROOT": str(cache_dir / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache_dir / "inductor"),
+        "TRITON_CACHE_DIR": str(cache_dir / "triton"),
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    if omp_threads_bind:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = omp_threads_bind
+    return env
+
+
+def llm_kwargs(cfg: RolloutConfig) -> dict[str, Any]:
+    """Keyword arguments of vllm.LLM; cfg.vllm.engine_kwargs override the named options."""
+    kwargs: dict[str, Any] = {
+        "seed": cfg.seed,
+        "tensor_parallel_size": cfg.vllm.tensor_parallel_size,
+        "gpu_memory_utilization": cfg.vllm.gpu_memory_utilization,
+        "enforce_eager": cfg.vllm.enforce_eager,
+        "dtype": cfg.vllm.dtype,
+        "logprobs_mode": "processed_logprobs",
+    }
+    if cfg.vllm.max_model_len is not None:
+        kwargs["max_model_len"] = cfg.vllm.max_model_len
+    kwargs.update(cfg.vllm.engine_kwargs)
+    return kwargs
+
+
+def shard_devices(rank: int, tp: int) -> str:
+    """CUDA_VISIBLE_DEVICES for data-parallel shard `rank` (tp GPUs each, from those visible)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(1024)]
+    mine = ids[rank * tp : (rank + 1) * tp]
+    if len(mine) < tp:
+        raise StageError(
+            f"data-parallel shard {rank} needs {tp} GPUs but CUDA_VISIBLE_DEVICES={visible!r} "
+            "has too few: lower vllm.data_parallel_size or vllm.tensor_parallel_size"
+        )
+    return ",".join(mine)
+
+
+def _stream(proc: subprocess.Popen, tag: str, tail: collections.deque, progress: bool) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        tail.append(line.rstrip("\n"))
+        if progress:
+            print(f"[{tag}] {line}", end="", file=sys.stderr, flush=True)
+
+
+def _failure_hint(tail_text: str, python: str) -> str:
+    if "No module named 'vllm'" in tail_text:
+        return (
+            f"\nvllm is not importable by {python}: run scripts/setup_vllm_cpu.sh (CPU) or "
+            "install vllm in a separate venv, then set vllm.python (or $TRACE_VLLM_PYTHON) to "
+            "that venv's python."
+        )
+    return ""
+
+
+def run_workers(jobs: list[tuple[list[str], dict[str, str]]], cfg: RolloutConfig,
+                progress: bool) -> None:
+    """Run worker commands concurrently, streaming logs; raise StageError on any failure."""
+    procs, threads, tails = [], [], []
+    for rank, (cmd, env) in enumerate(jobs):
+        tail: collections.deque = collections.deque(maxlen=LOG_TAIL_LINES)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace")
+        thread = threading.Thread(target=_stream, args=(proc, f"vllm:{rank}", tail, progress),
+                                  daemon=True)
+        thread.start()
+        procs.append(proc), threads.append(thread), tails.append(tail)
+    failures = []
+    for rank, (proc, thread, tail) in enumerate(zip(procs, threads, tails)):
+        try:
+            rc = proc.wait(timeout=cfg.vllm.timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+            tail.append(f"killed after vllm.timeout_s={cfg.vllm.timeout_s}")
+        thread.join()
+        if rc != 0:
+            text = "\n".join(tail)
+            failures.append(f"shard {rank} exited with {rc}; last lines:\n{text}"
+                            f"{_failure_hint(text, cfg.vllm.python)}")
+    if failures:
+        raise StageError("vLLM worker failed: " + "\n".join(failures))
+
+
+def _request(cfg: RolloutConfig, model_dir: str, prompts: list[dict], prompt_ids: list[list[int]],
+             indices: range, stop_ids: list[int], progress: bool) -> dict:
+    return {
+        "model": str(model_dir),
+        "llm_kwargs": llm_kwargs(cfg),
+        "sampling": {k: getattr(cfg, k) for k in ("n", "temperature", "top_p", "top_k",
+                                                   "max_tokens")},
+        "stop_token_ids": stop_ids,
+        "prompts": [
+            {"index": i, "seed": prompt_seed(cfg.seed, prompts[i]["prompt_id"]),
+             "prompt_token_ids": prompt_ids[i]}
+            for i in indices
+        ],
+        "progress": progress,
+    }
+
+
+def generate_with_stats(
+    cfg: RolloutConfig, model_dir: str, prompts: list[dict], *, progress: bool = True
+) -> tuple[list[dict], dict]:
+    """Like `generate`, plus worker timings {engine_start_s, generate_s, generated_tokens}."""
+    check_prompts(prompts)
+    tokenizer = load_tokenizer(model_dir)
+    stop_ids = stop_token_ids(tokenizer, model_dir)
+    prompt_ids = [encode_prompt(tokenizer, p["problem"], cfg.enable_thinking) for p in prompts]
+    dp, tp = cfg.vllm.data_parallel_size, cfg.vllm.tensor_parallel_size
+    per_shard = max(1, math.ceil(len(prompts) / dp))
+    shards = [range(lo, min(lo + per_shard, len(prompts)))
+              for lo in range(0, len(prompts), per_shard)]
+    with tempfile.TemporaryDirectory(prefix="trace-vllm-") as tmp:
+        # A copy outside the package: the script's directory goes first on sys.path, and
+        # stages/engines holds modules (config.py, base.py) that would shadow real ones.
+        script = shutil.copy(WORKER_SCRIPT, Path(tmp) / "trace_vllm_worker.py")
+        jobs, results = [], []
+        for rank, indices in enumerate(shards):
+            req_path, res_path = Path(tmp) / f"request-{rank}.json", Path(tmp) / f"result-{rank}.parquet"
+            req_path.write_text(json.dumps(
+                _request(cfg, model_dir, prompts, prompt_ids, indices, stop_ids, progress)))
+            env = {**os.environ, **cfg.vllm.env}
+            if dp > 1:
+                env["CUDA_VISIBLE_DEVICES"] = shard_devices(rank, tp)
+            jobs.append(([cfg.vllm.python, str(script), str(req_path), str(res_path)], env))
+            results.append(res_path)
+        run_workers(jobs, cfg, progress)
+        tables = [pq.read_table(p) for p in results]
+    stats = _merge_stats([json.loads(t.schema.metadata[b"stats"]) for t in tables])
+    return _rows(cfg, prompts, prompt_ids, tables, tokenizer), stats
+
+
+def _merge_stats(per_shard: list[dict]) -> dict:
+    return {
+        "engine_start_s": max(s["engine_start_s"] for s in per_shard),
+        "generate_s": max(s["generate_s"] for s in per_shard),
+        "generated_tokens": sum(s["generated_tokens"] for s in per_shard),
+    }
+
+
+def _rows(cfg: RolloutConfig, prompts: list[dict], prompt_ids: list[list[int]], tables: list,
+          tokenizer: Any) -> list[dict]:
+    """Engine rows in prompt order, then sample order; every (prompt, sample) exactly once."""
+    by_key: dict[tuple[int, int], dict] = {}
+    for table in tables:
+        for r in table.to_pylist():
+            by_key[(r["prompt_index"], r["sample_index"])] = r
+    sampling = sampling_json(cfg)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        for j in range(cfg.n):
+            r = by_key.get((i, j))
+            if r is None:
+                raise StageError(f"vLLM returned no sample {j} for prompt {prompt['prompt_id']!r}")
+            rows.append(make_row(
+                prompt_id=prompt["prompt_id"], sample_index=j, prompt_token_ids=prompt_ids[i],
+                response_text=decode_response(tokenizer, r["response_token_ids"]),
+                response_token_ids=r["response_token_ids"],
+                response_logprobs=r["response_logprobs"], finish_reason=r["finish_reason"],
+                engine=ENGINE, sampling=sampling,
+            ))
+    return rows
+
+
+def generate(
+    cfg: RolloutConfig, model_dir: str, prompts: list[dict], *, progress: bool = True
+) -> list[dict]:
+    """cfg.n samples per prompt with vLLM in cfg.vllm.python; rows as the hf engine's."""
+    return generate_with_stats(cfg, model_dir, prompts, progress=progress)[0]

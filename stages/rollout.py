@@ -1,0 +1,79 @@
+"""Stage `rollout`: sample n responses per prompt of round k with the round's policy.
+
+Prompts are drawn without repeats within an epoch: each epoch is a seeded permutation of all
+prompts, and round k takes the next `prompts_per_round` of the concatenated epochs, so rerunning a
+round (or resuming a run) draws exactly the same prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pyarrow as pa
+
+from data_schemas import PROMPTS, ROLLOUTS
+from pipeline.config import TraceConfig
+from pipeline.store import Manifest
+
+from .common import checkpoint_for_round, dataset_name, open_store, plan
+
+log = logging.getLogger("trace_rl.stages.rollout")
+
+
+def select_prompt_ids(prompt_ids: list[str], round_index: int, per_round: int, seed: int) -> list[str]:
+    """The prompt ids of round `round_index`: a slice of seeded per-epoch permutations."""
+    ids = sorted(prompt_ids)
+    n = len(ids)
+    start = round_index * per_round
+    out: list[str] = []
+    while len(out) < per_round and n:
+        epoch, offset = divmod(start + len(out), n)
+        perm = ids[:]
+        random.Random(f"{seed}:{epoch}").shuffle(perm)
+        out.extend(perm[offset:offset + per_round - len(out)])
+    return out
+
+
+def rollout_id(round_index: int, prompt_id: str, sample_index: int) -> str:
+    return f"{round_index:04d}:{prompt_id}:{sample_index}"
+
+
+def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progress: bool = True) -> Manifest:
+    round_index = 0 if round_index is None else round_index
+    model_dir, model_fp = checkpoint_for_round(cfg, open_store(cfg), round_index)
+    parts = {"rollout": cfg.section("rollout"), "round": round_index, "seed": cfg.run.seed}
+    p = plan(cfg, "rollout", round_index, parts, ["prompts"], force=force, extra_inputs=model_fp)
+    if p.skip:
+        return p.existing
+    prompts = p.store.read("prompts", PROMPTS)
+    ids = select_prompt_ids(prompts.column("prompt_id").to_pylist(), round_index,
+                            cfg.rollout.prompts_per_round, cfg.run.seed)
+    by_id = {r["prompt_id"]: r for r in prompts.to_pylist()}
+    chosen = [by_id[i] for i in ids]
+    rcfg = cfg.rollout.model_copy(update={"seed": cfg.rollout.seed + 1000 * cfg.run.seed + round_index})
+    log.info("rollout round %d: %d prompts x %d samples with %s (%s)", round_index, len(chosen),
+             rcfg.n, rcfg.engine, model_dir)
+    from stages.engines import generate
+
+    samples = generate(rcfg, model_dir, chosen, progress=progress)
+    rows = []
+    for s in samples:
+        rows.append({**s, "rollout_id": rollout_id(round_index, s["prompt_id"], s["sample_index"]),
+                     "round": round_index, "checkpoint": model_dir})
+    expected = len(chosen) * rcfg.n
+    if len(rows) != expected:
+        raise RuntimeError(f"engine returned {len(rows)} samples, expected {expected}")
+    with p.store.writer(p.name, ROLLOUTS, stage="rollout", config_fingerprint=p.config_fingerprint,
+                        inputs=p.inputs) as w:
+        w.write_rows(rows)
+        reasons: dict[str, int] = {}
+        for r in rows:
+            reasons[r["finish_reason"]] = reasons.get(r["finish_reason"], 0) + 1
+        w.counts.update(reasons)
+        w.extra = {"model_dir": model_dir, "prompts": len(chosen), "n": rcfg.n}
+    return w.manifest
+
+
+def read_round(store, round_index: int) -> pa.Table:
+    return store.read(dataset_name("rollout", round_index), ROLLOUTS)

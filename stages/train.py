@@ -1,0 +1,61 @@
+"""Stage `train`: the routed-loss update of round k, from its three Parquet datasets.
+
+Writes `checkpoints/round-(k+1)/` (HF save_pretrained + trainer_state) and then
+`round-k/train/metrics.parquet` with its manifest, which is what marks the checkpoint complete.
+A killed run resumes inside the round from the trainer's own progress saves in
+`scratch/round-k/train/`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, TRAIN_METRICS, VERDICTS, rows_to_table
+from data_schemas import extend_metrics
+from pipeline.config import TraceConfig
+from pipeline.store import Manifest, round_dir
+
+from .common import checkpoint_for_round, dataset_name, open_store, plan
+
+log = logging.getLogger("trace_rl.stages.train")
+
+
+def checkpoint_dir(store, round_index: int):
+    """Where the train stage of round k writes the policy of round k+1."""
+    return store.local_path("checkpoints", round_dir(round_index + 1))
+
+
+def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progress: bool = True) -> Manifest:
+    round_index = 0 if round_index is None else round_index
+    names = [dataset_name(s, round_index) for s in ("rollout", "verify", "annotate")]
+    init_dir, init_fp = checkpoint_for_round(cfg, open_store(cfg), round_index)
+    p = plan(cfg, "train", round_index, {"train": cfg.section("train"), "round": round_index},
+             ["prompts", *names], force=force, extra_inputs=init_fp)
+    if p.skip:
+        return p.existing
+    tables = {
+        "prompts": p.store.read("prompts", PROMPTS),
+        "rollouts": p.store.read(names[0], ROLLOUTS),
+        "verdicts": p.store.read(names[1], VERDICTS),
+        "annotations": p.store.read(names[2], ANNOTATIONS),
+    }
+    out_dir = checkpoint_dir(p.store, round_index)
+    work_dir = p.store.local_path("scratch", round_dir(round_index), "train")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    from trainer import train_round
+
+    metrics = train_round(cfg.train, **tables, init_checkpoint=init_dir, output_checkpoint=str(out_dir),
+                          work_dir=str(work_dir), round_index=round_index, progress=progress)
+    extras = sorted({k for row in metrics for k in row if k not in TRAIN_METRICS.names})
+    schema = extend_metrics(extras)
+    table = rows_to_table([{**{k: None for k in extras}, **row} for row in metrics], schema,
+                          where=f"{p.name} metrics")
+    with p.store.writer(p.name, TRAIN_METRICS, stage="train", config_fingerprint=p.config_fingerprint,
+                        inputs=p.inputs, allow_extra=True) as w:
+        w.write_table(table, part="metrics.parquet")
+        w.extra = {"checkpoint": str(out_dir), "steps": len(metrics)}
+    if metrics:
+        last = metrics[-1]
+        log.info("train round %d: %d steps, loss %.4f, kl_weight %.3f -> %s", round_index, len(metrics),
+                 last["loss"], last["kl_weight"], out_dir)
+    return w.manifest

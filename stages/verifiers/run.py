@@ -1,0 +1,2 @@
+VerifierPool = None
+verify_rows = None

@@ -1,0 +1,39 @@
+"""Stage `verify`: one verdict per rollout, from the configured verifier (math, choice, testbed)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from data_schemas import PROMPTS, ROLLOUTS, VERDICTS
+from pipeline.config import TraceConfig
+from pipeline.store import Manifest
+
+from .common import dataset_name, plan
+
+log = logging.getLogger("trace_rl.stages.verify")
+
+
+def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progress: bool = True) -> Manifest:
+    round_index = 0 if round_index is None else round_index
+    rollouts_name = dataset_name("rollout", round_index)
+    p = plan(cfg, "verify", round_index, {"verify": cfg.section("verify")}, ["prompts", rollouts_name], force=force)
+    if p.skip:
+        return p.existing
+    prompts = {r["prompt_id"]: r for r in p.store.read("prompts", PROMPTS).to_pylist()}
+    rollouts = p.store.read(rollouts_name, ROLLOUTS).select(["rollout_id", "prompt_id", "response_text"]).to_pylist()
+    items = []
+    for r in rollouts:
+        prompt = prompts[r["prompt_id"]]
+        items.append({"rollout_id": r["rollout_id"], "response_text": r["response_text"],
+                      "answer": prompt["answer"], "meta": json.loads(prompt["meta"] or "{}")})
+    from stages.verifiers import verify_rows
+
+    verdicts = verify_rows(cfg.verify, items)
+    with p.store.writer(p.name, VERDICTS, stage="verify", config_fingerprint=p.config_fingerprint,
+                        inputs=p.inputs) as w:
+        w.write_rows(verdicts)
+        w.extra = {"reward_mean": sum(v["reward"] for v in verdicts) / max(len(verdicts), 1)}
+    log.info("verify round %d: %d verdicts, reward mean %.3f, statuses %s", round_index, len(verdicts),
+             w.extra["reward_mean"], dict(w.counts))
+    return w.manifest

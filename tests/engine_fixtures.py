@@ -1,0 +1,150 @@
+"""Tiny offline Qwen3 checkpoints for the rollout-engine tests and benchmark.
+
+A BPE tokenizer is trained locally with `tokenizers` (Qwen special tokens, a Qwen3-style chat
+template with enable_thinking) and a random Qwen3 is saved with save_pretrained. Embedding
+column 0 is a constant, so after the final norm hidden dim 0 is nearly constant too; giving the
+eos row of lm_head weight only on that dim makes p(eos) per step a tunable constant, so tests
+see both "stop" and "length" endings without any training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+THINK_TOKENS = ["<think>", "</think>"]
+
+# Qwen3's template reduced to one-turn use: the no-thinking generation prompt carries an empty
+# think block, exactly as the shared chat contract states.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{ '<think>\n\n</think>\n\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def _corpus() -> list[str]:
+    lines = []
+    for a in range(0, 200, 7):
+        for b in range(3, 120, 11):
+            lines.append(
+                f"Add {a} and {b}. Step 1: units {a % 10}+{b % 10}. Step 2: carry. "
+                f"The answer is \\boxed{{{a + b}}}. <think> so {a}+{b}={a + b} </think>"
+            )
+    return lines
+
+
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 400):
+    """Train a byte-level BPE tokenizer and save it as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    # Qwen3 keeps the think tags as added *non-special* tokens: one id each, kept by decode.
+    fast.add_tokens(THINK_TOKENS)
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def build_model_dir(
+    out_dir: str | Path,
+    *,
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 2,
+    kv_heads: int = 1,
+    vocab_size: int = 400,
+    p_eos: float = 0.03,
+    seed: int = 0,
+    generation_defaults: bool = True,
+) -> Path:
+    """Save tokenizer + random Qwen3 (untied lm_head, for vLLM) into out_dir; returns it.
+
+    p_eos: approximate per-step probability of eos at temperature 1.
+    generation_defaults: also write Qwen3's shipped sampling defaults (temperature 0.6,
+    top_k 20, top_p 0.95) to generation_config.json, which engines must ignore.
+    """
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out_dir, vocab_size)
+    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    head_dim = hidden // heads
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=head_dim, max_position_embeddings=2048, tie_word_embeddings=False,
+        eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=pad_id, torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        # After RMSNorm, dim 0 is about sqrt(hidden) / sqrt(1 + hidden * 0.02**2 ...) ~ sqrt(hidden).
+        eos_logit = math.log(p_eos / (1 - p_eos) * (len(tokenizer) - 1))
+        model.lm_head.weight[eos_id] = 0.0
+        model.lm_head.weight[eos_id, 0] = eos_logit / math.sqrt(hidden)
+    model.save_pretrained(str(out_dir))
+    gen = {"eos_token_id": [eos_id, pad_id], "pad_token_id": pad_id}
+    if generation_defaults:
+        gen.update({"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95})
+    (out_dir / "generation_config.json").write_text(json.dumps(gen))
+    return out_dir
+
+
+def teacher_forced_logprobs(
+    model, prompt_ids: list[int], response_ids: list[int], *, temperature: float = 1.0,
+    top_k: int = -1, top_p: float = 1.0,
+) -> torch.Tensor:
+    """Log-probs [T] of response_ids under the sampling distribution, from one forward pass.
+
+    Written independently of the engines: logits / T, keep the k largest, then the smallest set
+    whose probability reaches top_p (sorted descending, a token is kept while the mass before
+    it is < top_p), renormalise.
+    """
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        logits_TV = model(ids).logits[0, len(prompt_ids) - 1 : -1].float() / temperature
+    if top_k > 0:
+        kth_T1 = logits_TV.topk(top_k, dim=-1).values[:, -1:]
+        logits_TV = logits_TV.masked_fill(logits_TV < kth_T1, float("-inf"))
+    if top_p < 1.0:
+        sorted_TV, order_TV = logits_TV.sort(dim=-1, descending=True)
+        probs_TV = sorted_TV.softmax(-1)
+        mass_before_TV = probs_TV.cumsum(-1) - probs_TV
+        drop_TV = torch.zeros_like(logits_TV, dtype=torch.bool)
+        drop_TV.scatter_(1, order_TV, mass_before_TV >= top_p)
+        logits_TV = logits_TV.masked_fill(drop_TV, float("-inf"))
+    logp_TV = logits_TV.log_softmax(-1)
+    return logp_TV.gather(1, torch.tensor(response_ids)[:, None]).squeeze(1)
+
+
+PROMPTS = [
+    {"prompt_id": "p0", "problem": "Add 12 and 30."},
+    {"prompt_id": "p1", "problem": "Add 7 and 118. Show the steps."},
+    {"prompt_id": "p2", "problem": "What is 45+9?"},
+]

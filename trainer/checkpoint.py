@@ -1,0 +1,109 @@
+"""Checkpoints between rounds and atomic progress saves within a round.
+
+Layout of a round's output checkpoint:
+    <ckpt>/config.json, model*.safetensors, tokenizer files    HF save_pretrained
+    <ckpt>/trainer_state/state.pt                             optimizer, scheduler, global step, RNG
+    <ckpt>/trainer_state/state.json                           the human-readable part
+In-round progress lives in <work_dir>/progress.pt, written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_DIR = "trainer_state"
+PROGRESS_FILE = "progress.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": np.random.get_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same directory, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _materialise_tied_head(ckpt: Path, head_weight: torch.Tensor) -> None:
+    """Write lm_head.weight explicitly: save_pretrained drops it when embeddings are tied, and
+    some loaders (older vLLM code paths, other frameworks) expect it."""
+    index = ckpt / "model.safetensors.index.json"
+    head = {"lm_head.weight": head_weight.detach().cpu().contiguous().clone()}
+    if index.exists():
+        meta = json.loads(index.read_text())
+        if "lm_head.weight" in meta["weight_map"]:
+            return
+        save_file(head, ckpt / "model-lm_head.safetensors", metadata={"format": "pt"})
+        meta["weight_map"]["lm_head.weight"] = "model-lm_head.safetensors"
+        index.write_text(json.dumps(meta, indent=2))
+        return
+    single = ckpt / "model.safetensors"
+    tensors = load_file(single)
+    if "lm_head.weight" not in tensors:
+        tensors.update(head)
+        save_file(tensors, single, metadata={"format": "pt"})
+
+
+def save_hf_checkpoint(hf_model: torch.nn.Module, tokenizer: Any, path: str | Path,
+                       state_dict: dict | None = None) -> None:
+    """save_pretrained of model and tokenizer, with lm_head.weight always present on disk."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    if getattr(hf_model.config, "tie_word_embeddings", False):
+        _materialise_tied_head(path, hf_model.get_output_embeddings().weight)
+
+
+def save_trainer_state(path: str | Path, state: dict[str, Any]) -> None:
+    """`state`: optimizer, scheduler, global_step, round, rng (torch objects allowed)."""
+    d = Path(path) / STATE_DIR
+    atomic_torch_save(state, d / "state.pt")
+    summary = {k: state[k] for k in ("global_step", "round") if k in state}
+    (d / "state.json").write_text(json.dumps(summary, indent=2))
+
+
+def load_trainer_state(path: str | Path) -> dict[str, Any] | None:
+    f = Path(path) / STATE_DIR / "state.pt"
+    if not f.exists():
+        return None
+    return torch.load(f, map_location="cpu", weights_only=False)
+
+
+def load_progress(work_dir: str | Path, fingerprint: str) -> dict[str, Any] | None:
+    """The last in-round progress save, if it belongs to the same round and config."""
+    f = Path(work_dir) / PROGRESS_FILE
+    if not f.exists():
+        return None
+    state = torch.load(f, map_location="cpu", weights_only=False)
+    if state.get("fingerprint") != fingerprint:
+        raise RuntimeError(
+            f"{f} was saved by a different round or config (fingerprint mismatch); "
+            "delete it or use a fresh work_dir to start the round over"
+        )
+    return state

@@ -1,0 +1,102 @@
+"""Per-step metric accumulation (additive sums, reduced across processes) and logging."""
+
+from __future__ import annotations
+
+import resource
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from trainer.batch import MicroBatch
+
+# Sums collected over micro-batches and processes, then turned into the per-step row.
+_RATIOS = {
+    "entropy": ("entropy_sum", "tokens"),
+    "response_len_mean": ("tokens", "seqs"),
+    "span_token_frac": ("span_tokens", "tokens"),
+    "clip_frac": ("clipped", "tokens"),
+    "kl/forward": ("kl_forward_sum", "kl_forward_n"),
+    "kl/reverse": ("kl_reverse_sum", "kl_reverse_n"),
+    "kl/jsd": ("kl_jsd_sum", "kl_jsd_n"),
+}
+
+
+class StepStats:
+    """Additive statistics of one optimizer step."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+
+    def add_micro(self, mb: MicroBatch, loss_metrics: dict[str, torch.Tensor],
+                  entropy_BT: torch.Tensor, kl_BT: torch.Tensor, clipped_BT: torch.Tensor,
+                  total_tokens: int) -> None:
+        w = mb.weight
+        if w == 0:
+            return
+        s, mask = self.sums, mb.mask_BT
+        for key in ("loss", "pg_loss", "kl_loss"):
+            s[key] += float(loss_metrics[key])
+        s["tokens"] += float(mask.sum())
+        s["seqs"] += mask.shape[0]
+        s["all_tokens"] += total_tokens
+        s["entropy_sum"] += float((entropy_BT * mask).sum())
+        s["span_tokens"] += float((mb.span_BT & mask).sum())
+        s["clipped"] += float((clipped_BT & mask).sum())
+        for direction, index_S, _ in mb.span_dirs:
+            kl_flat = kl_BT[mask].detach()
+            s[f"kl_{direction}_sum"] += float(kl_flat[index_S].sum())
+            s[f"kl_{direction}_n"] += float(index_S.numel())
+
+    def reduce(self, accelerator: Any) -> dict[str, float]:
+        keys = sorted(set(self.sums) | {k for pair in _RATIOS.values() for k in pair}
+                      | {"loss", "pg_loss", "kl_loss", "all_tokens"})
+        if accelerator is not None and accelerator.num_processes > 1:
+            # every process must reduce the same keys in the same order
+            keys = sorted(set(keys) | {f"kl_{d}_{x}" for d in ("forward", "reverse", "jsd")
+                                       for x in ("sum", "n")})
+            vec = torch.tensor([self.sums.get(k, 0.0) for k in keys], dtype=torch.float64,
+                               device=accelerator.device)
+            vec = accelerator.reduce(vec, reduction="sum")
+            return dict(zip(keys, vec.cpu().tolist()))
+        return {k: self.sums.get(k, 0.0) for k in keys}
+
+
+def step_row(sums: dict[str, float], extra: dict[str, Any]) -> dict[str, Any]:
+    """The metrics row of one optimizer step (DESIGN.md's train metrics columns first)."""
+    row: dict[str, Any] = dict(extra)
+    for key in ("loss", "pg_loss", "kl_loss"):
+        row[key] = sums.get(key, 0.0)
+    for name, (num, den) in _RATIOS.items():
+        if name.startswith("kl/") and not sums.get(den):
+            continue
+        row[name] = sums.get(num, 0.0) / sums[den] if sums.get(den) else 0.0
+    return row
+
+
+def peak_memory_bytes() -> int:
+    """CUDA peak allocated bytes when on GPU, else the process's peak RSS."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class Logger:
+    """TensorBoard through accelerate's tracker (main process only)."""
+
+    def __init__(self, accelerator: Any, log_dir: str, enabled: bool, run_name: str):
+        self.tracker = None
+        if enabled and accelerator.is_main_process:
+            from accelerate.tracking import TensorBoardTracker
+
+            self.tracker = TensorBoardTracker(run_name, log_dir)
+
+    def log(self, row: dict[str, Any], step: int) -> None:
+        if self.tracker is None:
+            return
+        values = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        self.tracker.log(values, step=step)
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.finish()

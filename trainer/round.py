@@ -1,0 +1,275 @@
+"""One on-policy training round: `train_round`.
+
+Order of events: load checkpoint k (+ its trainer state) -> plan spans and build inputs -> old
+log-probs (recomputed with the round's initial weights, or the engine's) -> one pass over the
+rollouts in mini-batches of `mini_batch_size`, each an optimizer step accumulated over micro-batches
+(sharded across processes) -> checkpoint k+1. The loss of every micro-batch is divided by the whole
+mini-batch's token (or sequence) count, so the step does not depend on how it is split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from trainer.batch import Example, MicroBatch, build_examples, collate, to_bt
+from trainer.checkpoint import (PROGRESS_FILE, atomic_torch_save, load_progress,
+                                load_trainer_state, rng_state, save_hf_checkpoint,
+                                save_trainer_state, set_rng_state)
+from trainer.config import TrainConfig
+from trainer.lean import KLSpec, LeanCausalLM, SpanGroup
+from trainer.losses import clipped_pg_loss, grpo_advantages, kl_weight
+from trainer.methods import LossInputs, get_method
+from trainer.metrics import Logger, StepStats, peak_memory_bytes, step_row
+from trainer.progress import progress_bar
+from trainer.teacher import TeacherHandle
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _fingerprint(cfg: TrainConfig, init_checkpoint: str, round_index: int, ids: list[str]) -> str:
+    blob = json.dumps([cfg.model_dump(mode="json"), str(init_checkpoint), round_index, ids])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _load_model(cfg: TrainConfig, path: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype])
+    if cfg.gradient_checkpointing:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf.config.use_cache = False
+    spec = KLSpec(cfg.kl_term_clip, cfg.kl_support, cfg.topk, cfg.self_opd.jsd_beta)
+    return tokenizer, LeanCausalLM(hf, chunk=cfg.logprob_chunk, kl_spec=spec)
+
+
+def _lambda(cfg: TrainConfig, step: int) -> float:
+    if cfg.method == "grpo":
+        return 0.0
+    if cfg.method == "self_opd" and cfg.self_opd.mode == "replace":
+        return 1.0
+    s = cfg.schedule
+    return kl_weight(step, s.w0, s.hold_steps, s.zero_step)
+
+
+def _shards(cfg: TrainConfig, order: np.ndarray, rank: int, world: int) -> list[list[list[int]]]:
+    """Per optimizer step, this process's micro-batches (lists of example indices). Every process
+    gets the same number of micro-batches; an empty one is marked by [] and padded by the caller."""
+    steps = []
+    for start in range(0, len(order), cfg.mini_batch_size):
+        mini = order[start : start + cfg.mini_batch_size].tolist()
+        mine = mini[rank::world]
+        n_micro = math.ceil(math.ceil(len(mini) / world) / cfg.micro_batch_size)
+        steps.append([mine[i * cfg.micro_batch_size : (i + 1) * cfg.micro_batch_size]
+                      for i in range(n_micro)])
+    return steps
+
+
+@torch.no_grad()
+def _recompute_old_logprobs(model, examples: list[Example], idx: list[int], cfg: TrainConfig,
+                            pad_id: int, device) -> dict[int, torch.Tensor]:
+    out = {}
+    for start in range(0, len(idx), cfg.micro_batch_size):
+        chunk = idx[start : start + cfg.micro_batch_size]
+        sub = [examples[i] for i in chunk]
+        mb = collate(sub, [torch.zeros(len(e.response_ids)) for e in sub], [0.0] * len(sub),
+                     pad_id, with_teacher=False, device=device)
+        s = mb.student
+        logp_N = model(mode="policy", input_ids_BL=s.input_ids_BL,
+                       attention_mask_BL=s.attention_mask_BL, resp_pos_N=s.resp_pos_N,
+                       target_N=s.target_N)["logp_N"].float().cpu()
+        for i, piece in zip(chunk, logp_N.split([len(e.response_ids) for e in sub])):
+            out[i] = piece
+    return out
+
+
+def _old_logprobs(cfg, model, examples, my_idx, pad_id, acc, work_dir: Path, fp: str):
+    if cfg.old_logprobs == "engine":
+        for i in my_idx:
+            if len(examples[i].engine_logprobs) != len(examples[i].response_ids):
+                raise ValueError(f"rollout {examples[i].rollout_id} lacks engine log-probs; "
+                                 "set old_logprobs: recompute")
+        return {i: torch.tensor(examples[i].engine_logprobs, dtype=torch.float32) for i in my_idx}
+    f = work_dir / f"old_logprobs-rank{acc.process_index}.pt"
+    if f.exists():
+        saved = torch.load(f, weights_only=False)
+        if saved["fingerprint"] == fp:
+            return saved["logp"]
+    logp = _recompute_old_logprobs(model, examples, my_idx, cfg, pad_id, acc.device)
+    atomic_torch_save({"fingerprint": fp, "logp": logp}, f)
+    return logp
+
+
+def _micro_step(cfg, method, wrapped, unwrapped, teacher: TeacherHandle, mb: MicroBatch,
+                lam: float, normaliser: float, world: int, stats: StepStats, sync: bool, acc):
+    s = mb.student
+    groups = []
+    if mb.teacher is not None:
+        t = mb.teacher
+        t_hidden_SH = teacher.hidden(wrapped, input_ids_BL=t.input_ids_BL,
+                                     attention_mask_BL=t.attention_mask_BL, pos_S=t.resp_pos_N)
+        groups = [SpanGroup(d, s_idx, t_hidden_SH[t_sel]) for d, s_idx, t_sel in mb.span_dirs]
+    t_weight = teacher.head_weight(unwrapped) if groups else None
+    with nullcontext() if sync else acc.no_sync(wrapped):
+        out = wrapped(mode="policy", input_ids_BL=s.input_ids_BL,
+                      attention_mask_BL=s.attention_mask_BL, resp_pos_N=s.resp_pos_N,
+                      target_N=s.target_N, span_groups=groups, teacher_weight_VH=t_weight)
+        logp_BT = to_bt(out["logp_N"], mb.mask_BT)
+        kl_BT = to_bt(out["kl_N"], mb.mask_BT)
+        inputs = LossInputs(logp_BT, mb.old_logp_BT, mb.adv_B, mb.mask_BT, mb.span_BT, kl_BT,
+                            normaliser)
+        loss, loss_metrics = method.loss(inputs, cfg, lam)
+        # DDP averages gradients over processes; each process holds a share of one global sum
+        acc.backward(loss * (mb.weight * world))
+    _, clipped_BT = clipped_pg_loss(logp_BT.detach(), mb.old_logp_BT, mb.adv_B,
+                                    cfg.eps_low, cfg.eps_high)
+    stats.add_micro(mb, loss_metrics, to_bt(out["entropy_N"], mb.mask_BT), kl_BT, clipped_BT,
+                    int(s.attention_mask_BL.sum()))
+
+
+def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                            weight_decay=cfg.weight_decay)
+    warm = cfg.warmup_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: 1.0 if warm == 0 else min(1.0, (k + 1) / warm))
+    return opt, sched
+
+
+def train_round(
+    cfg: TrainConfig,
+    *,
+    prompts: pa.Table,
+    rollouts: pa.Table,
+    verdicts: pa.Table,
+    annotations: pa.Table | None,
+    init_checkpoint: str,
+    output_checkpoint: str,
+    work_dir: str,
+    round_index: int,
+    accelerator: Any = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Train one round on the given tables; returns one metrics dict per optimizer step."""
+    from accelerate import Accelerator
+
+    acc = accelerator or Accelerator()
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed + round_index)
+    tokenizer, model = _load_model(cfg, init_checkpoint)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    examples = build_examples(cfg, tokenizer, prompts, rollouts, verdicts, annotations)
+    adv_all = grpo_advantages([e.reward for e in examples], [e.group for e in examples],
+                              cfg.adv_norm_std).tolist()
+    method = get_method(cfg.method)
+    fp = _fingerprint(cfg, init_checkpoint, round_index, [e.rollout_id for e in examples])
+    order = np.random.default_rng([cfg.seed, round_index]).permutation(len(examples))
+    plan = _shards(cfg, order, acc.process_index, acc.num_processes)
+
+    optimizer, scheduler = _make_optimizer(cfg, model)
+    state = load_trainer_state(init_checkpoint)
+    global_step = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        global_step = state["global_step"]
+    model.to(acc.device)
+    my_idx = sorted({i for step in plan for micro in step for i in micro})
+    old_logp = _old_logprobs(cfg, model, examples, my_idx, pad_id, acc, work, fp)
+
+    teacher = TeacherHandle(cfg.teacher_sync_every)
+    cursor, rows = 0, []
+    saved = load_progress(work, fp)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        global_step, cursor, rows = saved["global_step"], saved["cursor"], saved["rows"]
+        teacher.load(model, saved["teacher"])
+        set_rng_state(saved["rng"])
+    wrapped, optimizer = acc.prepare(model, optimizer)
+    unwrapped = acc.unwrap_model(wrapped)
+    logger = Logger(acc, str(work / "tensorboard"), cfg.tensorboard, f"round-{round_index:04d}")
+    bar = progress_bar(len(plan), cursor, enabled=progress and acc.is_main_process)
+
+    for step_i in range(cursor, len(plan)):
+        t0 = time.perf_counter()
+        lam = _lambda(cfg, global_step)
+        with_teacher = method.needs_teacher(cfg, lam)
+        if with_teacher:
+            teacher.maybe_sync(unwrapped, global_step)
+        mini = order[step_i * cfg.mini_batch_size : (step_i + 1) * cfg.mini_batch_size]
+        lens = [len(examples[i].response_ids) for i in mini]
+        normaliser = float(sum(lens) if cfg.loss_agg == "token_mean" else len(lens))
+        stats = StepStats()
+        micro = plan[step_i]
+        for j, idx in enumerate(micro):
+            weight = 1.0 if idx else 0.0
+            idx = idx or [int(mini[0])]  # keeps DDP in step; contributes nothing
+            mb = collate([examples[i] for i in idx],
+                         [old_logp.get(i, torch.zeros(len(examples[i].response_ids)))
+                          for i in idx],
+                         [adv_all[i] for i in idx], pad_id, with_teacher, weight, acc.device)
+            _micro_step(cfg, method, wrapped, unwrapped, teacher, mb, lam, normaliser,
+                        acc.num_processes, stats, j == len(micro) - 1, acc)
+        max_norm = cfg.grad_clip if cfg.grad_clip else float("inf")
+        grad_norm = float(acc.clip_grad_norm_(wrapped.parameters(), max_norm))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        sums = stats.reduce(acc)
+        elapsed = time.perf_counter() - t0
+        row = step_row(sums, {"step": global_step, "round": round_index, "kl_weight": lam,
+                              "grad_norm": grad_norm, "lr": lr,
+                              "tokens_per_s": sums["all_tokens"] / max(elapsed, 1e-9),
+                              "peak_mem_bytes": peak_memory_bytes()})
+        rows.append(row)
+        logger.log(row, global_step)
+        global_step += 1
+        bar.update(row)
+        if cfg.save_every and (step_i + 1) % cfg.save_every == 0 and step_i + 1 < len(plan):
+            _save_progress(acc, unwrapped, optimizer, scheduler, teacher, work, fp,
+                           global_step, step_i + 1, rows)
+    bar.close()
+    logger.close()
+    _save_output(acc, unwrapped, tokenizer, optimizer, scheduler, output_checkpoint,
+                 global_step, round_index)
+    return rows
+
+
+def _save_progress(acc, unwrapped, optimizer, scheduler, teacher, work, fp, global_step,
+                   cursor, rows) -> None:
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        atomic_torch_save({
+            "fingerprint": fp, "model": unwrapped.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "global_step": global_step, "cursor": cursor, "rows": rows,
+            "teacher": teacher.state(), "rng": rng_state(),
+        }, work / PROGRESS_FILE)
+    acc.wait_for_everyone()
+
+
+def _save_output(acc, unwrapped, tokenizer, optimizer, scheduler, path, global_step,
+                 round_index) -> None:
+    acc.wait_for_everyone()
+    state_dict = acc.get_state_dict(unwrapped.hf) if acc.num_processes > 1 else None
+    if acc.is_main_process:
+        save_hf_checkpoint(unwrapped.hf, tokenizer, path, state_dict=state_dict)
+        save_trainer_state(path, {
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "global_step": global_step, "round": round_index, "rng": rng_state(),
+        })
+    acc.wait_for_everyone()
