@@ -90,6 +90,7 @@ class Logger:
             from accelerate.tracking import TensorBoardTracker
 
             self.tracker = TensorBoardTracker(run_name, log_dir)
+            self.tracker.start()
 
     def log(self, row: dict[str, Any], step: int) -> None:
         if self.tracker is None:

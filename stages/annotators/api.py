@@ -90,6 +90,12 @@ def describe(err: BaseException) -> str:
     return f"{head}: {body[:300]}" if body else head
 
 
+def sampling_of(opts: ApiOptions, temperature: float, extra_body: dict | None) -> dict:
+    """The request fields that change a reply (part of the cache key)."""
+    body = dict(opts.extra_body if extra_body is None else extra_body)
+    return {"temperature": temperature, "max_tokens": opts.max_tokens, "extra_body": body}
+
+
 class ApiCaller:
     """Sends chat requests to one endpoint with bounded concurrency and retries."""
 
@@ -107,8 +113,7 @@ class ApiCaller:
 
     def sampling(self) -> dict:
         """The request fields that change a reply (part of the cache key)."""
-        return {"temperature": self.temperature, "max_tokens": self.opts.max_tokens,
-                "extra_body": self.extra_body}
+        return sampling_of(self.opts, self.temperature, self.extra_body)
 
     async def _try_once(self, messages: list[dict]) -> str:
         async with self._sem:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stages.annotators.align import AlignmentError, token_char_offsets
-from stages.annotators.api import ApiCaller, CallResult, call_all, read_api_key
+from stages.annotators.api import ApiCaller, CallResult, call_all, sampling_of
 from stages.annotators.cache import ReplyCache, cache_key
 from stages.annotators.config import AnnotateConfig
 from stages.annotators.parse import ParsedReply, clean_label, parse_reply, validate_ids
@@ -149,9 +149,7 @@ def llm_rows(cfg: AnnotateConfig, jobs: list[Job], annotator: str, model_id: str
 def api_transport(cfg: AnnotateConfig, *, model: str, base_url: str | None, api_key: str,
                   concurrency: int, extra_body: dict | None = None) -> tuple[Transport, dict]:
     """A transport over an OpenAI-compatible endpoint and the sampling dict of its requests."""
-    probe = ApiCaller(cfg.api, model=model, base_url=base_url, api_key=api_key,
-                      temperature=cfg.temperature, concurrency=concurrency, extra_body=extra_body)
-    sampling = probe.sampling()
+    sampling = sampling_of(cfg.api, cfg.temperature, extra_body)
 
     def transport(requests: list[list[dict]], on_done) -> list[CallResult]:
         async def go() -> list[CallResult]:

@@ -1,0 +1,205 @@
+"""The self-contained HTML page of `trace-rl inspect --html`: every response of a shard with its
+annotated spans coloured by route and labelled, the problem, the verdict and the coverage.
+
+The page is rendered server-side from escaped text, so nothing in a response (a model may well
+write `<script>`) can become markup; the only script on the page is the static filter code of
+the template. No external resource is referenced: the file opens offline and can be mailed.
+
+A "view record" is one rollout as the page shows it (built by `pipeline.inspect`):
+    rollout_id, round, prompt_id, problem, answer, response_text, finish_reason, n_tokens,
+    correct (bool | None), reward, verdict_status, extracted_answer,
+    route, annotator, status, coverage, spans (list of span dicts, DESIGN.md annotations contract)
+Every key but rollout_id and spans may be None when the dataset holding it was not found.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+from collections import Counter
+from importlib import resources
+from string import Template
+from typing import Any, NamedTuple
+
+import fsspec
+
+ROUTES = ("key", "error")
+
+
+class Piece(NamedTuple):
+    """A run of response characters [start, end); `span` is the span covering it, or None."""
+
+    start: int
+    end: int
+    span: dict[str, Any] | None
+
+
+def split_spans(text: str, spans: list[dict[str, Any]]) -> list[Piece]:
+    """Cut `text` into plain and span pieces, one span piece per span, in text order.
+
+    Spans are half-open char ranges (`char_start`, `char_end`). Ranges outside the text are
+    clamped, and a span overlapping the one before it starts where that one ends (possibly
+    empty), so every span still yields exactly one piece and the text is never duplicated.
+    """
+    pieces: list[Piece] = []
+    pos = 0
+    for span in sorted(spans, key=lambda s: (s["char_start"], s["char_end"])):
+        start = min(max(int(span["char_start"]), pos), len(text))
+        end = min(max(int(span["char_end"]), start), len(text))
+        if start > pos:
+            pieces.append(Piece(pos, start, None))
+        pieces.append(Piece(start, end, span))
+        pos = end
+    if pos < len(text) or not pieces:
+        pieces.append(Piece(pos, len(text), None))
+    return pieces
+
+
+def span_problems(text: str, spans: list[dict[str, Any]]) -> list[str]:
+    """Human-readable reasons a span set cannot be shown exactly (out of range, overlapping)."""
+    problems = []
+    prev_end = 0
+    for s in sorted(spans, key=lambda s: (s["char_start"], s["char_end"])):
+        a, b = int(s["char_start"]), int(s["char_end"])
+        if a < 0 or b > len(text) or a > b:
+            problems.append(f"span [{a}, {b}) outside the response (0..{len(text)} chars)")
+        elif a < prev_end:
+            problems.append(f"span [{a}, {b}) overlaps the previous span (ends at {prev_end})")
+        prev_end = max(prev_end, b)
+    return problems
+
+
+def _esc(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _mark(shown: str, span: dict[str, Any], route: str) -> str:
+    """One span as ONE `<mark>` element; the label badge is drawn by CSS from `data-label`, so
+    the element's text is exactly the span's text."""
+    label = span.get("label") or ""
+    cls = route if route in ROUTES else "other"
+    segments = ", ".join(str(i) for i in span.get("segment_ids") or [])
+    title = " · ".join(x for x in (
+        f"{route} span", label, f"tokens {span.get('token_start')}–{span.get('token_end')}",
+        f"segments {segments}" if segments else "") if x)
+    return (f'<mark class="span {cls}" data-label="{_esc(label)}" title="{_esc(title)}">'
+            f"{_esc(shown)}</mark>")
+
+
+def render_response(text: str | None, spans: list[dict[str, Any]], route: str) -> str:
+    """The escaped response with one `<mark class="span ROUTE">` element per span."""
+    if text is None:
+        # Without the rollouts dataset the text is unknown; the spans are still listed, so the
+        # page keeps one mark per span.
+        marks = " ".join(_mark(f"[chars {s['char_start']}–{s['char_end']}]", s, route) for s in spans)
+        return f'<span class="missing">response text unavailable (no rollouts dataset)</span> {marks}'
+    return "".join(_esc(text[p.start:p.end]) if p.span is None
+                   else _mark(text[p.start:p.end], p.span, route)
+                   for p in split_spans(text, spans))
+
+
+def page_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The counts shown at the top of the page (and returned to callers)."""
+    spans_by_route: Counter[str] = Counter()
+    labels: Counter[str] = Counter()
+    for r in records:
+        for s in r["spans"]:
+            spans_by_route[r.get("route") or "none"] += 1
+            labels[s.get("label") or "(no label)"] += 1
+    coverages = [r["coverage"] for r in records if r.get("coverage") is not None]
+    return {
+        "responses": len(records),
+        "correct": sum(r.get("correct") is True for r in records),
+        "incorrect": sum(r.get("correct") is False for r in records),
+        "unverified": sum(r.get("correct") is None for r in records),
+        "spans": sum(spans_by_route.values()),
+        "spans_by_route": dict(spans_by_route),
+        "labels": dict(labels.most_common()),
+        "status": dict(Counter(r.get("status") or "n/a" for r in records)),
+        "coverage_mean": sum(coverages) / len(coverages) if coverages else None,
+    }
+
+
+def _verdict_badge(r: dict[str, Any]) -> str:
+    if r.get("correct") is None:
+        return '<span class="badge verdict unknown">no verdict</span>'
+    ok = bool(r["correct"])
+    reward = r.get("reward")
+    reward_txt = f" · reward {reward:g}" if reward is not None else ""
+    return (f'<span class="badge verdict {"ok" if ok else "bad"}">'
+            f'{"✓ correct" if ok else "✗ incorrect"}{_esc(reward_txt)}</span>')
+
+
+def _meta_line(r: dict[str, Any]) -> str:
+    bits = [("round", r.get("round")), ("prompt", r.get("prompt_id")), ("tokens", r.get("n_tokens")),
+            ("finish", r.get("finish_reason")), ("extracted", r.get("extracted_answer")),
+            ("answer", r.get("answer")), ("annotator", r.get("annotator")),
+            ("annotation", r.get("status"))]
+    return " ".join(f'<span class="kv"><b>{k}</b> {_esc(v)}</span>' for k, v in bits if v is not None)
+
+
+def _card(r: dict[str, Any]) -> str:
+    correct = {True: "true", False: "false"}.get(r.get("correct"), "unknown")
+    route = r.get("route") or "none"
+    cov = r.get("coverage")
+    cov_txt = "–" if cov is None else f"{100 * cov:.1f}%"
+    cov_w = 0 if cov is None else min(100.0, 100 * cov)
+    problem = (f'<div class="problem"><div class="h">Problem</div>{_esc(r["problem"])}</div>'
+               if r.get("problem") is not None else "")
+    warnings = "".join(f'<div class="warn">{_esc(p)}</div>'
+                       for p in span_problems(r.get("response_text") or "", r["spans"])
+                       if r.get("response_text") is not None)
+    error = f'<div class="warn">{_esc(r["error"])}</div>' if r.get("error") else ""
+    return f"""<article class="card" data-correct="{correct}" data-route="{_esc(route)}">
+<header><code class="rid">{_esc(r["rollout_id"])}</code>{_verdict_badge(r)}
+<span class="badge route {_esc(route)}">{_esc(route)} · {len(r["spans"])} span{"s" if len(r["spans"]) != 1 else ""}</span>
+<span class="cov" title="fraction of response tokens inside spans"><span class="bar"><i style="width:{cov_w:.1f}%"></i></span>{cov_txt}</span></header>
+<div class="meta">{_meta_line(r)}</div>{problem}{warnings}{error}
+<pre class="response">{render_response(r.get("response_text"), r["spans"], route)}</pre>
+</article>"""
+
+
+def _summary_html(summary: dict[str, Any]) -> str:
+    cov = summary["coverage_mean"]
+    tiles = [("responses", summary["responses"]), ("correct", summary["correct"]),
+             ("incorrect", summary["incorrect"]), ("key spans", summary["spans_by_route"].get("key", 0)),
+             ("error spans", summary["spans_by_route"].get("error", 0)),
+             ("mean coverage", "–" if cov is None else f"{100 * cov:.1f}%")]
+    tiles_html = "".join(f'<div class="tile"><div class="n">{_esc(v)}</div><div class="l">{_esc(k)}</div></div>'
+                         for k, v in tiles)
+    labels = "".join(f'<span class="chip">{_esc(k)} <b>{v}</b></span>' for k, v in summary["labels"].items())
+    status = " ".join(f'<span class="chip">{_esc(k)} <b>{v}</b></span>' for k, v in summary["status"].items())
+    return (f'<section class="tiles">{tiles_html}</section>'
+            f'<section class="chips"><span class="h">labels</span>{labels or "–"}</section>'
+            f'<section class="chips"><span class="h">annotation status</span>{status}</section>')
+
+
+def _template() -> Template:
+    text = resources.files("pipeline").joinpath("templates/inspect.html").read_text(encoding="utf-8")
+    return Template(text)
+
+
+def _script_hash(page: str) -> str:
+    """CSP source allowing exactly the page's own script: even if some text escaped escaping,
+    an injected script or event handler would not run."""
+    body = page.split("<script>", 1)[1].split("</script>", 1)[0]
+    return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode("utf-8")).digest()).decode() + "'"
+
+
+def render_page(records: list[dict[str, Any]], *, title: str, source: str) -> str:
+    """The whole page as a string: summary, filter buttons and one card per record."""
+    summary = page_summary(records)
+    template = _template()
+    return template.substitute(script_hash=_script_hash(template.template),
+        title=_esc(title), source=_esc(source), summary=_summary_html(summary),
+        n_all=summary["responses"], n_correct=summary["correct"], n_incorrect=summary["incorrect"],
+        cards="\n".join(_card(r) for r in records) or '<p class="empty">no responses in this shard</p>',
+    )
+
+
+def write_html(path: str, records: list[dict[str, Any]], *, title: str, source: str) -> dict[str, Any]:
+    """Write the page to `path` (local or fsspec URL); returns the page summary."""
+    with fsspec.open(path, "w", encoding="utf-8") as fh:
+        fh.write(render_page(records, title=title, source=source))
+    return page_summary(records)

@@ -1,0 +1,144 @@
+"""The `self` annotator: the round's own policy answers the same prompt as the API model.
+
+Two ways to run it:
+- "vllm_server": start `<python> -m <server_module> --model CKPT --host H --port P ...` in its
+  own process group, wait for GET /health, talk to it with the api transport, and stop the
+  group by the PID we started (SIGTERM, then SIGKILL), also when annotation fails.
+- "inprocess": transformers generate on the checkpoint (CPU by default), left-padded batches,
+  greedy at temperature 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from stages.annotators.api import CallResult
+from stages.annotators.config import SelfOptions
+
+
+def _log_tail(path: str, n_chars: int = 2000) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()[-n_chars:]
+    except OSError:
+        return ""
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, log_path: str) -> None:
+    """Poll `url` until HTTP 200; raise with the server's log tail if it dies or times out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"annotator server exited with code {proc.returncode} before becoming healthy; "
+                f"check self_host.python / server_module / extra_args. Log tail:\n{_log_tail(log_path)}"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=2.0) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(
+        f"annotator server not healthy at {url} after {timeout_s:.0f}s; raise "
+        f"self_host.startup_timeout_s or check the log tail:\n{_log_tail(log_path)}"
+    )
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """Stop the process group led by `proc` (the server and the workers it spawned)."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=grace_s)
+
+
+@contextlib.contextmanager
+def served(opts: SelfOptions, model_path: str) -> Iterator[str]:
+    """Run the OpenAI-compatible server on `model_path`; yields its base URL (…/v1)."""
+    cmd = [opts.python, "-m", opts.server_module, "--model", model_path,
+           "--host", opts.host, "--port", str(opts.port), *opts.extra_args]
+    log_fd, log_path = tempfile.mkstemp(prefix="annotator-server-", suffix=".log")
+    # Its own session makes the server a process-group leader, so stopping it by PID also
+    # stops the engine workers it forks.
+    proc = subprocess.Popen(cmd, stdout=log_fd, stderr=subprocess.STDOUT, start_new_session=True)
+    os.close(log_fd)
+    try:
+        wait_healthy(f"http://{opts.host}:{opts.port}/health", proc, opts.startup_timeout_s, log_path)
+        yield f"http://{opts.host}:{opts.port}/v1"
+    finally:
+        stop_group(proc)
+        with contextlib.suppress(OSError):
+            os.unlink(log_path)
+
+
+def _encode_batch(tokenizer: Any, batch: list[list[dict]], enable_thinking: bool, pad_id: int):
+    """Left-padded input_ids_BT and attention_mask_BT (decoder-only models continue at the right)."""
+    import torch
+
+    ids = [
+        tokenizer.encode(
+            tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False,
+                                          enable_thinking=enable_thinking),
+            add_special_tokens=False,
+        )
+        for m in batch
+    ]
+    width = max(len(x) for x in ids)
+    input_ids_BT = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids])
+    mask_BT = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    return {"input_ids": input_ids_BT, "attention_mask": mask_BT}
+
+
+def generate_inprocess(opts: SelfOptions, model_path: str, tokenizer: Any, *,
+                       temperature: float, max_new_tokens: int,
+                       ) -> Callable[[list[list[dict]], Callable[[int, CallResult], None]], list[CallResult]]:
+    """A transport that answers chat requests with transformers generate on `model_path`."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"the tokenizer of {model_path} has no chat_template; the inprocess "
+                         "self annotator needs one (save the policy tokenizer with its template)")
+
+    def transport(requests: list[list[dict]], on_done) -> list[CallResult]:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_path).to(opts.device).eval()
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        results: list[CallResult] = []
+        for b0 in range(0, len(requests), opts.batch_size):
+            batch = requests[b0 : b0 + opts.batch_size]
+            t0 = time.perf_counter()
+            enc = {k: v.to(opts.device) for k, v in
+                   _encode_batch(tokenizer, batch, opts.enable_thinking, pad_id).items()}
+            sample = temperature > 0
+            with torch.no_grad():
+                out_BT = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=pad_id,
+                    **({"temperature": temperature} if sample else {}),
+                )
+            new_BT = out_BT[:, enc["input_ids"].shape[1]:]
+            per_item = (time.perf_counter() - t0) / len(batch)
+            for k, ids in enumerate(new_BT.tolist()):
+                raw = tokenizer.decode(ids, skip_special_tokens=True)
+                res = CallResult(raw, "ok", None, per_item)
+                results.append(res)
+                on_done(b0 + k, res)
+        return results
+
+    return transport

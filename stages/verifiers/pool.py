@@ -1,0 +1,266 @@
+"""Worker processes that run a verifier with a per-item timeout.
+
+Why not ``concurrent.futures.ProcessPoolExecutor``: it cannot kill one stuck worker, and a
+worker that dies breaks the whole executor. Here each worker has its own pipe; the parent sends
+it a chunk of items and gets one verdict back per item. Two layers bound an item's time:
+- soft: the worker arms ``SIGALRM`` (``setitimer``) around each item; the handler raises
+  ``ItemTimeout`` (a BaseException, so library ``except Exception`` blocks cannot swallow it)
+  and the item becomes a ``timeout`` verdict;
+- hard: if no verdict arrives within ``timeout_s + kill_grace_s`` (a C call that ignores
+  signals, a bare ``except:``), the parent kills the process, gives the item a ``timeout``
+  verdict, requeues the rest of the chunk and starts a replacement worker.
+A worker that dies gives its current item an ``error`` verdict. Nothing is ever dropped.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+import traceback
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from stages.verifiers.base import CheckFn, Verdict, get_verifier
+from stages.verifiers.config import VerifyConfig
+
+# Spawned workers import sympy and math-verify first; that can take a while on a loaded box.
+STARTUP_TIMEOUT_S = 180.0
+_DETAIL_MAX_CHARS = 500
+
+# (index in the batch, response_text, reference, meta)
+Item = tuple[int, str, str, Mapping[str, Any]]
+
+
+class ItemTimeout(BaseException):
+    """Raised by the SIGALRM handler inside a worker when one item runs past its timeout."""
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    raise ItemTimeout
+
+
+def _error_detail(exc: BaseException) -> str:
+    """``'ValueError: ...'``, truncated; str() of a sympy object can itself hang, so bound it."""
+    name = type(exc).__name__
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 1.0)
+        try:
+            text = str(exc)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except ItemTimeout:
+        text = "<message could not be rendered>"
+    return f"{name}: {text}"[:_DETAIL_MAX_CHARS]
+
+
+def check_with_alarm(check: CheckFn, item: Item, timeout_s: float) -> Verdict:
+    """Run one item under a SIGALRM timeout (main thread of a worker process only)."""
+    _, response, reference, meta = item
+    try:
+        signal.setitimer(signal.ITIMER_REAL, timeout_s)
+        try:
+            return check(response, reference, meta)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except ItemTimeout:
+        return Verdict("timeout", detail=f"verification took longer than {timeout_s:g}s")
+    except Exception as exc:  # noqa: BLE001 - any failure of one item is that item's verdict
+        return Verdict("error", detail=_error_detail(exc))
+
+
+def _worker_main(conn: Connection, cfg_data: dict[str, Any]) -> None:
+    """Entry point of a worker process: build the checker, then verify chunks until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    try:
+        cfg = VerifyConfig.model_validate(cfg_data)
+        check = get_verifier(cfg.kind).make(cfg)
+        signal.signal(signal.SIGALRM, _on_alarm)
+    except BaseException:  # noqa: BLE001 - report any setup failure to the parent
+        conn.send(("fatal", traceback.format_exc()))
+        return
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            chunk = conn.recv()
+        except EOFError:
+            return
+        if chunk is None:
+            return
+        for item in chunk:
+            conn.send(("verdict", item[0], check_with_alarm(check, item, cfg.timeout_s)))
+
+
+@dataclass
+class _Worker:
+    proc: Any  # multiprocessing.process.BaseProcess
+    conn: Connection
+    started_at: float
+    ready: bool = False
+    pending: deque[Item] = field(default_factory=deque)
+    deadline: float = float("inf")
+
+
+class VerifierPool:
+    """A fixed number of worker processes running ``cfg.kind``; reusable across batches.
+
+    Use as a context manager, or call ``start()`` / ``close()``. ``run(items)`` returns one
+    Verdict per item, in order. Counters ``kills`` and ``deaths`` count replaced workers.
+    """
+
+    def __init__(self, cfg: VerifyConfig) -> None:
+        self.cfg = cfg
+        self._ctx = mp.get_context(cfg.start_method)
+        self._workers: list[_Worker] = []
+        self.kills = 0
+        self.deaths = 0
+
+    def __enter__(self) -> VerifierPool:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Start the workers and wait until every one has loaded its verifier."""
+        while len(self._workers) < self.cfg.workers:
+            self._workers.append(self._spawn())
+        while not all(w.ready for w in self._workers):
+            self._pump(self._workers, timeout=1.0, results=None)
+
+    def close(self) -> None:
+        """Stop all workers (politely, then by force)."""
+        for w in self._workers:
+            try:
+                w.conn.send(None)
+            except (OSError, ValueError):
+                pass
+        for w in self._workers:
+            w.proc.join(timeout=2.0)
+            if w.proc.is_alive():
+                w.proc.kill()
+                w.proc.join()
+            w.conn.close()
+        self._workers = []
+
+    def run(self, items: Sequence[Item]) -> list[Verdict]:
+        """Verify ``items`` (their first field must be 0..n-1 in order); one Verdict each."""
+        if not self._workers:
+            self.start()
+        results: list[Verdict | None] = [None] * len(items)
+        todo: deque[list[Item]] = deque(_chunks(items, self.cfg.chunk_size))
+        while any(r is None for r in results):
+            for w in self._workers:
+                if w.ready and not w.pending and todo:
+                    self._dispatch(w, todo.popleft())
+            self._pump(self._workers, timeout=self._next_deadline(), results=results)
+            for w in list(self._workers):
+                if w.pending and time.monotonic() > w.deadline:
+                    self._kill_stuck(w, results, todo)
+        return [r for r in results if r is not None]
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _spawn(self) -> _Worker:
+        parent_conn, child_conn = self._ctx.Pipe()
+        proc = self._ctx.Process(
+            target=_worker_main, args=(child_conn, self.cfg.model_dump()), daemon=True
+        )
+        proc.start()
+        child_conn.close()
+        return _Worker(proc=proc, conn=parent_conn, started_at=time.monotonic())
+
+    def _dispatch(self, w: _Worker, chunk: list[Item]) -> None:
+        w.pending = deque(chunk)
+        w.deadline = time.monotonic() + self.cfg.timeout_s + self.cfg.kill_grace_s
+        w.conn.send(chunk)
+
+    def _next_deadline(self) -> float:
+        deadlines = [w.deadline for w in self._workers if w.pending]
+        if not deadlines:
+            return 1.0
+        return max(0.0, min(deadlines) - time.monotonic()) + 0.01
+
+    def _pump(self, workers: list[_Worker], timeout: float, results: list | None) -> None:
+        """Wait up to ``timeout`` s for messages or deaths and handle them."""
+        by_handle: dict[Any, _Worker] = {}
+        for w in workers:
+            by_handle[w.conn] = w
+            by_handle[w.proc.sentinel] = w
+        for handle in wait(list(by_handle), timeout=timeout):
+            w = by_handle[handle]
+            if w not in self._workers:
+                continue  # already replaced while handling an earlier handle
+            try:
+                while w.conn.poll():
+                    self._on_message(w, w.conn.recv(), results)
+            except (EOFError, OSError):
+                pass
+            if not w.proc.is_alive() and w in self._workers:
+                self._on_death(w, results)
+        for w in list(self._workers):
+            if not w.ready and time.monotonic() - w.started_at > STARTUP_TIMEOUT_S:
+                raise RuntimeError(
+                    f"verifier worker did not start within {STARTUP_TIMEOUT_S:g}s; "
+                    "the machine may be overloaded: lower verify.workers"
+                )
+
+    def _on_message(self, w: _Worker, msg: tuple, results: list | None) -> None:
+        kind = msg[0]
+        if kind == "ready":
+            w.ready = True
+        elif kind == "fatal":
+            self.close()
+            raise RuntimeError(f"verifier worker failed to start ({self.cfg.kind}):\n{msg[1]}")
+        elif kind == "verdict" and results is not None:
+            _, index, verdict = msg
+            results[index] = verdict
+            if w.pending and w.pending[0][0] == index:
+                w.pending.popleft()
+            w.deadline = time.monotonic() + self.cfg.timeout_s + self.cfg.kill_grace_s
+
+    def _on_death(self, w: _Worker, results: list | None) -> None:
+        """A worker exited on its own: its current item is an error, the rest go back."""
+        self.deaths += 1
+        if not w.ready:
+            code = w.proc.exitcode
+            self.close()
+            raise RuntimeError(f"verifier worker exited during startup (exit code {code})")
+        detail = f"verifier worker process died (exit code {w.proc.exitcode})"
+        self._replace(w, results, None, Verdict("error", detail=detail))
+
+    def _kill_stuck(self, w: _Worker, results: list, todo: deque[list[Item]]) -> None:
+        self.kills += 1
+        w.proc.kill()
+        w.proc.join()
+        limit = self.cfg.timeout_s + self.cfg.kill_grace_s
+        verdict = Verdict("timeout", detail=f"worker killed: item ran past {limit:g}s")
+        self._replace(w, results, todo, verdict)
+
+    def _replace(
+        self, w: _Worker, results: list | None, todo: deque | None, verdict: Verdict
+    ) -> None:
+        """Give the worker's current item ``verdict``, requeue the rest, start a new worker."""
+        if w.pending and results is not None:
+            current = w.pending.popleft()
+            results[current[0]] = verdict
+            if w.pending and todo is not None:
+                todo.appendleft(list(w.pending))
+            elif w.pending:
+                self._requeue_later = list(w.pending)
+        w.conn.close()
+        self._workers[self._workers.index(w)] = self._spawn()
+
+
+def _chunks(items: Sequence[Item], size: int) -> list[list[Item]]:
+    """Chunks of ``size``, items with the same reference kept together (reference caches)."""
+    order: dict[str, list[Item]] = {}
+    for item in items:
+        order.setdefault(item[2], []).append(item)
+    ordered = [it for group in order.values() for it in group]
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
