@@ -136,7 +136,7 @@ def _meta_line(r: dict[str, Any]) -> str:
             ("finish", r.get("finish_reason")), ("extracted", r.get("extracted_answer")),
             ("answer", r.get("answer")), ("annotator", r.get("annotator")),
             ("annotation", r.get("status"))]
-    return " ".join(f'<span class="kv"><b>{k}</b> {_esc(v)}</span>' for k, v in bits if v is not None)
+    return " ".join(f'<span class="kv"><strong>{k}</strong> {_esc(v)}</span>' for k, v in bits if v is not None)
 
 
 def _card(r: dict[str, Any]) -> str:
@@ -168,8 +168,8 @@ def _summary_html(summary: dict[str, Any]) -> str:
              ("mean coverage", "–" if cov is None else f"{100 * cov:.1f}%")]
     tiles_html = "".join(f'<div class="tile"><div class="n">{_esc(v)}</div><div class="l">{_esc(k)}</div></div>'
                          for k, v in tiles)
-    labels = "".join(f'<span class="chip">{_esc(k)} <b>{v}</b></span>' for k, v in summary["labels"].items())
-    status = " ".join(f'<span class="chip">{_esc(k)} <b>{v}</b></span>' for k, v in summary["status"].items())
+    labels = "".join(f'<span class="chip">{_esc(k)} <strong>{v}</strong></span>' for k, v in summary["labels"].items())
+    status = " ".join(f'<span class="chip">{_esc(k)} <strong>{v}</strong></span>' for k, v in summary["status"].items())
     return (f'<section class="tiles">{tiles_html}</section>'
             f'<section class="chips"><span class="h">labels</span>{labels or "–"}</section>'
             f'<section class="chips"><span class="h">annotation status</span>{status}</section>')

@@ -17,9 +17,10 @@ import logging
 import re
 import time
 from collections import Counter, defaultdict
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -194,8 +195,31 @@ def eval_verify_config(cfg: TraceConfig, kind: str):
     return VerifyConfig.model_validate({**cfg.verify.model_dump(), "kind": kind})
 
 
-def sample_and_verify(cfg: TraceConfig, bench: Benchmark, model_dir: str, *,
-                      progress: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+class VerifierPools:
+    """One verifier worker pool per isolated verifier kind, shared by the benchmarks of a call
+    (starting math-verify workers costs seconds each time)."""
+
+    def __init__(self, cfg: TraceConfig):
+        self.cfg, self.pools, self.stack = cfg, {}, ExitStack()
+
+    def get(self, kind: str):
+        from stages.verifiers import VerifierPool, get_verifier
+
+        if not get_verifier(kind).isolate:
+            return None
+        if kind not in self.pools:
+            self.pools[kind] = self.stack.enter_context(VerifierPool(eval_verify_config(self.cfg, kind)))
+        return self.pools[kind]
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stack.close()
+
+
+def sample_and_verify(cfg: TraceConfig, bench: Benchmark, model_dir: str, *, progress: bool,
+                      pools: VerifierPools | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """EVAL_SAMPLES rows of one benchmark (k per problem) and counts for the manifest."""
     from stages.engines.base import generate
     from stages.verifiers import verify_rows
@@ -205,7 +229,8 @@ def sample_and_verify(cfg: TraceConfig, bench: Benchmark, model_dir: str, *,
     items = [{"rollout_id": f"{s['prompt_id']}#{s['sample_index']}", "response_text": s["response_text"],
               "answer": answers[s["prompt_id"]]["answer"],
               "meta": json.loads(answers[s["prompt_id"]]["meta"] or "{}")} for s in samples]
-    verdicts = verify_rows(eval_verify_config(cfg, bench.verifier), items)
+    pool = pools.get(bench.verifier) if pools is not None else None
+    verdicts = verify_rows(eval_verify_config(cfg, bench.verifier), items, pool=pool)
     rows = [{"benchmark": bench.name, "problem_id": s["prompt_id"], "sample_index": s["sample_index"],
              "response_text": s["response_text"], "extracted_answer": v["extracted_answer"],
              "correct": bool(v["correct"]), "num_tokens": len(s["response_token_ids"])}
@@ -227,7 +252,7 @@ def _config_parts(cfg: TraceConfig, verifier: str) -> dict[str, Any]:
 
 
 def evaluate_benchmark(cfg: TraceConfig, store: RunStore, ckpt: Checkpoint, bench: Benchmark, *,
-                       force: bool, progress: bool) -> Manifest:
+                       force: bool, progress: bool, pools: VerifierPools | None = None) -> Manifest:
     """Sample, verify and write one benchmark's samples, unless they are current."""
     name = samples_dataset(ckpt.name, bench.name)
     cfg_fp = fingerprint(_config_parts(cfg, bench.verifier))
@@ -236,7 +261,7 @@ def evaluate_benchmark(cfg: TraceConfig, store: RunStore, ckpt: Checkpoint, benc
         log.info("evaluate: %s is current, skipping; use --force to redo it", store.path(name))
         return store.manifest(name)
     log.info("evaluate %s on %s: %d problems x %d samples", ckpt.name, bench.name, len(bench.rows), cfg.eval.k)
-    rows, counts = sample_and_verify(cfg, bench, ckpt.model_dir, progress=progress)
+    rows, counts = sample_and_verify(cfg, bench, ckpt.model_dir, progress=progress, pools=pools)
     with store.writer(name, EVAL_SAMPLES, stage="evaluate", config_fingerprint=cfg_fp, inputs=inputs) as w:
         w.write_rows(rows)
         w.counts.update(counts["verdict_status"])
@@ -344,9 +369,11 @@ def evaluate(cfg: TraceConfig, *, checkpoint: str = "latest", benchmarks: list[s
     ckpt = resolve_checkpoint(cfg, store, checkpoint)
     sources = _sources(cfg)
     manifests: dict[str, Manifest] = {}
-    for name in names:
-        bench = load_benchmark(cfg, name, sources)
-        manifests[bench.name] = evaluate_benchmark(cfg, store, ckpt, bench, force=force, progress=progress)
+    with VerifierPools(cfg) as pools:
+        for name in names:
+            bench = load_benchmark(cfg, name, sources)
+            manifests[bench.name] = evaluate_benchmark(cfg, store, ckpt, bench, force=force,
+                                                       progress=progress, pools=pools)
     summary = build_summary(cfg, store, ckpt, manifests)
     store.write_text(store.path("eval", ckpt.name, SUMMARY_FILE), json.dumps(summary, indent=2))
     if progress:

@@ -90,6 +90,22 @@ def collate(batch: list[SftExample], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids_BT, "attention_mask": mask_BT, "labels": labels_BT}
 
 
+def length_bucketed_batches(
+    examples: list[SftExample], batch_size: int, rng: random.Random, window: int = 16
+) -> list[list[SftExample]]:
+    """Batches of similar length (less padding: teacher prompts are twice as long), in random
+    order; each window of `window` batches is sorted by length before it is cut."""
+    batches = []
+    span = batch_size * window
+    for start in range(0, len(examples), span):
+        chunk = sorted(
+            examples[start : start + span], key=lambda e: len(e.prompt_ids) + len(e.response_ids)
+        )
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
 def response_nll(model: Qwen3ForCausalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token NLL over response tokens (scalar)."""
     logits_BTV = model(
@@ -128,12 +144,12 @@ def run_sft(
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.sft_lr, betas=(0.9, 0.98), weight_decay=cfg.sft_weight_decay
     )
+    batches = length_bucketed_batches(examples, cfg.sft_batch_size, random.Random(cfg.seed))
     model.train()
     losses, t0 = [], time.perf_counter()
-    for step in range(cfg.sft_steps):
+    for step, chunk in enumerate(batches):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        chunk = examples[step * cfg.sft_batch_size : (step + 1) * cfg.sft_batch_size]
         loss = response_nll(model, collate(chunk, tokenizer.pad_token_id))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -24,10 +24,7 @@ from typing import Literal
 from pipeline.testbed.config import TestbedConfig
 
 Split = Literal["train", "heldout"]
-INSTRUCTION = (
-    "Add the two numbers column by column from the right, one step per line, "
-    "and put the final answer in \\boxed{}."
-)
+INSTRUCTION = "Add column by column from the right, one step per line; answer in \\boxed{}."
 ERROR_LABELS = ("carry dropped", "digit sum wrong")
 KEY_LABEL = "carry propagation"
 _BOXED_RE = re.compile(r"\\boxed\{([^{}]*)\}")

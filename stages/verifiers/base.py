@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
 VerdictStatus = Literal["ok", "no_answer", "timeout", "error"]
 VERDICT_STATUSES: tuple[str, ...] = ("ok", "no_answer", "timeout", "error")
+# Error details are for people reading the verdicts table; keep them short.
+DETAIL_MAX_CHARS = 500
 
 
 @dataclass(frozen=True)

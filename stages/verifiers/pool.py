@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from stages.verifiers.base import CheckFn, Verdict, get_verifier
+from stages.verifiers.base import DETAIL_MAX_CHARS, CheckFn, Verdict, get_verifier
 from stages.verifiers.config import VerifyConfig
 
 # Spawned workers import sympy and math-verify first; that can take a while on a loaded box.
 STARTUP_TIMEOUT_S = 180.0
-_DETAIL_MAX_CHARS = 500
 
 # (index in the batch, response_text, reference, meta)
 Item = tuple[int, str, str, Mapping[str, Any]]
@@ -55,7 +54,7 @@ def _error_detail(exc: BaseException) -> str:
             signal.setitimer(signal.ITIMER_REAL, 0)
     except ItemTimeout:
         text = "<message could not be rendered>"
-    return f"{name}: {text}"[:_DETAIL_MAX_CHARS]
+    return f"{name}: {text}"[:DETAIL_MAX_CHARS]
 
 
 def check_with_alarm(check: CheckFn, item: Item, timeout_s: float) -> Verdict:
@@ -109,13 +108,15 @@ class VerifierPool:
     """A fixed number of worker processes running ``cfg.kind``; reusable across batches.
 
     Use as a context manager, or call ``start()`` / ``close()``. ``run(items)`` returns one
-    Verdict per item, in order. Counters ``kills`` and ``deaths`` count replaced workers.
+    Verdict per item, in order. ``kills`` / ``deaths`` count workers replaced so far.
     """
 
     def __init__(self, cfg: VerifyConfig) -> None:
         self.cfg = cfg
         self._ctx = mp.get_context(cfg.start_method)
         self._workers: list[_Worker] = []
+        self._results: list[Verdict | None] = []
+        self._todo: deque[list[Item]] = deque()
         self.kills = 0
         self.deaths = 0
 
@@ -131,38 +132,43 @@ class VerifierPool:
         while len(self._workers) < self.cfg.workers:
             self._workers.append(self._spawn())
         while not all(w.ready for w in self._workers):
-            self._pump(self._workers, timeout=1.0, results=None)
+            self._pump(timeout=1.0)
 
     def close(self) -> None:
         """Stop all workers (politely, then by force)."""
-        for w in self._workers:
+        workers, self._workers = self._workers, []
+        for w in workers:
             try:
                 w.conn.send(None)
             except (OSError, ValueError):
                 pass
-        for w in self._workers:
+        for w in workers:
             w.proc.join(timeout=2.0)
             if w.proc.is_alive():
                 w.proc.kill()
                 w.proc.join()
             w.conn.close()
-        self._workers = []
 
     def run(self, items: Sequence[Item]) -> list[Verdict]:
         """Verify ``items`` (their first field must be 0..n-1 in order); one Verdict each."""
+        if [it[0] for it in items] != list(range(len(items))):
+            raise ValueError("items must be numbered 0..n-1 in order (their first field)")
         if not self._workers:
             self.start()
-        results: list[Verdict | None] = [None] * len(items)
-        todo: deque[list[Item]] = deque(_chunks(items, self.cfg.chunk_size))
-        while any(r is None for r in results):
-            for w in self._workers:
-                if w.ready and not w.pending and todo:
-                    self._dispatch(w, todo.popleft())
-            self._pump(self._workers, timeout=self._next_deadline(), results=results)
-            for w in list(self._workers):
-                if w.pending and time.monotonic() > w.deadline:
-                    self._kill_stuck(w, results, todo)
-        return [r for r in results if r is not None]
+        self._results = [None] * len(items)
+        self._todo = deque(_chunks(items, self.cfg.chunk_size))
+        try:
+            while any(r is None for r in self._results):
+                for w in self._workers:
+                    if w.ready and not w.pending and self._todo:
+                        self._dispatch(w, self._todo.popleft())
+                self._pump(timeout=self._next_deadline())
+                now = time.monotonic()
+                for w in [w for w in self._workers if w.pending and now > w.deadline]:
+                    self._kill_stuck(w)
+            return [r for r in self._results if r is not None]
+        finally:
+            self._results, self._todo = [], deque()
 
     # -- internals ---------------------------------------------------------------------
 
@@ -186,73 +192,70 @@ class VerifierPool:
             return 1.0
         return max(0.0, min(deadlines) - time.monotonic()) + 0.01
 
-    def _pump(self, workers: list[_Worker], timeout: float, results: list | None) -> None:
-        """Wait up to ``timeout`` s for messages or deaths and handle them."""
+    def _pump(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for messages or worker exits, and handle them."""
         by_handle: dict[Any, _Worker] = {}
-        for w in workers:
+        for w in self._workers:
             by_handle[w.conn] = w
             by_handle[w.proc.sentinel] = w
         for handle in wait(list(by_handle), timeout=timeout):
             w = by_handle[handle]
             if w not in self._workers:
-                continue  # already replaced while handling an earlier handle
+                continue  # replaced while handling its other handle
             try:
                 while w.conn.poll():
-                    self._on_message(w, w.conn.recv(), results)
+                    self._on_message(w, w.conn.recv())
             except (EOFError, OSError):
                 pass
-            if not w.proc.is_alive() and w in self._workers:
-                self._on_death(w, results)
-        for w in list(self._workers):
+            if not w.proc.is_alive():
+                self._on_death(w)
+        for w in self._workers:
             if not w.ready and time.monotonic() - w.started_at > STARTUP_TIMEOUT_S:
+                self.close()
                 raise RuntimeError(
                     f"verifier worker did not start within {STARTUP_TIMEOUT_S:g}s; "
                     "the machine may be overloaded: lower verify.workers"
                 )
 
-    def _on_message(self, w: _Worker, msg: tuple, results: list | None) -> None:
+    def _on_message(self, w: _Worker, msg: tuple) -> None:
         kind = msg[0]
         if kind == "ready":
             w.ready = True
         elif kind == "fatal":
             self.close()
             raise RuntimeError(f"verifier worker failed to start ({self.cfg.kind}):\n{msg[1]}")
-        elif kind == "verdict" and results is not None:
+        elif kind == "verdict":
             _, index, verdict = msg
-            results[index] = verdict
+            if self._results and self._results[index] is None:
+                self._results[index] = verdict
             if w.pending and w.pending[0][0] == index:
                 w.pending.popleft()
             w.deadline = time.monotonic() + self.cfg.timeout_s + self.cfg.kill_grace_s
 
-    def _on_death(self, w: _Worker, results: list | None) -> None:
+    def _on_death(self, w: _Worker) -> None:
         """A worker exited on its own: its current item is an error, the rest go back."""
         self.deaths += 1
+        code = w.proc.exitcode
         if not w.ready:
-            code = w.proc.exitcode
             self.close()
             raise RuntimeError(f"verifier worker exited during startup (exit code {code})")
-        detail = f"verifier worker process died (exit code {w.proc.exitcode})"
-        self._replace(w, results, None, Verdict("error", detail=detail))
+        self._replace(w, Verdict("error", detail=f"verifier worker process died (exit code {code})"))
 
-    def _kill_stuck(self, w: _Worker, results: list, todo: deque[list[Item]]) -> None:
+    def _kill_stuck(self, w: _Worker) -> None:
         self.kills += 1
         w.proc.kill()
         w.proc.join()
         limit = self.cfg.timeout_s + self.cfg.kill_grace_s
-        verdict = Verdict("timeout", detail=f"worker killed: item ran past {limit:g}s")
-        self._replace(w, results, todo, verdict)
+        self._replace(w, Verdict("timeout", detail=f"worker killed: item ran past {limit:g}s"))
 
-    def _replace(
-        self, w: _Worker, results: list | None, todo: deque | None, verdict: Verdict
-    ) -> None:
+    def _replace(self, w: _Worker, verdict: Verdict) -> None:
         """Give the worker's current item ``verdict``, requeue the rest, start a new worker."""
-        if w.pending and results is not None:
+        if w.pending:
             current = w.pending.popleft()
-            results[current[0]] = verdict
-            if w.pending and todo is not None:
-                todo.appendleft(list(w.pending))
-            elif w.pending:
-                self._requeue_later = list(w.pending)
+            if self._results and self._results[current[0]] is None:
+                self._results[current[0]] = verdict
+            if w.pending:
+                self._todo.appendleft(list(w.pending))
         w.conn.close()
         self._workers[self._workers.index(w)] = self._spawn()
 

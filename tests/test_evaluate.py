@@ -1,0 +1,193 @@
+"""avg@k, bootstrap CIs, the 5-column mean, an end-to-end eval with the hf engine, and run plots."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import SHARED_DATA
+from engine_fixtures import build_model_dir
+
+from data_schemas import EVAL_SAMPLES, TRAIN_METRICS, VERDICTS
+from pipeline.config import TraceConfig
+from pipeline.errors import StageError
+from pipeline.plots import collect_run, metrics_markdown, plot_run
+from pipeline.store import RunStore
+from stages.evaluate import (
+    FIVE_COLUMNS,
+    bootstrap_means,
+    eval_rollout_config,
+    five_column_mean,
+    percentile_ci,
+    resolve_checkpoint,
+    run,
+    run_eval,
+    summarize_samples,
+)
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+
+def _rows(correct_by_problem: dict[str, list[bool]], tokens: int = 10) -> list[dict]:
+    return [{"problem_id": p, "correct": c, "num_tokens": tokens + i}
+            for p, cs in correct_by_problem.items() for i, c in enumerate(cs)]
+
+
+def test_bootstrap_ci_all_correct_is_exactly_one() -> None:
+    acc_P = np.ones(30)
+    assert percentile_ci(bootstrap_means(acc_P, 500, seed=0)) == [1.0, 1.0]
+
+
+def test_bootstrap_ci_half_correct_contains_half_and_stays_in_unit_interval() -> None:
+    acc_P = np.array([1.0, 0.0] * 15)
+    lo, hi = percentile_ci(bootstrap_means(acc_P, 1000, seed=0))
+    assert 0.0 <= lo < 0.5 < hi <= 1.0
+    # Binomial-like spread for 30 problems: sd = 0.5 / sqrt(30) ~ 0.091, so the 95% CI is
+    # about +-0.18; a CI from resampling samples instead of problems would not be this wide.
+    assert 0.12 < 0.5 - lo < 0.25 and 0.12 < hi - 0.5 < 0.25
+    again = percentile_ci(bootstrap_means(acc_P, 1000, seed=0))
+    assert again == [lo, hi]  # seeded
+    assert percentile_ci(bootstrap_means(acc_P, 0, seed=0)) is None
+
+
+def test_summarize_samples_hand_computed() -> None:
+    # per problem: p1 1/2, p2 2/2, p3 0/2 -> avg@2 = 0.5; tokens 10,11 per problem -> mean 10.5
+    rows = _rows({"p1": [True, False], "p2": [True, True], "p3": [False, False]})
+    entry, means = summarize_samples(rows, resamples=200, seed=3, benchmark="x")
+    assert entry["avg@k"] == entry["pass@1"] == pytest.approx(0.5)
+    assert (entry["n_problems"], entry["k"], entry["n_samples"]) == (3, 2, 6)
+    assert entry["mean_response_tokens"] == pytest.approx(10.5)
+    assert means.shape == (200,) and set(np.round(means * 6).astype(int)) <= set(range(7))
+    lo, hi = entry["ci95"]
+    assert 0.0 <= lo <= 0.5 <= hi <= 1.0
+
+
+def test_five_column_mean_needs_all_five() -> None:
+    entries = {b: {"avg@k": v} for b, v in zip(FIVE_COLUMNS, [0.9, 0.3, 0.2, 0.6, 0.5])}
+    means = {b: np.full(100, e["avg@k"]) for b, e in entries.items()}
+    full = five_column_mean(entries, means)
+    assert full["value"] == pytest.approx(0.5) and full["reason"] is None
+    assert full["ci95"] == pytest.approx([0.5, 0.5])
+    partial = five_column_mean({b: entries[b] for b in ("math500", "aime24")}, means)
+    assert partial["value"] is None and partial["ci95"] is None
+    assert "aime25" in partial["reason"] and "gpqa_diamond" in partial["reason"]
+    assert "math500" not in partial["reason"]
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end: a tiny random Qwen3, the hf engine, the real math verifier
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return str(build_model_dir(tmp_path_factory.mktemp("tiny-model"), p_eos=0.08))
+
+
+def _cfg(root, model_dir: str, **eval_over) -> TraceConfig:
+    return TraceConfig.model_validate({
+        "run": {"name": "evaltest", "root": str(root)},
+        "model": {"path": model_dir},
+        "rollout": {"engine": "hf"},
+        "verify": {"workers": 1},
+        "eval": {"data_dir": str(SHARED_DATA), "benchmarks": ["math500"], "k": 2, "limit": 3,
+                 "max_tokens": 12, "bootstrap": 200, **eval_over},
+    })
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason=f"{SHARED_DATA} not present")
+def test_end_to_end_eval_writes_samples_and_summary(tmp_path, model_dir) -> None:
+    cfg = _cfg(tmp_path / "run", model_dir)
+    summary = run_eval(cfg, checkpoint="initial", progress=False)
+
+    samples_dir = tmp_path / "run" / "eval" / "initial" / "math500" / "samples.parquet"
+    table = pq.read_table(samples_dir)  # the dataset directory reads as one table
+    assert table.num_rows == 3 * 2
+    assert set(EVAL_SAMPLES.names) <= set(table.column_names)
+    rows = table.to_pylist()
+    assert sorted((r["problem_id"], r["sample_index"]) for r in rows) == sorted(
+        (pid, i) for pid in ("test/precalculus/807.json", "test/intermediate_algebra/1994.json",
+                             "test/algebra/2584.json") for i in (0, 1))
+    assert all(r["benchmark"] == "math500" and 1 <= r["num_tokens"] <= 12 for r in rows)
+
+    on_disk = json.loads((tmp_path / "run" / "eval" / "initial" / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    entry = summary["benchmarks"]["math500"]
+    for key in ("avg@k", "pass@1", "ci95", "n_problems", "k", "mean_response_tokens"):
+        assert key in entry
+    assert (entry["n_problems"], entry["k"]) == (3, 2)
+    assert entry["avg@k"] == pytest.approx(np.mean([r["correct"] for r in rows]))
+    assert entry["mean_response_tokens"] == pytest.approx(np.mean([r["num_tokens"] for r in rows]))
+    assert sum(entry["verdict_status"].values()) == 6
+    assert summary["five_column_mean"]["value"] is None
+    assert "aime24" in summary["five_column_mean"]["reason"]
+    assert summary["sampling"] == {"n": 2, "temperature": 0.6, "top_p": 0.95, "top_k": 20,
+                                   "max_tokens": 12, "enable_thinking": True, "seed": 0}
+
+    # Current samples are not redone: the manifest (and its fingerprint) stays the same.
+    store = RunStore(str(tmp_path / "run"))
+    fp = store.manifest("eval/initial/math500/samples.parquet").fingerprint
+    run_eval(cfg, checkpoint="initial", progress=False)
+    assert store.manifest("eval/initial/math500/samples.parquet").fingerprint == fp
+    # A sampling change makes them stale.
+    run_eval(_cfg(tmp_path / "run", model_dir, max_tokens=8), checkpoint="initial", progress=False)
+    again = store.read("eval/initial/math500/samples.parquet", EVAL_SAMPLES).to_pylist()
+    assert all(r["num_tokens"] <= 8 for r in again)
+
+
+def test_checkpoint_resolution_and_stage_entry(tmp_path, model_dir) -> None:
+    cfg = _cfg(tmp_path / "run", model_dir)
+    store = RunStore(str(tmp_path / "run"))
+    latest = resolve_checkpoint(cfg, store, "latest")  # nothing trained yet -> the initial model
+    assert (latest.name, latest.model_dir) == ("initial", model_dir)
+    direct = resolve_checkpoint(cfg, store, model_dir)
+    assert direct.name == "tiny-model0" and direct.model_dir == model_dir
+    with pytest.raises(StageError, match="round 0's train stage"):
+        run(cfg, 0, progress=False)  # round 0 produces checkpoints/round-0001, not trained yet
+    rcfg = eval_rollout_config(cfg)
+    assert (rcfg.n, rcfg.temperature, rcfg.top_p, rcfg.top_k, rcfg.engine) == (2, 0.6, 0.95, 20, "hf")
+    assert cfg.rollout.n == 8  # the training rollout config is not touched
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+
+def _fake_run(root) -> RunStore:
+    store = RunStore(str(root))
+    for k, rewards in enumerate([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]):
+        with store.writer(f"round-{k:04d}/verdicts", VERDICTS, stage="verify", config_fingerprint="x") as w:
+            w.write_rows([{"rollout_id": f"{k}:{i}", "reward": r, "correct": r == 1.0, "extracted_answer": None,
+                           "status": "ok", "detail": None} for i, r in enumerate(rewards)])
+        metrics = [{name: 0.0 for name in TRAIN_METRICS.names} | {
+            "step": 2 * k + s, "round": k, "peak_mem_bytes": 0, "entropy": 1.0 + k + s,
+            "response_len_mean": 100.0 * (k + 1), "kl_weight": 0.5, "kl/forward": 0.1} for s in range(2)]
+        with store.writer(f"round-{k:04d}/train", TRAIN_METRICS.append(
+                __import__("pyarrow").field("kl/forward", __import__("pyarrow").float64())),
+                stage="train", config_fingerprint="x", allow_extra=True) as w:
+            w.write_rows(metrics)
+    return store
+
+
+def test_plot_and_markdown_from_round_outputs(tmp_path) -> None:
+    store = _fake_run(tmp_path / "run")
+    stats = collect_run(str(tmp_path / "run"))
+    assert [(r.round, r.rollouts, r.reward_rate, r.steps) for r in stats.rounds] == [(0, 4, 0.25, 2), (1, 4, 0.5, 2)]
+    assert [r.entropy for r in stats.rounds] == [1.5, 2.5]
+    assert [r.response_len for r in stats.rounds] == [100.0, 200.0]
+
+    png = plot_run(str(tmp_path / "run"), str(tmp_path / "out" / "run.png"))
+    assert (tmp_path / "out" / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.endswith("run.png")
+    md = metrics_markdown(str(tmp_path / "run"))
+    assert "| 0 | 4 | 0.250 | 2 |" in md and "| 1 | 4 | 0.500 | 2 |" in md
+
+    # With an eval summary the accuracy comes from it.
+    store.write_text(store.path("eval", "round-0001", "summary.json"), json.dumps(
+        {"benchmarks": {"testbed": {"avg@k": 0.625}}, "five_column_mean": {"value": None}}))
+    assert collect_run(str(tmp_path / "run")).evals == {1: {"testbed": 0.625}}
+    assert "| round-0001 | 62.50 |" in metrics_markdown(str(tmp_path / "run"))
+    plot_run(str(tmp_path / "run"), str(tmp_path / "out" / "run2.png"))
+    assert (tmp_path / "out" / "run2.png").stat().st_size > 10_000

@@ -1,0 +1,325 @@
+"""`trace-rl inspect`: terminal summary values and the HTML view, rendered in headless Chromium.
+
+The run directory is written with the real RunStore and schemas. Span ranges, coverage and
+counts below are hand-computed from the texts, so each assertion can fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, VERDICTS, extend_metrics
+from pipeline.errors import TraceError
+from pipeline.html_view import render_page, split_spans
+from pipeline.inspect import example_text, inspect_path
+from pipeline.store import RunStore
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parent.parent
+
+T1 = "Step 1: 7 + 5 = 12, write 2 carry 1.\nStep 2: 1 + 2 + 1 = 4.\nSo the answer is \\boxed{42}."
+XSS = "<script>alert(1)</script>"
+IMG = "<img src=x onerror=\"document.body.setAttribute('data-pwned','1')\">"
+T2 = f"Step 1: 7 + 5 = 11 {XSS} oops.\n{IMG} Step 2: so \\boxed{{41}}."
+T3 = "答案是 😀 42。计算：十七加二十五等于四十二 🚀 \\boxed{42}"
+T4 = "I think it is \\boxed{40}."
+T5 = "Step 1: 7 + 5 = 12 and then the response was cut off because it ran out of"
+EVIL_LABEL = 'wrong "sum" <b>bold</b>'
+
+
+def _span(text: str, piece: str, label: str, *, at_end: bool = False) -> dict:
+    start = text.rindex(piece) if at_end else text.index(piece)
+    # Token positions are not used by the view; give each span a distinct, valid range.
+    return {"segment_ids": [1], "char_start": start, "char_end": start + len(piece),
+            "token_start": start // 4, "token_end": (start + len(piece)) // 4 + 1, "label": label}
+
+
+SPANS = {
+    "r1": [_span(T1, "Step 1: 7 + 5 = 12, write 2 carry 1.", "carry"),          # very start
+           _span(T1, "\\boxed{42}.", "final answer", at_end=True)],              # very end
+    "r2": [_span(T2, f"7 + 5 = 11 {XSS}", EVIL_LABEL), _span(T2, " oops.", "")],  # adjacent spans
+    "r3": [_span(T3, "十七加二十五等于四十二 🚀", "单位换算 ✓")],
+    "r4": [],
+    "r5": [],
+}
+# rollout_id: (prompt, text, n_tokens, finish, correct, route, status, coverage)
+ROWS = {
+    "r1": ("p1", T1, 20, "stop", True, "key", "ok", 0.25),
+    "r2": ("p1", T2, 16, "stop", False, "error", "ok", 0.125),
+    "r3": ("p2", T3, 10, "stop", True, "key", "ok", 0.2),
+    "r4": ("p2", T4, 8, "stop", False, "error", "no_spans", 0.0),
+    "r5": ("p2", T5, 32, "length", False, "none", "skipped", 0.0),
+}
+
+
+def _write_run(root: Path) -> RunStore:
+    store = RunStore(str(root))
+    common = {"stage": "test", "config_fingerprint": "cfg"}
+    with store.writer("prompts", PROMPTS, **common) as w:
+        w.write_rows([
+            {"prompt_id": "p1", "problem": "What is 17 + 25? <b>not bold</b> & more", "answer": "42",
+             "solution": "17 + 25 = 42", "source": "test", "meta": "{}"},
+            {"prompt_id": "p2", "problem": "十七加二十五是多少？", "answer": "42", "solution": None,
+             "source": "test", "meta": "{}"},
+        ])
+    rollouts, verdicts, annotations = [], [], []
+    for i, (rid, (pid, text, n, finish, correct, route, status, cov)) in enumerate(ROWS.items()):
+        rollouts.append({
+            "rollout_id": rid, "round": 3, "prompt_id": pid, "sample_index": i, "checkpoint": "c3",
+            "prompt_token_ids": [1, 2, 3], "response_text": text, "response_token_ids": list(range(n)),
+            "response_logprobs": [-0.5] * n, "finish_reason": finish, "engine": "hf",
+            "sampling": json.dumps({"enable_thinking": True, "temperature": 1.0}),
+        })
+        verdicts.append({"rollout_id": rid, "reward": float(correct), "correct": correct,
+                         "extracted_answer": "42" if correct else None,
+                         "status": "ok" if rid != "r5" else "no_answer", "detail": None})
+        annotations.append({"rollout_id": rid, "route": route, "annotator": "rule", "spans": SPANS[rid],
+                            "coverage": cov, "status": status, "raw_response": None, "error": None,
+                            "latency_s": 0.01})
+    # Two parts for rollouts: the reader must follow the manifest across parts.
+    with store.writer("round-0003/rollouts", ROLLOUTS, **common) as w:
+        w.write_rows(rollouts[:2])
+        w.write_rows(rollouts[2:])
+    with store.writer("round-0003/verdicts", VERDICTS, **common) as w:
+        w.write_rows(verdicts)
+    with store.writer("round-0003/annotations", ANNOTATIONS, **common) as w:
+        w.write_rows(annotations)
+    metrics = extend_metrics(["kl/forward"])
+    steps = [2, 0, 1]  # written out of order: first/last must follow the step column
+    with store.writer("round-0003/train", metrics, allow_extra=True, **common) as w:
+        w.write_rows([{"step": s, "round": 3, "loss": 1.0 - 0.25 * s, "pg_loss": 0.5, "kl_loss": 0.1 * s,
+                       "kl_weight": 0.5, "entropy": 1.5 - 0.5 * s, "response_len_mean": 20.0,
+                       "span_token_frac": 0.2, "clip_frac": 0.0, "grad_norm": 1.0, "lr": 1e-5,
+                       "tokens_per_s": 100.0, "peak_mem_bytes": 1000 + s, "kl/forward": 0.01 * s}
+                      for s in steps])
+    return store
+
+
+@pytest.fixture(scope="module")
+def run_dir() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="inspect-run-")) / "demo"
+    _write_run(root)
+    return root
+
+
+def test_run_summary_values(run_dir: Path, capsys) -> None:
+    out = inspect_path(str(run_dir), examples=2)
+    assert out["kind"] == "run"
+    ds = out["datasets"]
+    assert list(ds) == ["prompts", "round-0003/annotations", "round-0003/rollouts",
+                        "round-0003/train", "round-0003/verdicts"]
+    ann = ds["round-0003/annotations"]
+    assert ann["rows"] == 5 and ann["round"] == 3 and ann["schema"] == "annotations"
+    assert ann["status"] == {"ok": 3, "no_spans": 1, "skipped": 1}
+    assert ann["route"] == {"key": 2, "error": 2, "none": 1}
+    assert ann["spans"] == 5 and ann["spans_by_route"] == {"key": 3, "error": 2, "none": 0}
+    assert ann["labels"] == {"carry": 1, "final answer": 1, EVIL_LABEL: 1, "(no label)": 1, "单位换算 ✓": 1}
+    assert ann["rows_without_spans"] == 2
+    assert ann["coverage"]["mean"] == pytest.approx((0.25 + 0.125 + 0.2) / 5)
+    assert ann["coverage"]["max"] == pytest.approx(0.25)
+    assert ann["coverage_of_annotated"]["mean"] == pytest.approx((0.25 + 0.125 + 0.2) / 3)
+    ver = ds["round-0003/verdicts"]
+    assert ver["correct"] == 2 and ver["correct_rate"] == pytest.approx(0.4)
+    assert ver["reward_mean"] == pytest.approx(0.4) and ver["status"] == {"ok": 4, "no_answer": 1}
+    ro = ds["round-0003/rollouts"]
+    assert ro["rows"] == 5 and ro["prompts"] == 2 and ro["finish_reasons"] == {"stop": 4, "length": 1}
+    assert ro["response_tokens"] == {"mean": 17.2, "min": 8, "median": 16, "max": 32}
+    tr = ds["round-0003/train"]
+    assert tr["steps"] == [0, 2]
+    assert tr["metrics"]["loss"] == {"first": 1.0, "last": 0.5}
+    assert tr["metrics"]["kl/forward"] == {"first": 0.0, "last": pytest.approx(0.02)}
+    assert tr["metrics"]["peak_mem_bytes"] == {"first": 1000, "last": 1002}
+    assert ds["prompts"]["with_solution"] == 1
+    # Examples alternate a key-span row and an error-span row.
+    assert out["examples"] == {"round-0003/annotations": ["r1", "r2"]}
+    text = capsys.readouterr().out
+    assert "round-0003/annotations" in text and "no_spans 1" in text and "length 1" in text
+    assert "⟦carry⟧" in text and "⟦final answer⟧" in text and f"⟦{EVIL_LABEL}⟧" in text
+    assert XSS in text  # the terminal shows the raw text, not rich markup interpretations of it
+
+
+def test_example_text_styles_exact_span_ranges() -> None:
+    rec = {"response_text": T1, "spans": SPANS["r1"], "route": "key"}
+    rendered = example_text(rec)
+    styled = [(s.start, s.end, str(s.style)) for s in rendered.spans if "green" in str(s.style)
+              and "underline" in str(s.style)]
+    label1 = "⟦carry⟧"
+    end1 = len("Step 1: 7 + 5 = 12, write 2 carry 1.")
+    start2 = len(T1) - len("\\boxed{42}.") + len(label1)  # shifted by the first inline label
+    assert styled == [(0, end1, "bold green underline"), (start2, start2 + 11, "bold green underline")]
+    assert rendered.plain == T1[:end1] + label1 + T1[end1:] + "⟦final answer⟧"
+    err = example_text({"response_text": T2, "spans": SPANS["r2"], "route": "error"})
+    assert {str(s.style) for s in err.spans} >= {"bold red underline", "red dim"}
+
+
+def test_split_spans_clamps_and_keeps_one_piece_per_span() -> None:
+    spans = [{"char_start": 2, "char_end": 5, "label": "a"}, {"char_start": 4, "char_end": 8, "label": "b"},
+             {"char_start": 9, "char_end": 99, "label": "c"}]
+    pieces = split_spans("0123456789", spans)
+    assert [(p.start, p.end, p.span and p.span["label"]) for p in pieces] == [
+        (0, 2, None), (2, 5, "a"), (5, 8, "b"), (8, 9, None), (9, 10, "c")]
+    assert [(p.start, p.end) for p in split_spans("", [])] == [(0, 0)]
+
+
+def test_dataset_file_and_round_paths(run_dir: Path, capsys) -> None:
+    ann_dir = run_dir / "round-0003" / "annotations"
+    assert inspect_path(str(ann_dir), examples=0)["kind"] == "dataset"
+    one = inspect_path(str(ann_dir / "part-00000.parquet"), examples=1)
+    assert one["kind"] == "file" and one["datasets"]["part-00000.parquet"]["spans"] == 5
+    assert one["examples"] == {"part-00000.parquet": ["r1"]}
+    rnd = inspect_path(str(run_dir / "round-0003"), examples=0)
+    assert rnd["kind"] == "round" and sorted(rnd["datasets"]) == ["annotations", "rollouts", "train", "verdicts"]
+    capsys.readouterr()
+
+
+def test_not_a_dataset_gives_clear_errors(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(TraceError, match="holds no trace-rl dataset"):
+        inspect_path(str(tmp_path))
+    with pytest.raises(TraceError, match="no such file"):
+        inspect_path(str(tmp_path / "missing"))
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"x": [1]}), plain)
+    with pytest.raises(TraceError, match="not a trace-rl dataset"):
+        inspect_path(str(plain))
+    bogus = tmp_path / "bogus.parquet"
+    bogus.write_bytes(b"PAR1 not really")
+    with pytest.raises(TraceError, match="not a readable Parquet file"):
+        inspect_path(str(bogus))
+
+
+def test_cli_inspect_exit_codes(run_dir: Path, tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="120")
+    cmd = [sys.executable, "-m", "pipeline.cli", "inspect"]
+    ok = subprocess.run(cmd + [str(run_dir), "--examples", "1"], capture_output=True, text=True,
+                        env=env, cwd=tmp_path, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "round-0003/annotations" in ok.stdout and "⟦carry⟧" in ok.stdout
+    bad = subprocess.run(cmd + [str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=120)
+    assert bad.returncode == 2 and "holds no trace-rl dataset" in bad.stderr
+
+
+# the HTML view -------------------------------------------------------------------------------
+class _Dom(HTMLParser):
+    """Collects what the tests check from a rendered DOM: marks (with their text), cards, scripts."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.marks: list[dict] = []
+        self.cards: list[dict] = []
+        self.tags: dict[str, int] = {}
+        self.body: dict = {}
+        self._in_mark = 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags[tag] = self.tags.get(tag, 0) + 1
+        if tag == "body":
+            self.body = a
+        if tag == "article":
+            self.cards.append(a)
+        if tag == "mark":
+            self.marks.append({"class": a.get("class", ""), "label": a.get("data-label"),
+                               "title": a.get("title", ""), "text": ""})
+            self._in_mark += 1
+
+    def handle_endtag(self, tag):
+        if tag == "mark":
+            self._in_mark -= 1
+
+    def handle_data(self, data):
+        if self._in_mark:
+            self.marks[-1]["text"] += data
+
+
+def _expected_marks() -> list[tuple[str, str, str]]:
+    out = []
+    for rid, spans in SPANS.items():
+        text, route = ROWS[rid][1], ROWS[rid][5]
+        out += [(route, s["label"], text[s["char_start"]:s["char_end"]]) for s in spans]
+    return sorted(out)
+
+
+def _check_marks(dom: _Dom) -> None:
+    spans = [m for m in dom.marks if "span" in m["class"].split()]
+    got = sorted((m["class"].split()[1], m["label"], m["text"]) for m in spans)
+    assert got == _expected_marks()
+    assert len(spans) == len(dom.marks) == 5
+    assert all(m["label"] in m["title"] for m in spans)
+
+
+def test_html_page_source(run_dir: Path, tmp_path: Path, capsys) -> None:
+    page = tmp_path / "view.html"
+    out = inspect_path(str(run_dir / "round-0003" / "annotations"), html=str(page), examples=0)
+    assert out["html"]["responses"] == 5 and out["html"]["spans"] == 5
+    assert out["html"]["correct"] == 2 and out["html"]["incorrect"] == 3
+    source = page.read_text(encoding="utf-8")
+    dom = _Dom()
+    dom.feed(source)
+    _check_marks(dom)
+    assert dom.tags.get("script") == 1 and "img" not in dom.tags and "b" not in dom.tags
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in source
+    assert "http://" not in source and "https://" not in source  # self-contained
+    assert [c["data-correct"] for c in dom.cards] == ["true", "false", "true", "false", "false"]
+    assert "What is 17 + 25? &lt;b&gt;not bold&lt;/b&gt; &amp; more" in source
+    capsys.readouterr()
+
+
+def _chromium(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
+    profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp)
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-dev-shm-usage", f"--user-data-dir={profile}"]
+    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                    reason=f"{CHROMIUM} absent: run scripts/install_chromium.sh to render the page")
+def test_html_rendered_in_headless_chromium(run_dir: Path, tmp_path: Path, capsys) -> None:
+    page = tmp_path / "view.html"
+    inspect_path(str(run_dir), html=str(page), examples=0)
+    capsys.readouterr()
+    rendered = _chromium(["--dump-dom", page.as_uri()], tmp_path)
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    dom = _Dom()
+    dom.feed(rendered.stdout)
+    _check_marks(dom)
+    # The page's own script ran (so its CSP hash is right), and nothing from the data did.
+    assert dom.body.get("data-ready") == "1" and dom.body.get("data-filter") == "all"
+    assert "data-pwned" not in dom.body and dom.tags.get("script") == 1 and "img" not in dom.tags
+    assert not any("hidden" in c for c in dom.cards)
+    # The filter: opened as #filter=incorrect, exactly the correct rollouts are hidden.
+    filtered = _chromium(["--dump-dom", page.as_uri() + "#filter=incorrect"], tmp_path)
+    fdom = _Dom()
+    fdom.feed(filtered.stdout)
+    assert fdom.body.get("data-filter") == "incorrect"
+    assert [("hidden" in c) for c in fdom.cards] == [c["data-correct"] != "false" for c in fdom.cards]
+    assert sum("hidden" not in c for c in fdom.cards) == 3 and "showing 3 of 5" in filtered.stdout
+    shot = Path(os.environ.get("TRACE_INSPECT_SCREENSHOT", tmp_path / "inspect.png"))
+    snap = _chromium([f"--screenshot={shot}", "--window-size=1200,900", "--hide-scrollbars",
+                      page.as_uri()], tmp_path)
+    assert snap.returncode == 0, snap.stderr[-2000:]
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (1200, 900)
+
+
+def test_render_page_escapes_every_field() -> None:
+    rec = {"rollout_id": "<u>id</u>", "spans": [], "route": "none", "response_text": "a & b",
+           "problem": None, "correct": None, "status": "<x>", "coverage": None}
+    page = render_page([rec], title="<t>", source="</h1><script>bad()</script>")
+    dom = _Dom()
+    dom.feed(page)
+    assert dom.tags.get("script") == 1 and "u" not in dom.tags and "x" not in dom.tags
+    assert "&lt;u&gt;id&lt;/u&gt;" in page and "a &amp; b" in page

@@ -1,0 +1,179 @@
+"""Hand-computed values of the dense reference losses (two-token vocabulary unless stated)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.config import TrainConfig
+from trainer.losses import (aggregate, grpo_advantages, kl_weight, routed_token_loss, token_kl)
+from trainer.methods import LossInputs, RolloutView, get_method
+
+LN = math.log
+# student logits [0, 0] -> p = (1/2, 1/2); teacher logits [ln 3, 0] -> q = (3/4, 1/4)
+S = torch.tensor([[0.0, 0.0]])
+T = torch.tensor([[LN(3.0), 0.0]])
+
+
+def test_forward_kl_is_kl_teacher_student():
+    # KL(q||p) = 3/4 ln(3/4 / 1/2) + 1/4 ln(1/4 / 1/2) = 0.75 ln 1.5 + 0.25 ln 0.5 = 0.130812
+    expected = 0.75 * LN(1.5) + 0.25 * LN(0.5)
+    assert token_kl(S, T, "forward").item() == pytest.approx(expected, abs=1e-6)
+    assert expected == pytest.approx(0.130812, abs=1e-6)
+
+
+def test_reverse_kl_is_kl_student_teacher():
+    # KL(p||q) = 1/2 ln(1/2 / 3/4) + 1/2 ln(1/2 / 1/4) = 0.143841 (differs from forward)
+    expected = 0.5 * LN(0.5 / 0.75) + 0.5 * LN(2.0)
+    got = token_kl(S, T, "reverse").item()
+    assert got == pytest.approx(expected, abs=1e-6)
+    assert got != pytest.approx(token_kl(S, T, "forward").item(), abs=1e-3)
+
+
+def test_term_clip_clamps_each_vocab_term_from_above():
+    # forward terms: 0.75 ln 1.5 = 0.3041 -> 0.05 ; 0.25 ln 0.5 = -0.1733 kept  => -0.1233
+    assert token_kl(S, T, "forward", 0.05).item() == pytest.approx(0.05 + 0.25 * LN(0.5), abs=1e-6)
+    # reverse terms: 0.5 ln(2/3) = -0.2027 kept ; 0.5 ln 2 = 0.3466 -> 0.05  => -0.1527
+    assert token_kl(S, T, "reverse", 0.05).item() == pytest.approx(0.5 * LN(2 / 3) + 0.05, abs=1e-6)
+
+
+def test_jsd_symmetric_beta_half():
+    # m = (5/8, 3/8); JSD = 1/2 KL(q||m) + 1/2 KL(p||m)
+    kl_qm = 0.75 * LN(0.75 / 0.625) + 0.25 * LN(0.25 / 0.375)
+    kl_pm = 0.5 * LN(0.5 / 0.625) + 0.5 * LN(0.5 / 0.375)
+    got = token_kl(S, T, "jsd", beta=0.5).item()
+    assert got == pytest.approx(0.5 * kl_qm + 0.5 * kl_pm, abs=1e-6)
+    assert got == pytest.approx(0.033822, abs=1e-5)
+
+
+def test_topk_support_with_tail_bucket():
+    # 3 tokens, student p = (.5, .3, .2), teacher q = (.2, .3, .5); k = 1 keeps token 0 and a tail:
+    # p' = (.5, .5), q' = (.2, .8); forward = .2 ln(.2/.5) + .8 ln(.8/.5)
+    s = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    t = torch.log(torch.tensor([[0.2, 0.3, 0.5]]))
+    got = token_kl(s, t, "forward", support="topk", topk=1).item()
+    assert got == pytest.approx(0.2 * LN(0.4) + 0.8 * LN(1.6), abs=1e-5)
+    # with k = V - 1 the tail is the last token and the support is the whole vocabulary
+    full = token_kl(s, t, "reverse").item()
+    assert token_kl(s, t, "reverse", support="topk", topk=2).item() == pytest.approx(full, abs=1e-5)
+
+
+def test_unknown_direction_lists_valid():
+    with pytest.raises(ValueError, match="forward, reverse, jsd"):
+        token_kl(S, T, "sideways")
+
+
+@pytest.mark.parametrize("step,expected", [(0, 0.5), (9, 0.5), (10, 0.5), (25, 0.25),
+                                           (39, 0.5 / 30), (40, 0.0), (100, 0.0)])
+def test_kl_weight_schedule(step, expected):
+    # 10 <= k < 40: 0.5 * (40 - k) / 30
+    assert kl_weight(step) == pytest.approx(expected)
+
+
+def test_grpo_advantages_unbiased_std_and_singletons():
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0])
+    groups = ["a", "a", "b", "b", "c"]
+    # group a: mean 1/2, unbiased std sqrt((1/4 + 1/4) / 1) = 0.7071 -> +-0.7071
+    # group b: all equal -> 0 ; group c: a group of one -> 0
+    adv = grpo_advantages(rewards, groups)
+    r = 0.5 / (math.sqrt(0.5) + 1e-6)
+    assert adv.tolist() == pytest.approx([r, -r, 0.0, 0.0, 0.0], abs=1e-6)
+    # Dr.GRPO: no std division
+    assert grpo_advantages(rewards, groups, norm_std=False).tolist() == pytest.approx(
+        [0.5, -0.5, 0.0, 0.0, 0.0])
+
+
+def _pg_case():
+    # ratios 1.2, 1.5, 0.5 (old prob 0.5 everywhere)
+    logp = torch.log(torch.tensor([[0.6, 0.75, 0.25]]))
+    old = torch.log(torch.tensor([[0.5, 0.5, 0.5]]))
+    return logp, old
+
+
+def test_routed_token_loss_clip_higher_and_span_mix():
+    logp, old = _pg_case()
+    zeros = torch.zeros_like(logp)
+    no_span = torch.zeros_like(logp, dtype=torch.bool)
+    # A = +1: -min(1.2, 1.2) = -1.2 ; -min(1.5, clip 1.28) = -1.28 ; -min(0.5, 0.8) = -0.5
+    got = routed_token_loss(logp, old, torch.tensor([1.0]), zeros, no_span, 0.0, 0.5)
+    assert got[0].tolist() == pytest.approx([-1.2, -1.28, -0.5], abs=1e-5)
+    # A = -1: -min(-1.2, -1.2) = 1.2 ; -min(-1.5, -1.28) = 1.5 ; -min(-0.5, -0.8) = 0.8
+    got = routed_token_loss(logp, old, torch.tensor([-1.0]), zeros, no_span, 0.0, 0.5)
+    assert got[0].tolist() == pytest.approx([1.2, 1.5, 0.8], abs=1e-5)
+    # span on token 1 with kl 0.2, lam 0.25, w0 0.5: (1 - 0.5)(-1.28) + 0.25 * 0.2 = -0.59
+    kl = torch.tensor([[0.0, 0.2, 0.0]])
+    span = torch.tensor([[False, True, False]])
+    got = routed_token_loss(logp, old, torch.tensor([1.0]), kl, span, 0.25, 0.5)
+    assert got[0].tolist() == pytest.approx([-1.2, -0.59, -0.5], abs=1e-5)
+
+
+def test_aggregate_modes():
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    assert aggregate(loss, mask, "token_mean").item() == pytest.approx(10 / 4)
+    assert aggregate(loss, mask, "seq_mean_token_mean").item() == pytest.approx((2 + 4) / 2)
+    # with the global normaliser two halves add up to the whole
+    halves = [aggregate(loss[i : i + 1], mask[i : i + 1], "token_mean", normaliser=4.0)
+              for i in range(2)]
+    assert sum(h.item() for h in halves) == pytest.approx(2.5)
+    with pytest.raises(ValueError, match="token_mean, seq_mean_token_mean"):
+        aggregate(loss, mask, "sum")
+
+
+def test_registry_unknown_method_lists_valid():
+    with pytest.raises(ValueError, match="grpo, self_opd, trace"):
+        get_method("ppo")
+
+
+def _inputs(lam_span):
+    logp, old = _pg_case()
+    return LossInputs(logp, old, torch.tensor([1.0]), torch.ones_like(logp, dtype=torch.bool),
+                      torch.tensor([[False, True, False]]), torch.tensor([[0.0, 0.2, 0.0]]), 3.0)
+
+
+def test_methods_losses():
+    cfg = TrainConfig(method="trace")
+    # grpo: mean(-1.2, -1.28, -0.5) = -0.99333
+    loss, m = get_method("grpo").loss(_inputs(0), cfg, 0.0)
+    assert loss.item() == pytest.approx(-2.98 / 3, abs=1e-5) and m["kl_loss"].item() == 0.0
+    # trace at lam 0.25: (-1.2 - 0.59 - 0.5) / 3 ; kl part 0.05 / 3
+    loss, m = get_method("trace").loss(_inputs(0), cfg, 0.25)
+    assert loss.item() == pytest.approx(-2.29 / 3, abs=1e-5)
+    assert m["kl_loss"].item() == pytest.approx(0.05 / 3, abs=1e-6)
+    # self_opd replace: kl alone, weight 1 on the distilled tokens: 0.2 / 3
+    cfg_r = TrainConfig(method="self_opd", self_opd={"mode": "replace"})
+    loss, m = get_method("self_opd").loss(_inputs(0), cfg_r, 1.0)
+    assert loss.item() == pytest.approx(0.2 / 3, abs=1e-6) and m["pg_loss"].item() == 0.0
+
+
+def _view(rid="r1", correct=True, route="key", spans=((0, 2),), n=40, ok=True):
+    return RolloutView(rid, n, correct, ok, route, [(a, b, None) for a, b in spans])
+
+
+def test_trace_routing_and_ablation_spans():
+    trace = get_method("trace")
+    fkl = TrainConfig(method="trace", route={"key_forward": True, "error_reverse": False})
+    plan = trace.plan(fkl, _view())
+    assert plan.direction == "forward" and plan.mask_R.nonzero()[0].tolist() == [0, 1]
+    # error spans are ignored unless error_reverse is on; non-ok annotations give no spans
+    assert trace.plan(fkl, _view(correct=False, route="error")).direction is None
+    rkl = TrainConfig(method="trace", route={"key_forward": False, "error_reverse": True})
+    assert trace.plan(rkl, _view(correct=False, route="error")).direction == "reverse"
+    assert trace.plan(rkl, _view(correct=False, route="error", ok=False)).direction is None
+    rnd = TrainConfig(method="trace", span_source="random")
+    a, b = trace.plan(rnd, _view()), trace.plan(rnd, _view())
+    assert a.mask_R.sum() == 10 and np.array_equal(a.mask_R, b.mask_R)  # 25% of 40, seeded
+    assert not np.array_equal(a.mask_R, trace.plan(rnd, _view(rid="r2")).mask_R)
+    inv = trace.plan(TrainConfig(method="trace", span_source="inverted"),
+                     _view(spans=((0, 20),)))
+    assert inv.mask_R.sum() == 10 and not inv.mask_R[:20].any()
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="route.key_forward or route.error_reverse"):
+        TrainConfig(method="trace", route={"key_forward": False, "error_reverse": False})
+    with pytest.raises(ValueError, match="extra"):
+        TrainConfig(methd="trace")
+    with pytest.raises(ValueError, match=r"\{problem\} and \{context\}"):
+        TrainConfig(teacher_template="{problem} {hint}")
