@@ -98,7 +98,7 @@ def eval_cmd(config: str = typer.Argument(..., help="config file or packaged nam
 
 
 @app.command()
-def inspect(path: str = typer.Argument(..., help="a dataset directory, a Parquet file or a run directory"),
+def inspect(path: str = typer.Argument(..., help="a Parquet file, a dataset directory, a round directory or a run directory"),
             html: Optional[str] = typer.Option(None, help="write a self-contained HTML view here"),
             examples: int = typer.Option(3, help="examples to print")) -> None:
     """Summarise a shard: counts by status, reward rate, span coverage, examples with spans."""

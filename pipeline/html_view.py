@@ -92,8 +92,10 @@ def render_response(text: str | None, spans: list[dict[str, Any]], route: str) -
     if text is None:
         # Without the rollouts dataset the text is unknown; the spans are still listed, so the
         # page keeps one mark per span.
-        marks = " ".join(_mark(f"[chars {s['char_start']}–{s['char_end']}]", s, route) for s in spans)
-        return f'<span class="missing">response text unavailable (no rollouts dataset)</span> {marks}'
+        marks = " ".join(_mark(f"[chars {s['char_start']}–{s['char_end']}]", s, route)
+                         for s in spans)
+        missing = '<span class="missing">response text unavailable (no rollouts dataset)</span>'
+        return f"{missing} {marks}"
     return "".join(_esc(text[p.start:p.end]) if p.span is None
                    else _mark(text[p.start:p.end], p.span, route)
                    for p in split_spans(text, spans))
@@ -132,11 +134,13 @@ def _verdict_badge(r: dict[str, Any]) -> str:
 
 
 def _meta_line(r: dict[str, Any]) -> str:
-    bits = [("round", r.get("round")), ("prompt", r.get("prompt_id")), ("tokens", r.get("n_tokens")),
+    bits = [("round", r.get("round")), ("prompt", r.get("prompt_id")),
+            ("tokens", r.get("n_tokens")),
             ("finish", r.get("finish_reason")), ("extracted", r.get("extracted_answer")),
             ("answer", r.get("answer")), ("annotator", r.get("annotator")),
             ("annotation", r.get("status"))]
-    return " ".join(f'<span class="kv"><strong>{k}</strong> {_esc(v)}</span>' for k, v in bits if v is not None)
+    return " ".join(f'<span class="kv"><strong>{k}</strong> {_esc(v)}</span>'
+                    for k, v in bits if v is not None)
 
 
 def _card(r: dict[str, Any]) -> str:
@@ -145,6 +149,7 @@ def _card(r: dict[str, Any]) -> str:
     cov = r.get("coverage")
     cov_txt = "–" if cov is None else f"{100 * cov:.1f}%"
     cov_w = 0 if cov is None else min(100.0, 100 * cov)
+    n_spans = f"{len(r['spans'])} span" + ("" if len(r["spans"]) == 1 else "s")
     problem = (f'<div class="problem"><div class="h">Problem</div>{_esc(r["problem"])}</div>'
                if r.get("problem") is not None else "")
     warnings = "".join(f'<div class="warn">{_esc(p)}</div>'
@@ -153,38 +158,45 @@ def _card(r: dict[str, Any]) -> str:
     error = f'<div class="warn">{_esc(r["error"])}</div>' if r.get("error") else ""
     return f"""<article class="card" data-correct="{correct}" data-route="{_esc(route)}">
 <header><code class="rid">{_esc(r["rollout_id"])}</code>{_verdict_badge(r)}
-<span class="badge route {_esc(route)}">{_esc(route)} · {len(r["spans"])} span{"s" if len(r["spans"]) != 1 else ""}</span>
-<span class="cov" title="fraction of response tokens inside spans"><span class="bar"><i style="width:{cov_w:.1f}%"></i></span>{cov_txt}</span></header>
+<span class="badge route {_esc(route)}">{_esc(route)} · {n_spans}</span>
+<span class="cov" title="fraction of response tokens inside spans">
+<span class="bar"><i style="width:{cov_w:.1f}%"></i></span>{cov_txt}</span></header>
 <div class="meta">{_meta_line(r)}</div>{problem}{warnings}{error}
 <pre class="response">{render_response(r.get("response_text"), r["spans"], route)}</pre>
 </article>"""
 
 
+def _chip(name: str, count: int) -> str:
+    return f'<span class="chip">{_esc(name)} <strong>{count}</strong></span>'
+
+
 def _summary_html(summary: dict[str, Any]) -> str:
     cov = summary["coverage_mean"]
     tiles = [("responses", summary["responses"]), ("correct", summary["correct"]),
-             ("incorrect", summary["incorrect"]), ("key spans", summary["spans_by_route"].get("key", 0)),
+             ("incorrect", summary["incorrect"]),
+             ("key spans", summary["spans_by_route"].get("key", 0)),
              ("error spans", summary["spans_by_route"].get("error", 0)),
              ("mean coverage", "–" if cov is None else f"{100 * cov:.1f}%")]
-    tiles_html = "".join(f'<div class="tile"><div class="n">{_esc(v)}</div><div class="l">{_esc(k)}</div></div>'
-                         for k, v in tiles)
-    labels = "".join(f'<span class="chip">{_esc(k)} <strong>{v}</strong></span>' for k, v in summary["labels"].items())
-    status = " ".join(f'<span class="chip">{_esc(k)} <strong>{v}</strong></span>' for k, v in summary["status"].items())
+    tiles_html = "".join(f'<div class="tile"><div class="n">{_esc(v)}</div>'
+                         f'<div class="l">{_esc(k)}</div></div>' for k, v in tiles)
+    labels = "".join(_chip(k, v) for k, v in summary["labels"].items())
+    status = "".join(_chip(k, v) for k, v in summary["status"].items())
     return (f'<section class="tiles">{tiles_html}</section>'
             f'<section class="chips"><span class="h">labels</span>{labels or "–"}</section>'
             f'<section class="chips"><span class="h">annotation status</span>{status}</section>')
 
 
 def _template() -> Template:
-    text = resources.files("pipeline").joinpath("templates/inspect.html").read_text(encoding="utf-8")
-    return Template(text)
+    path = resources.files("pipeline").joinpath("templates/inspect.html")
+    return Template(path.read_text(encoding="utf-8"))
 
 
 def _script_hash(page: str) -> str:
     """CSP source allowing exactly the page's own script: even if some text escaped escaping,
     an injected script or event handler would not run."""
     body = page.split("<script>", 1)[1].split("</script>", 1)[0]
-    return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode("utf-8")).digest()).decode() + "'"
+    digest = hashlib.sha256(body.encode("utf-8")).digest()
+    return "'sha256-" + base64.b64encode(digest).decode() + "'"
 
 
 def render_page(records: list[dict[str, Any]], *, title: str, source: str) -> str:
@@ -194,11 +206,13 @@ def render_page(records: list[dict[str, Any]], *, title: str, source: str) -> st
     return template.substitute(script_hash=_script_hash(template.template),
         title=_esc(title), source=_esc(source), summary=_summary_html(summary),
         n_all=summary["responses"], n_correct=summary["correct"], n_incorrect=summary["incorrect"],
-        cards="\n".join(_card(r) for r in records) or '<p class="empty">no responses in this shard</p>',
+        cards="\n".join(_card(r) for r in records)
+        or '<p class="empty">no responses in this shard</p>',
     )
 
 
-def write_html(path: str, records: list[dict[str, Any]], *, title: str, source: str) -> dict[str, Any]:
+def write_html(path: str, records: list[dict[str, Any]], *, title: str,
+               source: str) -> dict[str, Any]:
     """Write the page to `path` (local or fsspec URL); returns the page summary."""
     with fsspec.open(path, "w", encoding="utf-8") as fh:
         fh.write(render_page(records, title=title, source=source))

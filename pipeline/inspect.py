@@ -34,9 +34,12 @@ from .html_view import split_spans, write_html
 from .store import MANIFEST, Manifest
 
 ROUND_RE = re.compile(r"round-(\d+)")
+EVAL_SUMMARY = "summary.json"
 MAX_DEPTH = 3  # run/eval/round-0004/<benchmark>/ is the deepest dataset of a run
 SKIP_DIRS = {"checkpoints"}
 ROUTE_STYLE = {"key": "bold green", "error": "bold red"}
+# Datasets are listed in the order the pipeline writes them.
+STAGE_ORDER = ["prompts", "rollouts", "verdicts", "annotations", "train_metrics", "eval_samples"]
 
 
 @dataclass
@@ -77,15 +80,16 @@ def _schema_name(fs, file: str) -> str:
     name = meta.get(b"schema_name", b"").decode()
     if name not in SCHEMAS:
         raise TraceError(
-            f"{file}: schema_name {name or None!r} in its Parquet metadata is not a trace-rl dataset "
-            f"(known: {sorted(SCHEMAS)}); inspect a file written by a trace-rl stage"
+            f"{file}: schema_name {name or None!r} in its Parquet metadata is not a trace-rl "
+            f"dataset (known: {sorted(SCHEMAS)}); inspect a file written by a trace-rl stage"
         )
     return name
 
 
 def read_dataset(fs, path: str, label: str) -> Dataset:
     """Read a Parquet file or a dataset directory (the parts its manifest lists; all parts, marked
-    incomplete, when there is no manifest) against the contract its metadata names."""
+    incomplete, when there is no manifest) against the contract its metadata names. Evaluation
+    outputs have `summary.json` in place of a manifest."""
     complete = True
     if fs.isfile(path):
         files, name = [path], None
@@ -96,14 +100,15 @@ def read_dataset(fs, path: str, label: str) -> Dataset:
                 m = Manifest.from_json(fh.read())
             files, name = [posixpath.join(path, f["name"]) for f in m.files], m.schema
         else:
-            files, name, complete = _parquet_files(fs, path), None, False
+            files, name = _parquet_files(fs, path), None
+            complete = fs.exists(posixpath.join(path, EVAL_SUMMARY))
     name = _schema_name(fs, files[0]) if files else name
     if name is None:
         raise TraceError(f"{path}: an empty directory without {MANIFEST} is not a dataset")
     schema = SCHEMAS[name]
     extra = name == "train_metrics"  # metrics may carry namespaced columns (`kl/forward`)
     tables = [read_parquet(f, schema, fs, allow_extra=extra) for f in files]
-    table = (pa.concat_tables(tables, promote_options="default") if tables else schema.empty_table())
+    table = pa.concat_tables(tables, promote_options="default") if tables else schema.empty_table()
     return Dataset(label, path, name, table, complete)
 
 
@@ -191,7 +196,8 @@ def summarize_train_metrics(t: pa.Table) -> dict[str, Any]:
         if values:
             metrics[name] = {"first": values[0], "last": values[-1]}
     steps = t.column("step").to_pylist()
-    return {"rows": t.num_rows, "steps": [steps[0], steps[-1]] if steps else None, "metrics": metrics}
+    return {"rows": t.num_rows, "steps": [steps[0], steps[-1]] if steps else None,
+            "metrics": metrics}
 
 
 def summarize_prompts(t: pa.Table) -> dict[str, Any]:
@@ -264,10 +270,12 @@ def view_records(ds: Dataset, reader: _Reader) -> list[dict[str, Any]]:
         p = prompts.get(ro.get("prompt_id"), {})
         records.append({
             "rollout_id": a["rollout_id"], "round": ro.get("round", ds.round),
-            "prompt_id": ro.get("prompt_id"), "problem": p.get("problem"), "answer": p.get("answer"),
+            "prompt_id": ro.get("prompt_id"), "problem": p.get("problem"),
+            "answer": p.get("answer"),
             "response_text": ro.get("response_text"), "finish_reason": ro.get("finish_reason"),
             "n_tokens": len(ro["response_token_ids"]) if ro else None,
-            "correct": v.get("correct"), "reward": v.get("reward"), "verdict_status": v.get("status"),
+            "correct": v.get("correct"), "reward": v.get("reward"),
+            "verdict_status": v.get("status"),
             "extracted_answer": v.get("extracted_answer"), "route": a["route"],
             "annotator": a["annotator"], "status": a["status"], "coverage": a["coverage"],
             "spans": a["spans"], "error": a["error"],
@@ -345,12 +353,14 @@ def example_text(record: dict[str, Any], *, context: int = 160, max_chars: int =
             out.append(chunk)
         else:
             out.append(chunk, style=style + " underline")
-            out.append(f"⟦{piece.span['label'] or record['route']}⟧", style=style.replace("bold ", "") + " dim")
+            label = piece.span["label"] or record["route"]
+            out.append(f"⟦{label}⟧", style=style.replace("bold ", "") + " dim")
     return out
 
 
 def _example_header(r: dict[str, Any]) -> Text:
-    verdict = {True: ("correct", "green"), False: ("incorrect", "red")}.get(r["correct"], ("no verdict", "dim"))
+    verdicts = {True: ("correct", "green"), False: ("incorrect", "red")}
+    verdict = verdicts.get(r["correct"], ("no verdict", "dim"))
     head = Text()
     head.append(str(r["rollout_id"]), style="bold")
     head.append("  ")
@@ -358,16 +368,25 @@ def _example_header(r: dict[str, Any]) -> Text:
     if r["reward"] is not None:
         head.append(f" (reward {r['reward']:g})")
     cov = "–" if r["coverage"] is None else f"{100 * r['coverage']:.1f}%"
-    head.append(f"  route {r['route']} · {len(r['spans'])} spans · coverage {cov} · {r['status']}",
+    n = len(r["spans"])
+    plural = "" if n == 1 else "s"
+    head.append(f"  route {r['route']} · {n} span{plural} · coverage {cov} · {r['status']}",
                 style="dim")
     return head
 
 
 def print_report(console: Console, datasets: list[Dataset], summaries: list[dict[str, Any]],
                  examples: dict[str, list[dict[str, Any]]]) -> None:
+    current: int | None = None
     for ds, summary in zip(datasets, summaries):
+        if ds.round is not None and ds.round != current and len(datasets) > 1:
+            console.rule(f"round {ds.round}", style="dim")
+            current = ds.round
         console.print(_summary_table(ds, summary))
-        for r in examples.get(ds.label, []):
+        shown = examples.get(ds.label, [])
+        if shown:
+            console.print(Text(f"examples ({len(shown)} of {ds.table.num_rows})", style="bold"))
+        for r in shown:
             console.print(_example_header(r))
             console.print(example_text(r))
         console.print()
@@ -380,7 +399,8 @@ def inspect_path(path: str, *, html: str | None = None, examples: int = 3) -> di
     fs, root = fsspec.core.url_to_fs(path)
     kind, found = discover(fs, root)
     datasets = sorted((read_dataset(fs, p, label) for label, p in found),
-                      key=lambda d: (d.round if d.round is not None else -1, d.label))
+                      key=lambda d: (d.round if d.round is not None else -1,
+                                     STAGE_ORDER.index(d.schema), d.label))
     summaries = [dict(SUMMARIZERS[d.schema](d.table), schema=d.schema, round=d.round,
                       complete=d.complete) for d in datasets]
     reader = _Reader(fs, datasets)
@@ -401,10 +421,21 @@ def inspect_path(path: str, *, html: str | None = None, examples: int = 3) -> di
 
 def _write_view(html: str, source: str, datasets: list[Dataset],
                 records: dict[str, list[dict[str, Any]]], reader: _Reader) -> dict[str, Any]:
-    """Annotated responses when there are annotations; otherwise the rollouts with verdicts."""
-    every = [r for recs in records.values() for r in recs]
-    if not every:
-        every = [r for d in datasets if d.schema == "rollouts" for r in view_records(d, reader)]
-    if not every and not any(d.schema in ("annotations", "rollouts") for d in datasets):
-        raise TraceError(f"--html shows responses, and {source} holds no annotations or rollouts dataset")
-    return write_html(html, every, title=f"trace-rl inspect: {source}", source=source)
+    """The annotated responses of the latest round that has annotations (one round keeps the
+    page small for a long run; name a round directory to see another); without annotations, the
+    rollouts of the latest round, with their verdicts."""
+    for schema in ("annotations", "rollouts"):
+        candidates = [d for d in datasets if d.schema == schema]
+        if candidates:
+            latest = max(d.round if d.round is not None else -1 for d in candidates)
+            chosen = [d for d in candidates if (d.round if d.round is not None else -1) == latest]
+            every = [r for d in chosen
+                     for r in (records[d.label] if schema == "annotations"
+                               else view_records(d, reader))]
+            where = ", ".join(d.label for d in chosen)
+            return write_html(html, every, title=f"trace-rl inspect: {where}",
+                              source=f"{source} · {where}")
+    raise TraceError(
+        f"--html shows responses, and {source} holds no annotations or rollouts dataset; "
+        "name a run, round or annotations directory"
+    )

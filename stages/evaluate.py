@@ -338,7 +338,9 @@ def print_summary(summary: dict[str, Any]) -> None:
         table.add_row(bench, str(e["n_problems"]), str(e["k"]), pct(e["avg@k"]), ci(e["ci95"]),
                       f"{e['mean_response_tokens']:.0f}")
     five = summary["five_column_mean"]
-    table.add_row("5-column mean", "", "", pct(five["value"]), ci(five["ci95"]), five["reason"] or "")
+    table.add_row("5-column mean", "", "", pct(five["value"]), ci(five["ci95"]), "")
+    if five["reason"]:
+        table.caption = f"5-column mean: {five['reason']}"
     Console(stderr=True).print(table)
 
 

@@ -130,7 +130,7 @@ def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
             with server.lock:
                 server.requests.append({"t": time.monotonic(), "body": body,
-                                        "headers": dict(self.headers)})
+                                        "headers": {k.lower(): v for k, v in self.headers.items()}})
             if server.latency_s:
                 time.sleep(server.latency_s)
             if not self.path.endswith("/chat/completions"):
@@ -157,7 +157,7 @@ def tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        vocab_size=400, show_progress=False, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     corpus = ["Step 1: add the units. KEY carry the one.", "The answer is \\boxed{42}.",
@@ -170,6 +170,15 @@ def tiny_tokenizer():
     )
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", chat_template=template)
+
+
+def make_item(tokenizer, rollout_id: str, route: str, text: str) -> dict:
+    """An annotate item whose ids are the tokenizer's encoding of `text` plus the eos token."""
+    ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return {"rollout_id": rollout_id, "route": route, "problem": "What is 40 + 2?",
+            "answer": "42", "solution": "40 + 2 = 42.", "meta": "{}",
+            "response_text": tokenizer.decode(ids, skip_special_tokens=True),
+            "response_token_ids": ids}
 
 
 def main() -> None:

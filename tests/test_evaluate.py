@@ -83,7 +83,7 @@ def test_five_column_mean_needs_all_five() -> None:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
-    return str(build_model_dir(tmp_path_factory.mktemp("tiny-model"), p_eos=0.08))
+    return str(build_model_dir(tmp_path_factory.mktemp("tiny-model"), p_eos=0.01))
 
 
 def _cfg(root, model_dir: str, **eval_over) -> TraceConfig:
@@ -135,6 +135,12 @@ def test_end_to_end_eval_writes_samples_and_summary(tmp_path, model_dir) -> None
     run_eval(_cfg(tmp_path / "run", model_dir, max_tokens=8), checkpoint="initial", progress=False)
     again = store.read("eval/initial/math500/samples.parquet", EVAL_SAMPLES).to_pylist()
     assert all(r["num_tokens"] <= 8 for r in again)
+    # Another benchmark later: the summary keeps math500 (its samples are unchanged) and adds it.
+    both = run_eval(_cfg(tmp_path / "run", model_dir, max_tokens=8), checkpoint="initial",
+                    benchmarks=["testbed"], progress=True)
+    assert set(both["benchmarks"]) == {"math500", "testbed"}
+    assert both["benchmarks"]["testbed"]["n_problems"] == 3
+    assert both["benchmarks"]["math500"]["avg@k"] == pytest.approx(np.mean([r["correct"] for r in again]))
 
 
 def test_checkpoint_resolution_and_stage_entry(tmp_path, model_dir) -> None:
@@ -146,6 +152,16 @@ def test_checkpoint_resolution_and_stage_entry(tmp_path, model_dir) -> None:
     assert direct.name == "tiny-model0" and direct.model_dir == model_dir
     with pytest.raises(StageError, match="round 0's train stage"):
         run(cfg, 0, progress=False)  # round 0 produces checkpoints/round-0001, not trained yet
+    # Once round 0's train stage has finished, its checkpoint is "latest" and the stage entry
+    # point evaluates it.
+    with store.writer("round-0000/train", TRAIN_METRICS, stage="train", config_fingerprint="x") as w:
+        w.write_rows([{name: 0.0 for name in TRAIN_METRICS.names} | {"step": 0, "round": 0, "peak_mem_bytes": 0}])
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "round-0001").symlink_to(model_dir)
+    assert resolve_checkpoint(cfg, store, "latest").name == "round-0001"
+    manifest = run(_cfg(tmp_path / "run", model_dir, benchmarks=["testbed"]), 0, progress=False)
+    assert manifest.dataset == "eval/round-0001/testbed/samples.parquet" and manifest.rows == 6
+    assert manifest.inputs["checkpoint"] == store.manifest("round-0000/train").fingerprint
     rcfg = eval_rollout_config(cfg)
     assert (rcfg.n, rcfg.temperature, rcfg.top_p, rcfg.top_k, rcfg.engine) == (2, 0.6, 0.95, 20, "hf")
     assert cfg.rollout.n == 8  # the training rollout config is not touched

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -68,7 +69,8 @@ def _write_run(root: Path) -> RunStore:
     common = {"stage": "test", "config_fingerprint": "cfg"}
     with store.writer("prompts", PROMPTS, **common) as w:
         w.write_rows([
-            {"prompt_id": "p1", "problem": "What is 17 + 25? <b>not bold</b> & more", "answer": "42",
+            {"prompt_id": "p1", "problem": "What is 17 + 25? <b>not bold</b> & more",
+             "answer": "42",
              "solution": "17 + 25 = 42", "source": "test", "meta": "{}"},
             {"prompt_id": "p2", "problem": "十七加二十五是多少？", "answer": "42", "solution": None,
              "source": "test", "meta": "{}"},
@@ -77,14 +79,16 @@ def _write_run(root: Path) -> RunStore:
     for i, (rid, (pid, text, n, finish, correct, route, status, cov)) in enumerate(ROWS.items()):
         rollouts.append({
             "rollout_id": rid, "round": 3, "prompt_id": pid, "sample_index": i, "checkpoint": "c3",
-            "prompt_token_ids": [1, 2, 3], "response_text": text, "response_token_ids": list(range(n)),
+            "prompt_token_ids": [1, 2, 3], "response_text": text,
+            "response_token_ids": list(range(n)),
             "response_logprobs": [-0.5] * n, "finish_reason": finish, "engine": "hf",
             "sampling": json.dumps({"enable_thinking": True, "temperature": 1.0}),
         })
         verdicts.append({"rollout_id": rid, "reward": float(correct), "correct": correct,
                          "extracted_answer": "42" if correct else None,
                          "status": "ok" if rid != "r5" else "no_answer", "detail": None})
-        annotations.append({"rollout_id": rid, "route": route, "annotator": "rule", "spans": SPANS[rid],
+        annotations.append({"rollout_id": rid, "route": route, "annotator": "rule",
+                            "spans": SPANS[rid],
                             "coverage": cov, "status": status, "raw_response": None, "error": None,
                             "latency_s": 0.01})
     # Two parts for rollouts: the reader must follow the manifest across parts.
@@ -98,7 +102,8 @@ def _write_run(root: Path) -> RunStore:
     metrics = extend_metrics(["kl/forward"])
     steps = [2, 0, 1]  # written out of order: first/last must follow the step column
     with store.writer("round-0003/train", metrics, allow_extra=True, **common) as w:
-        w.write_rows([{"step": s, "round": 3, "loss": 1.0 - 0.25 * s, "pg_loss": 0.5, "kl_loss": 0.1 * s,
+        w.write_rows([{"step": s, "round": 3, "loss": 1.0 - 0.25 * s, "pg_loss": 0.5,
+                       "kl_loss": 0.1 * s,
                        "kl_weight": 0.5, "entropy": 1.5 - 0.5 * s, "response_len_mean": 20.0,
                        "span_token_frac": 0.2, "clip_frac": 0.0, "grad_norm": 1.0, "lr": 1e-5,
                        "tokens_per_s": 100.0, "peak_mem_bytes": 1000 + s, "kl/forward": 0.01 * s}
@@ -117,14 +122,15 @@ def test_run_summary_values(run_dir: Path, capsys) -> None:
     out = inspect_path(str(run_dir), examples=2)
     assert out["kind"] == "run"
     ds = out["datasets"]
-    assert list(ds) == ["prompts", "round-0003/annotations", "round-0003/rollouts",
-                        "round-0003/train", "round-0003/verdicts"]
+    assert list(ds) == ["prompts", "round-0003/rollouts", "round-0003/verdicts",
+                        "round-0003/annotations", "round-0003/train"]
     ann = ds["round-0003/annotations"]
     assert ann["rows"] == 5 and ann["round"] == 3 and ann["schema"] == "annotations"
     assert ann["status"] == {"ok": 3, "no_spans": 1, "skipped": 1}
     assert ann["route"] == {"key": 2, "error": 2, "none": 1}
     assert ann["spans"] == 5 and ann["spans_by_route"] == {"key": 3, "error": 2, "none": 0}
-    assert ann["labels"] == {"carry": 1, "final answer": 1, EVIL_LABEL: 1, "(no label)": 1, "单位换算 ✓": 1}
+    assert ann["labels"] == {"carry": 1, "final answer": 1, EVIL_LABEL: 1, "(no label)": 1,
+                             "单位换算 ✓": 1}
     assert ann["rows_without_spans"] == 2
     assert ann["coverage"]["mean"] == pytest.approx((0.25 + 0.125 + 0.2) / 5)
     assert ann["coverage"]["max"] == pytest.approx(0.25)
@@ -133,7 +139,8 @@ def test_run_summary_values(run_dir: Path, capsys) -> None:
     assert ver["correct"] == 2 and ver["correct_rate"] == pytest.approx(0.4)
     assert ver["reward_mean"] == pytest.approx(0.4) and ver["status"] == {"ok": 4, "no_answer": 1}
     ro = ds["round-0003/rollouts"]
-    assert ro["rows"] == 5 and ro["prompts"] == 2 and ro["finish_reasons"] == {"stop": 4, "length": 1}
+    assert ro["rows"] == 5 and ro["prompts"] == 2
+    assert ro["finish_reasons"] == {"stop": 4, "length": 1}
     assert ro["response_tokens"] == {"mean": 17.2, "min": 8, "median": 16, "max": 32}
     tr = ds["round-0003/train"]
     assert tr["steps"] == [0, 2]
@@ -157,14 +164,23 @@ def test_example_text_styles_exact_span_ranges() -> None:
     label1 = "⟦carry⟧"
     end1 = len("Step 1: 7 + 5 = 12, write 2 carry 1.")
     start2 = len(T1) - len("\\boxed{42}.") + len(label1)  # shifted by the first inline label
-    assert styled == [(0, end1, "bold green underline"), (start2, start2 + 11, "bold green underline")]
+    assert styled == [(0, end1, "bold green underline"),
+                      (start2, start2 + 11, "bold green underline")]
     assert rendered.plain == T1[:end1] + label1 + T1[end1:] + "⟦final answer⟧"
     err = example_text({"response_text": T2, "spans": SPANS["r2"], "route": "error"})
     assert {str(s.style) for s in err.spans} >= {"bold red underline", "red dim"}
 
 
+def test_example_text_cuts_long_responses_around_spans() -> None:
+    text = "a" * 1000 + "KEY STEP" + "b" * 1000
+    span = {"char_start": 1000, "char_end": 1008, "label": "x"}
+    rendered = example_text({"response_text": text, "spans": [span], "route": "key"}, context=50)
+    assert rendered.plain == "… " + "a" * 50 + "KEY STEP⟦x⟧" + "b" * 50 + " …"
+
+
 def test_split_spans_clamps_and_keeps_one_piece_per_span() -> None:
-    spans = [{"char_start": 2, "char_end": 5, "label": "a"}, {"char_start": 4, "char_end": 8, "label": "b"},
+    spans = [{"char_start": 2, "char_end": 5, "label": "a"},
+             {"char_start": 4, "char_end": 8, "label": "b"},
              {"char_start": 9, "char_end": 99, "label": "c"}]
     pieces = split_spans("0123456789", spans)
     assert [(p.start, p.end, p.span and p.span["label"]) for p in pieces] == [
@@ -179,8 +195,48 @@ def test_dataset_file_and_round_paths(run_dir: Path, capsys) -> None:
     assert one["kind"] == "file" and one["datasets"]["part-00000.parquet"]["spans"] == 5
     assert one["examples"] == {"part-00000.parquet": ["r1"]}
     rnd = inspect_path(str(run_dir / "round-0003"), examples=0)
-    assert rnd["kind"] == "round" and sorted(rnd["datasets"]) == ["annotations", "rollouts", "train", "verdicts"]
+    assert rnd["kind"] == "round"
+    assert list(rnd["datasets"]) == ["rollouts", "verdicts", "annotations", "train"]
     capsys.readouterr()
+
+
+def test_lone_shard_without_manifest_or_siblings(run_dir: Path, tmp_path: Path, capsys) -> None:
+    lone = tmp_path / "copied" / "annotations"
+    lone.mkdir(parents=True)
+    shard = run_dir / "round-0003" / "annotations" / "part-00000.parquet"
+    shutil.copy(shard, lone / "shard.parquet")
+    page = tmp_path / "lone.html"
+    out = inspect_path(str(lone), html=str(page), examples=1)
+    assert out["kind"] == "dataset" and out["datasets"]["annotations"]["complete"] is False
+    assert "incomplete: no manifest" in capsys.readouterr().out
+    dom = _Dom()
+    dom.feed(page.read_text(encoding="utf-8"))
+    # No rollouts to take the text from: each span is still one mark, showing its char range.
+    assert len(dom.marks) == 5 and dom.marks[0]["text"] == f"[chars 0–{len(T1.splitlines()[0])}]"
+    assert {c["data-correct"] for c in dom.cards} == {"unknown"}
+
+
+def test_html_falls_back_to_rollouts(run_dir: Path, tmp_path: Path, capsys) -> None:
+    page = tmp_path / "rollouts.html"
+    out = inspect_path(str(run_dir / "round-0003" / "rollouts"), html=str(page), examples=0)
+    assert out["html"]["responses"] == 5 and out["html"]["spans"] == 0
+    assert out["html"]["correct"] == 2  # verdicts joined from the sibling directory
+    capsys.readouterr()
+
+
+def test_two_rounds_listed_by_round_and_html_shows_latest(run_dir: Path, tmp_path: Path,
+                                                           capsys) -> None:
+    run2 = tmp_path / "run2"
+    shutil.copytree(run_dir, run2)
+    shutil.copytree(run2 / "round-0003", run2 / "round-0004")
+    shutil.rmtree(run2 / "round-0004" / "train")
+    page = tmp_path / "two.html"
+    out = inspect_path(str(run2), html=str(page), examples=1)
+    assert [s["round"] for s in out["datasets"].values()] == [None, 3, 3, 3, 3, 4, 4, 4]
+    assert out["html"]["responses"] == 5  # one round, not both
+    assert "round-0004/annotations" in page.read_text(encoding="utf-8")
+    printed = capsys.readouterr().out
+    assert printed.index("round 3") < printed.index("round 4")
 
 
 def test_not_a_dataset_gives_clear_errors(tmp_path: Path) -> None:
@@ -202,18 +258,18 @@ def test_not_a_dataset_gives_clear_errors(tmp_path: Path) -> None:
 def test_cli_inspect_exit_codes(run_dir: Path, tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="120")
     cmd = [sys.executable, "-m", "pipeline.cli", "inspect"]
-    ok = subprocess.run(cmd + [str(run_dir), "--examples", "1"], capture_output=True, text=True,
-                        env=env, cwd=tmp_path, timeout=120)
+    run = {"capture_output": True, "text": True, "env": env, "cwd": tmp_path,
+           "timeout": 120}
+    ok = subprocess.run(cmd + [str(run_dir), "--examples", "1"], check=False, **run)
     assert ok.returncode == 0, ok.stderr
     assert "round-0003/annotations" in ok.stdout and "⟦carry⟧" in ok.stdout
-    bad = subprocess.run(cmd + [str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path,
-                         timeout=120)
+    bad = subprocess.run(cmd + [str(tmp_path)], check=False, **run)
     assert bad.returncode == 2 and "holds no trace-rl dataset" in bad.stderr
 
 
 # the HTML view -------------------------------------------------------------------------------
 class _Dom(HTMLParser):
-    """Collects what the tests check from a rendered DOM: marks (with their text), cards, scripts."""
+    """What the tests check in a rendered DOM: marks (with their text), cards, tag counts."""
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -282,7 +338,8 @@ def _chromium(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              "--disable-dev-shm-usage", f"--user-data-dir={profile}"]
-    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([CHROMIUM, *flags, *args], check=False, capture_output=True, text=True,
+                          timeout=120)
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM),
@@ -305,7 +362,8 @@ def test_html_rendered_in_headless_chromium(run_dir: Path, tmp_path: Path, capsy
     fdom = _Dom()
     fdom.feed(filtered.stdout)
     assert fdom.body.get("data-filter") == "incorrect"
-    assert [("hidden" in c) for c in fdom.cards] == [c["data-correct"] != "false" for c in fdom.cards]
+    hidden = [("hidden" in c) for c in fdom.cards]
+    assert hidden == [c["data-correct"] != "false" for c in fdom.cards]
     assert sum("hidden" not in c for c in fdom.cards) == 3 and "showing 3 of 5" in filtered.stdout
     shot = Path(os.environ.get("TRACE_INSPECT_SCREENSHOT", tmp_path / "inspect.png"))
     snap = _chromium([f"--screenshot={shot}", "--window-size=1200,900", "--hide-scrollbars",

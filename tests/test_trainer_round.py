@@ -54,7 +54,7 @@ def test_micro_batch_invariance(base, tmp_path, agg):
                 for k in wa if k != "lm_head.weight")
     assert moved > 1e-4  # training changed the weights, so the comparison below can fail
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=2e-6, rtol=1e-4)
+        torch.testing.assert_close(wa[k], wb[k], atol=2e-5, rtol=1e-4)  # Adam amplifies 1e-7 noise on ~0 grads
 
 
 def test_checkpoint_loadable_and_state_continues_across_rounds(base, tmp_path):

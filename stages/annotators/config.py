@@ -23,7 +23,8 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 class ApiOptions(BaseModel):
     """How to reach an OpenAI-compatible chat-completions endpoint."""
 
-    model_config = ConfigDict(extra="forbid")
+    # A key pasted by mistake into a field must not be echoed by the validation error.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     base_url: str | None = Field(
         default=None, description="endpoint root (e.g. https://api.openai.com/v1); None = client default"
@@ -121,9 +122,13 @@ class SelfOptions(BaseModel):
 
 
 class AnnotateConfig(BaseModel):
-    """The annotate stage's config (composed into the top-level config by the lead)."""
+    """The annotate stage's config (composed into the top-level config by the lead).
 
-    model_config = ConfigDict(extra="forbid")
+    hide_input_in_errors: pydantic applies the setting of the *outermost* model being
+    validated, so any config that nests this one must set it too.
+    """
+
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     backend: Literal["api", "self", "rule"] = "api"
     coverage_cap: float = Field(

@@ -29,6 +29,11 @@ Parsed = list[Any]
 _REF_CACHE_SIZE = 4096
 
 
+# parse/verify run with math-verify's alarms off (see the module docstring); it warns about
+# that on first use, which would only be noise in every worker's log.
+logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
 def _parse(text: str) -> Parsed:
     from math_verify import parse
 
@@ -48,12 +53,15 @@ def parse_reference(reference: str) -> Parsed:
     """A reference answer as math-verify objects; [] when it cannot be parsed.
 
     A bare reference (``\\frac{1}{3}``) is wrapped in ``$...$`` so math-verify reads it as
-    LaTeX rather than hunting for a number in it.
+    LaTeX rather than hunting for a number in it. A reference that yields no sympy object
+    (only math-verify's raw-string fallback, e.g. ``\\frac{``) counts as unparsable: matching
+    it by string equality would reward garbage.
     """
     ref = clean_answer(reference)
     if not ref:
         return []
-    return _parse_with_variants(ref, "${}$")
+    parsed = _parse_with_variants(ref, "${}$")
+    return parsed if any(not isinstance(p, str) for p in parsed) else []
 
 
 _FINAL_STATEMENT_RE = re.compile(r"final answer", re.IGNORECASE)
@@ -127,10 +135,12 @@ class MathChecker:
     """Checks one response; keeps parsed references (GRPO groups share one reference)."""
 
     def __init__(self, cfg: VerifyConfig) -> None:
-        # Switching math-verify's alarms off makes it warn once per process; that is intended.
-        logging.getLogger("math_verify").setLevel(logging.ERROR)
         self.rounded_min_decimals = cfg.rounded_min_decimals
         self._refs: OrderedDict[str, Parsed] = OrderedDict()
+        self.reference_parses = 0  # how many references were actually parsed (cache misses)
+        # The first parse/verify in a process loads grammars and sympy caches (~1-2 s); pay
+        # that here, not inside the first item's timeout.
+        answers_match(_parse("$1$"), _parse("$\\boxed{1}$"), "1", None)
 
     def reference(self, reference: str) -> Parsed:
         """Parsed reference, from the cache when this reference was seen before."""
@@ -138,6 +148,7 @@ class MathChecker:
             self._refs.move_to_end(reference)
             return self._refs[reference]
         parsed = parse_reference(reference)
+        self.reference_parses += 1
         self._refs[reference] = parsed
         if len(self._refs) > _REF_CACHE_SIZE:
             self._refs.popitem(last=False)
