@@ -106,6 +106,7 @@ def plot_run(run_root: str, out_png: str) -> str:
     """One PNG: accuracy, entropy and response length by round. Returns `out_png`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     stats = collect_run(run_root)
     # A Figure with its own Agg canvas: no pyplot global state, no display needed.
@@ -129,6 +130,7 @@ def plot_run(run_root: str, out_png: str) -> str:
         ax.plot(xs, ys, marker="o")
         ax.set_title(title)
     for ax in (ax_acc, ax_ent, ax_len):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     if ax_acc.get_legend_handles_labels()[0]:

@@ -128,11 +128,16 @@ def five_column_mean(entries: dict[str, dict[str, Any]],
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A policy to evaluate: `name` is its directory under eval/, `fingerprint` its identity."""
+    """A policy to evaluate: `name` is its directory under eval/, `inputs` its identity
+    ({input name: fingerprint}, as the stages record upstream inputs)."""
 
     name: str
     model_dir: str
-    fingerprint: str
+    inputs: dict[str, str]
+
+
+def _as_inputs(fp: dict[str, str] | str) -> dict[str, str]:
+    return dict(fp) if isinstance(fp, dict) else {"checkpoint": fp}
 
 
 def _trained_rounds(store: RunStore) -> list[int]:
@@ -161,14 +166,14 @@ def resolve_checkpoint(cfg: TraceConfig, store: RunStore, checkpoint: str) -> Ch
     m = re.fullmatch(r"round-(\d+)", checkpoint)
     if checkpoint == "initial" or (m and int(m.group(1)) == 0):
         model_dir, fp = checkpoint_for_round(cfg, store, 0)
-        return Checkpoint("initial", model_dir, fp)
+        return Checkpoint("initial", model_dir, _as_inputs(fp))
     if m:
         model_dir, fp = checkpoint_for_round(cfg, store, int(m.group(1)))
-        return Checkpoint(round_dir(int(m.group(1))), model_dir, fp)
+        return Checkpoint(round_dir(int(m.group(1))), model_dir, _as_inputs(fp))
     if not checkpoint:
         raise ConfigError("checkpoint: use 'latest', 'initial', 'round-K' or a model directory")
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(checkpoint.rstrip("/")).name) or "model"
-    return Checkpoint(name, checkpoint, _model_dir_fingerprint(checkpoint))
+    return Checkpoint(name, checkpoint, {"model_dir": _model_dir_fingerprint(checkpoint)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,17 +223,40 @@ class VerifierPools:
         self.stack.close()
 
 
-def sample_and_verify(cfg: TraceConfig, bench: Benchmark, model_dir: str, *, progress: bool,
-                      pools: VerifierPools | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """EVAL_SAMPLES rows of one benchmark (k per problem) and counts for the manifest."""
+def generate_all(cfg: TraceConfig, benches: list[Benchmark], model_dir: str, *,
+                 progress: bool) -> dict[str, list[dict[str, Any]]]:
+    """k samples per problem of every benchmark in ONE engine call, split back by benchmark.
+
+    One call means one model load (a vLLM engine start costs minutes for a large model) and
+    full batches across benchmarks; prompt ids are prefixed with the benchmark so they stay
+    unique (vLLM's per-prompt seeds derive from them).
+    """
     from stages.engines.base import generate
+
+    prompts, owner = [], {}
+    for bench in benches:
+        for row in bench.rows:
+            key = f"{bench.name}::{row['prompt_id']}"
+            owner[key] = (bench.name, row["prompt_id"])
+            prompts.append({**row, "prompt_id": key})
+    out: dict[str, list[dict[str, Any]]] = {b.name: [] for b in benches}
+    if not prompts:
+        return out
+    for s in generate(eval_rollout_config(cfg), model_dir, prompts, progress=progress):
+        bench_name, pid = owner[s["prompt_id"]]
+        out[bench_name].append({**s, "prompt_id": pid})
+    return out
+
+
+def verify_samples(cfg: TraceConfig, bench: Benchmark, samples: list[dict[str, Any]],
+                   pools: VerifierPools | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """EVAL_SAMPLES rows of one benchmark's engine samples, and counts for the manifest."""
     from stages.verifiers import verify_rows
 
-    samples = generate(eval_rollout_config(cfg), model_dir, bench.rows, progress=progress)
-    answers = {r["prompt_id"]: r for r in bench.rows}
+    by_id = {r["prompt_id"]: r for r in bench.rows}
     items = [{"rollout_id": f"{s['prompt_id']}#{s['sample_index']}", "response_text": s["response_text"],
-              "answer": answers[s["prompt_id"]]["answer"],
-              "meta": json.loads(answers[s["prompt_id"]]["meta"] or "{}")} for s in samples]
+              "answer": by_id[s["prompt_id"]]["answer"],
+              "meta": json.loads(by_id[s["prompt_id"]]["meta"] or "{}")} for s in samples]
     pool = pools.get(bench.verifier) if pools is not None else None
     verdicts = verify_rows(eval_verify_config(cfg, bench.verifier), items, pool=pool)
     rows = [{"benchmark": bench.name, "problem_id": s["prompt_id"], "sample_index": s["sample_index"],
@@ -245,29 +273,56 @@ def samples_dataset(ckpt_name: str, benchmark: str) -> str:
     return f"eval/{ckpt_name}/{benchmark}/{SAMPLES_FILE}"
 
 
-def _config_parts(cfg: TraceConfig, verifier: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SamplesPlan:
+    """Where one benchmark's samples go and what they are made from."""
+
+    bench: Benchmark
+    name: str
+    config_fingerprint: str
+    inputs: dict[str, str]
+
+
+def plan_samples(cfg: TraceConfig, ckpt: Checkpoint, bench: Benchmark) -> SamplesPlan:
     verify = {k: v for k, v in cfg.verify.model_dump(mode="json").items() if k not in _VERIFY_RUNTIME_FIELDS}
-    return {"rollout": eval_rollout_config(cfg).model_dump(mode="json"),
-            "verify": {**verify, "kind": verifier}}
+    parts = {"rollout": eval_rollout_config(cfg).model_dump(mode="json"),
+             "verify": {**verify, "kind": bench.verifier}}
+    return SamplesPlan(bench, samples_dataset(ckpt.name, bench.name), fingerprint(parts),
+                       {**ckpt.inputs, "benchmark": bench.fingerprint})
 
 
-def evaluate_benchmark(cfg: TraceConfig, store: RunStore, ckpt: Checkpoint, bench: Benchmark, *,
-                       force: bool, progress: bool, pools: VerifierPools | None = None) -> Manifest:
-    """Sample, verify and write one benchmark's samples, unless they are current."""
-    name = samples_dataset(ckpt.name, bench.name)
-    cfg_fp = fingerprint(_config_parts(cfg, bench.verifier))
-    inputs = {"checkpoint": ckpt.fingerprint, "benchmark": bench.fingerprint}
-    if not force and store.is_current(name, cfg_fp, inputs):
-        log.info("evaluate: %s is current, skipping; use --force to redo it", store.path(name))
-        return store.manifest(name)
-    log.info("evaluate %s on %s: %d problems x %d samples", ckpt.name, bench.name, len(bench.rows), cfg.eval.k)
-    rows, counts = sample_and_verify(cfg, bench, ckpt.model_dir, progress=progress, pools=pools)
-    with store.writer(name, EVAL_SAMPLES, stage="evaluate", config_fingerprint=cfg_fp, inputs=inputs) as w:
+def write_samples(store: RunStore, plan: SamplesPlan, ckpt: Checkpoint, rows: list[dict[str, Any]],
+                  counts: dict[str, Any], k: int) -> Manifest:
+    with store.writer(plan.name, EVAL_SAMPLES, stage="evaluate", config_fingerprint=plan.config_fingerprint,
+                      inputs=plan.inputs) as w:
         w.write_rows(rows)
         w.counts.update(counts["verdict_status"])
-        w.extra = {**counts, "model_dir": ckpt.model_dir, "benchmark": bench.name,
-                   "verifier": bench.verifier, "problems": len(bench.rows), "k": cfg.eval.k}
+        w.extra = {**counts, "model_dir": ckpt.model_dir, "benchmark": plan.bench.name,
+                   "verifier": plan.bench.verifier, "problems": len(plan.bench.rows), "k": k}
     return w.manifest
+
+
+def sample_benchmarks(cfg: TraceConfig, store: RunStore, ckpt: Checkpoint, benches: list[Benchmark], *,
+                      force: bool, progress: bool) -> dict[str, Manifest]:
+    """Manifests of every benchmark's samples: current ones kept, the others sampled together."""
+    plans = [plan_samples(cfg, ckpt, b) for b in benches]
+    manifests: dict[str, Manifest] = {}
+    todo = []
+    for p in plans:
+        if not force and store.is_current(p.name, p.config_fingerprint, p.inputs):
+            log.info("evaluate: %s is current, skipping; use --force to redo it", store.path(p.name))
+            manifests[p.bench.name] = store.manifest(p.name)
+        else:
+            todo.append(p)
+    if todo:
+        log.info("evaluate %s: sampling %s (%d problems) x %d", ckpt.name, [p.bench.name for p in todo],
+                 sum(len(p.bench.rows) for p in todo), cfg.eval.k)
+        samples = generate_all(cfg, [p.bench for p in todo], ckpt.model_dir, progress=progress)
+        with VerifierPools(cfg) as pools:
+            for p in todo:
+                rows, counts = verify_samples(cfg, p.bench, samples[p.bench.name], pools)
+                manifests[p.bench.name] = write_samples(store, p, ckpt, rows, counts, cfg.eval.k)
+    return {b.name: manifests[b.name] for b in benches}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +367,7 @@ def build_summary(cfg: TraceConfig, store: RunStore, ckpt: Checkpoint,
                                              benchmark=bench)[1]
     sampling = eval_rollout_config(cfg).sampling_dict()
     return {
-        "checkpoint": ckpt.name, "model_dir": ckpt.model_dir, "checkpoint_fingerprint": ckpt.fingerprint,
+        "checkpoint": ckpt.name, "model_dir": ckpt.model_dir, "checkpoint_inputs": ckpt.inputs,
         "sampling": sampling, "bootstrap": {"resamples": cfg.eval.bootstrap, "seed": cfg.run.seed, "level": 0.95},
         "benchmarks": dict(sorted(entries.items())),
         "five_column_mean": five_column_mean(entries, means),
@@ -370,12 +425,11 @@ def evaluate(cfg: TraceConfig, *, checkpoint: str = "latest", benchmarks: list[s
     store = open_store(cfg)
     ckpt = resolve_checkpoint(cfg, store, checkpoint)
     sources = _sources(cfg)
-    manifests: dict[str, Manifest] = {}
-    with VerifierPools(cfg) as pools:
-        for name in names:
-            bench = load_benchmark(cfg, name, sources)
-            manifests[bench.name] = evaluate_benchmark(cfg, store, ckpt, bench, force=force,
-                                                       progress=progress, pools=pools)
+    benches = {}
+    for name in dict.fromkeys(names):  # keeps order, drops repeats
+        bench = load_benchmark(cfg, name, sources)
+        benches[bench.name] = bench
+    manifests = sample_benchmarks(cfg, store, ckpt, list(benches.values()), force=force, progress=progress)
     summary = build_summary(cfg, store, ckpt, manifests)
     store.write_text(store.path("eval", ckpt.name, SUMMARY_FILE), json.dumps(summary, indent=2))
     if progress:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import string
 from pathlib import Path
 
 import torch
@@ -33,8 +35,14 @@ CHAT_TEMPLATE = (
 )
 
 
-def _corpus() -> list[str]:
-    lines = []
+def _corpus(random_words: int = 0) -> list[str]:
+    """Arithmetic-flavoured lines, plus random letter words when a large vocabulary is wanted."""
+    rng = random.Random(0)
+    lines = [
+        " ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 9)))
+                 for _ in range(12))
+        for _ in range(random_words // 12)
+    ]
     for a in range(0, 200, 7):
         for b in range(3, 120, 11):
             lines.append(
@@ -56,7 +64,7 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 400):
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(_corpus(random_words=8 * vocab_size), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>"],

@@ -31,6 +31,13 @@ _SEG = re.compile(r"^\[(\d+)\] (.*)$", re.MULTILINE)
 _FAULT = re.compile(r"FAULT:([A-Z0-9]+)")
 
 
+class _Server(ThreadingHTTPServer):
+    # The stdlib default backlog of 5 drops connections under 32 concurrent clients.
+    request_queue_size = 512
+    daemon_threads = True
+    block_on_close = False
+
+
 class FakeOpenAI:
     """The server plus what it saw: requests (bodies, headers, times) and tries per fault key."""
 
@@ -39,9 +46,7 @@ class FakeOpenAI:
         self.lock = threading.Lock()
         self.requests: list[dict] = []
         self.tries: Counter[str] = Counter()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self.httpd.daemon_threads = True
-        self.httpd.block_on_close = False
+        self.httpd = _Server(("127.0.0.1", 0), _handler_for(self))
         self.port = self.httpd.server_address[1]
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -186,11 +191,11 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds per request")
     args, _ = parser.parse_known_args()
-    fake = FakeOpenAI(model=args.model)
+    fake = FakeOpenAI(model=args.model, latency_s=args.latency)
     fake.httpd.server_close()
-    fake.httpd = ThreadingHTTPServer((args.host, args.port), _handler_for(fake))
-    fake.httpd.daemon_threads = True
+    fake.httpd = _Server((args.host, args.port), _handler_for(fake))
     fake.httpd.serve_forever()
 
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import SHARED_DATA
 from engine_fixtures import build_model_dir
 
-from data_schemas import EVAL_SAMPLES, TRAIN_METRICS, VERDICTS
+from data_schemas import EVAL_SAMPLES, TRAIN_METRICS, VERDICTS, extend_metrics
 from pipeline.config import TraceConfig
 from pipeline.errors import StageError
 from pipeline.plots import collect_run, metrics_markdown, plot_run
@@ -161,7 +161,7 @@ def test_checkpoint_resolution_and_stage_entry(tmp_path, model_dir) -> None:
     assert resolve_checkpoint(cfg, store, "latest").name == "round-0001"
     manifest = run(_cfg(tmp_path / "run", model_dir, benchmarks=["testbed"]), 0, progress=False)
     assert manifest.dataset == "eval/round-0001/testbed/samples.parquet" and manifest.rows == 6
-    assert manifest.inputs["checkpoint"] == store.manifest("round-0000/train").fingerprint
+    assert manifest.inputs["round-0000/train"] == store.manifest("round-0000/train").fingerprint
     rcfg = eval_rollout_config(cfg)
     assert (rcfg.n, rcfg.temperature, rcfg.top_p, rcfg.top_k, rcfg.engine) == (2, 0.6, 0.95, 20, "hf")
     assert cfg.rollout.n == 8  # the training rollout config is not touched
@@ -180,9 +180,8 @@ def _fake_run(root) -> RunStore:
         metrics = [{name: 0.0 for name in TRAIN_METRICS.names} | {
             "step": 2 * k + s, "round": k, "peak_mem_bytes": 0, "entropy": 1.0 + k + s,
             "response_len_mean": 100.0 * (k + 1), "kl_weight": 0.5, "kl/forward": 0.1} for s in range(2)]
-        with store.writer(f"round-{k:04d}/train", TRAIN_METRICS.append(
-                __import__("pyarrow").field("kl/forward", __import__("pyarrow").float64())),
-                stage="train", config_fingerprint="x", allow_extra=True) as w:
+        with store.writer(f"round-{k:04d}/train", extend_metrics(["kl/forward"]), stage="train",
+                          config_fingerprint="x", allow_extra=True) as w:
             w.write_rows(metrics)
     return store
 

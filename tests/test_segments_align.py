@@ -16,6 +16,8 @@ from stages.annotators import AnnotateConfig, annotate_rows
 from stages.annotators.align import (
     AlignmentError,
     char_span_to_tokens,
+    offsets_from_bytes,
+    offsets_streaming,
     token_bytes,
     token_char_offsets,
 )
@@ -132,6 +134,8 @@ def test_offsets_tile_text_and_match_token_bytes(qwen3, text):
         assert piece in resp[s:e].encode()
         pos = max(pos, e)
     assert pos == len(resp)
+    # The valid-UTF-8 fast path and the byte-at-a-time streaming decoder agree.
+    assert offsets_streaming(pieces) == offsets_from_bytes(pieces) == (resp, offsets)
 
 
 @pytest.mark.parametrize("text", TEXTS)

@@ -77,8 +77,8 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     again = _run(resumed_args)
     assert again.returncode == 0, again.stderr[-3000:]
 
-    rows_clean = [json.loads(x) for x in (tmp_path / "metrics-clean.jsonl").read_text().split()]
-    rows_res = [json.loads(x) for x in (tmp_path / "metrics-resumed.jsonl").read_text().split()]
+    rows_clean = [json.loads(x) for x in (tmp_path / "metrics-clean.jsonl").read_text().splitlines()]
+    rows_res = [json.loads(x) for x in (tmp_path / "metrics-resumed.jsonl").read_text().splitlines()]
     assert len(rows_clean) == len(rows_res) == 6
     assert rows_clean[1]["kl_loss"] > 0 and rows_clean[-1]["kl_weight"] == 0
     for a, b in zip(rows_clean, rows_res):

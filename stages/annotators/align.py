@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import bisect
 import codecs
+import weakref
 from collections.abc import Sequence
 from functools import lru_cache
 from itertools import accumulate
 from typing import Any
+
+import numpy as np
 
 
 class AlignmentError(ValueError):
@@ -66,23 +69,69 @@ def _added_tokens(tokenizer: Any) -> dict[int, tuple[str, bool]]:
     return {i: (t.content, bool(t.special)) for i, t in tokenizer.added_tokens_decoder.items()}
 
 
+# Per-tokenizer memo of id -> bytes: the byte-decoding of a vocabulary entry never changes.
+_BYTES_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _memo_for(tokenizer: Any) -> dict[int, bytes]:
+    try:
+        return _BYTES_MEMO.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: no memo across calls
+        return {}
+
+
 def token_bytes(tokenizer: Any, token_ids: Sequence[int], keep_special: bool) -> list[bytes]:
     """The bytes each token decodes to (byte-level tokenizers only); [T] entries."""
-    added = _added_tokens(tokenizer)
-    table = _byte_decoder()
-    pieces = tokenizer.convert_ids_to_tokens(list(token_ids))
-    out: list[bytes] = []
-    for tid, piece in zip(token_ids, pieces):
-        if tid in added:
-            content, special = added[tid]
-            out.append(content.encode() if keep_special or not special else b"")
-        else:
-            out.append(bytes(table[c] for c in piece))
-    return out
+    memo = _memo_for(tokenizer)
+    missing = sorted({t for t in token_ids if t not in memo})
+    if missing:
+        added = _added_tokens(tokenizer)
+        table = _byte_decoder()
+        for tid, piece in zip(missing, tokenizer.convert_ids_to_tokens(missing), strict=True):
+            memo[tid] = added[tid][0].encode() if tid in added else bytes(table[c] for c in piece)
+    if keep_special:
+        return [memo[t] for t in token_ids]
+    special = {i for i, (_, is_special) in _added_tokens(tokenizer).items() if is_special}
+    return [b"" if t in special else memo[t] for t in token_ids]
 
 
-def _offsets_from_bytes(pieces: list[bytes]) -> tuple[str, list[tuple[int, int]]]:
+def _offsets_valid_utf8(pieces: list[bytes]) -> tuple[str, list[tuple[int, int]]] | None:
+    """Fast path for valid UTF-8: chars before a byte = lead (non-continuation) bytes before it.
+
+    None when the stream is not valid UTF-8 (then the streaming decoder handles it).
+    """
+    joined = b"".join(pieces)
+    try:
+        text = joined.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if not pieces:
+        return text, []
+    bytes_B = np.frombuffer(joined, dtype=np.uint8)
+    is_cont_B = (bytes_B & 0xC0) == 0x80
+    # leads_before_B[b] = number of chars that start before byte b (length B + 1).
+    leads_before_B = np.concatenate(([0], np.cumsum(~is_cont_B)))
+    ends_T = np.cumsum([len(p) for p in pieces])
+    starts_T = ends_T - [len(p) for p in pieces]
+    start_chars_T = leads_before_B[starts_T]
+    # A piece opening with continuation bytes finishes the char begun by the previous piece.
+    opens_mid_T = np.zeros(len(pieces), dtype=bool)
+    nonempty_T = ends_T > starts_T
+    opens_mid_T[nonempty_T] = is_cont_B[starts_T[nonempty_T]]
+    start_chars_T = start_chars_T - opens_mid_T
+    end_chars_T = np.maximum(leads_before_B[ends_T], start_chars_T + nonempty_T)
+    end_chars_T = np.where(nonempty_T, end_chars_T, start_chars_T)
+    return text, list(zip(start_chars_T.tolist(), end_chars_T.tolist(), strict=True))
+
+
+def offsets_from_bytes(pieces: list[bytes]) -> tuple[str, list[tuple[int, int]]]:
     """Decode byte pieces as one UTF-8 stream; return the text and each piece's char range."""
+    fast = _offsets_valid_utf8(pieces)
+    return fast if fast is not None else offsets_streaming(pieces)
+
+
+def offsets_streaming(pieces: list[bytes]) -> tuple[str, list[tuple[int, int]]]:
+    """offsets_from_bytes for any byte stream (invalid UTF-8 too), one byte at a time."""
     dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
     text_parts: list[str] = []
     n_chars = 0
@@ -154,7 +203,7 @@ def token_char_offsets(
     best = -1
     for keep_special in (False, True):
         if byte_level:
-            decoded, offsets = _offsets_from_bytes(token_bytes(tokenizer, token_ids, keep_special))
+            decoded, offsets = offsets_from_bytes(token_bytes(tokenizer, token_ids, keep_special))
         else:
             decoded, offsets = _offsets_by_prefix(tokenizer, token_ids, keep_special)
         if decoded == text:
@@ -168,12 +217,22 @@ def token_char_offsets(
     )
 
 
+def offset_index(offsets: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Sorted token starts and ends for char_span_to_tokens (compute once per response)."""
+    # Running maxima keep both lists sorted even when a zero-width token follows a token that
+    # owns a half-finished character.
+    return (list(accumulate((s for s, _ in offsets), max)),
+            list(accumulate((e for _, e in offsets), max)))
+
+
 def char_span_to_tokens(
-    offsets: Sequence[tuple[int, int]], text: str, char_start: int, char_end: int
+    offsets: Sequence[tuple[int, int]], text: str, char_start: int, char_end: int,
+    index: tuple[list[int], list[int]] | None = None,
 ) -> tuple[int, int] | None:
     """Minimal token range [token_start, token_end) covering the span's non-whitespace chars.
 
-    `offsets` is token_char_offsets' output. None when the span holds only whitespace.
+    `offsets` is token_char_offsets' output, `index` its offset_index (computed if None).
+    None when the span holds only whitespace.
     """
     piece = text[char_start:char_end]
     stripped = piece.lstrip()
@@ -181,10 +240,7 @@ def char_span_to_tokens(
         return None
     first = char_start + len(piece) - len(stripped)
     last = first + len(stripped.rstrip()) - 1
-    # Running maxima keep both lists sorted even when a zero-width token follows a token that
-    # owns a half-finished character.
-    ends = list(accumulate((e for _, e in offsets), max))
-    starts = list(accumulate((s for s, _ in offsets), max))
+    starts, ends = index if index is not None else offset_index(offsets)
     # First token whose range contains `first`: the earliest with end > first.
     t0 = bisect.bisect_right(ends, first)
     # Last token whose range contains `last`: the latest with start <= last.

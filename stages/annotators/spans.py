@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from stages.annotators.align import char_span_to_tokens
+from stages.annotators.align import char_span_to_tokens, offset_index
 from stages.annotators.segments import Segment
 
 
@@ -68,11 +68,12 @@ def build_spans(
     budget = math.floor(coverage_cap * n_tokens + 1e-9)
     covered = [False] * n_tokens
     by_id = {s.segment_id: s for s in segments}
+    index = offset_index(offsets)
     spans: list[dict] = []
     used, wanted, dropped = 0, 0, []
     for run in group_ids(ids):
         c0, c1 = by_id[run[0]].char_start, by_id[run[-1]].char_end
-        tok = char_span_to_tokens(offsets, text, c0, c1)
+        tok = char_span_to_tokens(offsets, text, c0, c1, index)
         if tok is None:
             continue
         t0, t1 = tok

@@ -39,10 +39,14 @@ WORKER_SCRIPT = Path(__file__).with_name("vllm_worker.py")
 LOG_TAIL_LINES = 40
 
 
-def cpu_env(cache_dir: str | Path, omp_threads_bind: str | None = None) -> dict[str, str]:
+def cpu_env(
+    cache_dir: str | Path, omp_threads_bind: str | None = None, in_process: bool = False
+) -> dict[str, str]:
     """Environment for vLLM's CPU build (tests, benchmark): small KV cache, no torch.compile.
 
     omp_threads_bind: e.g. "0-1"; without it vLLM's CPU worker may bind to a single core.
+    in_process: run the engine core in the worker process (no extra process importing torch
+    and vllm again); pair with engine_kwargs distributed_executor_backend="uni".
     """
     cache_dir = Path(cache_dir)
     env = {
@@ -55,6 +59,8 @@ def cpu_env(cache_dir: str | Path, omp_threads_bind: str | None = None) -> dict[
         "DO_NOT_TRACK": "1",
         "HF_HUB_OFFLINE": "1",
     }
+    if in_process:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if omp_threads_bind:
         env["VLLM_CPU_OMP_THREADS_BIND"] = omp_threads_bind
     return env

@@ -55,25 +55,27 @@ class CheckFn(Protocol):
 @dataclass(frozen=True)
 class VerifierSpec:
     """A registered verifier: ``make(cfg)`` builds the checker; ``isolate`` runs it in worker
-    processes (needed when it uses signals or may hang, as math-verify does)."""
+    processes (needed when it uses signals or may hang, as math-verify does); ``preload``
+    names heavy modules a fork server imports once for all its workers."""
 
     name: str
     make: Callable[[VerifyConfig], CheckFn]
     isolate: bool
+    preload: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, VerifierSpec] = {}
 
 
 def register_verifier(
-    name: str, *, isolate: bool
+    name: str, *, isolate: bool, preload: tuple[str, ...] = ()
 ) -> Callable[[Callable[[VerifyConfig], CheckFn]], Callable[[VerifyConfig], CheckFn]]:
     """Decorator registering a checker factory under ``name``."""
 
     def deco(make: Callable[[VerifyConfig], CheckFn]) -> Callable[[VerifyConfig], CheckFn]:
         if name in _REGISTRY and _REGISTRY[name].make is not make:
             raise ValueError(f"verifier {name!r} is already registered")
-        _REGISTRY[name] = VerifierSpec(name=name, make=make, isolate=isolate)
+        _REGISTRY[name] = VerifierSpec(name=name, make=make, isolate=isolate, preload=preload)
         return make
 
     return deco

@@ -27,7 +27,8 @@ class VerifyConfig(BaseModel):
     timeout_s: float = 5.0
     kill_grace_s: float = 2.0
     chunk_size: int = 8
-    start_method: Literal["spawn", "forkserver"] = "spawn"
+    # forkserver: workers fork from a server that imported sympy once (fast restarts).
+    start_method: Literal["spawn", "forkserver"] = "forkserver"
     # math: an exact reference (no decimals in it) also accepts a decimal answer correctly
     # rounded to the decimals it shows, when it shows at least this many; None = off.
     rounded_min_decimals: int | None = 2

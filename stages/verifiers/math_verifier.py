@@ -53,15 +53,29 @@ def parse_reference(reference: str) -> Parsed:
     """A reference answer as math-verify objects; [] when it cannot be parsed.
 
     A bare reference (``\\frac{1}{3}``) is wrapped in ``$...$`` so math-verify reads it as
-    LaTeX rather than hunting for a number in it. A reference that yields no sympy object
-    (only math-verify's raw-string fallback, e.g. ``\\frac{``) counts as unparsable: matching
-    it by string equality would reward garbage.
+    LaTeX rather than hunting for a number in it. When math-verify gets no sympy object out
+    of it, only its raw string is left and answers are matched by string equality; that is
+    kept for well-formed LaTeX it cannot model (``x = \\frac{1}{2}, x = 1 \\pm \\sqrt{3}``),
+    but a malformed reference (``\\frac{``, ``???``) is unparsable: it would reward garbage.
     """
     ref = clean_answer(reference)
     if not ref:
         return []
     parsed = _parse_with_variants(ref, "${}$")
-    return parsed if any(not isinstance(p, str) for p in parsed) else []
+    if any(not isinstance(p, str) for p in parsed) or _well_formed(ref):
+        return parsed
+    return []
+
+
+def _well_formed(text: str) -> bool:
+    """Balanced braces (escaped ``\\{ \\}`` aside) and at least one letter or digit."""
+    depth = 0
+    for token in re.findall(r"\\.|[{}]", text):
+        if token in "{}":
+            depth += 1 if token == "{" else -1
+            if depth < 0:
+                return False
+    return depth == 0 and any(ch.isalnum() for ch in text)
 
 
 _FINAL_STATEMENT_RE = re.compile(r"final answer", re.IGNORECASE)
@@ -168,7 +182,7 @@ class MathChecker:
         return Verdict("ok", correct=correct, extracted_answer=extracted, detail=detail)
 
 
-@register_verifier("math", isolate=True)
+@register_verifier("math", isolate=True, preload=("sympy", "math_verify"))
 def make_math_checker(cfg: VerifyConfig) -> CheckFn:
     """Factory registered as ``math``."""
     return MathChecker(cfg)

@@ -114,6 +114,12 @@ class VerifierPool:
     def __init__(self, cfg: VerifyConfig) -> None:
         self.cfg = cfg
         self._ctx = mp.get_context(cfg.start_method)
+        if cfg.start_method == "forkserver":
+            # Workers fork from a server that has already imported the verifier (sympy and
+            # math-verify take seconds to import), so replacing a killed worker is quick.
+            # Takes effect when this process's fork server first starts.
+            spec = get_verifier(cfg.kind)
+            self._ctx.set_forkserver_preload([spec.make.__module__, *spec.preload])
         self._workers: list[_Worker] = []
         self._results: list[Verdict | None] = []
         self._todo: deque[list[Item]] = deque()
@@ -148,6 +154,10 @@ class VerifierPool:
                 w.proc.kill()
                 w.proc.join()
             w.conn.close()
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the current workers (for monitoring)."""
+        return [w.proc.pid for w in self._workers]
 
     def run(self, items: Sequence[Item]) -> list[Verdict]:
         """Verify ``items`` (their first field must be 0..n-1 in order); one Verdict each."""

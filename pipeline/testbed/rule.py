@@ -1,0 +1,125 @@
+"""Rule annotator of the testbed: key steps of correct rollouts, first wrong step of wrong ones.
+
+It re-derives the reference column steps from the operands in the prompt's meta and compares
+them with the steps parsed from the response segments (1-based ids, as shown to an annotator).
+Parsing is lenient about spacing and commas; a line that starts like a step but does not parse
+is itself an error ("malformed step").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from pipeline.testbed.task import KEY_LABEL, Step, extract_answer, reference_steps
+
+_STEP_RE = re.compile(
+    r"Step\s*(\d+)\s*:\s*(\d+)\s*\+\s*(\d+)\s*\+\s*(\d+)\s*=\s*(\d+)\s*,?\s*"
+    r"write\s*(\d+)\s*,?\s*carry\s*(\d+)"
+)
+_STEP_START_RE = re.compile(r"^\s*Step\b", re.MULTILINE)
+_BOXED_START_RE = re.compile(r"\\boxed\{")
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something found in one segment: a parsed step, a malformed step, or the answer."""
+
+    segment_id: int
+    kind: Literal["step", "malformed", "answer"]
+    step: Step | None = None
+    answer: str | None = None
+
+
+def parse_events(segments: list[str]) -> list[Event]:
+    """Steps, malformed step lines and boxed answers, in reading order."""
+    events: list[Event] = []
+    for seg_id, text in enumerate(segments, start=1):
+        parsed = list(_STEP_RE.finditer(text))
+        for m in parsed:
+            x, y, c, s, w, k = (int(g) for g in m.groups()[1:])
+            events.append(Event(seg_id, "step", step=Step(x, y, c, s, w, k)))
+        if len(_STEP_START_RE.findall(text)) > len(parsed):
+            events.append(Event(seg_id, "malformed"))
+        if _BOXED_START_RE.search(text):
+            events.append(Event(seg_id, "answer", answer=extract_answer(text)))
+    return events
+
+
+def classify_step(got: Step, want: Step) -> str:
+    """The error label of a parsed step against the reference one ("" when they agree)."""
+    if (got.x, got.y) != (want.x, want.y):
+        return "wrong digit read"
+    if got.c != want.c:
+        return "carry dropped" if want.c == 1 else "spurious carry"
+    if got.s != got.x + got.y + got.c:
+        return "digit sum wrong"
+    if got.w != got.s % 10:
+        return "wrong digit written"
+    if got.k != got.s // 10:
+        return "carry dropped" if got.s // 10 == 1 else "spurious carry"
+    return ""
+
+
+def first_error(events: list[Event], ref: list[Step], answer: str) -> tuple[list[int], str]:
+    """The segment of the first deviation from the reference computation, with its label."""
+    i = 0
+    for ev in events:
+        if ev.kind == "malformed":
+            return [ev.segment_id], "malformed step"
+        if ev.kind == "step":
+            if i >= len(ref):
+                return [ev.segment_id], "extra step"
+            label = classify_step(ev.step, ref[i])
+            if label:
+                return [ev.segment_id], label
+            i += 1
+            continue
+        if i < len(ref):
+            final_carry = i == len(ref) - 1 and ref[i].x == ref[i].y == 0 and ref[i].c == 1
+            return [ev.segment_id], "final carry dropped" if final_carry else "missing step"
+        if ev.answer != answer:
+            return [ev.segment_id], "answer mismatch"
+        return [], ""
+    if events:
+        return [events[-1].segment_id], "incomplete solution"
+    return [], ""
+
+
+def key_steps(events: list[Event], ref: list[Step]) -> list[int]:
+    """Segments holding correct steps that produce a carry, in segment order."""
+    ids: list[int] = []
+    steps = [ev for ev in events if ev.kind == "step"]
+    for ev, want in zip(steps, ref):
+        if ev.step != want:
+            break  # after a deviation the columns no longer line up with the reference
+        if want.k == 1 and ev.segment_id not in ids:
+            ids.append(ev.segment_id)
+    return ids
+
+
+def rule_annotate(prompt: dict, segments: list[str], route: str) -> tuple[list[int], str]:
+    """Annotate one rollout: route "key" -> carry-producing steps, "error" -> first wrong step.
+
+    prompt is a prompts row whose meta JSON holds the operands "a" and "b"; segments are the
+    response's numbered segments (segment i+1 is segments[i]). Returns 1-based segment ids and a
+    type label, or ([], "") when nothing applies (no carries, no deviation found, route "none").
+    """
+    if route not in ("key", "error", "none"):
+        raise ValueError(f"route must be one of 'key', 'error', 'none'; got {route!r}")
+    meta = json.loads(prompt["meta"]) if isinstance(prompt["meta"], str) else prompt["meta"]
+    if "a" not in meta or "b" not in meta:
+        raise ValueError(
+            f"prompt {prompt.get('prompt_id')!r} meta lacks the operands 'a' and 'b'; the rule "
+            "annotator only works on testbed prompts (pipeline.testbed.task.make_prompts)"
+        )
+    ref = reference_steps(int(meta["a"]), int(meta["b"]))
+    events = parse_events(segments)
+    if route == "key":
+        ids = key_steps(events, ref)
+        return (ids, KEY_LABEL) if ids else ([], "")
+    if route == "error":
+        return first_error(events, ref, str(int(meta["a"]) + int(meta["b"])))
+    return [], ""
