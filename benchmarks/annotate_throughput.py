@@ -46,8 +46,19 @@ def server(kind: str, latency: float) -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.openai_fake_server", "--model", MODEL,
-         "--port", str(port), "--latency", str(latency)], cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "tests.openai_fake_server",
+            "--model",
+            MODEL,
+            "--port",
+            str(port),
+            "--latency",
+            str(latency),
+        ],
+        cwd=REPO,
+    )
     try:
         for _ in range(600):
             with contextlib.suppress(OSError):
@@ -66,6 +77,7 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.2, help="server seconds per request")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--server", choices=("subprocess", "inproc"), default="subprocess")
+    parser.add_argument("--cache-dir", default=None, help="reply cache (default: none)")
     args = parser.parse_args()
 
     tok = tiny_tokenizer()
@@ -73,18 +85,27 @@ def main() -> None:
     items = [make_item(tok, f"r{i}", "key", f"Rollout {i}.\n{RESPONSE}") for i in range(args.n)]
     os.environ["TRACE_BENCH_KEY"] = "sk-bench-not-a-real-key"
     with server(args.server, args.latency) as base_url:
-        cfg = AnnotateConfig(backend="api", api={
-            "base_url": base_url, "model": MODEL, "api_key_env": "TRACE_BENCH_KEY",
-            "concurrency": args.concurrency, "timeout_s": 30.0})
+        cfg = AnnotateConfig(
+            backend="api",
+            api={
+                "base_url": base_url,
+                "model": MODEL,
+                "api_key_env": "TRACE_BENCH_KEY",
+                "concurrency": args.concurrency,
+                "timeout_s": 30.0,
+            },
+        )
         t0, c0 = time.perf_counter(), time.process_time()
-        rows = annotate_rows(cfg, items, tok, cache_dir=None, progress=False)
+        rows = annotate_rows(cfg, items, tok, cache_dir=args.cache_dir, progress=False)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     ok = sum(r["status"] == "ok" for r in rows)
     ideal = args.concurrency / args.latency
     rate = len(rows) / wall
-    print(f"server={args.server} rollouts={len(rows)} ok={ok} tokens/rollout="
-          f"{len(items[0]['response_token_ids'])} wall={wall:.2f}s client_cpu={cpu:.2f}s "
-          f"load1={os.getloadavg()[0]:.1f} cores={os.cpu_count()}")
+    print(
+        f"server={args.server} rollouts={len(rows)} ok={ok} tokens/rollout="
+        f"{len(items[0]['response_token_ids'])} wall={wall:.2f}s client_cpu={cpu:.2f}s "
+        f"load1={os.getloadavg()[0]:.1f} cores={os.cpu_count()}"
+    )
     print(f"annotations/s={rate:.1f} ideal={ideal:.0f}/s ratio={rate / ideal:.1%} (target >= 80%)")
 
 

@@ -68,7 +68,10 @@ def round_stats(store: RunStore, k: int) -> RoundStats:
         col = {name: table.column(name).to_pylist() for name in TRAIN_METRICS.names}
         stats.steps = table.num_rows
         stats.loss, stats.entropy = _mean(col["loss"]), _mean(col["entropy"])
-        stats.response_len, stats.kl_weight = _mean(col["response_len_mean"]), _mean(col["kl_weight"])
+        stats.response_len, stats.kl_weight = (
+            _mean(col["response_len_mean"]),
+            _mean(col["kl_weight"]),
+        )
         stats.span_token_frac = _mean(col["span_token_frac"])
     return stats
 
@@ -124,8 +127,10 @@ def plot_run(run_root: str, out_png: str) -> str:
         ax_acc.plot(xs, [100 * y for y in ys], marker="o", label="rollout reward rate")
         ax_acc.set_title("reward rate of round k's rollouts")
     ax_acc.set_ylabel("accuracy (%)")
-    for ax, attr, title in ((ax_ent, "entropy", "policy entropy (train, mean over steps)"),
-                            (ax_len, "response_len", "response length (tokens)")):
+    for ax, attr, title in (
+        (ax_ent, "entropy", "policy entropy (train, mean over steps)"),
+        (ax_len, "response_len", "response length (tokens)"),
+    ):
         xs, ys = _series(stats.rounds, attr)
         ax.plot(xs, ys, marker="o")
         ax.set_title(title)
@@ -150,8 +155,10 @@ def _fmt(x: float | None, spec: str) -> str:
 def metrics_markdown(run_root: str) -> str:
     """Markdown tables (for Prefect artifacts): one row per round, then evals by checkpoint."""
     stats = collect_run(run_root)
-    header = ("| round | rollouts | reward rate | train steps | loss | entropy | response len "
-              "| kl weight | span token frac |")
+    header = (
+        "| round | rollouts | reward rate | train steps | loss | entropy | response len "
+        "| kl weight | span token frac |"
+    )
     lines = [header, "|---" * 9 + "|"]
     for r in stats.rounds:
         lines.append(
@@ -163,6 +170,9 @@ def metrics_markdown(run_root: str) -> str:
         benches = sorted({b for accs in stats.evals.values() for b in accs})
         lines += ["", "| policy | " + " | ".join(benches) + " |", "|---" * (len(benches) + 1) + "|"]
         for k in sorted(stats.evals):
-            cells = [_fmt(None if b not in stats.evals[k] else 100 * stats.evals[k][b], ".2f") for b in benches]
+            cells = [
+                _fmt(None if b not in stats.evals[k] else 100 * stats.evals[k][b], ".2f")
+                for b in benches
+            ]
             lines.append(f"| {'initial' if k == 0 else round_dir(k)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

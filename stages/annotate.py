@@ -64,7 +64,7 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir) if model_dir else None
     cache_dir = str(p.store.local_path("cache", "annotations")) if p.store.is_local else None
-    rows = annotate_rows(cfg.annotate, items, tokenizer, cache_dir=cache_dir, checkpoint=model_dir,
+    rows = annotate_rows(cfg.annotate, items, tokenizer, cache_dir=cache_dir, model_path=model_dir,
                          progress=progress)
     with p.store.writer(p.name, ANNOTATIONS, stage="annotate", config_fingerprint=p.config_fingerprint,
                         inputs=p.inputs) as w:

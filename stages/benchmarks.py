@@ -66,7 +66,9 @@ class BenchmarkSource(BaseModel):
     def _known_columns(cls, v: dict[str, str]) -> dict[str, str]:
         unknown = sorted(set(v) - set(DEFAULT_COLUMNS))
         if unknown:
-            raise ValueError(f"unknown contract columns {unknown}; valid: {sorted(DEFAULT_COLUMNS)}")
+            raise ValueError(
+                f"unknown contract columns {unknown}; valid: {sorted(DEFAULT_COLUMNS)}"
+            )
         return v
 
     @field_validator("template")
@@ -115,7 +117,9 @@ def read_records(source: str, split: str = "test") -> list[dict[str, Any]]:
         if path.suffix == ".json":
             data = json.loads(text)
             return list(data if isinstance(data, list) else data.get(split, []))
-        return [_json_line(line, path, i) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+        return [
+            _json_line(line, path, i) for i, line in enumerate(text.splitlines(), 1) if line.strip()
+        ]
     try:
         import datasets
 
@@ -157,8 +161,13 @@ def _pick(record: Mapping[str, Any], column: str, mapping: Mapping[str, str]) ->
     return None
 
 
-def math_rows(records: Iterable[Mapping[str, Any]], bench: str, *, template: str = DEFAULT_INSTRUCTION,
-              columns: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+def math_rows(
+    records: Iterable[Mapping[str, Any]],
+    bench: str,
+    *,
+    template: str = DEFAULT_INSTRUCTION,
+    columns: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
     """Prompts rows of a math benchmark: the problem wrapped in `template`, answer as a string."""
     mapping = dict(columns or {})
     rows: list[dict[str, Any]] = []
@@ -172,14 +181,16 @@ def math_rows(records: Iterable[Mapping[str, Any]], bench: str, *, template: str
                 f"column mapping (source columns: {sorted(rec)})"
             )
         solution = _pick(rec, "solution", mapping)
-        rows.append({
-            "prompt_id": pid,
-            "problem": template.format(problem=problem),
-            "answer": str(answer).strip(),
-            "solution": str(solution) if solution else None,
-            "source": bench,
-            "meta": json.dumps({"benchmark": bench}),
-        })
+        rows.append(
+            {
+                "prompt_id": pid,
+                "problem": template.format(problem=problem),
+                "answer": str(answer).strip(),
+                "solution": str(solution) if solution else None,
+                "source": bench,
+                "meta": json.dumps({"benchmark": bench}),
+            }
+        )
     return _unique_ids(rows, bench)
 
 
@@ -188,13 +199,19 @@ def format_choices(choices: list[str], letters: str = CHOICE_LETTERS) -> str:
     return "\n".join(f"({letter}) {str(text).strip()}" for letter, text in zip(letters, choices))
 
 
-def gpqa_rows(records: Iterable[Mapping[str, Any]], bench: str = "gpqa_diamond") -> list[dict[str, Any]]:
+def gpqa_rows(
+    records: Iterable[Mapping[str, Any]], bench: str = "gpqa_diamond"
+) -> list[dict[str, Any]]:
     """Prompts rows of GPQA: question + choices (A)-(D); the reference is the answer letter."""
     rows: list[dict[str, Any]] = []
     letters = CHOICE_LETTERS
     for i, rec in enumerate(records):
         pid = str(rec.get("id", f"{bench}-{i}"))
-        choices, index, letter = rec.get("choices"), rec.get("answer_index"), rec.get("answer_letter")
+        choices, index, letter = (
+            rec.get("choices"),
+            rec.get("answer_index"),
+            rec.get("answer_letter"),
+        )
         if not isinstance(choices, list) or len(choices) != len(letters):
             raise StageError(f"benchmark {bench!r}: row {pid} needs exactly {len(letters)} choices")
         if not isinstance(index, int) or not 0 <= index < len(letters) or letters[index] != letter:
@@ -203,14 +220,20 @@ def gpqa_rows(records: Iterable[Mapping[str, Any]], bench: str = "gpqa_diamond")
                 f"answer_index {index!r} (expected letters {letters!r} by index)"
             )
         problem = GPQA_TEMPLATE.format(
-            question=str(rec["question"]).strip(), choices=format_choices(choices, letters),
+            question=str(rec["question"]).strip(),
+            choices=format_choices(choices, letters),
             letters=", ".join(letters),
         )
-        rows.append({
-            "prompt_id": pid, "problem": problem, "answer": letter, "solution": None,
-            "source": bench,
-            "meta": json.dumps({"benchmark": bench, "domain": rec.get("domain")}),
-        })
+        rows.append(
+            {
+                "prompt_id": pid,
+                "problem": problem,
+                "answer": letter,
+                "solution": None,
+                "source": bench,
+                "meta": json.dumps({"benchmark": bench, "domain": rec.get("domain")}),
+            }
+        )
     return _unique_ids(rows, bench)
 
 
@@ -286,8 +309,9 @@ def parse_inline(name: str) -> tuple[str, BenchmarkSource] | None:
         ds, _, split = name[3:].partition(":")
         return slug(f"{ds}_{split or 'test'}"), BenchmarkSource(source=ds, split=split or "test")
     path = name.removeprefix("file:")
-    if name.startswith("file:") or (Path(path).suffix in (".jsonl", ".json", ".parquet")
-                                     and Path(path).exists()):
+    if name.startswith("file:") or (
+        Path(path).suffix in (".jsonl", ".json", ".parquet") and Path(path).exists()
+    ):
         return slug(Path(path).stem), BenchmarkSource(source=path)
     return None
 
@@ -309,12 +333,17 @@ def load_source(cfg: TraceConfig, name: str, src: BenchmarkSource) -> Benchmark:
         rows = math_rows(records, name, template=src.template, columns=src.columns)
     path = Path(src.source).expanduser()
     data_id = file_fingerprint(path) if path.is_file() else [src.source, src.split]
-    return Benchmark(name, src.verifier, rows,
-                     fingerprint([data_id, src.model_dump(mode="json"), cfg.eval.limit]))
+    return Benchmark(
+        name,
+        src.verifier,
+        rows,
+        fingerprint([data_id, src.model_dump(mode="json"), cfg.eval.limit]),
+    )
 
 
-def load_benchmark(cfg: TraceConfig, name: str,
-                   sources: Mapping[str, BenchmarkSource] | None = None) -> Benchmark:
+def load_benchmark(
+    cfg: TraceConfig, name: str, sources: Mapping[str, BenchmarkSource] | None = None
+) -> Benchmark:
     """Resolve `name`: a registered name, a key of `sources`, or an inline file/HF spec."""
     if name in REGISTRY:
         spec = REGISTRY[name]

@@ -91,12 +91,8 @@ def summarize_samples(rows: list[dict[str, Any]], *, resamples: int, seed: int,
     means_R = bootstrap_means(acc_P, resamples, benchmark_seed(seed, benchmark))
     avg = float(acc_P.mean())
     entry = {
-        "avg@k": avg,
-        "pass@1": avg,
-        "ci95": percentile_ci(means_R),
-        "n_problems": int(acc_P.size),
-        "k": max(ks) if len(ks) == 1 else sorted(ks),
-        "n_samples": len(rows),
+        "avg@k": avg, "pass@1": avg, "ci95": percentile_ci(means_R), "n_problems": int(acc_P.size),
+        "k": max(ks) if len(ks) == 1 else sorted(ks), "n_samples": len(rows),
         "mean_response_tokens": float(np.mean([r["num_tokens"] for r in rows])),
         "bootstrap_resamples": int(means_R.size),
     }
@@ -154,7 +150,8 @@ def _model_dir_fingerprint(model_dir: str) -> str:
     path = Path(model_dir).expanduser()
     if not path.is_dir():  # a hub name: its identity is its name
         return fingerprint(["model", model_dir])
-    files = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in path.iterdir() if p.is_file())
+    files = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime))
+                   for p in path.iterdir() if p.is_file())
     return fingerprint(["model", str(path.resolve()), files])
 
 
@@ -213,7 +210,8 @@ class VerifierPools:
         if not get_verifier(kind).isolate:
             return None
         if kind not in self.pools:
-            self.pools[kind] = self.stack.enter_context(VerifierPool(eval_verify_config(self.cfg, kind)))
+            pool = VerifierPool(eval_verify_config(self.cfg, kind))
+            self.pools[kind] = self.stack.enter_context(pool)
         return self.pools[kind]
 
     def __enter__(self) -> Self:
@@ -284,7 +282,9 @@ class SamplesPlan:
 
 
 def plan_samples(cfg: TraceConfig, ckpt: Checkpoint, bench: Benchmark) -> SamplesPlan:
-    verify = {k: v for k, v in cfg.verify.model_dump(mode="json").items() if k not in _VERIFY_RUNTIME_FIELDS}
+    """The dataset, config fingerprint and inputs of one benchmark's samples."""
+    verify = {k: v for k, v in cfg.verify.model_dump(mode="json").items()
+              if k not in _VERIFY_RUNTIME_FIELDS}
     parts = {"rollout": eval_rollout_config(cfg).model_dump(mode="json"),
              "verify": {**verify, "kind": bench.verifier}}
     return SamplesPlan(bench, samples_dataset(ckpt.name, bench.name), fingerprint(parts),
@@ -293,8 +293,9 @@ def plan_samples(cfg: TraceConfig, ckpt: Checkpoint, bench: Benchmark) -> Sample
 
 def write_samples(store: RunStore, plan: SamplesPlan, ckpt: Checkpoint, rows: list[dict[str, Any]],
                   counts: dict[str, Any], k: int) -> Manifest:
-    with store.writer(plan.name, EVAL_SAMPLES, stage="evaluate", config_fingerprint=plan.config_fingerprint,
-                      inputs=plan.inputs) as w:
+    """Write one benchmark's samples (manifest last); verdict statuses become the counts."""
+    with store.writer(plan.name, EVAL_SAMPLES, stage="evaluate",
+                      config_fingerprint=plan.config_fingerprint, inputs=plan.inputs) as w:
         w.write_rows(rows)
         w.counts.update(counts["verdict_status"])
         w.extra = {**counts, "model_dir": ckpt.model_dir, "benchmark": plan.bench.name,
@@ -302,8 +303,8 @@ def write_samples(store: RunStore, plan: SamplesPlan, ckpt: Checkpoint, rows: li
     return w.manifest
 
 
-def sample_benchmarks(cfg: TraceConfig, store: RunStore, ckpt: Checkpoint, benches: list[Benchmark], *,
-                      force: bool, progress: bool) -> dict[str, Manifest]:
+def sample_benchmarks(cfg: TraceConfig, store: RunStore, ckpt: Checkpoint, benches: list[Benchmark],
+                      *, force: bool, progress: bool) -> dict[str, Manifest]:
     """Manifests of every benchmark's samples: current ones kept, the others sampled together."""
     plans = [plan_samples(cfg, ckpt, b) for b in benches]
     manifests: dict[str, Manifest] = {}
@@ -368,7 +369,8 @@ def build_summary(cfg: TraceConfig, store: RunStore, ckpt: Checkpoint,
     sampling = eval_rollout_config(cfg).sampling_dict()
     return {
         "checkpoint": ckpt.name, "model_dir": ckpt.model_dir, "checkpoint_inputs": ckpt.inputs,
-        "sampling": sampling, "bootstrap": {"resamples": cfg.eval.bootstrap, "seed": cfg.run.seed, "level": 0.95},
+        "sampling": sampling,
+        "bootstrap": {"resamples": cfg.eval.bootstrap, "seed": cfg.run.seed, "level": 0.95},
         "benchmarks": dict(sorted(entries.items())),
         "five_column_mean": five_column_mean(entries, means),
         "created_at": time.time(),
@@ -413,7 +415,8 @@ def _sources(cfg: TraceConfig) -> dict[str, BenchmarkSource]:
     # `eval.sources` (named benchmarks with a column mapping) is proposed for EvalConfig; until
     # the config has it, inline specs (file:..., hf:...) are the way to add a benchmark.
     raw = getattr(cfg.eval, "sources", None) or {}
-    return {k: v if isinstance(v, BenchmarkSource) else BenchmarkSource.model_validate(v) for k, v in raw.items()}
+    return {k: v if isinstance(v, BenchmarkSource) else BenchmarkSource.model_validate(v)
+            for k, v in raw.items()}
 
 
 def evaluate(cfg: TraceConfig, *, checkpoint: str = "latest", benchmarks: list[str] | None = None,
@@ -429,7 +432,8 @@ def evaluate(cfg: TraceConfig, *, checkpoint: str = "latest", benchmarks: list[s
     for name in dict.fromkeys(names):  # keeps order, drops repeats
         bench = load_benchmark(cfg, name, sources)
         benches[bench.name] = bench
-    manifests = sample_benchmarks(cfg, store, ckpt, list(benches.values()), force=force, progress=progress)
+    manifests = sample_benchmarks(cfg, store, ckpt, list(benches.values()), force=force,
+                                  progress=progress)
     summary = build_summary(cfg, store, ckpt, manifests)
     store.write_text(store.path("eval", ckpt.name, SUMMARY_FILE), json.dumps(summary, indent=2))
     if progress:
@@ -440,13 +444,14 @@ def evaluate(cfg: TraceConfig, *, checkpoint: str = "latest", benchmarks: list[s
 def run_eval(cfg: TraceConfig, *, checkpoint: str = "latest", benchmarks: list[str] | None = None,
              force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Evaluate a checkpoint ('latest', 'initial', 'round-K' or a model dir); returns summary.json."""
-    return evaluate(cfg, checkpoint=checkpoint, benchmarks=benchmarks, force=force, progress=progress).summary
+    return evaluate(cfg, checkpoint=checkpoint, benchmarks=benchmarks, force=force,
+                    progress=progress).summary
 
 
-def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progress: bool = True) -> Manifest:
+def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False,
+        progress: bool = True) -> Manifest:
     """Stage protocol: evaluate the checkpoint round `round_index` produced (checkpoints/
     round-(k+1)); None = the latest. Returns the manifest of the last benchmark written."""
     checkpoint = "latest" if round_index is None else f"round-{round_index + 1}"
     result = evaluate(cfg, checkpoint=checkpoint, force=force, progress=progress)
     return list(result.manifests.values())[-1]
-

@@ -13,11 +13,16 @@ from .common import dataset_name, plan
 
 log = logging.getLogger("trace_rl.stages.verify")
 
+RUNTIME_ONLY = {"workers", "chunk_size", "start_method", "kill_grace_s"}
+
 
 def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progress: bool = True) -> Manifest:
     round_index = 0 if round_index is None else round_index
     rollouts_name = dataset_name("rollout", round_index)
-    p = plan(cfg, "verify", round_index, {"verify": cfg.section("verify")}, ["prompts", rollouts_name], force=force)
+    # Only what changes verdicts: pool sizing and start method do not, and `workers` defaults to
+    # the machine's core count, which must not make a copied run look stale.
+    parts = {"verify": cfg.verify.model_dump(mode="json", exclude=RUNTIME_ONLY)}
+    p = plan(cfg, "verify", round_index, parts, ["prompts", rollouts_name], force=force)
     if p.skip:
         return p.existing
     prompts = {r["prompt_id"]: r for r in p.store.read("prompts", PROMPTS).to_pylist()}

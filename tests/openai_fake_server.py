@@ -97,10 +97,18 @@ def _error(message: str) -> dict:
 
 def _completion(model: str, content: str) -> dict:
     return {
-        "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                     "finish_reason": "stop", "logprobs": None}],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+        ],
         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
     }
 
@@ -134,8 +142,13 @@ def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
             with server.lock:
-                server.requests.append({"t": time.monotonic(), "body": body,
-                                        "headers": {k.lower(): v for k, v in self.headers.items()}})
+                server.requests.append(
+                    {
+                        "t": time.monotonic(),
+                        "body": body,
+                        "headers": {k.lower(): v for k, v in self.headers.items()},
+                    }
+                )
             if server.latency_s:
                 time.sleep(server.latency_s)
             if not self.path.endswith("/chat/completions"):
@@ -162,28 +175,44 @@ def tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, show_progress=False, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        vocab_size=400,
+        show_progress=False,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    corpus = ["Step 1: add the units. KEY carry the one.", "The answer is \\boxed{42}.",
-              '{"segment_ids": [1, 2], "label": "carry"}', "system user assistant"] * 20
+    corpus = [
+        "Step 1: add the units. KEY carry the one.",
+        "The answer is \\boxed{42}.",
+        '{"segment_ids": [1, 2], "label": "carry"}',
+        "system user assistant",
+    ] * 20
     tok.train_from_iterator(corpus, trainer)
     template = (
         "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
         "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}"
         "{{- '<|im_start|>assistant\\n' }}{%- endif %}"
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", chat_template=template)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=template,
+    )
 
 
 def make_item(tokenizer, rollout_id: str, route: str, text: str) -> dict:
     """An annotate item whose ids are the tokenizer's encoding of `text` plus the eos token."""
     ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
-    return {"rollout_id": rollout_id, "route": route, "problem": "What is 40 + 2?",
-            "answer": "42", "solution": "40 + 2 = 42.", "meta": "{}",
-            "response_text": tokenizer.decode(ids, skip_special_tokens=True),
-            "response_token_ids": ids}
+    return {
+        "rollout_id": rollout_id,
+        "route": route,
+        "problem": "What is 40 + 2?",
+        "answer": "42",
+        "solution": "40 + 2 = 42.",
+        "meta": "{}",
+        "response_text": tokenizer.decode(ids, skip_special_tokens=True),
+        "response_token_ids": ids,
+    }
 
 
 def main() -> None:

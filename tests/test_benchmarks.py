@@ -26,8 +26,14 @@ from stages.benchmarks import (
 pytestmark = pytest.mark.skipif(not SHARED_DATA.exists(), reason=f"{SHARED_DATA} not present")
 
 ROW_COUNTS = {
-    "math500": 500, "aime24": 30, "aime25": 30, "amc23": 40, "gpqa_diamond": 198,
-    "minerva_math": 272, "olympiadbench": 675, "gsm8k": 1319,
+    "math500": 500,
+    "aime24": 30,
+    "aime25": 30,
+    "amc23": 40,
+    "gpqa_diamond": 198,
+    "minerva_math": 272,
+    "olympiadbench": 675,
+    "gsm8k": 1319,
 }
 MATH_SUFFIX = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
 
@@ -47,7 +53,10 @@ def test_real_files_load_with_their_row_counts(name: str) -> None:
 
 def test_math_prompts_wrap_the_raw_problem_and_keep_the_reference() -> None:
     bench = load_benchmark(_cfg(limit=3), "math500")
-    raw = [json.loads(line) for line in (SHARED_DATA / "math500" / "test.jsonl").read_text().splitlines()[:3]]
+    raw = [
+        json.loads(line)
+        for line in (SHARED_DATA / "math500" / "test.jsonl").read_text().splitlines()[:3]
+    ]
     assert [r["prompt_id"] for r in bench.rows] == [r["id"] for r in raw]
     for row, rec in zip(bench.rows, raw):
         assert row["problem"] == rec["problem"] + MATH_SUFFIX
@@ -59,7 +68,10 @@ def test_math_prompts_wrap_the_raw_problem_and_keep_the_reference() -> None:
 
 def test_gpqa_prompts_list_lettered_choices_and_reference_is_the_answer_letter() -> None:
     bench = load_benchmark(_cfg(), "gpqa_diamond")
-    raw = [json.loads(line) for line in (SHARED_DATA / "gpqa_diamond" / "test.jsonl").read_text().splitlines()]
+    raw = [
+        json.loads(line)
+        for line in (SHARED_DATA / "gpqa_diamond" / "test.jsonl").read_text().splitlines()
+    ]
     letters_seen: dict[str, int] = {}
     instruction = "Please reason step by step, and put the letter of the correct choice (A, B, C, D) within \\boxed{}."
     for row, rec in zip(bench.rows, raw, strict=True):
@@ -67,8 +79,12 @@ def test_gpqa_prompts_list_lettered_choices_and_reference_is_the_answer_letter()
         ok_letter = row["answer"] == CHOICE_LETTERS[rec["answer_index"]] == rec["answer_letter"]
         assert ok_letter, f"row {rec['id']}: reference letter does not match answer_index"
         choices = [str(c).strip() for c in rec["choices"]]
-        tail = "\n\n" + "\n".join(f"({x}) {c}" for x, c in zip("ABCD", choices)) + "\n\n" + instruction
-        ok_format = row["problem"].endswith(tail) and row["problem"].startswith(str(rec["question"]).strip())
+        tail = (
+            "\n\n" + "\n".join(f"({x}) {c}" for x, c in zip("ABCD", choices)) + "\n\n" + instruction
+        )
+        ok_format = row["problem"].endswith(tail) and row["problem"].startswith(
+            str(rec["question"]).strip()
+        )
         assert ok_format, f"row {rec['id']}: prompt is not question + (A)-(D) choices + instruction"
         # The line at the reference letter is the choice the file marks correct.
         marked = f"\n({row['answer']}) {choices[rec['answer_index']]}\n"
@@ -80,8 +96,13 @@ def test_gpqa_prompts_list_lettered_choices_and_reference_is_the_answer_letter()
 
 
 def test_gpqa_mismatched_answer_letter_is_an_error_naming_the_row_only() -> None:
-    rec = {"id": "rec-x", "question": "SECRET-QUESTION-TEXT", "choices": ["w", "x", "y", "z"],
-           "answer_index": 2, "answer_letter": "B"}
+    rec = {
+        "id": "rec-x",
+        "question": "SECRET-QUESTION-TEXT",
+        "choices": ["w", "x", "y", "z"],
+        "answer_index": 2,
+        "answer_letter": "B",
+    }
     with pytest.raises(StageError) as err:
         gpqa_rows([rec])
     assert "rec-x" in str(err.value) and "SECRET" not in str(err.value)
@@ -99,12 +120,16 @@ def test_local_file_with_a_column_mapping(tmp_path) -> None:
     path = tmp_path / "mine.jsonl"
     recs = [{"qid": f"q{i}", "text": f"What is {i}+{i}?", "gold": str(2 * i)} for i in range(4)]
     path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
-    src = BenchmarkSource(source=str(path), columns={"prompt_id": "qid", "problem": "text", "answer": "gold"},
-                          template="Q: {problem}")
+    src = BenchmarkSource(
+        source=str(path),
+        columns={"prompt_id": "qid", "problem": "text", "answer": "gold"},
+        template="Q: {problem}",
+    )
     bench = load_benchmark(_cfg(), "mine", {"mine": src})
     assert bench.name == "mine" and bench.verifier == "math"
     assert [(r["prompt_id"], r["problem"], r["answer"]) for r in bench.rows] == [
-        (f"q{i}", f"Q: What is {i}+{i}?", str(2 * i)) for i in range(4)]
+        (f"q{i}", f"Q: What is {i}+{i}?", str(2 * i)) for i in range(4)
+    ]
     # Inline spec: default columns (id/problem/answer) and the math template.
     path2 = tmp_path / "plain.jsonl"
     path2.write_text(json.dumps({"id": "a", "problem": "1+1?", "answer": "2"}) + "\n")

@@ -32,8 +32,11 @@ from stages.evaluate import (
 
 
 def _rows(correct_by_problem: dict[str, list[bool]], tokens: int = 10) -> list[dict]:
-    return [{"problem_id": p, "correct": c, "num_tokens": tokens + i}
-            for p, cs in correct_by_problem.items() for i, c in enumerate(cs)]
+    return [
+        {"problem_id": p, "correct": c, "num_tokens": tokens + i}
+        for p, cs in correct_by_problem.items()
+        for i, c in enumerate(cs)
+    ]
 
 
 def test_bootstrap_ci_all_correct_is_exactly_one() -> None:
@@ -87,14 +90,23 @@ def model_dir(tmp_path_factory) -> str:
 
 
 def _cfg(root, model_dir: str, **eval_over) -> TraceConfig:
-    return TraceConfig.model_validate({
-        "run": {"name": "evaltest", "root": str(root)},
-        "model": {"path": model_dir},
-        "rollout": {"engine": "hf"},
-        "verify": {"workers": 1},
-        "eval": {"data_dir": str(SHARED_DATA), "benchmarks": ["math500"], "k": 2, "limit": 3,
-                 "max_tokens": 12, "bootstrap": 200, **eval_over},
-    })
+    return TraceConfig.model_validate(
+        {
+            "run": {"name": "evaltest", "root": str(root)},
+            "model": {"path": model_dir},
+            "rollout": {"engine": "hf"},
+            "verify": {"workers": 1},
+            "eval": {
+                "data_dir": str(SHARED_DATA),
+                "benchmarks": ["math500"],
+                "k": 2,
+                "limit": 3,
+                "max_tokens": 12,
+                "bootstrap": 200,
+                **eval_over,
+            },
+        }
+    )
 
 
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason=f"{SHARED_DATA} not present")
@@ -108,8 +120,14 @@ def test_end_to_end_eval_writes_samples_and_summary(tmp_path, model_dir) -> None
     assert set(EVAL_SAMPLES.names) <= set(table.column_names)
     rows = table.to_pylist()
     assert sorted((r["problem_id"], r["sample_index"]) for r in rows) == sorted(
-        (pid, i) for pid in ("test/precalculus/807.json", "test/intermediate_algebra/1994.json",
-                             "test/algebra/2584.json") for i in (0, 1))
+        (pid, i)
+        for pid in (
+            "test/precalculus/807.json",
+            "test/intermediate_algebra/1994.json",
+            "test/algebra/2584.json",
+        )
+        for i in (0, 1)
+    )
     assert all(r["benchmark"] == "math500" and 1 <= r["num_tokens"] <= 12 for r in rows)
 
     on_disk = json.loads((tmp_path / "run" / "eval" / "initial" / "summary.json").read_text())
@@ -123,8 +141,15 @@ def test_end_to_end_eval_writes_samples_and_summary(tmp_path, model_dir) -> None
     assert sum(entry["verdict_status"].values()) == 6
     assert summary["five_column_mean"]["value"] is None
     assert "aime24" in summary["five_column_mean"]["reason"]
-    assert summary["sampling"] == {"n": 2, "temperature": 0.6, "top_p": 0.95, "top_k": 20,
-                                   "max_tokens": 12, "enable_thinking": True, "seed": 0}
+    assert summary["sampling"] == {
+        "n": 2,
+        "temperature": 0.6,
+        "top_p": 0.95,
+        "top_k": 20,
+        "max_tokens": 12,
+        "enable_thinking": True,
+        "seed": 0,
+    }
 
     # Current samples are not redone: the manifest (and its fingerprint) stays the same.
     store = RunStore(str(tmp_path / "run"))
@@ -135,12 +160,21 @@ def test_end_to_end_eval_writes_samples_and_summary(tmp_path, model_dir) -> None
     run_eval(_cfg(tmp_path / "run", model_dir, max_tokens=8), checkpoint="initial", progress=False)
     again = store.read("eval/initial/math500/samples.parquet", EVAL_SAMPLES).to_pylist()
     assert all(r["num_tokens"] <= 8 for r in again)
-    # Another benchmark later: the summary keeps math500 (its samples are unchanged) and adds it.
-    both = run_eval(_cfg(tmp_path / "run", model_dir, max_tokens=8), checkpoint="initial",
-                    benchmarks=["testbed"], progress=True)
-    assert set(both["benchmarks"]) == {"math500", "testbed"}
-    assert both["benchmarks"]["testbed"]["n_problems"] == 3
-    assert both["benchmarks"]["math500"]["avg@k"] == pytest.approx(np.mean([r["correct"] for r in again]))
+    # Other benchmarks later (the testbed and choice verifiers): the summary keeps math500 (its
+    # samples are unchanged) and adds them.
+    both = run_eval(
+        _cfg(tmp_path / "run", model_dir, max_tokens=8),
+        checkpoint="initial",
+        benchmarks=["testbed", "gpqa_diamond"],
+        progress=False,
+    )
+    assert set(both["benchmarks"]) == {"math500", "testbed", "gpqa_diamond"}
+    for bench in ("testbed", "gpqa_diamond"):
+        assert both["benchmarks"][bench]["n_problems"] == 3
+        assert sum(both["benchmarks"][bench]["verdict_status"].values()) == 6
+    assert both["benchmarks"]["math500"]["avg@k"] == pytest.approx(
+        np.mean([r["correct"] for r in again])
+    )
 
 
 def test_checkpoint_resolution_and_stage_entry(tmp_path, model_dir) -> None:
@@ -154,8 +188,15 @@ def test_checkpoint_resolution_and_stage_entry(tmp_path, model_dir) -> None:
         run(cfg, 0, progress=False)  # round 0 produces checkpoints/round-0001, not trained yet
     # Once round 0's train stage has finished, its checkpoint is "latest" and the stage entry
     # point evaluates it.
-    with store.writer("round-0000/train", TRAIN_METRICS, stage="train", config_fingerprint="x") as w:
-        w.write_rows([{name: 0.0 for name in TRAIN_METRICS.names} | {"step": 0, "round": 0, "peak_mem_bytes": 0}])
+    with store.writer(
+        "round-0000/train", TRAIN_METRICS, stage="train", config_fingerprint="x"
+    ) as w:
+        w.write_rows(
+            [
+                {name: 0.0 for name in TRAIN_METRICS.names}
+                | {"step": 0, "round": 0, "peak_mem_bytes": 0}
+            ]
+        )
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "round-0001").symlink_to(model_dir)
     assert resolve_checkpoint(cfg, store, "latest").name == "round-0001"
@@ -163,7 +204,13 @@ def test_checkpoint_resolution_and_stage_entry(tmp_path, model_dir) -> None:
     assert manifest.dataset == "eval/round-0001/testbed/samples.parquet" and manifest.rows == 6
     assert manifest.inputs["round-0000/train"] == store.manifest("round-0000/train").fingerprint
     rcfg = eval_rollout_config(cfg)
-    assert (rcfg.n, rcfg.temperature, rcfg.top_p, rcfg.top_k, rcfg.engine) == (2, 0.6, 0.95, 20, "hf")
+    assert (rcfg.n, rcfg.temperature, rcfg.top_p, rcfg.top_k, rcfg.engine) == (
+        2,
+        0.6,
+        0.95,
+        20,
+        "hf",
+    )
     assert cfg.rollout.n == 8  # the training rollout config is not touched
 
 
@@ -174,14 +221,42 @@ def test_checkpoint_resolution_and_stage_entry(tmp_path, model_dir) -> None:
 def _fake_run(root) -> RunStore:
     store = RunStore(str(root))
     for k, rewards in enumerate([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]):
-        with store.writer(f"round-{k:04d}/verdicts", VERDICTS, stage="verify", config_fingerprint="x") as w:
-            w.write_rows([{"rollout_id": f"{k}:{i}", "reward": r, "correct": r == 1.0, "extracted_answer": None,
-                           "status": "ok", "detail": None} for i, r in enumerate(rewards)])
-        metrics = [{name: 0.0 for name in TRAIN_METRICS.names} | {
-            "step": 2 * k + s, "round": k, "peak_mem_bytes": 0, "entropy": 1.0 + k + s,
-            "response_len_mean": 100.0 * (k + 1), "kl_weight": 0.5, "kl/forward": 0.1} for s in range(2)]
-        with store.writer(f"round-{k:04d}/train", extend_metrics(["kl/forward"]), stage="train",
-                          config_fingerprint="x", allow_extra=True) as w:
+        with store.writer(
+            f"round-{k:04d}/verdicts", VERDICTS, stage="verify", config_fingerprint="x"
+        ) as w:
+            w.write_rows(
+                [
+                    {
+                        "rollout_id": f"{k}:{i}",
+                        "reward": r,
+                        "correct": r == 1.0,
+                        "extracted_answer": None,
+                        "status": "ok",
+                        "detail": None,
+                    }
+                    for i, r in enumerate(rewards)
+                ]
+            )
+        metrics = [
+            {name: 0.0 for name in TRAIN_METRICS.names}
+            | {
+                "step": 2 * k + s,
+                "round": k,
+                "peak_mem_bytes": 0,
+                "entropy": 1.0 + k + s,
+                "response_len_mean": 100.0 * (k + 1),
+                "kl_weight": 0.5,
+                "kl/forward": 0.1,
+            }
+            for s in range(2)
+        ]
+        with store.writer(
+            f"round-{k:04d}/train",
+            extend_metrics(["kl/forward"]),
+            stage="train",
+            config_fingerprint="x",
+            allow_extra=True,
+        ) as w:
             w.write_rows(metrics)
     return store
 
@@ -189,7 +264,10 @@ def _fake_run(root) -> RunStore:
 def test_plot_and_markdown_from_round_outputs(tmp_path) -> None:
     store = _fake_run(tmp_path / "run")
     stats = collect_run(str(tmp_path / "run"))
-    assert [(r.round, r.rollouts, r.reward_rate, r.steps) for r in stats.rounds] == [(0, 4, 0.25, 2), (1, 4, 0.5, 2)]
+    assert [(r.round, r.rollouts, r.reward_rate, r.steps) for r in stats.rounds] == [
+        (0, 4, 0.25, 2),
+        (1, 4, 0.5, 2),
+    ]
     assert [r.entropy for r in stats.rounds] == [1.5, 2.5]
     assert [r.response_len for r in stats.rounds] == [100.0, 200.0]
 
@@ -200,8 +278,12 @@ def test_plot_and_markdown_from_round_outputs(tmp_path) -> None:
     assert "| 0 | 4 | 0.250 | 2 |" in md and "| 1 | 4 | 0.500 | 2 |" in md
 
     # With an eval summary the accuracy comes from it.
-    store.write_text(store.path("eval", "round-0001", "summary.json"), json.dumps(
-        {"benchmarks": {"testbed": {"avg@k": 0.625}}, "five_column_mean": {"value": None}}))
+    store.write_text(
+        store.path("eval", "round-0001", "summary.json"),
+        json.dumps(
+            {"benchmarks": {"testbed": {"avg@k": 0.625}}, "five_column_mean": {"value": None}}
+        ),
+    )
     assert collect_run(str(tmp_path / "run")).evals == {1: {"testbed": 0.625}}
     assert "| round-0001 | 62.50 |" in metrics_markdown(str(tmp_path / "run"))
     plot_run(str(tmp_path / "run"), str(tmp_path / "out" / "run2.png"))

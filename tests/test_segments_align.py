@@ -29,7 +29,8 @@ IM_END = 151645
 THINK, END_THINK = 151667, 151668
 
 TEXTS = [
-    "<think>\nLet me see: 𝔽 = ∑ᵢ xᵢ² 🧑‍🤝‍🧑 👨‍👩‍👧 🇯🇵\n\n\n   中文测试，龘靐齉。 \\frac{a}{b}\t\tx</think>\n\n"
+    "<think>\nLet me see: "
+    "𝔽 = ∑ᵢ xᵢ² 🧑‍🤝‍🧑 👨‍👩‍👧 🇯🇵\n\n\n   中文测试，龘靐齉。 \\frac{a}{b}\t\tx</think>\n\n"
     "The answer is \\boxed{42}.",
     "Step 1:    carry the 1.\n\n\n\nStep 2: $\\sqrt{x^2+y^2} \\geq |x|$ — naïve café résumé.\r\n"
     "Тест по-русски. العربية 123456789 😀😀😀 \n    \n  \t ",
@@ -72,9 +73,14 @@ def qwen3():
         tmp = f"{cached}.{os.getpid()}.tmp"
         backend.save(tmp)
         os.replace(tmp, cached)
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>")
-    assert tok.convert_tokens_to_ids(["<|im_end|>", "<think>", "</think>"]) == [IM_END, THINK, END_THINK]
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    assert tok.convert_tokens_to_ids(["<|im_end|>", "<think>", "</think>"]) == [
+        IM_END,
+        THINK,
+        END_THINK,
+    ]
     return tok
 
 
@@ -159,8 +165,9 @@ def test_span_slices_decode_to_span_text(qwen3, text):
         assert offsets[t0][0] <= first < offsets[t0][1]
         assert offsets[t1 - 1][0] <= last < offsets[t1 - 1][1]
         assert core.encode() in b"".join(pieces[t0:t1])
-        if offsets[t0][0] == (offsets[t0 - 1][1] if t0 else 0) and \
-                (t1 == len(ids) or offsets[t1][0] == offsets[t1 - 1][1]):
+        if offsets[t0][0] == (offsets[t0 - 1][1] if t0 else 0) and (
+            t1 == len(ids) or offsets[t1][0] == offsets[t1 - 1][1]
+        ):
             # No char split at the edges: the slice decodes to text, edge chars at most added.
             decoded = qwen3.decode(ids[t0:t1], clean_up_tokenization_spaces=False)
             assert decoded == resp[offsets[t0][0] : offsets[t1 - 1][1]]
@@ -266,12 +273,28 @@ def test_rule_backend_rows(qwen3):
     """Backend 'rule' through annotate_rows, with a local rule (tests/openai_fake_server.py)."""
     cfg = AnnotateConfig(backend="rule", rule_fn="tests.openai_fake_server:local_rule")
     items = []
-    for k, (route, text) in enumerate([("key", SIMPLE), ("error", SIMPLE), ("none", SIMPLE),
-                                       ("key", "   \n"), ("error", "no step here")]):
+    for k, (route, text) in enumerate(
+        [
+            ("key", SIMPLE),
+            ("error", SIMPLE),
+            ("none", SIMPLE),
+            ("key", "   \n"),
+            ("error", "no step here"),
+        ]
+    ):
         ids, resp = _generated(qwen3, text)
-        items.append({"rollout_id": f"r{k}", "route": route, "problem": "p", "answer": "a",
-                      "solution": None, "meta": "{}", "response_text": resp,
-                      "response_token_ids": ids})
+        items.append(
+            {
+                "rollout_id": f"r{k}",
+                "route": route,
+                "problem": "p",
+                "answer": "a",
+                "solution": None,
+                "meta": "{}",
+                "response_text": resp,
+                "response_token_ids": ids,
+            }
+        )
     items.append({**items[0], "rollout_id": "bad", "response_text": SIMPLE + "!"})
     rows = annotate_rows(cfg, items, qwen3, cache_dir=None, progress=False)
     assert [r["rollout_id"] for r in rows] == ["r0", "r1", "r2", "r3", "r4", "bad"]
@@ -279,6 +302,29 @@ def test_rule_backend_rows(qwen3):
     assert rows[0]["spans"][0]["segment_ids"] == [3] and rows[0]["spans"][0]["label"] == "key step"
     assert (rows[0]["spans"][0]["token_start"], rows[0]["spans"][0]["token_end"]) == (7, 8)
     assert rows[0]["coverage"] == pytest.approx(1 / 14)  # 13 text tokens + <|im_end|>
-    assert rows[1]["spans"][0]["segment_ids"] == [1] and rows[1]["spans"][0]["label"] == "first error"
+    assert (
+        rows[1]["spans"][0]["segment_ids"] == [1] and rows[1]["spans"][0]["label"] == "first error"
+    )
     assert rows[5]["error"].startswith("alignment:")
     assert all(r["annotator"] == "rule:tests.openai_fake_server:local_rule" for r in rows)
+
+
+def test_template_dir_is_validated_and_used(tmp_path):
+    from pydantic import ValidationError
+
+    from stages.annotators.prompting import build_messages
+
+    (tmp_path / "system.txt").write_text("SYS")
+    with pytest.raises(ValidationError, match="lacks key.txt, error.txt"):
+        AnnotateConfig(template_dir=str(tmp_path))
+    (tmp_path / "key.txt").write_text("K {problem} \\frac{1}{2} {answer}\n{segments}")
+    (tmp_path / "error.txt").write_text("E {reference}")
+    cfg = AnnotateConfig(template_dir=str(tmp_path))
+    item = {"route": "key", "problem": "P{x}", "answer": "7", "solution": "S"}
+    msgs = build_messages(cfg, item, segment_response("a\nb"))
+    assert msgs == [
+        {"role": "system", "content": "SYS"},
+        {"role": "user", "content": "K P{x} \\frac{1}{2} 7\n[1] a\n[2] b"},
+    ]
+    err = build_messages(cfg, {**item, "route": "error"}, segment_response("a"))
+    assert err[1]["content"] == "E Reference solution:\nS"

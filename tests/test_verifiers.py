@@ -66,7 +66,9 @@ def _items(pairs: list[tuple[str, str]]) -> list[dict]:
 
 
 def test_final_region_skips_thinking_and_flags_truncation() -> None:
-    assert final_region("<think>\ntry \\boxed{1}\n</think>\n\nSo \\boxed{2}.") == "\n\nSo \\boxed{2}."
+    assert (
+        final_region("<think>\ntry \\boxed{1}\n</think>\n\nSo \\boxed{2}.") == "\n\nSo \\boxed{2}."
+    )
     assert final_region("<think>\nstill thinking about \\boxed{1}") is None
     assert final_region("No tags: \\boxed{3}") == "No tags: \\boxed{3}"
 
@@ -112,8 +114,10 @@ def test_number_normalisation_rules() -> None:
 
 def test_reference_parsed_once_per_distinct_answer() -> None:
     checker = MathChecker(VerifyConfig(kind="math", workers=1))
-    verdicts = [checker(f"So $\\boxed{{{a}}}$.", ref, {}) for a, ref in
-                [("7", "7"), ("8", "7"), ("7.0", "7"), ("1/2", r"\frac12")]]
+    verdicts = [
+        checker(f"So $\\boxed{{{a}}}$.", ref, {})
+        for a, ref in [("7", "7"), ("8", "7"), ("7.0", "7"), ("1/2", r"\frac12")]
+    ]
     assert [v.correct for v in verdicts] == [True, False, True, True]
     assert checker.reference_parses == 2
 
@@ -153,10 +157,19 @@ def test_math_realistic_responses(math_cfg: VerifyConfig, math_pool: VerifierPoo
         ("The discount is $\\boxed{25\\%}$.", "25", "ok", True),
         ("She pays $\\boxed{\\$1,250.50}$ in total.", "1250.5", "ok", True),
         ("The roots are $\\boxed{2}$ and $\\boxed{-3}$.", "-3, 2", "ok", True),
-        ("The solution set is $\\boxed{(-\\infty, 1] \\cup (3, \\infty)}$.",
-         "(-\\infty,1]\\cup(3,\\infty)", "ok", True),
-        ("First half gives $\\boxed{200}$. Then we add 255. Final Answer: The final answer "
-         "is $455$. I hope it is correct.", "455", "ok", True),
+        (
+            "The solution set is $\\boxed{(-\\infty, 1] \\cup (3, \\infty)}$.",
+            "(-\\infty,1]\\cup(3,\\infty)",
+            "ok",
+            True,
+        ),
+        (
+            "First half gives $\\boxed{200}$. Then we add 255. "
+            + "Final Answer: The final answer is $455$. I hope it is correct.",
+            "455",
+            "ok",
+            True,
+        ),
         ("Therefore $x = \\boxed{8}$.", "7", "ok", False),
         ("Hence $\\boxed{\\frac{}$", "\\frac{", "error", False),
     ]
@@ -167,6 +180,16 @@ def test_math_realistic_responses(math_cfg: VerifyConfig, math_pool: VerifierPoo
         assert row["reward"] == (1.0 if correct else 0.0)
     assert rows[0]["extracted_answer"] == "7"
     assert "math-verify's extraction" in rows[3]["detail"]
+
+
+def test_math_from_a_non_main_thread(math_cfg: VerifyConfig, math_pool: VerifierPool) -> None:
+    """Prefect runs tasks in threads, where math-verify's own signal-based timeouts fail."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = _items([("$\\boxed{\\sqrt{8}}$", "2\\sqrt{2}"), ("$\\boxed{3}$", "4")])
+    with ThreadPoolExecutor(1) as ex:
+        rows = ex.submit(verify_rows, math_cfg, items, math_pool).result()
+    assert [(r["status"], r["correct"]) for r in rows] == [("ok", True), ("ok", False)]
 
 
 def test_case_agreement(math_cfg: VerifyConfig, math_pool: VerifierPool) -> None:
@@ -180,7 +203,8 @@ def test_case_agreement(math_cfg: VerifyConfig, math_pool: VerifierPool) -> None
         {
             "rollout_id": c["id"],
             "answer": c["gold"],
-            "response_text": c["pred"] if c["needs_extraction"]
+            "response_text": c["pred"]
+            if c["needs_extraction"]
             else f"The final answer is $\\boxed{{{c['pred']}}}$.",
         }
         for c in cases
@@ -190,23 +214,29 @@ def test_case_agreement(math_cfg: VerifyConfig, math_pool: VerifierPool) -> None
     elapsed = time.perf_counter() - t0
     wrong = [(c, r) for c, r in zip(cases, rows, strict=True) if r["correct"] != c["equal"]]
     rate = 1 - len(wrong) / len(cases)
-    print(f"\nmath verifier agreement: {len(cases) - len(wrong)}/{len(cases)} = {rate:.1%} "
-          f"({len(cases) / elapsed:.1f} cases/s, {math_cfg.workers} workers)")
+    print(
+        f"\nmath verifier agreement: {len(cases) - len(wrong)}/{len(cases)} = {rate:.1%} "
+        f"({len(cases) / elapsed:.1f} cases/s, {math_cfg.workers} workers)"
+    )
     for c, r in wrong:
-        print(f"  {c['id']} expected equal={c['equal']} got {r['status']}/{r['correct']}: "
-              f"gold={c['gold'][:60]!r} pred={c['pred'][:60]!r}")
+        print(
+            f"  {c['id']} expected equal={c['equal']} got {r['status']}/{r['correct']}: "
+            f"gold={c['gold'][:60]!r} pred={c['pred'][:60]!r}"
+        )
     assert rate >= 0.97
 
 
 def test_hangs_become_timeouts_and_the_batch_goes_on() -> None:
     cfg = VerifyConfig(kind="math", workers=1, timeout_s=1.0, kill_grace_s=1.0, chunk_size=8)
-    items = _items([
-        ("$\\boxed{5}$", "5"),
-        (PYTHON_LEVEL_SLOW, PYTHON_LEVEL_SLOW_REF),
-        (POWER_TOWER, "3"),
-        ("$\\boxed{4}$", "5"),
-        ("$\\boxed{6}$", "6"),
-    ])
+    items = _items(
+        [
+            ("$\\boxed{5}$", "5"),
+            (PYTHON_LEVEL_SLOW, PYTHON_LEVEL_SLOW_REF),
+            (POWER_TOWER, "3"),
+            ("$\\boxed{4}$", "5"),
+            ("$\\boxed{6}$", "6"),
+        ]
+    )
     with VerifierPool(cfg) as pool:
         t0 = time.perf_counter()
         rows = verify_rows(cfg, items, pool=pool)
@@ -222,8 +252,9 @@ def test_a_stuck_worker_is_killed_and_replaced() -> None:
     """A worker that stops responding (here: SIGSTOP, as a process stuck in C code would)
     is killed at timeout_s + kill_grace_s; its item times out, the rest are redone."""
     cfg = VerifyConfig(kind="math", workers=1, timeout_s=1.0, kill_grace_s=1.0, chunk_size=8)
-    items = _items([(PYTHON_LEVEL_SLOW, PYTHON_LEVEL_SLOW_REF), ("$\\boxed{4}$", "4"),
-                    ("$\\boxed{6}$", "7")])
+    items = _items(
+        [(PYTHON_LEVEL_SLOW, PYTHON_LEVEL_SLOW_REF), ("$\\boxed{4}$", "4"), ("$\\boxed{6}$", "7")]
+    )
     with VerifierPool(cfg) as pool:
         first_pid = pool.worker_pids()[0]
         freezer = threading.Timer(0.4, os.kill, args=(first_pid, signal.SIGSTOP))
@@ -231,7 +262,9 @@ def test_a_stuck_worker_is_killed_and_replaced() -> None:
         rows = verify_rows(cfg, items, pool=pool)
         freezer.join()
         assert [(r["status"], r["correct"]) for r in rows] == [
-            ("timeout", False), ("ok", True), ("ok", False)
+            ("timeout", False),
+            ("ok", True),
+            ("ok", False),
         ]
         assert "worker killed" in rows[0]["detail"]
         assert pool.kills == 1 and pool.worker_pids()[0] != first_pid
@@ -261,8 +294,14 @@ def test_verify_rows_starts_its_own_pool_and_keeps_every_row() -> None:
     assert [r["rollout_id"] for r in rows] == ["r0", "r1", "r2", "r3"]
     assert [r["status"] for r in rows] == ["ok", "no_answer", "error", "error"]
     assert [r["reward"] for r in rows] == [1.0, 0.0, 0.0, 0.0]
-    assert set(rows[0]) == {"rollout_id", "reward", "correct", "extracted_answer", "status",
-                            "detail"}
+    assert set(rows[0]) == {
+        "rollout_id",
+        "reward",
+        "correct",
+        "extracted_answer",
+        "status",
+        "detail",
+    }
     with pytest.raises(ValueError, match="lacks \\['answer'\\]"):
         verify_rows(cfg, [{"rollout_id": "x", "response_text": "1"}])
 
@@ -292,15 +331,24 @@ def test_extract_choice(response: str, letter: str | None) -> None:
 
 def test_choice_verifier_rows() -> None:
     cfg = VerifyConfig(kind="choice", workers=1)
-    rows = verify_rows(cfg, _items([
-        ("The answer is (C).", "c"),
-        ("The answer is (C).", "B"),
-        ("I cannot decide.", "A"),
-        ("The answer is (C).", "E"),
-        ("<think>\nThe answer is probably (B)", "B"),
-    ]))
+    rows = verify_rows(
+        cfg,
+        _items(
+            [
+                ("The answer is (C).", "c"),
+                ("The answer is (C).", "B"),
+                ("I cannot decide.", "A"),
+                ("The answer is (C).", "E"),
+                ("<think>\nThe answer is probably (B)", "B"),
+            ]
+        ),
+    )
     assert [(r["status"], r["correct"]) for r in rows] == [
-        ("ok", True), ("ok", False), ("no_answer", False), ("error", False), ("no_answer", False)
+        ("ok", True),
+        ("ok", False),
+        ("no_answer", False),
+        ("error", False),
+        ("no_answer", False),
     ]
     assert rows[0]["extracted_answer"] == "C"
 
@@ -314,19 +362,30 @@ def test_testbed_verifier_rows() -> None:
     assert normalize_integer("12.5") is None
     cfg = VerifyConfig(kind="testbed", workers=1)
     steps = "Step 1: 7 + 5 = 12, write 2 carry 1.\nStep 2: 3 + 8 + 1 = 12.\n"
-    rows = verify_rows(cfg, _items([
-        (steps + "\\boxed{122}", "122"),
-        (steps + "\\boxed{1,234}", "1234"),
-        (steps + "\\boxed{0042}", "42"),
-        ("\\boxed{5} then \\boxed{7}", "7"),
-        (steps + "\\boxed{121}", "122"),
-        (steps + "\\boxed{12.5}", "122"),
-        (steps, "122"),
-        ("\\boxed{7}", "seven"),
-    ]))
+    rows = verify_rows(
+        cfg,
+        _items(
+            [
+                (steps + "\\boxed{122}", "122"),
+                (steps + "\\boxed{1,234}", "1234"),
+                (steps + "\\boxed{0042}", "42"),
+                ("\\boxed{5} then \\boxed{7}", "7"),
+                (steps + "\\boxed{121}", "122"),
+                (steps + "\\boxed{12.5}", "122"),
+                (steps, "122"),
+                ("\\boxed{7}", "seven"),
+            ]
+        ),
+    )
     assert [(r["status"], r["correct"]) for r in rows] == [
-        ("ok", True), ("ok", True), ("ok", True), ("ok", True),
-        ("ok", False), ("ok", False), ("no_answer", False), ("error", False),
+        ("ok", True),
+        ("ok", True),
+        ("ok", True),
+        ("ok", True),
+        ("ok", False),
+        ("ok", False),
+        ("no_answer", False),
+        ("error", False),
     ]
     assert rows[2]["extracted_answer"] == "42"
 

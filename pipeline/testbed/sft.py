@@ -156,7 +156,7 @@ def run_sft(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
-        if log and (step % 50 == 0 or step == cfg.sft_steps - 1):
+        if log and (step % 25 == 0 or step == cfg.sft_steps - 1):
             log(f"sft step {step}/{cfg.sft_steps} loss {loss.item():.4f} "
                 f"({time.perf_counter() - t0:.1f}s)")
     model.eval()

@@ -51,7 +51,7 @@ def _byte_decoder() -> dict[str, int]:
             printable.append(b)
             chars.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
 def _is_byte_level(tokenizer: Any) -> bool:
@@ -110,17 +110,16 @@ def _offsets_valid_utf8(pieces: list[bytes]) -> tuple[str, list[tuple[int, int]]
     bytes_B = np.frombuffer(joined, dtype=np.uint8)
     is_cont_B = (bytes_B & 0xC0) == 0x80
     # leads_before_B[b] = number of chars that start before byte b (length B + 1).
-    leads_before_B = np.concatenate(([0], np.cumsum(~is_cont_B)))
-    ends_T = np.cumsum([len(p) for p in pieces])
-    starts_T = ends_T - [len(p) for p in pieces]
-    start_chars_T = leads_before_B[starts_T]
+    leads_before_B = np.zeros(len(joined) + 1, dtype=np.int64)
+    np.cumsum(~is_cont_B, out=leads_before_B[1:])
+    lens_T = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    ends_T = np.cumsum(lens_T)
+    starts_T = ends_T - lens_T
+    nonempty_T = lens_T > 0
     # A piece opening with continuation bytes finishes the char begun by the previous piece.
-    opens_mid_T = np.zeros(len(pieces), dtype=bool)
-    nonempty_T = ends_T > starts_T
-    opens_mid_T[nonempty_T] = is_cont_B[starts_T[nonempty_T]]
-    start_chars_T = start_chars_T - opens_mid_T
-    end_chars_T = np.maximum(leads_before_B[ends_T], start_chars_T + nonempty_T)
-    end_chars_T = np.where(nonempty_T, end_chars_T, start_chars_T)
+    opens_mid_T = nonempty_T & is_cont_B[np.minimum(starts_T, max(len(joined) - 1, 0))]
+    start_chars_T = leads_before_B[starts_T] - opens_mid_T
+    end_chars_T = np.where(nonempty_T, leads_before_B[ends_T], start_chars_T)
     return text, list(zip(start_chars_T.tolist(), end_chars_T.tolist(), strict=True))
 
 
@@ -211,7 +210,7 @@ def token_char_offsets(
         best = max(best, _first_mismatch(decoded, text))
     raise AlignmentError(
         f"response_text differs from the decoding of response_token_ids at char {best} "
-        f"(text: {text[max(0, best - 20):best + 20]!r}); the rollout stage must store "
+        f"(text: {text[max(0, best - 20) : best + 20]!r}); the rollout stage must store "
         "response_text = tokenizer.decode(response_token_ids, skip_special_tokens=True, "
         "clean_up_tokenization_spaces=False) of the same tokenizer"
     )
@@ -221,12 +220,17 @@ def offset_index(offsets: Sequence[tuple[int, int]]) -> tuple[list[int], list[in
     """Sorted token starts and ends for char_span_to_tokens (compute once per response)."""
     # Running maxima keep both lists sorted even when a zero-width token follows a token that
     # owns a half-finished character.
-    return (list(accumulate((s for s, _ in offsets), max)),
-            list(accumulate((e for _, e in offsets), max)))
+    return (
+        list(accumulate((s for s, _ in offsets), max)),
+        list(accumulate((e for _, e in offsets), max)),
+    )
 
 
 def char_span_to_tokens(
-    offsets: Sequence[tuple[int, int]], text: str, char_start: int, char_end: int,
+    offsets: Sequence[tuple[int, int]],
+    text: str,
+    char_start: int,
+    char_end: int,
     index: tuple[list[int], list[int]] | None = None,
 ) -> tuple[int, int] | None:
     """Minimal token range [token_start, token_end) covering the span's non-whitespace chars.

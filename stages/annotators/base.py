@@ -45,28 +45,47 @@ class Job:
     offsets: list[tuple[int, int]]
 
 
-def make_row(item: dict, annotator: str, status: str, *, spans: list[dict] | None = None,
-             coverage: float = 0.0, raw: str | None = None, error: str | None = None,
-             latency_s: float = 0.0) -> dict:
+def make_row(
+    item: dict,
+    annotator: str,
+    status: str,
+    *,
+    spans: list[dict] | None = None,
+    coverage: float = 0.0,
+    raw: str | None = None,
+    error: str | None = None,
+    latency_s: float = 0.0,
+) -> dict:
     """An annotations row (shared contracts) for one rollout."""
-    return {"rollout_id": item["rollout_id"], "route": item["route"], "annotator": annotator,
-            "spans": spans or [], "coverage": float(coverage), "status": status,
-            "raw_response": raw, "error": error, "latency_s": float(latency_s)}
+    return {
+        "rollout_id": item["rollout_id"],
+        "route": item["route"],
+        "annotator": annotator,
+        "spans": spans or [],
+        "coverage": float(coverage),
+        "status": status,
+        "raw_response": raw,
+        "error": error,
+        "latency_s": float(latency_s),
+    }
 
 
 def _join(*notes: str | None) -> str | None:
     return "; ".join(n for n in notes if n) or None
 
 
-def prepare(cfg: AnnotateConfig, items: list[dict], tokenizer: Any, annotator: str
-            ) -> tuple[list[dict | None], list[Job]]:
+def prepare(
+    cfg: AnnotateConfig, items: list[dict], tokenizer: Any, annotator: str
+) -> tuple[list[dict | None], list[Job]]:
     """Rows decided without an annotator (skipped, empty) and the jobs that need one."""
     rows: list[dict | None] = [None] * len(items)
     jobs: list[Job] = []
     for i, item in enumerate(items):
         route = item.get("route")
         if route not in ROUTES:
-            raise ValueError(f"rollout {item.get('rollout_id')!r}: route={route!r}; use one of {ROUTES}")
+            raise ValueError(
+                f"rollout {item.get('rollout_id')!r}: route={route!r}; use one of {ROUTES}"
+            )
         if route == "none":
             rows[i] = make_row(item, annotator, "skipped")
             continue
@@ -84,17 +103,38 @@ def prepare(cfg: AnnotateConfig, items: list[dict], tokenizer: Any, annotator: s
     return rows, jobs
 
 
-def finish(cfg: AnnotateConfig, job: Job, annotator: str, parsed: ParsedReply,
-           raw: str | None, latency_s: float) -> dict:
+def finish(
+    cfg: AnnotateConfig,
+    job: Job,
+    annotator: str,
+    parsed: ParsedReply,
+    raw: str | None,
+    latency_s: float,
+) -> dict:
     """The row of a job whose reply was obtained (parsed or not)."""
     if parsed.status != "ok":
-        return make_row(job.item, annotator, parsed.status, raw=raw, error=parsed.note,
-                        latency_s=latency_s)
-    plan = build_spans(job.segments, parsed.segment_ids, parsed.label, job.offsets,
-                       job.item["response_text"], cfg.coverage_cap)
+        return make_row(
+            job.item, annotator, parsed.status, raw=raw, error=parsed.note, latency_s=latency_s
+        )
+    plan = build_spans(
+        job.segments,
+        parsed.segment_ids,
+        parsed.label,
+        job.offsets,
+        job.item["response_text"],
+        cfg.coverage_cap,
+    )
     status = "ok" if plan.spans else "no_spans"
-    return make_row(job.item, annotator, status, spans=plan.spans, coverage=plan.coverage,
-                    raw=raw, error=_join(parsed.note, plan.note), latency_s=latency_s)
+    return make_row(
+        job.item,
+        annotator,
+        status,
+        spans=plan.spans,
+        coverage=plan.coverage,
+        raw=raw,
+        error=_join(parsed.note, plan.note),
+        latency_s=latency_s,
+    )
 
 
 def run_coro(coro: Coroutine) -> Any:
@@ -110,9 +150,16 @@ def run_coro(coro: Coroutine) -> Any:
 Transport = Callable[[list[list[dict]], Callable[[int, CallResult], None]], list[CallResult]]
 
 
-def llm_rows(cfg: AnnotateConfig, jobs: list[Job], annotator: str, model_id: str,
-             sampling: dict, transport: Transport, cache: ReplyCache,
-             tick: Callable[[], None]) -> list[dict]:
+def llm_rows(
+    cfg: AnnotateConfig,
+    jobs: list[Job],
+    annotator: str,
+    model_id: str,
+    sampling: dict,
+    transport: Transport,
+    cache: ReplyCache,
+    tick: Callable[[], None],
+) -> list[dict]:
     """Rows of jobs answered by a chat model: cache hits first, the misses via `transport`."""
     messages = [build_messages(cfg, j.item, j.segments) for j in jobs]
     keys = [cache_key(model_id, m, sampling) for m in messages]
@@ -135,28 +182,42 @@ def llm_rows(cfg: AnnotateConfig, jobs: list[Job], annotator: str, model_id: str
             results[misses[k]] = res
     log.info("annotate: %d cache hits, %d requests", len(jobs) - len(misses), len(misses))
     rows = []
-    for job, res in zip(jobs, results):
+    for job, res in zip(jobs, results, strict=True):
         assert res is not None
         if res.status != "ok":
-            rows.append(make_row(job.item, annotator, res.status, error=res.error,
-                                 latency_s=res.latency_s))
+            rows.append(
+                make_row(job.item, annotator, res.status, error=res.error, latency_s=res.latency_s)
+            )
             continue
         parsed = parse_reply(res.raw or "", len(job.segments))
         rows.append(finish(cfg, job, annotator, parsed, res.raw, res.latency_s))
     return rows
 
 
-def api_transport(cfg: AnnotateConfig, *, model: str, base_url: str | None, api_key: str,
-                  concurrency: int, extra_body: dict | None = None) -> tuple[Transport, dict]:
+def api_transport(
+    cfg: AnnotateConfig,
+    *,
+    model: str,
+    base_url: str | None,
+    api_key: str,
+    concurrency: int,
+    extra_body: dict | None = None,
+) -> tuple[Transport, dict]:
     """A transport over an OpenAI-compatible endpoint and the sampling dict of its requests."""
     sampling = sampling_of(cfg.api, cfg.temperature, extra_body)
 
     def transport(requests: list[list[dict]], on_done) -> list[CallResult]:
         async def go() -> list[CallResult]:
             # The client must be created inside the loop that uses it.
-            caller = ApiCaller(cfg.api, model=model, base_url=base_url, api_key=api_key,
-                               temperature=cfg.temperature, concurrency=concurrency,
-                               extra_body=extra_body)
+            caller = ApiCaller(
+                cfg.api,
+                model=model,
+                base_url=base_url,
+                api_key=api_key,
+                temperature=cfg.temperature,
+                concurrency=concurrency,
+                extra_body=extra_body,
+            )
             return await call_all(caller, requests, on_done)
 
         return run_coro(go())
@@ -170,8 +231,10 @@ def load_rule(spec: str) -> Callable[[dict, list[str], str], tuple[list[int], st
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ImportError(f"rule_fn={spec!r} cannot be imported ({e}); set annotate.rule_fn "
-                          "to 'package.module:function'") from e
+        raise ImportError(
+            f"rule_fn={spec!r} cannot be imported ({e}); set annotate.rule_fn "
+            "to 'package.module:function'"
+        ) from e
 
 
 def rule_rows(cfg: AnnotateConfig, jobs: list[Job], annotator: str, tick) -> list[dict]:
@@ -179,7 +242,9 @@ def rule_rows(cfg: AnnotateConfig, jobs: list[Job], annotator: str, tick) -> lis
     rule = load_rule(cfg.rule_fn)
     rows = []
     for job in jobs:
-        prompt = {k: job.item.get(k) for k in ("prompt_id", "problem", "answer", "solution", "meta")}
+        prompt = {
+            k: job.item.get(k) for k in ("prompt_id", "problem", "answer", "solution", "meta")
+        }
         ids, label = rule(prompt, [s.text for s in job.segments], job.item["route"])
         parsed = validate_ids(list(ids), len(job.segments), clean_label(label))
         rows.append(finish(cfg, job, annotator, parsed, None, 0.0))
@@ -193,7 +258,9 @@ def dir_fingerprint(path: str) -> str:
     for root, _, files in sorted(os.walk(path)):
         for f in sorted(files):
             st = os.stat(os.path.join(root, f))
-            entries.append(f"{os.path.relpath(os.path.join(root, f), path)}:{st.st_size}:{st.st_mtime_ns}")
+            entries.append(
+                f"{os.path.relpath(os.path.join(root, f), path)}:{st.st_size}:{st.st_mtime_ns}"
+            )
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
 
 

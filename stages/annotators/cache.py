@@ -2,7 +2,7 @@
 
 Key = sha256 of the canonical JSON of (model, messages, sampling). One JSON file per key at
 <dir>/<key[:2]>/<key>.json, written to a temporary name in the same directory and renamed
-(atomic on POSIX), so a crash never leaves a half-written entry. Only completed replies are
+(atomic on POSIX), so a crashed run never leaves a half-written entry. Only completed replies are
 stored (also ones that later fail to parse: they were paid for); transport failures are not.
 Nothing secret is stored: the key material is the request content, never the API key.
 """
@@ -20,7 +20,9 @@ def cache_key(model: str, messages: list[dict], sampling: dict) -> str:
     """sha256 hex digest of the canonical request content."""
     blob = json.dumps(
         {"model": model, "messages": messages, "sampling": sampling},
-        sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+        sort_keys=True,
+        ensure_ascii=False,
+        separators=(",", ":"),
     )
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
@@ -48,7 +50,12 @@ class ReplyCache:
         return raw if isinstance(raw, str) else None
 
     def put(self, key: str, raw: str, meta: dict | None = None) -> None:
-        """Store atomically: write a temp file beside the target, fsync, rename."""
+        """Store atomically: write a temp file beside the target, then rename.
+
+        No fsync: the rename already guarantees a crashed process leaves no partial entry, and
+        an entry lost to a power cut is only a cache miss (an fsync per reply would stall the
+        event loop that runs the requests).
+        """
         if self.root is None:
             return
         path = self._path(key)
@@ -57,8 +64,6 @@ class ReplyCache:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump({"key": key, "raw": raw, **(meta or {})}, f, ensure_ascii=False)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

@@ -27,7 +27,8 @@ class ApiOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     base_url: str | None = Field(
-        default=None, description="endpoint root (e.g. https://api.openai.com/v1); None = client default"
+        default=None,
+        description="endpoint root (e.g. https://api.openai.com/v1); None = client default",
     )
     model: str = "gpt-4.1"
     api_key_env: str = Field(
@@ -36,11 +37,23 @@ class ApiOptions(BaseModel):
         "stored in config, shards, manifests or logs)",
     )
     concurrency: int = 32
-    max_retries: int = Field(default=6, description="retries after the first try (429/5xx/timeouts)")
+    max_retries: int = Field(
+        default=6, description="retries after the first try (429/5xx/timeouts)"
+    )
     timeout_s: float = Field(default=120.0, description="wall-clock limit of one request")
     backoff_base_s: float = Field(default=1.0, description="first retry delay; doubles per retry")
-    backoff_max_s: float = Field(default=60.0, description="cap on one retry delay (Retry-After too)")
+    backoff_max_s: float = Field(
+        default=60.0, description="cap on one retry delay (Retry-After too)"
+    )
     max_tokens: int = Field(default=1024, description="reply budget of the annotator")
+    max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = Field(
+        default="max_tokens",
+        description="request field carrying max_tokens (OpenAI reasoning models need "
+        "max_completion_tokens)",
+    )
+    send_temperature: bool = Field(
+        default=True, description="false for endpoints that reject a temperature (o-series)"
+    )
     extra_body: dict = Field(
         default_factory=dict,
         description="provider-specific request fields (e.g. {'response_format': {'type': "
@@ -190,10 +203,13 @@ class AnnotateConfig(BaseModel):
     @model_validator(mode="after")
     def _templates_exist(self) -> AnnotateConfig:
         if self.template_dir is not None:
-            missing = [n for n in TEMPLATE_NAMES if not (Path(self.template_dir) / f"{n}.txt").is_file()]
+            missing = [
+                n for n in TEMPLATE_NAMES if not (Path(self.template_dir) / f"{n}.txt").is_file()
+            ]
             if missing:
                 raise ValueError(
-                    f"template_dir={self.template_dir!r} lacks {', '.join(m + '.txt' for m in missing)}; "
+                    f"template_dir={self.template_dir!r} lacks "
+                    f"{', '.join(m + '.txt' for m in missing)}; "
                     "copy stages/annotators/templates/ and edit it, or set template_dir: null"
                 )
         return self

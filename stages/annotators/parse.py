@@ -62,7 +62,9 @@ def validate_ids(ids: Sequence[int], n_segments: int, label: str) -> ParsedReply
             seen.add(i)
             valid.append(i)
     if out_of_range:
-        notes.append(f"dropped out-of-range segment ids {out_of_range[:20]} (valid 1..{n_segments})")
+        notes.append(
+            f"dropped out-of-range segment ids {out_of_range[:20]} (valid 1..{n_segments})"
+        )
     if len(valid) + len(out_of_range) < len(ids):
         notes.append("dropped repeated segment ids")
     note = "; ".join(notes) or None
@@ -81,6 +83,8 @@ def parse_reply(raw: str, n_segments: int) -> ParsedReply:
         return ParsedReply([], "", "parse_error", "reply is JSON but not an object")
     ids = obj.get("segment_ids")
     # bool is an int subclass in Python; true/false are not segment ids.
-    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+    if not isinstance(ids, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in ids
+    ):
         return ParsedReply([], "", "parse_error", "'segment_ids' must be a list of integers")
     return validate_ids(ids, n_segments, clean_label(obj.get("label")))

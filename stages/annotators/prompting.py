@@ -46,8 +46,10 @@ def reference_block(cfg: AnnotateConfig, item: dict) -> str:
     solution = item.get("solution")
     if not cfg.show_solution or not solution:
         return ""
-    text = solution if len(solution) <= cfg.max_reference_chars else (
-        solution[: cfg.max_reference_chars] + "\n[... reference solution cut ...]"
+    text = (
+        solution
+        if len(solution) <= cfg.max_reference_chars
+        else (solution[: cfg.max_reference_chars] + "\n[... reference solution cut ...]")
     )
     return "Reference solution:\n" + text
 

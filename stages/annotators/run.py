@@ -42,6 +42,8 @@ def _model_path(model_path: str | None, items: list[dict]) -> str:
     if model_path:
         return model_path
     ckpts = {it.get("checkpoint") for it in items if it.get("route") != "none"}
+    if not ckpts:
+        return ""  # nothing to annotate: no model is loaded
     if len(ckpts) == 1 and None not in ckpts:
         return ckpts.pop()
     raise ValueError(
@@ -50,36 +52,71 @@ def _model_path(model_path: str | None, items: list[dict]) -> str:
     )
 
 
-def _self_rows(cfg: AnnotateConfig, jobs, annotator: str, tokenizer: Any, model_path: str,
-               cache: ReplyCache, tick) -> list[dict]:
+def _self_rows(
+    cfg: AnnotateConfig,
+    jobs,
+    annotator: str,
+    tokenizer: Any,
+    model_path: str,
+    cache: ReplyCache,
+    tick,
+) -> list[dict]:
     opts = cfg.self_host
     model_id = f"self:{model_path}:{dir_fingerprint(model_path)}"
     if opts.mode == "inprocess":
-        transport = generate_inprocess(opts, model_path, tokenizer, temperature=cfg.temperature,
-                                       max_new_tokens=cfg.max_new_tokens)
-        sampling = {"mode": "inprocess", "temperature": cfg.temperature,
-                    "max_new_tokens": cfg.max_new_tokens, "enable_thinking": opts.enable_thinking}
+        transport = generate_inprocess(
+            opts,
+            model_path,
+            tokenizer,
+            temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens,
+        )
+        sampling = {
+            "mode": "inprocess",
+            "temperature": cfg.temperature,
+            "max_new_tokens": cfg.max_new_tokens,
+            "enable_thinking": opts.enable_thinking,
+        }
         return llm_rows(cfg, jobs, annotator, model_id, sampling, transport, cache, tick)
 
-    extra = {**cfg.api.extra_body, "chat_template_kwargs": {"enable_thinking": opts.enable_thinking}}
+    extra = {
+        **cfg.api.extra_body,
+        "chat_template_kwargs": {"enable_thinking": opts.enable_thinking},
+    }
     started: dict[str, str] = {}
 
     def lazy_server_transport(requests, on_done):
         # The server starts only when the cache leaves something to ask.
         with served(opts, model_path) as base_url:
             started["url"] = base_url
-            inner, _ = api_transport(cfg, model=model_path, base_url=base_url, api_key="EMPTY",
-                                     concurrency=opts.concurrency, extra_body=extra)
+            inner, _ = api_transport(
+                cfg,
+                model=model_path,
+                base_url=base_url,
+                api_key="EMPTY",
+                concurrency=opts.concurrency,
+                extra_body=extra,
+            )
             return inner(requests, on_done)
 
-    sampling = {"mode": "vllm_server", "temperature": cfg.temperature,
-                "max_tokens": cfg.api.max_tokens, "extra_body": extra}
+    sampling = {
+        "mode": "vllm_server",
+        "temperature": cfg.temperature,
+        "max_tokens": cfg.api.max_tokens,
+        "extra_body": extra,
+    }
     return llm_rows(cfg, jobs, annotator, model_id, sampling, lazy_server_transport, cache, tick)
 
 
-def annotate_rows(cfg: AnnotateConfig, items: list[dict], tokenizer: Any, *,
-                  cache_dir: str | None = None, progress: bool = True,
-                  model_path: str | None = None) -> list[dict]:
+def annotate_rows(
+    cfg: AnnotateConfig,
+    items: list[dict],
+    tokenizer: Any,
+    *,
+    cache_dir: str | None = None,
+    progress: bool = True,
+    model_path: str | None = None,
+) -> list[dict]:
     """Exactly one annotations row per item, in input order.
 
     items: dicts with rollout_id, route (key|error|none), problem, answer, solution, meta,
@@ -89,7 +126,7 @@ def annotate_rows(cfg: AnnotateConfig, items: list[dict], tokenizer: Any, *,
     """
     if cfg.backend not in BACKEND_NAMES:
         raise ValueError(f"annotate.backend={cfg.backend!r}; use one of {BACKEND_NAMES}")
-    ckpt = _model_path(model_path, items) if cfg.backend == "self" and items else model_path
+    ckpt = _model_path(model_path, items) if cfg.backend == "self" else model_path
     annotator = annotator_name(cfg, ckpt)
     rows, jobs = prepare(cfg, items, tokenizer, annotator)
     cache = ReplyCache(cache_dir or cfg.cache_dir)
@@ -100,13 +137,16 @@ def annotate_rows(cfg: AnnotateConfig, items: list[dict], tokenizer: Any, *,
             done = rule_rows(cfg, jobs, annotator, tick)
         elif cfg.backend == "api":
             transport, sampling = api_transport(
-                cfg, model=cfg.api.model, base_url=cfg.api.base_url,
-                api_key=read_api_key(cfg.api.api_key_env), concurrency=cfg.api.concurrency,
+                cfg,
+                model=cfg.api.model,
+                base_url=cfg.api.base_url,
+                api_key=read_api_key(cfg.api.api_key_env),
+                concurrency=cfg.api.concurrency,
             )
             done = llm_rows(cfg, jobs, annotator, cfg.api.model, sampling, transport, cache, tick)
         else:
             done = _self_rows(cfg, jobs, annotator, tokenizer, ckpt, cache, tick)
-    for job, row in zip(jobs, done):
+    for job, row in zip(jobs, done, strict=True):
         rows[job.index] = row
     assert all(r is not None for r in rows)
     log.info("annotate (%s): %s", annotator, summarize(rows))

@@ -40,7 +40,8 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, log_path: s
         if proc.poll() is not None:
             raise RuntimeError(
                 f"annotator server exited with code {proc.returncode} before becoming healthy; "
-                f"check self_host.python / server_module / extra_args. Log tail:\n{_log_tail(log_path)}"
+                "check self_host.python / server_module / extra_args. Log tail:\n"
+                f"{_log_tail(log_path)}"
             )
         try:
             with urllib.request.urlopen(url, timeout=2.0) as resp:
@@ -72,15 +73,27 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
 @contextlib.contextmanager
 def served(opts: SelfOptions, model_path: str) -> Iterator[str]:
     """Run the OpenAI-compatible server on `model_path`; yields its base URL (…/v1)."""
-    cmd = [opts.python, "-m", opts.server_module, "--model", model_path,
-           "--host", opts.host, "--port", str(opts.port), *opts.extra_args]
+    cmd = [
+        opts.python,
+        "-m",
+        opts.server_module,
+        "--model",
+        model_path,
+        "--host",
+        opts.host,
+        "--port",
+        str(opts.port),
+        *opts.extra_args,
+    ]
     log_fd, log_path = tempfile.mkstemp(prefix="annotator-server-", suffix=".log")
     # Its own session makes the server a process-group leader, so stopping it by PID also
     # stops the engine workers it forks.
     proc = subprocess.Popen(cmd, stdout=log_fd, stderr=subprocess.STDOUT, start_new_session=True)
     os.close(log_fd)
     try:
-        wait_healthy(f"http://{opts.host}:{opts.port}/health", proc, opts.startup_timeout_s, log_path)
+        wait_healthy(
+            f"http://{opts.host}:{opts.port}/health", proc, opts.startup_timeout_s, log_path
+        )
         yield f"http://{opts.host}:{opts.port}/v1"
     finally:
         stop_group(proc)
@@ -89,13 +102,14 @@ def served(opts: SelfOptions, model_path: str) -> Iterator[str]:
 
 
 def _encode_batch(tokenizer: Any, batch: list[list[dict]], enable_thinking: bool, pad_id: int):
-    """Left-padded input_ids_BT and attention_mask_BT (decoder-only models continue at the right)."""
+    """Left-padded input_ids_BT and attention_mask_BT (decoding continues at the right edge)."""
     import torch
 
     ids = [
         tokenizer.encode(
-            tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False,
-                                          enable_thinking=enable_thinking),
+            tokenizer.apply_chat_template(
+                m, add_generation_prompt=True, tokenize=False, enable_thinking=enable_thinking
+            ),
             add_special_tokens=False,
         )
         for m in batch
@@ -106,33 +120,47 @@ def _encode_batch(tokenizer: Any, batch: list[list[dict]], enable_thinking: bool
     return {"input_ids": input_ids_BT, "attention_mask": mask_BT}
 
 
-def generate_inprocess(opts: SelfOptions, model_path: str, tokenizer: Any, *,
-                       temperature: float, max_new_tokens: int,
-                       ) -> Callable[[list[list[dict]], Callable[[int, CallResult], None]], list[CallResult]]:
+def generate_inprocess(
+    opts: SelfOptions,
+    model_path: str,
+    tokenizer: Any,
+    *,
+    temperature: float,
+    max_new_tokens: int,
+) -> Callable[[list[list[dict]], Callable[[int, CallResult], None]], list[CallResult]]:
     """A transport that answers chat requests with transformers generate on `model_path`."""
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(f"the tokenizer of {model_path} has no chat_template; the inprocess "
-                         "self annotator needs one (save the policy tokenizer with its template)")
+        raise ValueError(
+            f"the tokenizer of {model_path} has no chat_template; the inprocess "
+            "self annotator needs one (save the policy tokenizer with its template)"
+        )
 
     def transport(requests: list[list[dict]], on_done) -> list[CallResult]:
         import torch
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(model_path).to(opts.device).eval()
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
         results: list[CallResult] = []
         for b0 in range(0, len(requests), opts.batch_size):
             batch = requests[b0 : b0 + opts.batch_size]
             t0 = time.perf_counter()
-            enc = {k: v.to(opts.device) for k, v in
-                   _encode_batch(tokenizer, batch, opts.enable_thinking, pad_id).items()}
+            enc = {
+                k: v.to(opts.device)
+                for k, v in _encode_batch(tokenizer, batch, opts.enable_thinking, pad_id).items()
+            }
             sample = temperature > 0
             with torch.no_grad():
                 out_BT = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=pad_id,
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=sample,
+                    pad_token_id=pad_id,
                     **({"temperature": temperature} if sample else {}),
                 )
-            new_BT = out_BT[:, enc["input_ids"].shape[1]:]
+            new_BT = out_BT[:, enc["input_ids"].shape[1] :]
             per_item = (time.perf_counter() - t0) / len(batch)
             for k, ids in enumerate(new_BT.tolist()):
                 raw = tokenizer.decode(ids, skip_special_tokens=True)

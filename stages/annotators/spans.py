@@ -88,8 +88,14 @@ def build_spans(
             dropped.extend(i for i in run if by_id[i].char_start >= c1)
             run = [i for i in run if by_id[i].char_start < c1]
         spans.append(
-            {"segment_ids": list(run), "char_start": c0, "char_end": c1,
-             "token_start": t0, "token_end": end, "label": label}
+            {
+                "segment_ids": list(run),
+                "char_start": c0,
+                "char_end": c1,
+                "token_start": t0,
+                "token_end": end,
+                "label": label,
+            }
         )
     spans.sort(key=lambda s: s["token_start"])
     note = None

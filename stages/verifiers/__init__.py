@@ -11,9 +11,9 @@ from stages.verifiers.base import (
 )
 
 # Importing the verifier modules registers them by name.
-from stages.verifiers import choice, math_verifier, testbed  # noqa: E402,F401  isort: skip
-from stages.verifiers.config import VerifyConfig  # noqa: E402
-from stages.verifiers.run import VerifierPool, verify_rows  # noqa: E402
+from stages.verifiers import choice, math_verifier, testbed  # noqa: F401  isort: skip
+from stages.verifiers.config import VerifyConfig
+from stages.verifiers.run import VerifierPool, verify_rows
 
 __all__ = [
     "VERDICT_STATUSES",

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from typing_extensions import Self
+
 from stages.verifiers.base import DETAIL_MAX_CHARS, CheckFn, Verdict, get_verifier
 from stages.verifiers.config import VerifyConfig
 
@@ -123,10 +125,11 @@ class VerifierPool:
         self._workers: list[_Worker] = []
         self._results: list[Verdict | None] = []
         self._todo: deque[list[Item]] = deque()
+        self._missing = 0
         self.kills = 0
         self.deaths = 0
 
-    def __enter__(self) -> VerifierPool:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -166,9 +169,10 @@ class VerifierPool:
         if not self._workers:
             self.start()
         self._results = [None] * len(items)
+        self._missing = len(items)
         self._todo = deque(_chunks(items, self.cfg.chunk_size))
         try:
-            while any(r is None for r in self._results):
+            while self._missing:
                 for w in self._workers:
                     if w.ready and not w.pending and self._todo:
                         self._dispatch(w, self._todo.popleft())
@@ -176,9 +180,13 @@ class VerifierPool:
                 now = time.monotonic()
                 for w in [w for w in self._workers if w.pending and now > w.deadline]:
                     self._kill_stuck(w)
-            return [r for r in self._results if r is not None]
-        finally:
-            self._results, self._todo = [], deque()
+        except BaseException:
+            # Workers may still be busy with this batch; their late verdicts must not land in
+            # the next one, so an interrupted pool is shut down (run() restarts it).
+            self.close()
+            raise
+        results, self._results, self._todo = self._results, [], deque()
+        return [r for r in results if r is not None]
 
     # -- internals ---------------------------------------------------------------------
 
@@ -236,11 +244,15 @@ class VerifierPool:
             raise RuntimeError(f"verifier worker failed to start ({self.cfg.kind}):\n{msg[1]}")
         elif kind == "verdict":
             _, index, verdict = msg
-            if self._results and self._results[index] is None:
-                self._results[index] = verdict
+            self._record(index, verdict)
             if w.pending and w.pending[0][0] == index:
                 w.pending.popleft()
             w.deadline = time.monotonic() + self.cfg.timeout_s + self.cfg.kill_grace_s
+
+    def _record(self, index: int, verdict: Verdict) -> None:
+        if self._results and self._results[index] is None:
+            self._results[index] = verdict
+            self._missing -= 1
 
     def _on_death(self, w: _Worker) -> None:
         """A worker exited on its own: its current item is an error, the rest go back."""
@@ -249,7 +261,9 @@ class VerifierPool:
         if not w.ready:
             self.close()
             raise RuntimeError(f"verifier worker exited during startup (exit code {code})")
-        self._replace(w, Verdict("error", detail=f"verifier worker process died (exit code {code})"))
+        self._replace(
+            w, Verdict("error", detail=f"verifier worker process died (exit code {code})")
+        )
 
     def _kill_stuck(self, w: _Worker) -> None:
         self.kills += 1
@@ -262,8 +276,7 @@ class VerifierPool:
         """Give the worker's current item ``verdict``, requeue the rest, start a new worker."""
         if w.pending:
             current = w.pending.popleft()
-            if self._results and self._results[current[0]] is None:
-                self._results[current[0]] = verdict
+            self._record(current[0], verdict)
             if w.pending:
                 self._todo.appendleft(list(w.pending))
         w.conn.close()

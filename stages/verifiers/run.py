@@ -10,7 +10,7 @@ from stages.verifiers.base import DETAIL_MAX_CHARS, Verdict, get_verifier
 from stages.verifiers.config import VerifyConfig
 from stages.verifiers.pool import Item, VerifierPool
 
-__all__ = ["VerifierPool", "verify_rows", "REQUIRED_ITEM_KEYS"]
+__all__ = ["REQUIRED_ITEM_KEYS", "VerifierPool", "verify_rows"]
 
 REQUIRED_ITEM_KEYS = ("rollout_id", "response_text", "answer")
 
@@ -67,7 +67,8 @@ def verify_rows(
     ``items``: mappings with rollout_id, response_text, answer (the reference string) and
     optionally meta (dict or JSON string). Verifiers registered with ``isolate=True`` (math)
     run in ``pool`` if given (reuse one across calls: starting workers costs seconds), else in
-    a pool started and stopped here. A failing or hanging item gets an error/timeout row.
+    a pool started and stopped here; a given pool's own config (workers, timeouts) governs.
+    A failing or hanging item gets an error/timeout row; nothing is dropped.
     """
     spec = get_verifier(cfg.kind)
     work, decided = _to_items(items)

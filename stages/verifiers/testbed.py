@@ -8,7 +8,7 @@ from typing import Any
 
 from stages.verifiers.base import CheckFn, Verdict, register_verifier
 from stages.verifiers.config import VerifyConfig
-from stages.verifiers.extract import find_boxed, final_region
+from stages.verifiers.extract import final_region, find_boxed
 
 # Digit-group separators and spacing that do not change an integer: "1,234", "1 234",
 # "1{,}234", "1\,234", "1\!234", plus math delimiters around it.
