@@ -25,8 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages.annotators import AnnotateConfig, annotate_rows  # noqa: E402
-from tests.openai_fake_server import FakeOpenAI, make_item, tiny_tokenizer  # noqa: E402
+from stages.annotators import AnnotateConfig, annotate_rows
+from stages.annotators.base import prepare
+from tests.openai_fake_server import FakeOpenAI, make_item, tiny_tokenizer
 
 MODEL = "fake-model"
 RESPONSE = "\n".join(
@@ -84,6 +85,10 @@ def main() -> None:
     # Distinct texts, so every rollout is a distinct request.
     items = [make_item(tok, f"r{i}", "key", f"Rollout {i}.\n{RESPONSE}") for i in range(args.n)]
     os.environ["TRACE_BENCH_KEY"] = "sk-bench-not-a-real-key"
+    # The CPU-only part (segmentation + token alignment), timed alone for the breakdown.
+    t0 = time.perf_counter()
+    prepare(AnnotateConfig(), items, tok, "bench")
+    prep_wall = time.perf_counter() - t0
     with server(args.server, args.latency) as base_url:
         cfg = AnnotateConfig(
             backend="api",
@@ -107,6 +112,10 @@ def main() -> None:
         f"load1={os.getloadavg()[0]:.1f} cores={os.cpu_count()}"
     )
     print(f"annotations/s={rate:.1f} ideal={ideal:.0f}/s ratio={rate / ideal:.1%} (target >= 80%)")
+    print(
+        f"of which segmentation+alignment alone: {prep_wall:.2f}s wall "
+        f"({prep_wall / len(rows) * 1e3:.2f} ms/rollout)"
+    )
 
 
 if __name__ == "__main__":

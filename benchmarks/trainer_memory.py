@@ -129,13 +129,13 @@ def main() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[v] = json.loads(out.stdout.strip().splitlines()[-1])
     g, t, ta, d = (results[v] for v in VARIANTS)
-    mib = lambda b: b / 2**20  # noqa: E731
+    mib = lambda b: b / 2**20
     print(f"vocab 151936, response {a.resp_len} tokens, hidden {a.hidden}, chunk {a.chunk}")
     print(f"{'variant':12s} {'peak ΔRSS MiB':>14s} {'step s (min)':>13s}")
     for v in VARIANTS:
         r = results[v]
         print(f"{v:12s} {mib(r['peak_delta_bytes']):14.0f} {r['step_s']:13.3f}")
-    ratio = lambda x, y, k: x[k] / y[k]  # noqa: E731
+    ratio = lambda x, y, k: x[k] / y[k]
     checks = [
         ("trace / grpo memory", ratio(t, g, "peak_delta_bytes"), 1.25),
         ("trace / grpo time", ratio(t, g, "step_s"), 1.5),

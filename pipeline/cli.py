@@ -88,13 +88,14 @@ def stage(name: str = typer.Argument(..., help=f"one of {STAGE_NAMES}"),
 def eval_cmd(config: str = typer.Argument(..., help="config file or packaged name"),
              overrides: Optional[list[str]] = OverridesArg,
              checkpoint: str = typer.Option("latest", help="'latest', 'initial', round-K or a model dir"),
-             benchmarks: Optional[str] = typer.Option(None, help="comma-separated (default: eval.benchmarks)")) -> None:
+             benchmarks: Optional[str] = typer.Option(None, help="comma-separated (default: eval.benchmarks)"),
+             force: bool = typer.Option(False, help="resample even if the samples are current")) -> None:
     """Evaluate a checkpoint on benchmarks: avg@k with bootstrap 95% CIs and the 5-column mean."""
     cfg = _load(config, overrides)
     from stages.evaluate import run_eval
 
     names = benchmarks.split(",") if benchmarks else None
-    run_eval(cfg, checkpoint=checkpoint, benchmarks=names, progress=True)
+    run_eval(cfg, checkpoint=checkpoint, benchmarks=names, force=force, progress=True)
 
 
 @app.command()

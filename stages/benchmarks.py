@@ -38,6 +38,8 @@ GPQA_TEMPLATE = (
 TESTBED_EVAL_SEED = 0
 TESTBED_EVAL_PROBLEMS = 200
 VerifierKind = Literal["math", "choice", "testbed"]
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GENERIC_STEMS = ("test", "train", "validation", "val", "dev", "data", "eval")
 
 # Contract column -> source columns tried in order when a mapping does not name it.
 DEFAULT_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -254,8 +256,13 @@ def _unique_ids(rows: list[dict[str, Any]], bench: str) -> list[dict[str, Any]]:
 
 
 def data_file(cfg: TraceConfig, name: str) -> Path:
-    """`{eval.data_dir}/<name>/test.jsonl`."""
-    return Path(cfg.eval.data_dir).expanduser() / name / "test.jsonl"
+    """`{eval.data_dir}/<name>/test.jsonl`; a relative data_dir missing from the working
+    directory is looked up from the repository root (the default "../shared/data" assumes
+    commands run from the repo root)."""
+    base = Path(cfg.eval.data_dir).expanduser()
+    if not base.is_absolute() and not base.exists() and (REPO_ROOT / base).exists():
+        base = REPO_ROOT / base
+    return base / name / "test.jsonl"
 
 
 def _math_loader(name: str) -> Callable[[TraceConfig], tuple[list[dict[str, Any]], str]]:
@@ -308,12 +315,21 @@ def parse_inline(name: str) -> tuple[str, BenchmarkSource] | None:
     if name.startswith("hf:"):
         ds, _, split = name[3:].partition(":")
         return slug(f"{ds}_{split or 'test'}"), BenchmarkSource(source=ds, split=split or "test")
-    path = name.removeprefix("file:")
-    if name.startswith("file:") or (
-        Path(path).suffix in (".jsonl", ".json", ".parquet") and Path(path).exists()
-    ):
-        return slug(Path(path).stem), BenchmarkSource(source=path)
+    path = Path(name.removeprefix("file:"))
+    if name.startswith("file:") or (path.suffix in (".jsonl", ".json", ".parquet") and path.exists()):
+        return inline_file_name(path), BenchmarkSource(source=str(path))
     return None
+
+
+def inline_file_name(path: Path) -> str:
+    """The benchmark name of a data file: its stem, or `<folder>_<stem>` for split-named files
+    (`aime/test.jsonl` -> `aime_test`). A registered name gets a `_file` suffix, so a custom
+    file is never counted as a registered benchmark (in the 5-column mean, say)."""
+    stem = path.stem
+    if stem.lower() in GENERIC_STEMS and path.parent.name:
+        stem = f"{path.parent.name}_{stem}"
+    name = slug(stem)
+    return f"{name}_file" if name in REGISTRY else name
 
 
 def load_source(cfg: TraceConfig, name: str, src: BenchmarkSource) -> Benchmark:

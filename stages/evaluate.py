@@ -412,9 +412,9 @@ class EvalResult:
 
 
 def _sources(cfg: TraceConfig) -> dict[str, BenchmarkSource]:
-    # `eval.sources` (named benchmarks with a column mapping) is proposed for EvalConfig; until
-    # the config has it, inline specs (file:..., hf:...) are the way to add a benchmark.
-    raw = getattr(cfg.eval, "sources", None) or {}
+    # `eval.sources`: named benchmarks with a column mapping, validated here (the config module
+    # cannot import this one without a cycle).
+    raw = cfg.eval.sources
     return {k: v if isinstance(v, BenchmarkSource) else BenchmarkSource.model_validate(v)
             for k, v in raw.items()}
 

@@ -39,8 +39,10 @@ def _corpus(random_words: int = 0) -> list[str]:
     """Arithmetic-flavoured lines, plus random letter words when a large vocabulary is wanted."""
     rng = random.Random(0)
     lines = [
-        " ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 9)))
-                 for _ in range(12))
+        " ".join(
+            "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 9)))
+            for _ in range(12)
+        )
         for _ in range(random_words // 12)
     ]
     for a in range(0, 200, 7):
@@ -61,12 +63,16 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 400):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(_corpus(random_words=8 * vocab_size), trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>"],
     )
     # Qwen3 keeps the think tags as added *non-special* tokens: one id each, kept by decode.
@@ -103,10 +109,19 @@ def build_model_dir(
     pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     head_dim = hidden // heads
     config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        head_dim=head_dim, max_position_embeddings=2048, tie_word_embeddings=False,
-        eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=pad_id, torch_dtype="float32",
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        bos_token_id=pad_id,
+        torch_dtype="float32",
     )
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config)
@@ -125,8 +140,13 @@ def build_model_dir(
 
 
 def teacher_forced_logprobs(
-    model, prompt_ids: list[int], response_ids: list[int], *, temperature: float = 1.0,
-    top_k: int = -1, top_p: float = 1.0,
+    model,
+    prompt_ids: list[int],
+    response_ids: list[int],
+    *,
+    temperature: float = 1.0,
+    top_k: int = -1,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
     """Log-probs [T] of response_ids under the sampling distribution, from one forward pass.
 

@@ -250,6 +250,17 @@ def test_self_vllm_server_lifecycle(tok, tmp_path):
             progress=False,
             model_path=str(ckpt),
         )
+    with FakeOpenAI() as other:  # a foreign server on the port must not be mistaken for ours
+        opts = cfg.self_host.model_copy(update={"port": other.port})
+        with pytest.raises(RuntimeError, match="already in use"):
+            annotate_rows(
+                cfg.model_copy(update={"self_host": opts}),
+                items,
+                tok,
+                cache_dir=None,
+                progress=False,
+                model_path=str(ckpt),
+            )
 
 
 def test_self_inprocess_tiny_random_model(tok, tmp_path):

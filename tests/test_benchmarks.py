@@ -20,6 +20,7 @@ from stages.benchmarks import (
     benchmark_names,
     format_choices,
     gpqa_rows,
+    inline_file_name,
     load_benchmark,
 )
 
@@ -135,6 +136,9 @@ def test_local_file_with_a_column_mapping(tmp_path) -> None:
     path2.write_text(json.dumps({"id": "a", "problem": "1+1?", "answer": "2"}) + "\n")
     inline = load_benchmark(_cfg(), f"file:{path2}")
     assert inline.name == "plain" and inline.rows[0]["problem"] == "1+1?" + MATH_SUFFIX
+    # Split-named files take their folder's name; a registered name is never taken over.
+    assert inline_file_name(SHARED_DATA / "amc23" / "test.jsonl") == "amc23_test"
+    assert inline_file_name(SHARED_DATA / "x" / "math500.jsonl") == "math500_file"
     bad = BenchmarkSource(source=str(path), columns={"problem": "nope"})
     with pytest.raises(ConfigError, match="nope"):
         load_benchmark(_cfg(), "bad", {"bad": bad})

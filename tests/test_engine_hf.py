@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from engine_fixtures import PROMPTS, build_model_dir, teacher_forced_logprobs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine_fixtures import PROMPTS, build_model_dir, teacher_forced_logprobs
 from stages.engines.base import ROW_KEYS, encode_prompt, generate, get_engine
 from stages.engines.config import RolloutConfig
 from stages.engines.hf import cut_at_stop
@@ -25,7 +25,7 @@ def model(model_dir):
 
 
 def _cfg(**kw) -> RolloutConfig:
-    base = dict(engine="hf", n=4, max_tokens=48, seed=3, enable_thinking=True)
+    base = {"engine": "hf", "n": 4, "max_tokens": 48, "seed": 3, "enable_thinking": True}
     return RolloutConfig(**{**base, **kw})
 
 
@@ -41,8 +41,9 @@ def test_rows_follow_the_contract(model_dir):
     for r in rows:
         assert tuple(r) == ROW_KEYS
         problem = next(p["problem"] for p in PROMPTS if p["prompt_id"] == r["prompt_id"])
-        expected_text = f"<|im_start|>user\n{problem}<|im_end|>\n<|im_start|>assistant\n" \
-                        "<think>\n\n</think>\n\n"
+        expected_text = (
+            f"<|im_start|>user\n{problem}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+        )
         assert tok.decode(r["prompt_token_ids"]) == expected_text
         assert r["prompt_token_ids"] == encode_prompt(tok, problem, enable_thinking=False)
         ids = r["response_token_ids"]
@@ -50,8 +51,13 @@ def test_rows_follow_the_contract(model_dir):
         assert all(isinstance(x, float) and x <= 0.0 for x in r["response_logprobs"])
         assert r["engine"] == "hf"
         assert json.loads(r["sampling"]) == {
-            "n": 4, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "max_tokens": 48,
-            "enable_thinking": False, "seed": 3,
+            "n": 4,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": -1,
+            "max_tokens": 48,
+            "enable_thinking": False,
+            "seed": 3,
         }
         # A stopped response ends with exactly one stop token; padding never leaks in.
         if r["finish_reason"] == "stop":
@@ -103,7 +109,7 @@ def test_max_tokens_marks_length_and_keeps_the_row(model_dir):
 
 @pytest.mark.parametrize(
     "sampling",
-    [dict(temperature=1.0), dict(temperature=0.7, top_k=50), dict(temperature=0.6, top_p=0.95)],
+    [{"temperature": 1.0}, {"temperature": 0.7, "top_k": 50}, {"temperature": 0.6, "top_p": 0.95}],
     ids=["t1", "t0.7-topk50", "t0.6-topp0.95"],
 )
 def test_logprobs_equal_teacher_forced_recomputation(model_dir, model, sampling):
@@ -111,8 +117,11 @@ def test_logprobs_equal_teacher_forced_recomputation(model_dir, model, sampling)
     worst = 0.0
     for r in rows:
         ref_T = teacher_forced_logprobs(
-            model, r["prompt_token_ids"], r["response_token_ids"],
-            temperature=sampling["temperature"], top_k=sampling.get("top_k", -1),
+            model,
+            r["prompt_token_ids"],
+            r["response_token_ids"],
+            temperature=sampling["temperature"],
+            top_k=sampling.get("top_k", -1),
             top_p=sampling.get("top_p", 1.0),
         )
         got_T = torch.tensor(r["response_logprobs"])

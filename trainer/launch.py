@@ -23,7 +23,7 @@ def run_from_args(args: dict) -> list[dict]:
     from accelerate import Accelerator
 
     cfg = TrainConfig.model_validate(args.get("config", {}))
-    read = lambda key: pq.read_table(args[key]) if args.get(key) else None  # noqa: E731
+    read = lambda key: pq.read_table(args[key]) if args.get(key) else None
     accelerator = Accelerator()
     rows = train_round(
         cfg, prompts=read("prompts"), rollouts=read("rollouts"), verdicts=read("verdicts"),

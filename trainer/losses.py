@@ -194,6 +194,13 @@ def masked_mean(values_BT: Tensor, mask_BT: Tensor) -> Tensor:
 
 
 __all__ = [
-    "token_kl", "kl_from_logprobs", "topk_bucket_logprobs", "kl_weight", "grpo_advantages",
-    "clipped_pg_loss", "routed_token_loss", "aggregate", "masked_mean",
+    "aggregate",
+    "clipped_pg_loss",
+    "grpo_advantages",
+    "kl_from_logprobs",
+    "kl_weight",
+    "masked_mean",
+    "routed_token_loss",
+    "token_kl",
+    "topk_bucket_logprobs",
 ]

@@ -8,8 +8,8 @@ loss of a micro-batch (`loss`, returning `(loss, metrics)`). Everything else is 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ class Plan:
     direction: str | None  # forward | reverse | jsd; None when nothing is distilled
 
     @staticmethod
-    def empty(n: int) -> "Plan":
+    def empty(n: int) -> Plan:
         return Plan(np.zeros(n, dtype=bool), None)
 
 
@@ -132,8 +132,8 @@ def plan_none(cfg: TrainConfig, view: RolloutView) -> Plan:
 
 
 def _pieces(x: LossInputs, cfg: TrainConfig, pg_w_BT: Tensor, kl_w_BT: Tensor):
-    pg_BT, clipped_BT = clipped_pg_loss(x.logp_BT, x.old_logp_BT, x.adv_B, cfg.eps_low, cfg.eps_high)
-    agg = lambda t: aggregate(t, x.mask_BT, cfg.loss_agg, normaliser=x.normaliser)  # noqa: E731
+    pg_BT, _ = clipped_pg_loss(x.logp_BT, x.old_logp_BT, x.adv_B, cfg.eps_low, cfg.eps_high)
+    agg = lambda t: aggregate(t, x.mask_BT, cfg.loss_agg, normaliser=x.normaliser)
     pg_loss = agg(pg_w_BT * pg_BT)
     kl_loss = agg(kl_w_BT * x.kl_BT)
     loss = pg_loss + kl_loss

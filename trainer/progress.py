@@ -15,8 +15,13 @@ class _NoBar:
 
 class _RichBar:
     def __init__(self, total: int, done: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-        from rich.progress import TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self.progress = Progress(
             TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

@@ -22,9 +22,16 @@ import pyarrow as pa
 import torch
 
 from trainer.batch import Example, MicroBatch, build_examples, collate, to_bt
-from trainer.checkpoint import (PROGRESS_FILE, atomic_torch_save, load_progress,
-                                load_trainer_state, rng_state, save_hf_checkpoint,
-                                save_trainer_state, set_rng_state)
+from trainer.checkpoint import (
+    PROGRESS_FILE,
+    atomic_torch_save,
+    load_progress,
+    load_trainer_state,
+    rng_state,
+    save_hf_checkpoint,
+    save_trainer_state,
+    set_rng_state,
+)
 from trainer.config import TrainConfig
 from trainer.lean import KLSpec, LeanCausalLM, SpanGroup
 from trainer.losses import clipped_pg_loss, grpo_advantages, kl_weight

@@ -26,8 +26,8 @@ CHAT_TEMPLATE = (
 )
 
 _CORPUS = [
-    "Compute 123 + 456. Step 1: add the units 3 + 6 = 9. Step 2: tens 2 + 5 = 7. "
-    "The final answer is \\boxed{579}.",
+    ("Compute 123 + 456. Step 1: add the units 3 + 6 = 9. Step 2: tens 2 + 5 = 7. "
+     "The final answer is \\boxed{579}."),
     "Here is a reference solution: carry the one. Watch out for: missing carry.",
     "Let me think step by step about the digits 0 1 2 3 4 5 6 7 8 9 and the sum.",
 ]

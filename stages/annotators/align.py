@@ -26,7 +26,6 @@ import codecs
 import weakref
 from collections.abc import Sequence
 from functools import lru_cache
-from itertools import accumulate
 from typing import Any
 
 import numpy as np
@@ -220,10 +219,10 @@ def offset_index(offsets: Sequence[tuple[int, int]]) -> tuple[list[int], list[in
     """Sorted token starts and ends for char_span_to_tokens (compute once per response)."""
     # Running maxima keep both lists sorted even when a zero-width token follows a token that
     # owns a half-finished character.
-    return (
-        list(accumulate((s for s, _ in offsets), max)),
-        list(accumulate((e for _, e in offsets), max)),
-    )
+    if not offsets:
+        return [], []
+    starts_T, ends_T = np.array(offsets, dtype=np.int64).T
+    return (np.maximum.accumulate(starts_T).tolist(), np.maximum.accumulate(ends_T).tolist())
 
 
 def char_span_to_tokens(

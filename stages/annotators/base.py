@@ -12,6 +12,7 @@ directly. Row statuses: ok | no_spans | parse_error | api_error | timeout | skip
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import concurrent.futures
 import hashlib
 import importlib
@@ -37,12 +38,32 @@ ROUTES = ("key", "error", "none")
 
 @dataclass
 class Job:
-    """An item that needs an annotator: its segments and per-token char offsets ([T] pairs)."""
+    """An item that needs an annotator: its segments; per-token char offsets on demand."""
 
     index: int
     item: dict
     segments: list[Segment]
-    offsets: list[tuple[int, int]]
+    tokenizer: Any
+    _offsets: list[tuple[int, int]] | None = None
+
+    def offsets(self) -> list[tuple[int, int]]:
+        """token_char_offsets of the response ([T] pairs), computed once.
+
+        Deferred until a reply arrives, so this CPU work overlaps requests in flight.
+        """
+        if self._offsets is None:
+            ids, text = self.item["response_token_ids"], self.item["response_text"]
+            self._offsets = token_char_offsets(self.tokenizer, ids, text)
+        return self._offsets
+
+
+def decodes_to(tokenizer: Any, token_ids: list[int], text: str) -> bool:
+    """Cheap guard (one native decode): do the generated ids decode to `text`?"""
+    return any(
+        tokenizer.decode(token_ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+        == text
+        for skip in (True, False)
+    )
 
 
 def make_row(
@@ -89,17 +110,20 @@ def prepare(
         if route == "none":
             rows[i] = make_row(item, annotator, "skipped")
             continue
-        text = item["response_text"]
-        try:
-            offsets = token_char_offsets(tokenizer, item["response_token_ids"], text)
-        except AlignmentError as e:
-            rows[i] = make_row(item, annotator, "skipped", error=f"alignment: {e}")
-            continue
+        text, ids = item["response_text"], list(item["response_token_ids"])
+        # Checked before any request is paid for; the exact offsets come later (Job.offsets).
+        if not decodes_to(tokenizer, ids, text):
+            try:
+                token_char_offsets(tokenizer, ids, text)  # for its precise error message
+                raise AlignmentError("response_text is not the decoding of response_token_ids")
+            except AlignmentError as e:
+                rows[i] = make_row(item, annotator, "skipped", error=f"alignment: {e}")
+                continue
         segments = segment_response(text, cfg.max_segment_chars)
         if not segments:
             rows[i] = make_row(item, annotator, "no_spans", error="the response is empty")
             continue
-        jobs.append(Job(i, item, segments, offsets))
+        jobs.append(Job(i, item, segments, tokenizer))
     return rows, jobs
 
 
@@ -116,11 +140,17 @@ def finish(
         return make_row(
             job.item, annotator, parsed.status, raw=raw, error=parsed.note, latency_s=latency_s
         )
+    try:
+        offsets = job.offsets()
+    except AlignmentError as e:  # the native decode agreed but ours did not: keep the reply
+        return make_row(
+            job.item, annotator, "skipped", raw=raw, error=f"alignment: {e}", latency_s=latency_s
+        )
     plan = build_spans(
         job.segments,
         parsed.segment_ids,
         parsed.label,
-        job.offsets,
+        offsets,
         job.item["response_text"],
         cfg.coverage_cap,
     )
@@ -175,6 +205,8 @@ def llm_rows(
         # Store at once, so a crash later in the run keeps every reply already paid for.
         if res.status == "ok" and res.raw is not None:
             cache.put(keys[misses[k]], res.raw, {"model": model_id})
+            with contextlib.suppress(AlignmentError):  # reported by finish()
+                jobs[misses[k]].offsets()
         tick()
 
     if misses:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -70,6 +71,16 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
         proc.wait(timeout=grace_s)
 
 
+def ensure_port_free(host: str, port: int) -> None:
+    """Raise if something already listens there (its /health would pass for ours)."""
+    with socket.socket() as s:
+        if s.connect_ex((host, port)) == 0:
+            raise RuntimeError(
+                f"{host}:{port} is already in use; stop that server or set self_host.port "
+                "to a free port"
+            )
+
+
 @contextlib.contextmanager
 def served(opts: SelfOptions, model_path: str) -> Iterator[str]:
     """Run the OpenAI-compatible server on `model_path`; yields its base URL (…/v1)."""
@@ -85,6 +96,7 @@ def served(opts: SelfOptions, model_path: str) -> Iterator[str]:
         str(opts.port),
         *opts.extra_args,
     ]
+    ensure_port_free(opts.host, opts.port)
     log_fd, log_path = tempfile.mkstemp(prefix="annotator-server-", suffix=".log")
     # Its own session makes the server a process-group leader, so stopping it by PID also
     # stops the engine workers it forks.

@@ -145,7 +145,7 @@ class RolloutConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _normalise_top_k(self) -> "RolloutConfig":
+    def _normalise_top_k(self) -> RolloutConfig:
         # One spelling of "off" so the sampling JSON (and config fingerprints) do not depend on it.
         if self.top_k == 0:
             self.top_k = -1

@@ -115,22 +115,33 @@ def _load_model(model_dir: str, cfg: RolloutConfig, stop_ids: list[int], pad_id:
 
 
 def _generate_batch(
-    model: Any, prompts: list[list[int]], cfg: RolloutConfig, stop_ids: list[int], pad_id: int,
+    model: Any,
+    prompts: list[list[int]],
+    cfg: RolloutConfig,
+    stop_ids: list[int],
+    pad_id: int,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generated ids [B, T] and their sampling log-probs [B, T] (padding not yet removed)."""
     ids_BP, mask_BP = left_pad(prompts, pad_id)
     recorder = SampledLogprobRecorder(build_warpers(cfg.temperature, cfg.top_k, cfg.top_p))
     gen_cfg = GenerationConfig(
-        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=cfg.max_tokens,
-        eos_token_id=stop_ids, pad_token_id=pad_id,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=cfg.max_tokens,
+        eos_token_id=stop_ids,
+        pad_token_id=pad_id,
     )
     device = cfg.hf.device
     with torch.random.fork_rng(devices=[] if device == "cpu" else None), torch.inference_mode():
         torch.manual_seed(seed)
         seq_BL = model.generate(
-            input_ids=ids_BP.to(device), attention_mask=mask_BP.to(device),
-            generation_config=gen_cfg, logits_processor=LogitsProcessorList([recorder]),
+            input_ids=ids_BP.to(device),
+            attention_mask=mask_BP.to(device),
+            generation_config=gen_cfg,
+            logits_processor=LogitsProcessorList([recorder]),
         )
     gen_BT = seq_BL[:, ids_BP.shape[1] :].cpu()
     return gen_BT, recorder.finish(seq_BL[:, -1]).cpu()
@@ -163,17 +174,25 @@ def generate(
                 gen_BT[i].tolist(), logp_BT[i].tolist(), stop_set, cfg.max_tokens
             )
             n_tokens += len(ids)
-            rows.append(make_row(
-                prompt_id=prompts[s // cfg.n]["prompt_id"], sample_index=s % cfg.n,
-                prompt_token_ids=seqs[s], response_text=decode_response(tokenizer, ids),
-                response_token_ids=ids, response_logprobs=logps, finish_reason=reason,
-                engine=ENGINE, sampling=sampling,
-            ))
+            rows.append(
+                make_row(
+                    prompt_id=prompts[s // cfg.n]["prompt_id"],
+                    sample_index=s % cfg.n,
+                    prompt_token_ids=seqs[s],
+                    response_text=decode_response(tokenizer, ids),
+                    response_token_ids=ids,
+                    response_logprobs=logps,
+                    finish_reason=reason,
+                    engine=ENGINE,
+                    sampling=sampling,
+                )
+            )
         if progress:
             elapsed = time.perf_counter() - start
             print(
                 f"[hf] {len(rows)}/{len(seqs)} sequences, {n_tokens} tokens, "
                 f"{n_tokens / max(elapsed, 1e-9):.0f} tok/s",
-                file=sys.stderr, flush=True,
+                file=sys.stderr,
+                flush=True,
             )
     return rows

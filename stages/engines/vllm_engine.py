@@ -36,7 +36,7 @@ from stages.engines.config import RolloutConfig
 
 ENGINE = "vllm"
 WORKER_SCRIPT = Path(__file__).with_name("vllm_worker.py")
-LOG_TAIL_LINES = 40
+LOG_TAIL_LINES = 80  # vLLM's root cause sits well above its last traceback
 
 
 def cpu_env(
@@ -113,16 +113,24 @@ def _failure_hint(tail_text: str, python: str) -> str:
     return ""
 
 
-def run_workers(jobs: list[tuple[list[str], dict[str, str]]], cfg: RolloutConfig,
-                progress: bool) -> None:
+def run_workers(
+    jobs: list[tuple[list[str], dict[str, str]]], cfg: RolloutConfig, progress: bool
+) -> None:
     """Run worker commands concurrently, streaming logs; raise StageError on any failure."""
     procs, threads, tails = [], [], []
     for rank, (cmd, env) in enumerate(jobs):
         tail: collections.deque = collections.deque(maxlen=LOG_TAIL_LINES)
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace")
-        thread = threading.Thread(target=_stream, args=(proc, f"vllm:{rank}", tail, progress),
-                                  daemon=True)
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
+        thread = threading.Thread(
+            target=_stream, args=(proc, f"vllm:{rank}", tail, progress), daemon=True
+        )
         thread.start()
         procs.append(proc), threads.append(thread), tails.append(tail)
     failures = []
@@ -136,23 +144,36 @@ def run_workers(jobs: list[tuple[list[str], dict[str, str]]], cfg: RolloutConfig
         thread.join()
         if rc != 0:
             text = "\n".join(tail)
-            failures.append(f"shard {rank} exited with {rc}; last lines:\n{text}"
-                            f"{_failure_hint(text, cfg.vllm.python)}")
+            failures.append(
+                f"shard {rank} exited with {rc}; last lines:\n{text}"
+                f"{_failure_hint(text, cfg.vllm.python)}"
+            )
     if failures:
         raise StageError("vLLM worker failed: " + "\n".join(failures))
 
 
-def _request(cfg: RolloutConfig, model_dir: str, prompts: list[dict], prompt_ids: list[list[int]],
-             indices: range, stop_ids: list[int], progress: bool) -> dict:
+def _request(
+    cfg: RolloutConfig,
+    model_dir: str,
+    prompts: list[dict],
+    prompt_ids: list[list[int]],
+    indices: range,
+    stop_ids: list[int],
+    progress: bool,
+) -> dict:
     return {
         "model": str(model_dir),
         "llm_kwargs": llm_kwargs(cfg),
-        "sampling": {k: getattr(cfg, k) for k in ("n", "temperature", "top_p", "top_k",
-                                                   "max_tokens")},
+        "sampling": {
+            k: getattr(cfg, k) for k in ("n", "temperature", "top_p", "top_k", "max_tokens")
+        },
         "stop_token_ids": stop_ids,
         "prompts": [
-            {"index": i, "seed": prompt_seed(cfg.seed, prompts[i]["prompt_id"]),
-             "prompt_token_ids": prompt_ids[i]}
+            {
+                "index": i,
+                "seed": prompt_seed(cfg.seed, prompts[i]["prompt_id"]),
+                "prompt_token_ids": prompt_ids[i],
+            }
             for i in indices
         ],
         "progress": progress,
@@ -169,17 +190,24 @@ def generate_with_stats(
     prompt_ids = [encode_prompt(tokenizer, p["problem"], cfg.enable_thinking) for p in prompts]
     dp, tp = cfg.vllm.data_parallel_size, cfg.vllm.tensor_parallel_size
     per_shard = max(1, math.ceil(len(prompts) / dp))
-    shards = [range(lo, min(lo + per_shard, len(prompts)))
-              for lo in range(0, len(prompts), per_shard)]
+    shards = [
+        range(lo, min(lo + per_shard, len(prompts))) for lo in range(0, len(prompts), per_shard)
+    ]
     with tempfile.TemporaryDirectory(prefix="trace-vllm-") as tmp:
         # A copy outside the package: the script's directory goes first on sys.path, and
         # stages/engines holds modules (config.py, base.py) that would shadow real ones.
         script = shutil.copy(WORKER_SCRIPT, Path(tmp) / "trace_vllm_worker.py")
         jobs, results = [], []
         for rank, indices in enumerate(shards):
-            req_path, res_path = Path(tmp) / f"request-{rank}.json", Path(tmp) / f"result-{rank}.parquet"
-            req_path.write_text(json.dumps(
-                _request(cfg, model_dir, prompts, prompt_ids, indices, stop_ids, progress)))
+            req_path, res_path = (
+                Path(tmp) / f"request-{rank}.json",
+                Path(tmp) / f"result-{rank}.parquet",
+            )
+            req_path.write_text(
+                json.dumps(
+                    _request(cfg, model_dir, prompts, prompt_ids, indices, stop_ids, progress)
+                )
+            )
             env = {**os.environ, **cfg.vllm.env}
             if dp > 1:
                 env["CUDA_VISIBLE_DEVICES"] = shard_devices(rank, tp)
@@ -199,8 +227,13 @@ def _merge_stats(per_shard: list[dict]) -> dict:
     }
 
 
-def _rows(cfg: RolloutConfig, prompts: list[dict], prompt_ids: list[list[int]], tables: list,
-          tokenizer: Any) -> list[dict]:
+def _rows(
+    cfg: RolloutConfig,
+    prompts: list[dict],
+    prompt_ids: list[list[int]],
+    tables: list,
+    tokenizer: Any,
+) -> list[dict]:
     """Engine rows in prompt order, then sample order; every (prompt, sample) exactly once."""
     by_key: dict[tuple[int, int], dict] = {}
     for table in tables:
@@ -213,13 +246,19 @@ def _rows(cfg: RolloutConfig, prompts: list[dict], prompt_ids: list[list[int]], 
             r = by_key.get((i, j))
             if r is None:
                 raise StageError(f"vLLM returned no sample {j} for prompt {prompt['prompt_id']!r}")
-            rows.append(make_row(
-                prompt_id=prompt["prompt_id"], sample_index=j, prompt_token_ids=prompt_ids[i],
-                response_text=decode_response(tokenizer, r["response_token_ids"]),
-                response_token_ids=r["response_token_ids"],
-                response_logprobs=r["response_logprobs"], finish_reason=r["finish_reason"],
-                engine=ENGINE, sampling=sampling,
-            ))
+            rows.append(
+                make_row(
+                    prompt_id=prompt["prompt_id"],
+                    sample_index=j,
+                    prompt_token_ids=prompt_ids[i],
+                    response_text=decode_response(tokenizer, r["response_token_ids"]),
+                    response_token_ids=r["response_token_ids"],
+                    response_logprobs=r["response_logprobs"],
+                    finish_reason=r["finish_reason"],
+                    engine=ENGINE,
+                    sampling=sampling,
+                )
+            )
     return rows
 
 

@@ -33,6 +33,22 @@ def _finish_reason(reason: str | None, index: int) -> str:
     return reason
 
 
+def _avoid_chunked_prefill_on_cpu(kwargs: dict, request: dict) -> None:
+    """On CPU, give the scheduler a token budget that holds every prefill whole.
+
+    vLLM rewinds a seeded request's generator after a partial (chunked) prefill with
+    Generator.set_offset, which CPU generators lack ("CPU Generator does not use offset"); a
+    budget covering all prompts of the round means no prefill is ever split. GPU is unaffected.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or "max_num_batched_tokens" in kwargs:
+        return
+    n = request["sampling"]["n"]
+    prefill = sum(len(p["prompt_token_ids"]) for p in request["prompts"]) * n
+    kwargs["max_num_batched_tokens"] = max(8192, prefill + 1024)
+
+
 def run(request: dict) -> tuple[dict, dict]:
     """Generate every prompt of the request; returns (columns, stats)."""
     t0 = time.perf_counter()
@@ -43,15 +59,22 @@ def run(request: dict) -> tuple[dict, dict]:
     # Log-probs must be those of the distribution actually sampled from (after temperature,
     # top-k, top-p); vLLM's default reports the raw model log-probs.
     kwargs.setdefault("logprobs_mode", "processed_logprobs")
+    _avoid_chunked_prefill_on_cpu(kwargs, request)
     llm = LLM(model=request["model"], **kwargs)
     t_ready = time.perf_counter()
 
     s = request["sampling"]
     params = [
         SamplingParams(
-            n=s["n"], temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"],
-            max_tokens=s["max_tokens"], seed=p["seed"], logprobs=0,
-            stop_token_ids=request["stop_token_ids"], skip_special_tokens=True,
+            n=s["n"],
+            temperature=s["temperature"],
+            top_p=s["top_p"],
+            top_k=s["top_k"],
+            max_tokens=s["max_tokens"],
+            seed=p["seed"],
+            logprobs=0,
+            stop_token_ids=request["stop_token_ids"],
+            skip_special_tokens=True,
         )
         for p in request["prompts"]
     ]
@@ -59,9 +82,16 @@ def run(request: dict) -> tuple[dict, dict]:
     outputs = llm.generate(inputs, params, use_tqdm=bool(request.get("progress", False)))
     t_done = time.perf_counter()
 
-    cols: dict[str, list] = {k: [] for k in (
-        "prompt_index", "sample_index", "response_token_ids", "response_logprobs", "finish_reason"
-    )}
+    cols: dict[str, list] = {
+        k: []
+        for k in (
+            "prompt_index",
+            "sample_index",
+            "response_token_ids",
+            "response_logprobs",
+            "finish_reason",
+        )
+    }
     for prompt, out in zip(request["prompts"], outputs):
         for comp in sorted(out.outputs, key=lambda c: c.index):
             ids = list(comp.token_ids)
@@ -82,13 +112,16 @@ def write_result(cols: dict, stats: dict, path: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([
-        ("prompt_index", pa.int32()),
-        ("sample_index", pa.int32()),
-        ("response_token_ids", pa.list_(pa.int32())),
-        ("response_logprobs", pa.list_(pa.float32())),
-        ("finish_reason", pa.string()),
-    ], metadata={"stats": json.dumps(stats)})
+    schema = pa.schema(
+        [
+            ("prompt_index", pa.int32()),
+            ("sample_index", pa.int32()),
+            ("response_token_ids", pa.list_(pa.int32())),
+            ("response_logprobs", pa.list_(pa.float32())),
+            ("finish_reason", pa.string()),
+        ],
+        metadata={"stats": json.dumps(stats)},
+    )
     pq.write_table(pa.table(cols, schema=schema), path)
 
 
