@@ -60,13 +60,10 @@ def run_stage(stage: str, config_path: str, round_index: int | None, *, force: b
     if proc.returncode != 0:
         raise StageError(f"stage {stage} (round {round_index}) failed in its child process "
                          f"(exit code {proc.returncode}); its log is above")
-    from stages.common import dataset_name, open_store
+    # The child wrote a current output, so running the stage here only reads its manifest.
+    from stages import get_stage
 
-    cfg = load_config(config_path)
-    manifest = open_store(cfg).manifest(dataset_name(stage, round_index))
-    if manifest is None:
-        raise StageError(f"stage {stage} (round {round_index}) exited cleanly but wrote no manifest")
-    return manifest
+    return get_stage(stage)(load_config(config_path), round_index, force=False, progress=False)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ DEFAULT_INSTRUCTION = "{problem}\n\nPlease reason step by step, and put your fin
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # hide_input_in_errors: a secret pasted into the wrong field must not be echoed back.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)
 
 
 class RunConfig(_Strict):
@@ -176,7 +177,8 @@ def _explain(exc: ValidationError, source: str) -> str:
             lines.append(f"  - {where}: unknown key (misspelt? see `trace-rl config show` for valid keys)")
         else:
             got = err.get("input")
-            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            secretish = any(w in where.lower() for w in ("key", "token", "secret", "password"))
+            got_s = "" if isinstance(got, dict) or secretish else f" (got {got!r})"
             lines.append(f"  - {where}: {err['msg']}{got_s}")
     lines.append("Fix the value in the file or override it on the command line: section.key=value")
     return "\n".join(lines)

@@ -25,6 +25,7 @@ import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
 
 _DATA = re.compile(r"<<<BEGIN_RESPONSE_DATA>>>\n(.*?)\n<<<END_RESPONSE_DATA>>>", re.DOTALL)
 _SEG = re.compile(r"^\[(\d+)\] (.*)$", re.MULTILINE)
@@ -51,7 +52,7 @@ class FakeOpenAI:
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> FakeOpenAI:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

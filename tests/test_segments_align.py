@@ -29,11 +29,15 @@ IM_END = 151645
 THINK, END_THINK = 151667, 151668
 
 TEXTS = [
-    "<think>\nLet me see: "
-    "𝔽 = ∑ᵢ xᵢ² 🧑‍🤝‍🧑 👨‍👩‍👧 🇯🇵\n\n\n   中文测试，龘靐齉。 \\frac{a}{b}\t\tx</think>\n\n"
-    "The answer is \\boxed{42}.",
-    "Step 1:    carry the 1.\n\n\n\nStep 2: $\\sqrt{x^2+y^2} \\geq |x|$ — naïve café résumé.\r\n"
-    "Тест по-русски. العربية 123456789 😀😀😀 \n    \n  \t ",
+    (
+        "<think>\nLet me see: "
+        "𝔽 = ∑ᵢ xᵢ² 🧑‍🤝‍🧑 👨‍👩‍👧 🇯🇵\n\n\n   中文测试，龘靐齉。 \\frac{a}{b}\t\tx</think>\n\n"
+        "The answer is \\boxed{42}."
+    ),
+    (
+        "Step 1:    carry the 1.\n\n\n\nStep 2: $\\sqrt{x^2+y^2} \\geq |x|$ — naïve café résumé.\r\n"
+        "Тест по-русски. العربية 123456789 😀😀😀 \n    \n  \t "
+    ),
     "数学题：设 $f(x)=x^{2}-3x+2$，求 $f(x)=0$ 的根。解：$(x-1)(x-2)=0$，所以 $x=1$ 或 $x=2$。"
     "答案是 \\boxed{1,2}！检查：✓✓ " + "一" * 90,
     "  leading spaces\n" + "word " * 60 + "\n" + "x" * 130 + "\n\n\\[\\int_0^1 e^{-t^2}\\,dt\\]",
@@ -202,6 +206,11 @@ def test_added_tokens_kept_special_skipped(qwen3):
     assert token_char_offsets(qwen3, ids, with_special)[-1] == (19, 29)
 
 
+def test_only_special_tokens(qwen3):
+    assert token_char_offsets(qwen3, [IM_END], "") == [(0, 0)]
+    assert token_char_offsets(qwen3, [], "") == []
+
+
 def test_mismatched_text_raises_with_position(qwen3):
     ids, resp = _generated(qwen3, "The answer is 42.")
     with pytest.raises(AlignmentError, match="at char 15"):
@@ -234,7 +243,7 @@ def test_coverage_cap_hand_computed(qwen3, ids, cap, spans, coverage, cut):
         assert SIMPLE[s["char_start"] : s["char_end"]].strip()
     if cut:
         assert plan.note.startswith("coverage_cap: kept")
-        truncated = [s for s in plan.spans if s["segment_ids"] == [4]][0]
+        truncated = next(s for s in plan.spans if s["segment_ids"] == [4])
         assert SIMPLE[truncated["char_start"] : truncated["char_end"]] == "seven eight nine"
 
 

@@ -3,10 +3,12 @@
 The tokens are never re-encoded: we decode the generated ids ourselves, token by token, and
 record which characters of `response_text` each token produced.
 
-Byte-level tokenizers (Qwen, the testbed) are decoded exactly: every token is a byte string,
-and a streaming UTF-8 decoder tells which character each byte ends up in. A token that ends in
-the middle of a multi-byte character and the token that completes it *both* own that
-character. Invalid byte runs become one U+FFFD each, as `bytes.decode(errors="replace")` does.
+Byte-level tokenizers (Qwen, the testbed) are decoded exactly: every token is a byte string.
+For valid UTF-8 (the usual case) the char index of a byte is the count of lead bytes before it
+(vectorised); otherwise a streaming UTF-8 decoder tells which character each byte ends up in,
+invalid byte runs becoming one U+FFFD each, as `bytes.decode(errors="replace")` does. A token
+that ends in the middle of a multi-byte character and the token that completes it *both* own
+that character.
 Other tokenizers fall back to decoding prefixes (exact, quadratic; fine for short texts).
 
 Special tokens (e.g. "<|im_end|>") may be absent from `response_text`
@@ -104,8 +106,8 @@ def _offsets_valid_utf8(pieces: list[bytes]) -> tuple[str, list[tuple[int, int]]
         text = joined.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    if not pieces:
-        return text, []
+    if not joined:
+        return text, [(0, 0)] * len(pieces)
     bytes_B = np.frombuffer(joined, dtype=np.uint8)
     is_cont_B = (bytes_B & 0xC0) == 0x80
     # leads_before_B[b] = number of chars that start before byte b (length B + 1).
@@ -116,7 +118,7 @@ def _offsets_valid_utf8(pieces: list[bytes]) -> tuple[str, list[tuple[int, int]]
     starts_T = ends_T - lens_T
     nonempty_T = lens_T > 0
     # A piece opening with continuation bytes finishes the char begun by the previous piece.
-    opens_mid_T = nonempty_T & is_cont_B[np.minimum(starts_T, max(len(joined) - 1, 0))]
+    opens_mid_T = nonempty_T & is_cont_B[np.minimum(starts_T, len(joined) - 1)]
     start_chars_T = leads_before_B[starts_T] - opens_mid_T
     end_chars_T = np.where(nonempty_T, leads_before_B[ends_T], start_chars_T)
     return text, list(zip(start_chars_T.tolist(), end_chars_T.tolist(), strict=True))

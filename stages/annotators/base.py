@@ -12,8 +12,8 @@ directly. Row statuses: ok | no_spans | parse_error | api_error | timeout | skip
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import concurrent.futures
+import contextlib
 import hashlib
 import importlib
 import logging

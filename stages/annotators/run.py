@@ -9,6 +9,7 @@ from typing import Any
 
 from stages.annotators.api import read_api_key
 from stages.annotators.base import (
+    Job,
     annotator_name,
     api_transport,
     dir_fingerprint,
@@ -54,13 +55,14 @@ def _model_path(model_path: str | None, items: list[dict]) -> str:
 
 def _self_rows(
     cfg: AnnotateConfig,
-    jobs,
+    jobs: list[Job],
     annotator: str,
     tokenizer: Any,
     model_path: str,
     cache: ReplyCache,
-    tick,
+    tick: Callable[[], None],
 ) -> list[dict]:
+    """Rows from the round's own policy; vllm_server mode reuses api.* retry/timeout settings."""
     opts = cfg.self_host
     model_id = f"self:{model_path}:{dir_fingerprint(model_path)}"
     if opts.mode == "inprocess":
@@ -83,12 +85,10 @@ def _self_rows(
         **cfg.api.extra_body,
         "chat_template_kwargs": {"enable_thinking": opts.enable_thinking},
     }
-    started: dict[str, str] = {}
 
     def lazy_server_transport(requests, on_done):
         # The server starts only when the cache leaves something to ask.
         with served(opts, model_path) as base_url:
-            started["url"] = base_url
             inner, _ = api_transport(
                 cfg,
                 model=model_path,
