@@ -13,6 +13,7 @@ import logging
 from data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, TRAIN_METRICS, VERDICTS, rows_to_table
 from data_schemas import extend_metrics
 from pipeline.config import TraceConfig
+from pipeline.fingerprint import fingerprint
 from pipeline.store import Manifest, round_dir
 
 from .common import checkpoint_for_round, dataset_name, open_store, plan
@@ -23,6 +24,17 @@ log = logging.getLogger("trace_rl.stages.train")
 def checkpoint_dir(store, round_index: int):
     """Where the train stage of round k writes the policy of round k+1."""
     return store.local_path("checkpoints", round_dir(round_index + 1))
+
+
+def _drop_progress(work_dir) -> None:
+    """The round is committed (manifest written): its resume state is no longer needed."""
+    for f in list(work_dir.glob("progress*")) + list(work_dir.glob("old_logprobs-rank*.pt")):
+        if f.is_dir():
+            import shutil
+
+            shutil.rmtree(f, ignore_errors=True)
+        else:
+            f.unlink(missing_ok=True)
 
 
 def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progress: bool = True) -> Manifest:
@@ -40,9 +52,12 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
         "annotations": p.store.read(names[2], ANNOTATIONS),
     }
     out_dir = checkpoint_dir(p.store, round_index)
-    work_dir = p.store.local_path("scratch", round_dir(round_index), "train")
+    # Scratch keyed by what the update is made from: a rerun of the same update resumes from its
+    # progress saves, while changed inputs (e.g. a forced re-annotation) start clean.
+    attempt = fingerprint([p.config_fingerprint, p.inputs])
+    work_dir = p.store.local_path("scratch", round_dir(round_index), f"train-{attempt}")
     work_dir.mkdir(parents=True, exist_ok=True)
-    from trainer import train_round
+    from trainer.round import train_round
 
     metrics = train_round(cfg.train, **tables, init_checkpoint=init_dir, output_checkpoint=str(out_dir),
                           work_dir=str(work_dir), round_index=round_index, progress=progress)
@@ -54,6 +69,7 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
                         inputs=p.inputs, allow_extra=True) as w:
         w.write_table(table, part="metrics.parquet")
         w.extra = {"checkpoint": str(out_dir), "steps": len(metrics)}
+    _drop_progress(work_dir)
     if metrics:
         last = metrics[-1]
         log.info("train round %d: %d steps, loss %.4f, kl_weight %.3f -> %s", round_index, len(metrics),
