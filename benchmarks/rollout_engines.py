@@ -76,6 +76,12 @@ def main() -> None:
         action="store_true",
         help="vLLM engine core in the worker process (faster start, tests use it)",
     )
+    ap.add_argument(
+        "--hf-threads",
+        type=int,
+        default=None,
+        help="torch threads for hf generate (default: torch's own)",
+    )
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
@@ -99,7 +105,13 @@ def main() -> None:
             for i in range(args.prompts)
         ]
         sampling = {"n": args.n, "max_tokens": args.max_tokens, "temperature": 1.0, "seed": 0}
-        results = {"hf": bench_hf(RolloutConfig(engine="hf", **sampling), model_dir, prompts)}
+        results = {
+            "hf": bench_hf(
+                RolloutConfig(engine="hf", **sampling, hf={"num_threads": args.hf_threads}),
+                model_dir,
+                prompts,
+            )
+        }
         if not args.skip_vllm:
             engine_kwargs = {"distributed_executor_backend": "uni"} if args.in_process else {}
             vcfg = RolloutConfig(

@@ -66,8 +66,7 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     cache_dir = str(p.store.local_path("cache", "annotations")) if p.store.is_local else None
     rows = annotate_rows(cfg.annotate, items, tokenizer, cache_dir=cache_dir, model_path=model_dir,
                          progress=progress)
-    with p.store.writer(p.name, ANNOTATIONS, stage="annotate", config_fingerprint=p.config_fingerprint,
-                        inputs=p.inputs) as w:
+    with p.writer(ANNOTATIONS, "annotate") as w:
         w.write_rows(rows)
         covered = [r["coverage"] for r in rows if r["status"] == "ok"]
         w.extra = {"mean_coverage_ok": sum(covered) / len(covered) if covered else 0.0}

@@ -8,6 +8,7 @@ the same input fingerprints; a current stage is skipped unless forced.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,10 +51,18 @@ class StagePlan:
     config_fingerprint: str
     inputs: dict[str, str]
     existing: Manifest | None
+    started_at: float = 0.0
 
     @property
     def skip(self) -> bool:
         return self.existing is not None
+
+    def writer(self, schema, stage: str, allow_extra: bool = False):
+        """The output's writer, timed from the moment the stage was planned."""
+        w = self.store.writer(self.name, schema, stage=stage, config_fingerprint=self.config_fingerprint,
+                              inputs=self.inputs, allow_extra=allow_extra)
+        w.started_at = self.started_at
+        return w
 
 
 def plan(cfg: TraceConfig, stage: str, round_index: int | None, config_parts: Any,
@@ -77,7 +86,7 @@ def plan(cfg: TraceConfig, stage: str, round_index: int | None, config_parts: An
         existing = store.manifest(name)
         log.info("%s: %s is current (made %s), skipping; use --force to redo it",
                  stage, store.path(name), existing and existing.code_version)
-    return StagePlan(store, name, cfg_fp, inputs, existing)
+    return StagePlan(store, name, cfg_fp, inputs, existing, started_at=time.time())
 
 
 def initial_model_dir(cfg: TraceConfig) -> str:

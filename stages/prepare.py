@@ -150,8 +150,7 @@ def run(cfg: TraceConfig, round_index: int | None = None, *, force: bool = False
         rows, dropped = to_prompt_rows(_load_records(cfg.data.source, cfg.data.split), cfg, Path(cfg.data.source).stem)
     if not rows:
         raise StageError(f"prepare: no usable rows in {cfg.data.source!r} (dropped: {dropped})")
-    with p.store.writer(p.name, PROMPTS, stage="prepare", config_fingerprint=p.config_fingerprint,
-                        inputs=p.inputs) as w:
+    with p.writer(PROMPTS, "prepare") as w:
         for start in range(0, len(rows), 50_000):
             w.write_rows(rows[start:start + 50_000])
         w.extra = {"source": cfg.data.source, "dropped": dropped}

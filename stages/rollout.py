@@ -54,7 +54,7 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     rcfg = cfg.rollout.model_copy(update={"seed": cfg.rollout.seed + 1000 * cfg.run.seed + round_index})
     log.info("rollout round %d: %d prompts x %d samples with %s (%s)", round_index, len(chosen),
              rcfg.n, rcfg.engine, model_dir)
-    from stages.engines import generate
+    from stages.engines.base import generate
 
     samples = generate(rcfg, model_dir, chosen, progress=progress)
     rows = []
@@ -64,8 +64,7 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     expected = len(chosen) * rcfg.n
     if len(rows) != expected:
         raise RuntimeError(f"engine returned {len(rows)} samples, expected {expected}")
-    with p.store.writer(p.name, ROLLOUTS, stage="rollout", config_fingerprint=p.config_fingerprint,
-                        inputs=p.inputs) as w:
+    with p.writer(ROLLOUTS, "rollout") as w:
         w.write_rows(rows)
         reasons: dict[str, int] = {}
         for r in rows:

@@ -65,8 +65,7 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     schema = extend_metrics(extras)
     table = rows_to_table([{**{k: None for k in extras}, **row} for row in metrics], schema,
                           where=f"{p.name} metrics")
-    with p.store.writer(p.name, TRAIN_METRICS, stage="train", config_fingerprint=p.config_fingerprint,
-                        inputs=p.inputs, allow_extra=True) as w:
+    with p.writer(TRAIN_METRICS, "train", allow_extra=True) as w:
         w.write_table(table, part="metrics.parquet")
         w.extra = {"checkpoint": str(out_dir), "steps": len(metrics)}
     _drop_progress(work_dir)

@@ -35,8 +35,7 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     from stages.verifiers import verify_rows
 
     verdicts = verify_rows(cfg.verify, items)
-    with p.store.writer(p.name, VERDICTS, stage="verify", config_fingerprint=p.config_fingerprint,
-                        inputs=p.inputs) as w:
+    with p.writer(VERDICTS, "verify") as w:
         w.write_rows(verdicts)
         w.extra = {"reward_mean": sum(v["reward"] for v in verdicts) / max(len(verdicts), 1)}
     log.info("verify round %d: %d verdicts, reward mean %.3f, statuses %s", round_index, len(verdicts),

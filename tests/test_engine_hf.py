@@ -25,7 +25,14 @@ def model(model_dir):
 
 
 def _cfg(**kw) -> RolloutConfig:
-    base = {"engine": "hf", "n": 4, "max_tokens": 48, "seed": 3, "enable_thinking": True}
+    base = {
+        "engine": "hf",
+        "n": 4,
+        "max_tokens": 48,
+        "seed": 3,
+        "enable_thinking": True,
+        "hf": {"num_threads": 1},
+    }
     return RolloutConfig(**{**base, **kw})
 
 
@@ -89,7 +96,9 @@ def test_same_seed_same_samples_and_new_seed_new_samples(model_dir):
 
 
 def test_batch_size_does_not_change_the_row_contract(model_dir):
-    rows = generate(_cfg(n=3, hf={"batch_size": 2}), model_dir, PROMPTS, progress=False)
+    rows = generate(
+        _cfg(n=3, hf={"batch_size": 2, "num_threads": 1}), model_dir, PROMPTS, progress=False
+    )
     assert len(rows) == 9
     assert [r["sample_index"] for r in rows] == [0, 1, 2] * 3
 

@@ -31,12 +31,24 @@ class HFOptions(BaseModel):
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
+    num_threads: int | None = Field(
+        default=None,
+        description="torch CPU threads while generating; None = torch's default. 1 is much "
+        "faster on a machine whose cores are busy with other work (OpenMP barriers stall)",
+    )
 
     @field_validator("batch_size")
     @classmethod
     def _positive_batch(cls, v: int | None) -> int | None:
         if v is not None and v < 1:
             raise ValueError(f"hf.batch_size={v}: use a positive integer, or null for automatic")
+        return v
+
+    @field_validator("num_threads")
+    @classmethod
+    def _positive_threads(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"hf.num_threads={v}: use a positive integer, or null for default")
         return v
 
     @field_validator("max_batch_tokens")

@@ -135,14 +135,20 @@ def _generate_batch(
         pad_token_id=pad_id,
     )
     device = cfg.hf.device
+    threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[] if device == "cpu" else None), torch.inference_mode():
         torch.manual_seed(seed)
-        seq_BL = model.generate(
-            input_ids=ids_BP.to(device),
-            attention_mask=mask_BP.to(device),
-            generation_config=gen_cfg,
-            logits_processor=LogitsProcessorList([recorder]),
-        )
+        if cfg.hf.num_threads is not None:
+            torch.set_num_threads(cfg.hf.num_threads)
+        try:
+            seq_BL = model.generate(
+                input_ids=ids_BP.to(device),
+                attention_mask=mask_BP.to(device),
+                generation_config=gen_cfg,
+                logits_processor=LogitsProcessorList([recorder]),
+            )
+        finally:
+            torch.set_num_threads(threads)
     gen_BT = seq_BL[:, ids_BP.shape[1] :].cpu()
     return gen_BT, recorder.finish(seq_BL[:, -1]).cpu()
 
