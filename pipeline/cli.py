@@ -119,13 +119,15 @@ def status(config: str = typer.Argument("demo"), overrides: Optional[list[str]] 
 
 @testbed_app.command("init")
 def testbed_init(config: str = typer.Argument("demo"), overrides: Optional[list[str]] = OverridesArg,
-                 out: Optional[str] = typer.Option(None, help="output dir (default: model.testbed_dir)"),
+                 out: Optional[str] = typer.Option(None, help="output dir (default: model.testbed_dir, "
+                                                   "else ~/.cache/trace-rl/testbed-<fingerprint>)"),
                  force: bool = typer.Option(False, help="rebuild even if a matching build exists")) -> None:
     """Build (deterministically) and cache the testbed model and tokenizer."""
     cfg = _load(config, overrides)
     from pipeline.testbed.build import build_testbed
+    from stages.common import testbed_dir
 
-    target = out or cfg.model.testbed_dir or os.path.join(cfg.run.run_root, "testbed")
+    target = out or testbed_dir(cfg)
     path = build_testbed(cfg.model.testbed, target, force=force, progress=True)
     console.print(f"testbed ready: {path}")
 

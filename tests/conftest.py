@@ -22,3 +22,48 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+import pytest  # noqa: E402
+
+# A testbed small enough to build in well under a minute: it samples mostly wrong answers, which
+# is enough for the plumbing tests (the error route gives them spans to distil on).
+TINY_TESTBED = [
+    "model.testbed.sft_steps=30",
+    "model.testbed.sft_num_problems=500",
+    "model.testbed.tokenizer_corpus_size=200",
+    "model.testbed.eval_size=8",
+    "model.testbed.hidden_size=64",
+    "model.testbed.intermediate_size=128",
+]
+# A small run on it: 4 prompts x 4 samples a round, both routes on so spans exist.
+TINY_RUN = TINY_TESTBED + [
+    "data.testbed_prompts=64",
+    "rollout.prompts_per_round=4",
+    "rollout.n=4",
+    "rollout.max_tokens=64",
+    "train.mini_batch_size=8",
+    "train.micro_batch_size=4",
+    "train.route.error_reverse=true",
+    "eval.limit=8",
+    "eval.max_tokens=64",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_testbed_dir(tmp_path_factory) -> str:
+    """A tiny testbed built once per test session."""
+    from pipeline.config import load_config
+    from pipeline.testbed.build import build_testbed
+
+    cfg = load_config("demo", TINY_TESTBED)
+    return build_testbed(cfg.model.testbed, str(tmp_path_factory.mktemp("testbed") / "tb"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's test harness: a temporary database and API for flows run in this process."""
+    import flows  # noqa: F401  (sets Prefect's environment defaults before it is imported)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

@@ -27,11 +27,21 @@ from pipeline.testbed.task import (
 )
 from pipeline.testbed.tokenizer import build_tokenizer, chat_prompt
 
-TINY = dict(
-    hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
-    sft_steps=4, sft_batch_size=4, sft_warmup_steps=1, sft_num_problems=40,
-    tokenizer_corpus_size=60, eval_size=4, eval_max_new_tokens=12, eval_batch_size=4,
-)
+TINY = {
+    "hidden_size": 32,
+    "num_layers": 1,
+    "num_heads": 2,
+    "num_kv_heads": 1,
+    "intermediate_size": 64,
+    "sft_steps": 4,
+    "sft_batch_size": 4,
+    "sft_warmup_steps": 1,
+    "sft_num_problems": 40,
+    "tokenizer_corpus_size": 60,
+    "eval_size": 4,
+    "eval_max_new_tokens": 12,
+    "eval_batch_size": 4,
+}
 
 
 @pytest.fixture(scope="module")
@@ -134,20 +144,38 @@ def test_rule_key_route_marks_carry_steps_of_a_correct_response():
     ("lines", "expected"),
     [
         # carry dropped in step 2, later steps consistent with the slip
-        (["Step 1: 8+5+0=13, write 3, carry 1", "Step 2: 2+9+1=12, write 2, carry 0",
-          "Step 3: 7+3+0=10, write 0, carry 1", "Step 4: 4+0+1=5, write 5, carry 0",
-          "Answer: \\boxed{5023}"], ([2], "carry dropped")),
+        (
+            [
+                "Step 1: 8+5+0=13, write 3, carry 1",
+                "Step 2: 2+9+1=12, write 2, carry 0",
+                "Step 3: 7+3+0=10, write 0, carry 1",
+                "Step 4: 4+0+1=5, write 5, carry 0",
+                "Answer: \\boxed{5023}",
+            ],
+            ([2], "carry dropped"),
+        ),
         # misread digit, with messy spacing the parser must still accept
-        (["Step 1 : 8 + 5 + 0 = 13 , write 3 , carry 1", "Step 2: 2+8+1=11, write 1, carry 1"],
-         ([2], "wrong digit read")),
+        (
+            ["Step 1 : 8 + 5 + 0 = 13 , write 3 , carry 1", "Step 2: 2+8+1=11, write 1, carry 1"],
+            ([2], "wrong digit read"),
+        ),
         (["Step 1: 8+5+0=14, write 4, carry 1"], ([1], "digit sum wrong")),
         (["Step 1: 8+5+0=13, write 3, carry 1", "Step 2: 2+9+1=1"], ([2], "malformed step")),
         (["Step 1: 8+5+0=13, write 3, carry 1", "Answer: \\boxed{3}"], ([2], "missing step")),
-        (["Step 1: 8+5+0=13, write 3, carry 1", "Step 2: 2+9+1=12, write 2, carry 1",
-          "Step 3: 7+3+1=11, write 1, carry 1", "Step 4: 4+0+1=5, write 5, carry 0",
-          "Answer: \\boxed{5124}"], ([5], "answer mismatch")),
-        (["Step 1: 8+5+0=13, write 3, carry 1", "Step 2: 2+9+1=12, write 2, carry 1"],
-         ([2], "incomplete solution")),
+        (
+            [
+                "Step 1: 8+5+0=13, write 3, carry 1",
+                "Step 2: 2+9+1=12, write 2, carry 1",
+                "Step 3: 7+3+1=11, write 1, carry 1",
+                "Step 4: 4+0+1=5, write 5, carry 0",
+                "Answer: \\boxed{5124}",
+            ],
+            ([5], "answer mismatch"),
+        ),
+        (
+            ["Step 1: 8+5+0=13, write 3, carry 1", "Step 2: 2+9+1=12, write 2, carry 1"],
+            ([2], "incomplete solution"),
+        ),
         ([], ([], "")),
     ],
 )
@@ -157,8 +185,11 @@ def test_rule_error_route_finds_the_first_wrong_step(lines, expected):
 
 def test_rule_error_route_final_carry_and_bad_route():
     row = make_prompt_row(95, 7, "q")  # Step 3 is the final carry
-    lines = ["Step 1: 5+7+0=12, write 2, carry 1", "Step 2: 9+0+1=10, write 0, carry 1",
-             "Answer: \\boxed{2}"]
+    lines = [
+        "Step 1: 5+7+0=12, write 2, carry 1",
+        "Step 2: 9+0+1=10, write 0, carry 1",
+        "Answer: \\boxed{2}",
+    ]
     assert rule_annotate(row, lines, "error") == ([3], "final carry dropped")
     with pytest.raises(ValueError, match="route must be one of"):
         rule_annotate(row, lines, "keys")
@@ -169,14 +200,20 @@ def test_rule_error_route_final_carry_and_bad_route():
 
 def test_tokenizer_round_trip_digits_and_chat_template(tiny_cfg):
     tok = build_tokenizer(tiny_cfg)
-    for text in ["Step 1: 8+5+0=13, write 3, carry 1\n", "  two  spaces\n\n", "é≈ 漢字 🙂 \\boxed{}"]:
+    for text in [
+        "Step 1: 8+5+0=13, write 3, carry 1\n",
+        "  two  spaces\n\n",
+        "é≈ 漢字 🙂 \\boxed{}",
+    ]:
         assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
     assert tok.tokenize("12345") == ["1", "2", "3", "4", "5"]
     user = [{"role": "user", "content": "hi"}]
-    off = tok.apply_chat_template(user, add_generation_prompt=True, enable_thinking=False,
-                                  tokenize=False)
-    on = tok.apply_chat_template(user, add_generation_prompt=True, enable_thinking=True,
-                                 tokenize=False)
+    off = tok.apply_chat_template(
+        user, add_generation_prompt=True, enable_thinking=False, tokenize=False
+    )
+    on = tok.apply_chat_template(
+        user, add_generation_prompt=True, enable_thinking=True, tokenize=False
+    )
     assert off == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     assert on == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert chat_prompt(tok, "hi", False) == off
@@ -195,9 +232,13 @@ def test_build_reloads_with_auto_classes_and_keeps_lm_head(tiny_cfg, tiny_build)
     assert model.config.tie_word_embeddings is False
     assert model.config.eos_token_id == tok.eos_token_id
     with safe_open(str(Path(tiny_build) / "model.safetensors"), "pt") as f:
-        assert "lm_head.weight" in f.keys()
-    assert tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True,
-                                   enable_thinking=False, tokenize=False).endswith("</think>\n\n")
+        assert "lm_head.weight" in f.keys()  # noqa: SIM118 (safe_open is not a dict)
+    assert tok.apply_chat_template(
+        [{"role": "user", "content": "x"}],
+        add_generation_prompt=True,
+        enable_thinking=False,
+        tokenize=False,
+    ).endswith("</think>\n\n")
     manifest = read_manifest(tiny_build)
     assert manifest["fingerprint"] == tiny_cfg.fingerprint()
     assert manifest["config"] == tiny_cfg.model_dump(mode="json")
@@ -230,15 +271,21 @@ def test_left_padded_batch_generation_matches_single(tiny_build):
     tok = AutoTokenizer.from_pretrained(tiny_build)
     model = AutoModelForCausalLM.from_pretrained(tiny_build).eval()
     msgs = ["short", "a much longer message than the other one, padded on the left"]
-    batched = generate_responses(model, tok, msgs, temperature=0.0, n=1, max_new_tokens=8,
-                                 batch_size=2, seed=0)
-    single = [generate_responses(model, tok, [m], temperature=0.0, n=1, max_new_tokens=8,
-                                 batch_size=1, seed=0)[0] for m in msgs]
+    batched = generate_responses(
+        model, tok, msgs, temperature=0.0, n=1, max_new_tokens=8, batch_size=2, seed=0
+    )
+    single = [
+        generate_responses(
+            model, tok, [m], temperature=0.0, n=1, max_new_tokens=8, batch_size=1, seed=0
+        )[0]
+        for m in msgs
+    ]
     assert batched == single
     rows = make_prompts(TestbedConfig(**TINY), 3, seed=0, split="heldout")
     acc = measure_accuracy(tiny_build, rows, privileged=True, max_new_tokens=8, batch_size=3)
-    assert acc == measure_accuracy(tiny_build, rows, privileged=True, max_new_tokens=8,
-                                   batch_size=3)
+    assert acc == measure_accuracy(
+        tiny_build, rows, privileged=True, max_new_tokens=8, batch_size=3
+    )
     assert 0.0 <= acc <= 1.0
 
 

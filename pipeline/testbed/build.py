@@ -73,9 +73,15 @@ def _train_and_save(cfg: TestbedConfig, tmp_dir: str, log) -> dict:
         heldout = make_prompts(cfg, cfg.eval_size, cfg.seed, "heldout")
         for name, privileged in (("student", False), ("privileged", True)):
             accuracy[name] = accuracy_of(
-                model, tokenizer, heldout, privileged=privileged, temperature=1.0,
-                max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size,
-                seed=cfg.seed, enable_thinking=cfg.enable_thinking,
+                model,
+                tokenizer,
+                heldout,
+                privileged=privileged,
+                temperature=1.0,
+                max_new_tokens=cfg.eval_max_new_tokens,
+                batch_size=cfg.eval_batch_size,
+                seed=cfg.seed,
+                enable_thinking=cfg.enable_thinking,
                 template=cfg.teacher_template,
             )
         log(f"held-out accuracy at T=1 on {cfg.eval_size}: {accuracy}")

@@ -13,17 +13,18 @@ DEFAULT_TEACHER_TEMPLATE = "{problem}\n\nHere is a reference solution:\n{context
 class TestbedConfig(BaseModel):
     """Everything that determines a testbed build; its fingerprint keys the build cache.
 
-    Defaults give the embedded demo: column addition of 2- to 4-digit numbers, a 2-layer
-    Qwen3 with hidden size 128, warm-started for about two minutes on two CPU cores so that
-    held-out student accuracy at temperature 1 is middling and the privileged teacher's is high.
+    Defaults give the embedded demo: column addition of 1- to 3-digit numbers, a 2-layer
+    Qwen3 with hidden size 128 (0.4M parameters), warm-started by 600 SFT steps of 16 examples
+    so that held-out student accuracy at temperature 1 is middling and the privileged
+    teacher's is higher.
     """
 
     model_config = ConfigDict(extra="forbid")
     __test__ = False  # keep pytest from collecting this class (its name starts with "Test")
 
     # --- task ---------------------------------------------------------------------------
-    min_digits: int = Field(2, ge=1, le=12, description="fewest digits of an operand")
-    max_digits: int = Field(4, ge=1, le=12, description="most digits of an operand")
+    min_digits: int = Field(1, ge=1, le=12, description="fewest digits of an operand")
+    max_digits: int = Field(3, ge=1, le=12, description="most digits of an operand")
     heldout_mod: int = Field(
         10, ge=2, description="a problem is held out iff hash(problem) % heldout_mod == 0"
     )
@@ -35,23 +36,23 @@ class TestbedConfig(BaseModel):
     num_layers: int = Field(2, ge=1)
     num_heads: int = Field(4, ge=1)
     num_kv_heads: int = Field(2, ge=1)
-    intermediate_size: int = Field(512, ge=16)
+    intermediate_size: int = Field(256, ge=16)
     max_position_embeddings: int = Field(512, ge=64)
     # --- warm start (SFT) ---------------------------------------------------------------
     sft_steps: int = Field(600, ge=1)
-    sft_batch_size: int = Field(32, ge=1)
+    sft_batch_size: int = Field(16, ge=1)
     sft_lr: float = Field(3e-3, gt=0)
     sft_warmup_steps: int = Field(30, ge=0)
     sft_weight_decay: float = Field(0.0, ge=0)
     sft_num_problems: int = Field(20000, ge=1, description="distinct training problems")
     privileged_frac: float = Field(
-        0.4, ge=0, le=1, description="fraction of SFT examples in the teacher (privileged) format"
+        0.5, ge=0, le=1, description="fraction of SFT examples in the teacher (privileged) format"
     )
     label_frac: float = Field(
         0.5, ge=0, le=1, description="fraction of privileged examples with 'Watch out for: ...'"
     )
     corrupt_frac: float = Field(
-        0.45,
+        0.3,
         ge=0,
         le=1,
         description="fraction of student-format SFT targets with one injected arithmetic error; "

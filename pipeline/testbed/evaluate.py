@@ -44,7 +44,9 @@ def generate_responses(
     out: list[str] = []
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(
-            texts[start : start + batch_size], add_special_tokens=False, padding=True,
+            texts[start : start + batch_size],
+            add_special_tokens=False,
+            padding=True,
             return_tensors="pt",
         )
         # generate() draws from the global RNG; seed it per batch so results do not depend
@@ -82,8 +84,14 @@ def accuracy_of(
         raise ValueError("accuracy needs at least one prompt; got an empty list")
     messages = user_messages(prompts, privileged=privileged, template=template)
     responses = generate_responses(
-        model, tokenizer, messages, temperature=temperature, n=n,
-        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+        model,
+        tokenizer,
+        messages,
+        temperature=temperature,
+        n=n,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
         enable_thinking=enable_thinking,
     )
     hits = [is_correct(r, p["answer"]) for p, rs in zip(prompts, responses) for r in rs]
@@ -106,7 +114,14 @@ def measure_accuracy(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     return accuracy_of(
-        model, tokenizer, prompts, privileged=privileged, temperature=temperature, n=n,
-        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+        model,
+        tokenizer,
+        prompts,
+        privileged=privileged,
+        temperature=temperature,
+        n=n,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
         enable_thinking=enable_thinking,
     )

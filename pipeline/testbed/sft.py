@@ -53,7 +53,10 @@ def make_sft_texts(cfg: TestbedConfig, n: int, seed: int) -> list[tuple[str, str
             if rng.random() < cfg.label_frac:
                 label = rng.choice([*ERROR_LABELS, KEY_LABEL])
             user = privileged_message(
-                row["problem"], solution=row["solution"], answer=row["answer"], label=label,
+                row["problem"],
+                solution=row["solution"],
+                answer=row["answer"],
+                label=label,
                 template=cfg.teacher_template,
             )
             texts.append((user, row["solution"]))
@@ -108,9 +111,7 @@ def length_bucketed_batches(
 
 def response_nll(model: Qwen3ForCausalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token NLL over response tokens (scalar)."""
-    logits_BTV = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-    ).logits
+    logits_BTV = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels_BT = batch["labels"][:, 1:]
     return torch.nn.functional.cross_entropy(
         logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1]),
@@ -138,9 +139,7 @@ def run_sft(
     """Train model in place for cfg.sft_steps; returns the loss of every step."""
     torch.manual_seed(cfg.seed)
     n = cfg.sft_steps * cfg.sft_batch_size
-    examples = tokenize_examples(
-        tokenizer, make_sft_texts(cfg, n, cfg.seed), cfg.enable_thinking
-    )
+    examples = tokenize_examples(tokenizer, make_sft_texts(cfg, n, cfg.seed), cfg.enable_thinking)
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.sft_lr, betas=(0.9, 0.98), weight_decay=cfg.sft_weight_decay
     )
@@ -157,7 +156,9 @@ def run_sft(
         opt.step()
         losses.append(loss.item())
         if log and (step % 25 == 0 or step == cfg.sft_steps - 1):
-            log(f"sft step {step}/{cfg.sft_steps} loss {loss.item():.4f} "
-                f"({time.perf_counter() - t0:.1f}s)")
+            log(
+                f"sft step {step}/{cfg.sft_steps} loss {loss.item():.4f} "
+                f"({time.perf_counter() - t0:.1f}s)"
+            )
     model.eval()
     return losses

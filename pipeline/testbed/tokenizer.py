@@ -53,7 +53,10 @@ def _corpus(cfg: TestbedConfig) -> Iterator[str]:
         row = make_prompt_row(a, b, f"tok-{i}")
         label = rng.choice([*ERROR_LABELS, KEY_LABEL])
         teacher = privileged_message(
-            row["problem"], solution=row["solution"], answer=row["answer"], label=label,
+            row["problem"],
+            solution=row["solution"],
+            answer=row["answer"],
+            label=label,
             template=cfg.teacher_template,
         )
         wrong, _, _ = corrupt_steps(a, b, rng)

@@ -1,0 +1,93 @@
+"""The training flow end to end on the testbed, under Prefect's test harness; then a forced
+rerun of one stage."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import TINY_RUN
+from data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, TRAIN_METRICS, VERDICTS
+from pipeline.config import load_config
+from stages.common import dataset_name, open_store
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_testbed_dir, prefect_harness):
+    from flows.training import trace_training
+
+    root = tmp_path_factory.mktemp("e2e") / "run"
+    overrides = TINY_RUN + [f"run.root={root}", f"model.testbed_dir={tiny_testbed_dir}", "run.rounds=2"]
+    result = trace_training("demo", overrides)
+    return load_config("demo", overrides), overrides, result
+
+
+def test_two_rounds_every_shard_reads_back(finished_run):
+    cfg, _, result = finished_run
+    assert result["rounds"] == 2
+    store = open_store(cfg)
+    prompts = store.read("prompts", PROMPTS)
+    assert prompts.num_rows == 64
+    per_round = cfg.rollout.prompts_per_round * cfg.rollout.n
+    seen_prompts = []
+    for k in range(2):
+        rollouts = store.read(dataset_name("rollout", k), ROLLOUTS)
+        verdicts = store.read(dataset_name("verify", k), VERDICTS)
+        annotations = store.read(dataset_name("annotate", k), ANNOTATIONS)
+        metrics = store.read(dataset_name("train", k), TRAIN_METRICS, allow_extra=True)
+        ids = rollouts.column("rollout_id").to_pylist()
+        assert len(ids) == len(set(ids)) == per_round
+        assert sorted(verdicts.column("rollout_id").to_pylist()) == sorted(ids)
+        assert sorted(annotations.column("rollout_id").to_pylist()) == sorted(ids)
+        assert metrics.num_rows == per_round // cfg.train.mini_batch_size
+        for col in ("loss", "pg_loss", "kl_loss", "kl_weight", "entropy", "grad_norm", "tokens_per_s"):
+            assert metrics.column(col).null_count == 0, col
+        seen_prompts.append(set(rollouts.column("prompt_id").to_pylist()))
+        ckpt = set(rollouts.column("checkpoint").to_pylist())
+        if k == 0:
+            assert ckpt == {cfg.model.testbed_dir}
+        else:
+            # The second round samples the policy the first round's train stage wrote.
+            assert ckpt == {str(store.local_path("checkpoints", "round-0001"))}
+    assert not seen_prompts[0] & seen_prompts[1], "no prompt repeats within an epoch"
+    steps = store.read(dataset_name("train", 1), TRAIN_METRICS, allow_extra=True).column("step").to_pylist()
+    assert steps[0] == per_round // cfg.train.mini_batch_size, "the global step continues across rounds"
+    assert (store.local_path("checkpoints", "round-0002") / "config.json").exists()
+    assert store.exists("eval", "round-0002", "summary.json")
+
+
+def test_annotations_have_spans_on_the_error_route(finished_run):
+    cfg, _, _ = finished_run
+    store = open_store(cfg)
+    rows = store.read(dataset_name("annotate", 0), ANNOTATIONS).to_pylist()
+    routed = [r for r in rows if r["route"] != "none"]
+    assert routed, "with both routes on every rollout is routed"
+    for r in rows:
+        for span in r["spans"]:
+            assert 0 <= span["token_start"] < span["token_end"]
+            assert span["char_start"] < span["char_end"]
+        assert 0.0 <= r["coverage"] <= cfg.annotate.coverage_cap + 1e-6
+
+
+def test_forced_stage_rewrites_only_its_dataset_and_marks_train_stale(finished_run):
+    from stages import get_stage
+    from stages.status import stage_states
+
+    cfg, _, _ = finished_run
+    store = open_store(cfg)
+    names = {s: dataset_name(s, 1) for s in ("rollout", "verify", "annotate", "train")}
+    before = {s: store.manifest(n) for s, n in names.items()}
+    assert stage_states(cfg)["train"][1] == "complete"
+    get_stage("annotate")(cfg, 1, force=True, progress=False)
+    after = {s: store.manifest(n) for s, n in names.items()}
+    assert after["annotate"].fingerprint != before["annotate"].fingerprint
+    for s in ("rollout", "verify", "train"):
+        assert after[s].fingerprint == before[s].fingerprint and after[s].finished_at == before[s].finished_at
+    states = stage_states(cfg)
+    assert states["annotate"][1] == "complete" and states["train"][1] == "stale"
+    assert states["train"][0] == "complete"
+    # Running round 1 again redoes only the stale train stage.
+    get_stage("train")(cfg, 1, progress=False)
+    assert stage_states(cfg)["train"][1] == "complete"
+    assert store.manifest(names["verify"]).finished_at == before["verify"].finished_at
