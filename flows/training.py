@@ -83,7 +83,7 @@ def trace_training(config: str = "demo", overrides: Optional[list[str]] = None,
     out = {}
     for k in range(total):
         out[k] = trace_round(config_path, k)
-        if cfg.eval.every_round or k == total - 1:
+        if cfg.eval.benchmarks and (cfg.eval.every_round or k == total - 1):
             # Evaluates checkpoints/round-(k+1); skipped when its samples are current.
             stage_evaluate("evaluate", config_path, k)
     return {"run": cfg.run.run_root, "rounds": total, "last": out.get(total - 1)}
