@@ -25,11 +25,19 @@ pytestmark = pytest.mark.slow
 ROUNDS = 2
 
 
-def _cli_run(root: Path, testbed: str, home: Path) -> subprocess.Popen:
-    env = dict(os.environ, PREFECT_HOME=str(home), TRACE_ISOLATE_STAGES="never", OMP_NUM_THREADS="1")
+API_KEY = "sk-crash-test-0123456789"
+
+
+def _cli_run(root: Path, testbed: str, home: Path, api_url: str) -> subprocess.Popen:
+    # The annotator is a real OpenAI-compatible HTTP server with 0.3 s per request and two
+    # requests in flight, so the annotate stage lasts long enough to be killed inside.
+    env = dict(os.environ, PREFECT_HOME=str(home), TRACE_ISOLATE_STAGES="never", OMP_NUM_THREADS="1",
+               CRASH_TEST_KEY=API_KEY)
     args = [sys.executable, "-m", "pipeline.cli", "run", "demo", *TINY_RUN, f"run.root={root}",
             f"model.testbed_dir={testbed}", f"run.rounds={ROUNDS}", "train.save_every=1",
-            "eval.benchmarks=[]"]
+            "eval.benchmarks=[]", "annotate.backend=api", f"annotate.api.base_url={api_url}",
+            "annotate.api.api_key_env=CRASH_TEST_KEY", "annotate.api.concurrency=2",
+            "annotate.api.model=fake-annotator"]
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
 
@@ -67,10 +75,19 @@ def _check_datasets(root: Path) -> None:
             assert sorted(got) == ids, f"{name}: rollouts missing or extra"
 
 
-def test_sigkill_at_random_points_then_resume(tmp_path, tiny_testbed_dir):
+@pytest.fixture()
+def annotator():
+    from openai_fake_server import FakeOpenAI
+
+    with FakeOpenAI(latency_s=0.3) as server:
+        yield server
+
+
+def test_sigkill_at_random_points_then_resume(tmp_path, tiny_testbed_dir, annotator):
     rng = random.Random(1234)
+    url = annotator.base_url
     reference = tmp_path / "reference"
-    proc = _cli_run(reference, tiny_testbed_dir, tmp_path / "prefect-ref")
+    proc = _cli_run(reference, tiny_testbed_dir, tmp_path / "prefect-ref", url)
     _, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err.decode()[-3000:]
 
@@ -79,12 +96,12 @@ def test_sigkill_at_random_points_then_resume(tmp_path, tiny_testbed_dir):
     kills = 0
     for stage, k in points:
         before = _manifests(crashed) if crashed.exists() else {}
-        proc = _cli_run(crashed, tiny_testbed_dir, tmp_path / "prefect-crash")
+        proc = _cli_run(crashed, tiny_testbed_dir, tmp_path / "prefect-crash", url)
         deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None and not _in_stage(crashed, stage, k):
             time.sleep(0.05)
         if proc.poll() is None:
-            time.sleep(rng.uniform(0.0, 1.5))      # somewhere inside the stage
+            time.sleep(rng.uniform(0.0, 0.8))      # somewhere inside the stage
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             kills += 1
@@ -95,7 +112,7 @@ def test_sigkill_at_random_points_then_resume(tmp_path, tiny_testbed_dir):
             assert after.get(name) == finished, f"{name} was redone after a crash"
     assert kills >= 5, f"only {kills} kills landed inside the run"
 
-    proc = _cli_run(crashed, tiny_testbed_dir, tmp_path / "prefect-crash")
+    proc = _cli_run(crashed, tiny_testbed_dir, tmp_path / "prefect-crash", url)
     _, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err.decode()[-3000:]
     _check_datasets(crashed)
@@ -103,6 +120,9 @@ def test_sigkill_at_random_points_then_resume(tmp_path, tiny_testbed_dir):
     assert ref_w.keys() == got_w.keys()
     for name in ref_w:
         assert torch.equal(ref_w[name], got_w[name]), f"{name} differs from the uninterrupted run"
+    for path in crashed.rglob("*"):                  # the key reached the server, never the disk
+        if path.is_file():
+            assert API_KEY.encode() not in path.read_bytes(), path
     for k in range(ROUNDS):
         a = (reference / f"round-{k:04d}" / "train" / "metrics.parquet")
         b = (crashed / f"round-{k:04d}" / "train" / "metrics.parquet")
