@@ -59,6 +59,7 @@ def run_demo(cfg: TraceConfig) -> dict:
 def _acc(summary: dict) -> str:
     try:
         b = summary["benchmarks"]["testbed"]
-        return f"{100 * b['avg_at_k']:.1f}% (95% CI {100 * b['ci95'][0]:.1f}-{100 * b['ci95'][1]:.1f})"
+        lo, hi = b["ci95"]
+        return f"{100 * b['avg@k']:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f})"
     except (KeyError, TypeError, IndexError):
         return "n/a"

@@ -26,6 +26,32 @@ def checkpoint_dir(store, round_index: int):
     return store.local_path("checkpoints", round_dir(round_index + 1))
 
 
+def _launch_accelerate(cfg, p, names, init_dir, out_dir, work_dir, round_index) -> list[dict]:
+    """Train under `accelerate launch` (DDP / FSDP / DeepSpeed from configs/accelerate/), reading
+    the same Parquet datasets; the main process writes the metrics rows as JSON lines."""
+    import json
+    import subprocess
+    import sys
+
+    from pipeline.errors import StageError
+
+    args = {"config": cfg.train.model_dump(mode="json"), "init_checkpoint": init_dir,
+            "output_checkpoint": str(out_dir), "work_dir": str(work_dir), "round_index": round_index,
+            "prompts": p.store.path("prompts"), "rollouts": p.store.path(names[0]),
+            "verdicts": p.store.path(names[1]), "annotations": p.store.path(names[2]),
+            "metrics_out": str(work_dir / "metrics.jsonl"), "progress": True}
+    args_file = work_dir / "launch_args.json"
+    args_file.write_text(json.dumps(args, indent=2))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(cfg.train.num_processes)]
+    if cfg.train.accelerate_config:
+        cmd += ["--config_file", cfg.train.accelerate_config]
+    cmd += ["-m", "trainer.launch", "--args-json", str(args_file)]
+    log.info("train round %d: %s", round_index, " ".join(cmd))
+    if subprocess.run(cmd).returncode != 0:
+        raise StageError(f"accelerate launch of round {round_index}'s training failed; its log is above")
+    return [json.loads(line) for line in (work_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
 def _drop_progress(work_dir) -> None:
     """The round is committed (manifest written): its resume state is no longer needed."""
     for f in list(work_dir.glob("progress*")) + list(work_dir.glob("old_logprobs-rank*.pt")):
@@ -57,10 +83,13 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     attempt = fingerprint([p.config_fingerprint, p.inputs])
     work_dir = p.store.local_path("scratch", round_dir(round_index), f"train-{attempt}")
     work_dir.mkdir(parents=True, exist_ok=True)
-    from trainer.round import train_round
+    if cfg.train.accelerate_config or cfg.train.num_processes > 1:
+        metrics = _launch_accelerate(cfg, p, names, init_dir, out_dir, work_dir, round_index)
+    else:
+        from trainer.round import train_round
 
-    metrics = train_round(cfg.train, **tables, init_checkpoint=init_dir, output_checkpoint=str(out_dir),
-                          work_dir=str(work_dir), round_index=round_index, progress=progress)
+        metrics = train_round(cfg.train, **tables, init_checkpoint=init_dir, output_checkpoint=str(out_dir),
+                              work_dir=str(work_dir), round_index=round_index, progress=progress)
     extras = sorted({k for row in metrics for k in row if k not in TRAIN_METRICS.names})
     schema = extend_metrics(extras)
     table = rows_to_table([{**{k: None for k in extras}, **row} for row in metrics], schema,

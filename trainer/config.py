@@ -95,6 +95,10 @@ class TrainConfig(BaseModel):
     seed: int = 0
     save_every: int = 0  # in-round progress save every N optimizer steps; 0 = never
     tensorboard: bool = True
+    # Multi-process training: the train stage runs `accelerate launch` with this config file
+    # (configs/accelerate/*.yaml) and process count; null / 1 = train in the stage's process.
+    accelerate_config: str | None = None
+    num_processes: int = 1
 
     @field_validator("teacher_template")
     @classmethod
@@ -131,6 +135,8 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 "method=trace needs route.key_forward or route.error_reverse (or both) set to true"
             )
+        if self.num_processes < 1:
+            raise ValueError(f"num_processes={self.num_processes} must be >= 1 (1 = no accelerate launch)")
         if self.teacher_sync_every < 0 or self.save_every < 0 or self.warmup_steps < 0:
             raise ValueError("teacher_sync_every, save_every and warmup_steps must be >= 0")
         return self
