@@ -6,7 +6,6 @@ Errors a user can cause end in one readable line (exit code 2), not a traceback.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from typing import Optional
 
