@@ -100,7 +100,10 @@ def _recompute_old_logprobs(model, examples: list[Example], idx: list[int], cfg:
     return out
 
 
-def _old_logprobs(cfg, model, examples, my_idx, pad_id, acc, work_dir: Path, fp: str):
+def _old_logprobs(cfg, model, examples, my_idx, pad_id, acc, work_dir: Path, fp: str,
+                  live: set[int] = frozenset()):
+    """Old log-probs of this process's examples; those in `live` are left out (the caller uses
+    the detached log-probs of the step's own forward for them)."""
     if cfg.old_logprobs == "engine":
         for i in my_idx:
             if len(examples[i].engine_logprobs) != len(examples[i].response_ids):
@@ -112,13 +115,15 @@ def _old_logprobs(cfg, model, examples, my_idx, pad_id, acc, work_dir: Path, fp:
         saved = torch.load(f, weights_only=False)
         if saved["fingerprint"] == fp:
             return saved["logp"]
-    logp = _recompute_old_logprobs(model, examples, my_idx, cfg, pad_id, acc.device)
+    logp = _recompute_old_logprobs(model, examples, [i for i in my_idx if i not in live], cfg,
+                                   pad_id, acc.device)
     atomic_torch_save({"fingerprint": fp, "logp": logp}, f)
     return logp
 
 
 def _micro_step(cfg, method, wrapped, unwrapped, teacher: TeacherHandle, mb: MicroBatch,
-                lam: float, normaliser: float, world: int, stats: StepStats, sync: bool, acc):
+                lam: float, normaliser: float, world: int, stats: StepStats, sync: bool, acc,
+                live_old: bool = False):
     s = mb.student
     groups = []
     if mb.teacher is not None:
@@ -133,6 +138,8 @@ def _micro_step(cfg, method, wrapped, unwrapped, teacher: TeacherHandle, mb: Mic
                       target_N=s.target_N, span_groups=groups, teacher_weight_VH=t_weight)
         logp_BT = to_bt(out["logp_N"], mb.mask_BT)
         kl_BT = to_bt(out["kl_N"], mb.mask_BT)
+        if live_old:
+            mb.old_logp_BT = logp_BT.detach()
         inputs = LossInputs(logp_BT, mb.old_logp_BT, mb.adv_B, mb.mask_BT, mb.span_BT, kl_BT,
                             normaliser)
         loss, loss_metrics = method.loss(inputs, cfg, lam)
@@ -193,11 +200,16 @@ def train_round(
         global_step = state["global_step"]
     model.to(acc.device)
     my_idx = sorted({i for step in plan for micro in step for i in micro})
-    old_logp = _old_logprobs(cfg, model, examples, my_idx, pad_id, acc, work, fp)
+    saved = load_progress(work, fp)
+    # The first step of a fresh round runs on the round's initial weights, so its old log-probs
+    # are its own forward's, detached: recomputing them would cost a whole extra forward pass
+    # (with one step per round, the only recomputation there is).
+    live_first = cfg.old_logprobs == "recompute" and saved is None and bool(plan)
+    live = {i for micro in plan[0] for i in micro} if live_first else set()
+    old_logp = _old_logprobs(cfg, model, examples, my_idx, pad_id, acc, work, fp, live)
 
     teacher = TeacherHandle(cfg.teacher_sync_every)
     cursor, rows = 0, []
-    saved = load_progress(work, fp)
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -229,7 +241,8 @@ def train_round(
                           for i in idx],
                          [adv_all[i] for i in idx], pad_id, with_teacher, weight, acc.device)
             _micro_step(cfg, method, wrapped, unwrapped, teacher, mb, lam, normaliser,
-                        acc.num_processes, stats, j == len(micro) - 1, acc)
+                        acc.num_processes, stats, j == len(micro) - 1, acc,
+                        live_old=live_first and step_i == 0)
         max_norm = cfg.grad_clip if cfg.grad_clip else float("inf")
         grad_norm = float(acc.clip_grad_norm_(wrapped.parameters(), max_norm))
         lr = scheduler.get_last_lr()[0]

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.chat import encode_chat_prompt
+
 
 def teacher_context(prompt_row: dict[str, Any], labels: list[str]) -> str:
     """Reference solution (else the boxed answer) plus the annotator's type label(s)."""
@@ -45,13 +47,7 @@ def teacher_prompt_ids(
 ) -> list[int]:
     """Chat-templated token ids of the teacher's prompt (the response is appended by the caller)."""
     content = template.format(problem=prompt_row["problem"], context=teacher_context(prompt_row, labels))
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}],
-        add_generation_prompt=True,
-        enable_thinking=enable_thinking,
-        tokenize=False,
-    )
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    return encode_chat_prompt(tokenizer, content, enable_thinking)
 
 
 class TeacherHandle:

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from pipeline.chat import encode_chat_prompt
 from stages.engines.config import ENGINE_NAMES, RolloutConfig
 
 ROW_KEYS = (
@@ -43,18 +44,8 @@ def load_tokenizer(model_dir: str) -> Any:
 
 
 def encode_prompt(tokenizer: Any, problem: str, enable_thinking: bool) -> list[int]:
-    """Chat-templated prompt ids, exactly as the shared contract fixes them.
-
-    Templating to text and encoding without special tokens keeps the ids identical to what the
-    trainer rebuilds from the same text (no second BOS, no tokenizer-side truncation).
-    """
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": problem}],
-        add_generation_prompt=True,
-        enable_thinking=enable_thinking,
-        tokenize=False,
-    )
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    """Chat-templated prompt ids, exactly as the shared contract fixes them."""
+    return encode_chat_prompt(tokenizer, problem, enable_thinking)
 
 
 def decode_response(tokenizer: Any, token_ids: Sequence[int]) -> str:
