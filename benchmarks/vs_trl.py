@@ -72,7 +72,7 @@ def run_one(variant: str, model_dir: str, work: Path, env: dict[str, str]) -> di
     cmd = [sys.executable, str(WORKER), variant, "--model-dir", model_dir, "--work", str(work),
            "--out", str(out)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{variant} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -82,7 +82,9 @@ def run_one(variant: str, model_dir: str, work: Path, env: dict[str, str]) -> di
 def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
     out = {}
     for v, rs in runs.items():
-        med = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
+        def med(key: str, rs: list[dict] = rs) -> float:
+            return statistics.median(r[key] for r in rs)
+
         out[v] = {"wall_s": med("wall_s"), "wall_min_s": min(r["wall_s"] for r in rs),
                   "wall_max_s": max(r["wall_s"] for r in rs), "generation_s": med("generation_s"),
                   "training_s": med("training_s"), "imports_s": med("imports_s"),
