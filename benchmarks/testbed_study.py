@@ -1,8 +1,11 @@
 """The paper's findings in miniature: GRPO vs TRACE vs all-token self-OPD vs span ablations on the
 CPU testbed, R rounds x S seeds, held-out accuracy every round.
 
-    python benchmarks/testbed_study.py --rounds 8 --seeds 0 1 2 --methods grpo trace_fkl self_opd \
-        --out runs/study --jobs 2 --testbed-dir /tmp/study-testbed  rollout.prompts_per_round=32
+    trace-rl testbed init demo --out /tmp/study-testbed
+    python benchmarks/testbed_study.py --rounds 5 --seeds 0 1 2 --methods grpo trace_fkl self_opd \
+        --out runs/study --jobs 2 --threads 1 --testbed-dir /tmp/study-testbed [section.key=value ...]
+
+Results and the settings under which GRPO learns: docs/testbed_results.md.
 
 Every (method, seed) is a full pipeline run through the stage functions (prepare, rollout, verify,
 annotate, train, evaluate) in its own run root `<out>/<method>-s<seed>`, all sharing ONE testbed
@@ -162,32 +165,38 @@ def write_outputs(out: str, methods: list[str] | None = None) -> None:
 
 
 def summary_table(df) -> str:
-    """Markdown: per method, final-round held-out accuracy (mean ± sd over seeds, and each seed),
-    gain over its warm start, and training-time diagnostics averaged over rounds."""
-    last_round = df.groupby(["method", "seed"])["round"].max()
-    header = ("| method | seeds | rounds | held-out acc (final) | gain vs warm start | per-seed final | "
-              "entropy | resp. len | eval tokens | KL term | span frac |")
-    lines = [header,
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    """Markdown: per method, held-out accuracy at the last round every seed reached (mean ± sd over
+    seeds, and each seed), gain over the warm start, the paired difference to grpo on the same
+    seeds (same prompts and warm start), and training diagnostics averaged over rounds."""
+    import numpy as np
+
+    r_final = int(df.groupby(["method", "seed"])["round"].max().min())
+    acc = df[df["round"] == r_final].set_index(["method", "seed"])["heldout_acc"]
+    acc0 = df[df["round"] == 0].set_index(["method", "seed"])["heldout_acc"]
+    header = (f"| method | seeds | held-out acc, round {r_final} | gain vs warm start | Δ vs grpo (paired) | "
+              "per-seed | entropy | train len | eval len | KL term | span frac |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, g in df.groupby("method", sort=False):
-        finals, gains, seeds = [], [], []
-        for seed, gs in g.groupby("seed"):
-            r = last_round[(method, seed)]
-            if r == 0:
-                continue
-            finals.append(float(gs.loc[gs["round"] == r, "heldout_acc"].iloc[0]))
-            gains.append(finals[-1] - float(gs.loc[gs["round"] == 0, "heldout_acc"].iloc[0]))
-            seeds.append(int(seed))
-        if not finals:
+        seeds = sorted(s for s in g["seed"].unique() if (method, s) in acc.index)
+        if not seeds:
             continue
-        tr = g[g["round"] > 0]
-        rounds = sorted({int(last_round[(method, s)]) for s in seeds})
+        finals = [float(acc[(method, s)]) for s in seeds]
+        gains = [f - float(acc0[(method, s)]) for f, s in zip(finals, seeds, strict=True)]
+        paired = [float(acc[(method, s)] - acc[("grpo", s)]) for s in seeds if ("grpo", s) in acc.index]
+        tr = g[(g["round"] > 0) & (g["round"] <= r_final)]
         lines.append(
-            f"| {method} | {len(seeds)} | {'/'.join(map(str, rounds))} | {_ms(finals, 100)} | "
-            f"{_ms(gains, 100, sign=True)} | {', '.join(f'{100 * f:.1f}' for f in finals)} | "
+            f"| {method} | {len(seeds)} | {_ms(finals, 100)} | {_ms(gains, 100, sign=True)} | "
+            f"{_ms(paired, 100, sign=True) if paired and method != 'grpo' else '-'} | "
+            f"{', '.join(f'{100 * f:.1f}' for f in finals)} | "
             f"{tr['train_entropy'].mean():.4f} | {tr['train_response_len_mean'].mean():.1f} | "
             f"{tr['heldout_tokens'].mean():.1f} | {tr['train_kl_loss'].mean():.2e} | "
             f"{tr['train_span_token_frac'].mean():.3f} |")
+    by_round = df.pivot_table(index="method", columns="round", values="heldout_acc", aggfunc="mean")
+    lines += ["", "Held-out accuracy by round (%, mean over seeds):", "",
+              "| method | " + " | ".join(str(c) for c in by_round.columns) + " |",
+              "|---|" + "---|" * len(by_round.columns)]
+    for method, row in by_round.iterrows():
+        lines.append(f"| {method} | " + " | ".join("-" if np.isnan(v) else f"{100 * v:.1f}" for v in row) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -195,8 +204,9 @@ def _ms(values: list[float], scale: float = 1.0, sign: bool = False) -> str:
     import numpy as np
 
     m = scale * float(np.mean(values))
-    sd = scale * float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
-    return f"{m:+.1f} ± {sd:.1f}" if sign else f"{m:.1f} ± {sd:.1f}"
+    text = f"{m:+.1f}" if sign else f"{m:.1f}"
+    # one seed has no spread; say so rather than print "± nan"
+    return text + (f" ± {scale * float(np.std(values, ddof=1)):.1f}" if len(values) > 1 else " (1 seed)")
 
 
 def plot_curves(df, path: str) -> None:

@@ -165,6 +165,10 @@ def test_trace_routing_and_ablation_spans():
     a, b = trace.plan(rnd, _view()), trace.plan(rnd, _view())
     assert a.mask_R.sum() == 10 and np.array_equal(a.mask_R, b.mask_R)  # 25% of 40, seeded
     assert not np.array_equal(a.mask_R, trace.plan(rnd, _view(rid="r2")).mask_R)
+    # The random ablation needs no annotation: the annotate stage skips these rollouts.
+    skipped = trace.plan(rnd, _view(route="none", spans=(), ok=False))
+    assert skipped.direction == "forward" and skipped.mask_R.sum() == 10
+    assert trace.plan(rnd, _view(correct=False, route="none", spans=(), ok=False)).direction is None
     inv = trace.plan(TrainConfig(method="trace", span_source="inverted"),
                      _view(spans=((0, 20),)))
     assert inv.mask_R.sum() == 10 and not inv.mask_R[:20].any()

@@ -90,6 +90,14 @@ def _annotated_mask(view: RolloutView) -> np.ndarray:
 
 
 def _trace_direction(cfg: TrainConfig, view: RolloutView) -> str | None:
+    if cfg.span_source == "random":
+        # The random-mask ablation needs no annotator: the route follows correctness alone (the
+        # annotate stage skips these rollouts), so every routed rollout gets its random 25%.
+        if cfg.route.key_forward and view.correct:
+            return "forward"
+        if cfg.route.error_reverse and not view.correct:
+            return "reverse"
+        return None
     if not view.annotation_ok or not view.spans:
         return None
     if cfg.route.key_forward and view.correct and view.annotation_route == "key":
