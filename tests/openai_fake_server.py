@@ -117,6 +117,9 @@ def _completion(model: str, content: str) -> dict:
 def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as real endpoints
+        # Headers and body go out in two writes; with Nagle on, the body waits for the client's
+        # delayed ACK (~40 ms a reply). Real servers (uvicorn, vLLM's) set TCP_NODELAY too.
+        disable_nagle_algorithm = True
 
         def log_message(self, *args) -> None:  # quiet: tests capture output
             pass

@@ -23,10 +23,11 @@ between two tokens. A span with no non-whitespace character has no tokens.
 
 from __future__ import annotations
 
-import bisect
 import codecs
+import contextlib
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -55,7 +56,8 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
-def _is_byte_level(tokenizer: Any) -> bool:
+def is_byte_level(tokenizer: Any) -> bool:
+    """Does the tokenizer decode through byte-level BPE (every token a byte string)?"""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return False
@@ -70,36 +72,60 @@ def _added_tokens(tokenizer: Any) -> dict[int, tuple[str, bool]]:
     return {i: (t.content, bool(t.special)) for i, t in tokenizer.added_tokens_decoder.items()}
 
 
-# Per-tokenizer memo of id -> bytes: the byte-decoding of a vocabulary entry never changes.
-_BYTES_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+@dataclass
+class _Memo:
+    """What token_bytes reuses across calls for one tokenizer (size = len(tokenizer)): each
+    id's bytes (a vocabulary entry's decoding never changes), with special tokens kept and
+    with them blanked."""
+
+    size: int
+    kept: dict[int, bytes]
+    skipped: dict[int, bytes]
 
 
-def _memo_for(tokenizer: Any) -> dict[int, bytes]:
+# Keyed weakly by tokenizer; rebuilt when tokens are added (its size changes).
+_MEMOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _memo_for(tokenizer: Any) -> _Memo:
+    size = len(tokenizer)
     try:
-        return _BYTES_MEMO.setdefault(tokenizer, {})
+        memo = _MEMOS.get(tokenizer)
     except TypeError:  # not weak-referenceable: no memo across calls
-        return {}
+        memo = None
+    if memo is None or memo.size != size:
+        memo = _Memo(size, {}, {})
+        with contextlib.suppress(TypeError):
+            _MEMOS[tokenizer] = memo
+    return memo
 
 
 def token_bytes(tokenizer: Any, token_ids: Sequence[int], keep_special: bool) -> list[bytes]:
     """The bytes each token decodes to (byte-level tokenizers only); [T] entries."""
     memo = _memo_for(tokenizer)
-    missing = sorted({t for t in token_ids if t not in memo})
-    if missing:
-        added = _added_tokens(tokenizer)
-        table = _byte_decoder()
-        for tid, piece in zip(missing, tokenizer.convert_ids_to_tokens(missing), strict=True):
-            memo[tid] = added[tid][0].encode() if tid in added else bytes(table[c] for c in piece)
-    if keep_special:
-        return [memo[t] for t in token_ids]
-    special = {i for i, (_, is_special) in _added_tokens(tokenizer).items() if is_special}
-    return [b"" if t in special else memo[t] for t in token_ids]
+    table = memo.kept if keep_special else memo.skipped
+    try:
+        return [table[t] for t in token_ids]
+    except KeyError:
+        pass
+    missing = sorted({t for t in token_ids if t not in table})
+    added = _added_tokens(tokenizer)
+    alphabet = _byte_decoder()
+    for tid, piece in zip(missing, tokenizer.convert_ids_to_tokens(missing), strict=True):
+        if tid in added:
+            content, special = added[tid]
+            memo.kept[tid] = content.encode()
+            memo.skipped[tid] = b"" if special else memo.kept[tid]
+        else:
+            memo.kept[tid] = memo.skipped[tid] = bytes(alphabet[c] for c in piece)
+    return [table[t] for t in token_ids]
 
 
-def _offsets_valid_utf8(pieces: list[bytes]) -> tuple[str, list[tuple[int, int]]] | None:
+def _offsets_valid_utf8(pieces: list[bytes]) -> tuple[str, np.ndarray, np.ndarray] | None:
     """Fast path for valid UTF-8: chars before a byte = lead (non-continuation) bytes before it.
 
-    None when the stream is not valid UTF-8 (then the streaming decoder handles it).
+    (text, start_chars_T, end_chars_T); None when the stream is not valid UTF-8 (then the
+    streaming decoder handles it).
     """
     joined = b"".join(pieces)
     try:
@@ -107,13 +133,14 @@ def _offsets_valid_utf8(pieces: list[bytes]) -> tuple[str, list[tuple[int, int]]
     except UnicodeDecodeError:
         return None
     if not joined:
-        return text, [(0, 0)] * len(pieces)
+        zeros_T = np.zeros(len(pieces), dtype=np.int64)
+        return text, zeros_T, zeros_T
     bytes_B = np.frombuffer(joined, dtype=np.uint8)
     is_cont_B = (bytes_B & 0xC0) == 0x80
     # leads_before_B[b] = number of chars that start before byte b (length B + 1).
     leads_before_B = np.zeros(len(joined) + 1, dtype=np.int64)
     np.cumsum(~is_cont_B, out=leads_before_B[1:])
-    lens_T = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    lens_T = np.array(list(map(len, pieces)), dtype=np.int64)
     ends_T = np.cumsum(lens_T)
     starts_T = ends_T - lens_T
     nonempty_T = lens_T > 0
@@ -121,13 +148,17 @@ def _offsets_valid_utf8(pieces: list[bytes]) -> tuple[str, list[tuple[int, int]]
     opens_mid_T = nonempty_T & is_cont_B[np.minimum(starts_T, len(joined) - 1)]
     start_chars_T = leads_before_B[starts_T] - opens_mid_T
     end_chars_T = np.where(nonempty_T, leads_before_B[ends_T], start_chars_T)
-    return text, list(zip(start_chars_T.tolist(), end_chars_T.tolist(), strict=True))
+    return text, start_chars_T, end_chars_T
+
+
+def _pairs(starts_T: np.ndarray, ends_T: np.ndarray) -> list[tuple[int, int]]:
+    return list(zip(starts_T.tolist(), ends_T.tolist(), strict=True))
 
 
 def offsets_from_bytes(pieces: list[bytes]) -> tuple[str, list[tuple[int, int]]]:
     """Decode byte pieces as one UTF-8 stream; return the text and each piece's char range."""
     fast = _offsets_valid_utf8(pieces)
-    return fast if fast is not None else offsets_streaming(pieces)
+    return (fast[0], _pairs(*fast[1:])) if fast is not None else offsets_streaming(pieces)
 
 
 def offsets_streaming(pieces: list[bytes]) -> tuple[str, list[tuple[int, int]]]:
@@ -191,23 +222,48 @@ def _first_mismatch(a: str, b: str) -> int:
     return next((i for i in range(n) if a[i] != b[i]), n)
 
 
-def token_char_offsets(
-    tokenizer: Any, token_ids: Sequence[int], text: str
-) -> list[tuple[int, int]]:
-    """Half-open char range of `text` that each generated token produced; [T] pairs.
+@dataclass(frozen=True)
+class TokenOffsets:
+    """Each generated token's half-open char range (offsets_T2, int64) and the sorted index
+    that char_span_to_tokens searches: running maxima of the starts and of the ends.
 
-    Tries the decoding with special tokens kept, then with them skipped; raises AlignmentError
-    (saying where the texts differ) when neither equals `text`.
+    Arrays rather than [T] tuples: a response of thousands of tokens would otherwise cost
+    thousands of Python objects, on the event loop that runs the annotator's requests.
     """
-    byte_level = _is_byte_level(tokenizer)
+
+    offsets_T2: np.ndarray
+    index: tuple[np.ndarray, np.ndarray]
+
+    @classmethod
+    def from_arrays(cls, starts_T: np.ndarray, ends_T: np.ndarray) -> TokenOffsets:
+        offsets_T2 = np.stack([starts_T, ends_T], axis=1).astype(np.int64, copy=False)
+        return cls(offsets_T2, (np.maximum.accumulate(starts_T), np.maximum.accumulate(ends_T)))
+
+    @classmethod
+    def from_pairs(cls, pairs: Sequence[tuple[int, int]]) -> TokenOffsets:
+        offsets_T2 = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+        return cls.from_arrays(offsets_T2[:, 0], offsets_T2[:, 1])
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        return [tuple(p) for p in self.offsets_T2.tolist()]
+
+
+def token_offsets(tokenizer: Any, token_ids: Sequence[int], text: str) -> TokenOffsets:
+    """token_char_offsets with its span-lookup index (cheap here for byte-level tokenizers)."""
+    byte_level = is_byte_level(tokenizer)
     best = -1
     for keep_special in (False, True):
         if byte_level:
-            decoded, offsets = offsets_from_bytes(token_bytes(tokenizer, token_ids, keep_special))
+            pieces = token_bytes(tokenizer, token_ids, keep_special)
+            fast = _offsets_valid_utf8(pieces)
+            if fast is not None and fast[0] == text:
+                return TokenOffsets.from_arrays(fast[1], fast[2])
+            decoded, pairs = (fast[0], []) if fast is not None else offsets_streaming(pieces)
         else:
-            decoded, offsets = _offsets_by_prefix(tokenizer, token_ids, keep_special)
+            decoded, pairs = _offsets_by_prefix(tokenizer, token_ids, keep_special)
         if decoded == text:
-            return offsets
+            return TokenOffsets.from_pairs(pairs)
         best = max(best, _first_mismatch(decoded, text))
     raise AlignmentError(
         f"response_text differs from the decoding of response_token_ids at char {best} "
@@ -217,27 +273,35 @@ def token_char_offsets(
     )
 
 
-def offset_index(offsets: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
+def token_char_offsets(
+    tokenizer: Any, token_ids: Sequence[int], text: str
+) -> list[tuple[int, int]]:
+    """Half-open char range of `text` that each generated token produced; [T] pairs.
+
+    Tries the decoding with special tokens skipped, then with them kept; raises AlignmentError
+    (saying where the texts differ) when neither equals `text`.
+    """
+    return token_offsets(tokenizer, token_ids, text).pairs
+
+
+def offset_index(offsets: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
     """Sorted token starts and ends for char_span_to_tokens (compute once per response)."""
-    # Running maxima keep both lists sorted even when a zero-width token follows a token that
-    # owns a half-finished character.
-    if not offsets:
-        return [], []
-    starts_T, ends_T = np.array(offsets, dtype=np.int64).T
-    return (np.maximum.accumulate(starts_T).tolist(), np.maximum.accumulate(ends_T).tolist())
+    # Running maxima keep both sorted even when a zero-width token follows a token that owns a
+    # half-finished character.
+    return TokenOffsets.from_pairs(offsets).index
 
 
 def char_span_to_tokens(
-    offsets: Sequence[tuple[int, int]],
+    offsets: Sequence[tuple[int, int]] | np.ndarray,
     text: str,
     char_start: int,
     char_end: int,
-    index: tuple[list[int], list[int]] | None = None,
+    index: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[int, int] | None:
     """Minimal token range [token_start, token_end) covering the span's non-whitespace chars.
 
-    `offsets` is token_char_offsets' output, `index` its offset_index (computed if None).
-    None when the span holds only whitespace.
+    `offsets` is token_char_offsets' output (or TokenOffsets.offsets_T2), `index` its
+    offset_index (computed if None). None when the span holds only whitespace.
     """
     piece = text[char_start:char_end]
     stripped = piece.lstrip()
@@ -247,9 +311,9 @@ def char_span_to_tokens(
     last = first + len(stripped.rstrip()) - 1
     starts, ends = index if index is not None else offset_index(offsets)
     # First token whose range contains `first`: the earliest with end > first.
-    t0 = bisect.bisect_right(ends, first)
+    t0 = int(np.searchsorted(ends, first, side="right"))
     # Last token whose range contains `last`: the latest with start <= last.
-    t1 = bisect.bisect_right(starts, last) - 1
+    t1 = int(np.searchsorted(starts, last, side="right")) - 1
     if t0 >= len(offsets) or t1 < t0:
         raise AlignmentError(
             f"char span [{char_start}, {char_end}) lies outside the tokens' text; "

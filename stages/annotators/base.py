@@ -19,12 +19,18 @@ import importlib
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any
 
-from stages.annotators.align import AlignmentError, token_char_offsets
-from stages.annotators.api import ApiCaller, CallResult, call_all, sampling_of
+from stages.annotators.align import (
+    AlignmentError,
+    TokenOffsets,
+    is_byte_level,
+    token_char_offsets,
+    token_offsets,
+)
+from stages.annotators.api import ApiCaller, CallResult, sampling_of
 from stages.annotators.cache import ReplyCache, cache_key
 from stages.annotators.config import AnnotateConfig
 from stages.annotators.parse import ParsedReply, clean_label, parse_reply, validate_ids
@@ -38,22 +44,39 @@ ROUTES = ("key", "error", "none")
 
 @dataclass
 class Job:
-    """An item that needs an annotator: its segments; per-token char offsets on demand."""
+    """An item that needs an annotator. `prepare` segments it and checks its tokens (the CPU
+    work per item, run just before its request so that it overlaps requests in flight)."""
 
     index: int
     item: dict
-    segments: list[Segment]
     tokenizer: Any
-    _offsets: list[tuple[int, int]] | None = None
+    segments: list[Segment] = field(default_factory=list)
+    _offsets: TokenOffsets | None = None
 
-    def offsets(self) -> list[tuple[int, int]]:
-        """token_char_offsets of the response ([T] pairs), computed once.
+    def prepare(self, cfg: AnnotateConfig, annotator: str) -> dict | None:
+        """Segment the response and check that its ids decode to its text, before anything is
+        paid for; the row when no annotator is needed (alignment failure, empty response)."""
+        text, ids = self.item["response_text"], list(self.item["response_token_ids"])
+        try:
+            if is_byte_level(self.tokenizer):
+                # Exact offsets cost about one decode here, so they are the check.
+                self._offsets = token_offsets(self.tokenizer, ids, text)
+            elif not decodes_to(self.tokenizer, ids, text):
+                token_char_offsets(self.tokenizer, ids, text)  # for its precise message
+                raise AlignmentError("response_text is not the decoding of response_token_ids")
+        except AlignmentError as e:
+            return make_row(self.item, annotator, "skipped", error=f"alignment: {e}")
+        self.segments = segment_response(text, cfg.max_segment_chars)
+        if not self.segments:
+            return make_row(self.item, annotator, "no_spans", error="the response is empty")
+        return None
 
-        Deferred until a reply arrives, so this CPU work overlaps requests in flight.
-        """
+    def offsets(self) -> TokenOffsets:
+        """token_offsets of the response, computed once (by prepare for byte-level
+        tokenizers; else on first use, the quadratic fallback)."""
         if self._offsets is None:
             ids, text = self.item["response_token_ids"], self.item["response_text"]
-            self._offsets = token_char_offsets(self.tokenizer, ids, text)
+            self._offsets = token_offsets(self.tokenizer, ids, text)
         return self._offsets
 
 
@@ -95,10 +118,10 @@ def _join(*notes: str | None) -> str | None:
     return "; ".join(n for n in notes if n) or None
 
 
-def prepare(
-    cfg: AnnotateConfig, items: list[dict], tokenizer: Any, annotator: str
+def split_routes(
+    items: list[dict], tokenizer: Any, annotator: str
 ) -> tuple[list[dict | None], list[Job]]:
-    """Rows decided without an annotator (skipped, empty) and the jobs that need one."""
+    """Rows of items routed "none" (skipped) and jobs for the others (not yet prepared)."""
     rows: list[dict | None] = [None] * len(items)
     jobs: list[Job] = []
     for i, item in enumerate(items):
@@ -109,21 +132,21 @@ def prepare(
             )
         if route == "none":
             rows[i] = make_row(item, annotator, "skipped")
-            continue
-        text, ids = item["response_text"], list(item["response_token_ids"])
-        # Checked before any request is paid for; the exact offsets come later (Job.offsets).
-        if not decodes_to(tokenizer, ids, text):
-            try:
-                token_char_offsets(tokenizer, ids, text)  # for its precise error message
-                raise AlignmentError("response_text is not the decoding of response_token_ids")
-            except AlignmentError as e:
-                rows[i] = make_row(item, annotator, "skipped", error=f"alignment: {e}")
-                continue
-        segments = segment_response(text, cfg.max_segment_chars)
-        if not segments:
-            rows[i] = make_row(item, annotator, "no_spans", error="the response is empty")
-            continue
-        jobs.append(Job(i, item, segments, tokenizer))
+        else:
+            jobs.append(Job(i, item, tokenizer))
+    return rows, jobs
+
+
+def prepare(
+    cfg: AnnotateConfig, items: list[dict], tokenizer: Any, annotator: str
+) -> tuple[list[dict | None], list[Job]]:
+    """Rows decided without an annotator (skipped, empty) and the prepared jobs that need one."""
+    rows, pending = split_routes(items, tokenizer, annotator)
+    jobs = []
+    for job in pending:
+        rows[job.index] = job.prepare(cfg, annotator)
+        if rows[job.index] is None:
+            jobs.append(job)
     return rows, jobs
 
 
@@ -150,9 +173,10 @@ def finish(
         job.segments,
         parsed.segment_ids,
         parsed.label,
-        offsets,
+        offsets.offsets_T2,
         job.item["response_text"],
         cfg.coverage_cap,
+        offsets.index,
     )
     status = "ok" if plan.spans else "no_spans"
     return make_row(
@@ -180,6 +204,14 @@ def run_coro(coro: Coroutine) -> Any:
 Transport = Callable[[list[list[dict]], Callable[[int, CallResult], None]], list[CallResult]]
 
 
+def row_of(cfg: AnnotateConfig, job: Job, annotator: str, res: CallResult) -> dict:
+    """The row of a job from its reply (or its transport failure)."""
+    if res.status != "ok":
+        return make_row(job.item, annotator, res.status, error=res.error, latency_s=res.latency_s)
+    parsed = parse_reply(res.raw or "", len(job.segments))
+    return finish(cfg, job, annotator, parsed, res.raw, res.latency_s)
+
+
 def llm_rows(
     cfg: AnnotateConfig,
     jobs: list[Job],
@@ -190,58 +222,102 @@ def llm_rows(
     cache: ReplyCache,
     tick: Callable[[], None],
 ) -> list[dict]:
-    """Rows of jobs answered by a chat model: cache hits first, the misses via `transport`."""
+    """Rows of prepared jobs answered by a batch transport: cache hits first, then the misses.
+
+    A reply is stored in the cache and turned into its row as soon as it arrives.
+    """
     messages = [build_messages(cfg, j.item, j.segments) for j in jobs]
     keys = [cache_key(model_id, m, sampling) for m in messages]
-    results: list[CallResult | None] = []
-    for key in keys:
+    rows: list[dict | None] = [None] * len(jobs)
+    misses = []
+    for i, key in enumerate(keys):
         raw = cache.get(key)
-        results.append(None if raw is None else CallResult(raw, "ok", None, 0.0))
-    misses = [i for i, r in enumerate(results) if r is None]
-    for _ in range(len(jobs) - len(misses)):
-        tick()
+        if raw is None:
+            misses.append(i)
+        else:
+            rows[i] = row_of(cfg, jobs[i], annotator, CallResult(raw, "ok", None, 0.0))
+            tick()
 
     def on_done(k: int, res: CallResult) -> None:
+        i = misses[k]
         # Store at once, so a crash later in the run keeps every reply already paid for.
         if res.status == "ok" and res.raw is not None:
-            cache.put(keys[misses[k]], res.raw, {"model": model_id})
-            with contextlib.suppress(AlignmentError):  # reported by finish()
-                jobs[misses[k]].offsets()
+            cache.put(keys[i], res.raw, {"model": model_id})
+        rows[i] = row_of(cfg, jobs[i], annotator, res)
         tick()
 
     if misses:
-        for k, res in enumerate(transport([messages[i] for i in misses], on_done)):
-            results[misses[k]] = res
+        results = transport([messages[i] for i in misses], on_done)
+        for i, res in zip(misses, results, strict=True):
+            if rows[i] is None:  # a transport that did not report this one as it finished
+                rows[i] = row_of(cfg, jobs[i], annotator, res)
     log.info("annotate: %d cache hits, %d requests", len(jobs) - len(misses), len(misses))
-    rows = []
-    for job, res in zip(jobs, results, strict=True):
-        assert res is not None
-        if res.status != "ok":
-            rows.append(
-                make_row(job.item, annotator, res.status, error=res.error, latency_s=res.latency_s)
-            )
-            continue
-        parsed = parse_reply(res.raw or "", len(job.segments))
-        rows.append(finish(cfg, job, annotator, parsed, res.raw, res.latency_s))
-    return rows
+    assert all(r is not None for r in rows)
+    return rows  # type: ignore[return-value]
 
 
-def api_transport(
+async def run_windowed(fn: Callable[[int], Awaitable[None]], n: int, window: int) -> None:
+    """Await fn(0), ..., fn(n - 1), started in order with at most `window` unfinished at once.
+
+    The first exception cancels the rest and propagates.
+    """
+    running: set[asyncio.Task] = set()
+
+    async def reap() -> None:
+        nonlocal running
+        done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+
+    try:
+        for k in range(n):
+            if len(running) >= window:
+                await reap()
+            running.add(asyncio.create_task(fn(k)))
+        while running:
+            await reap()
+    except BaseException:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        raise
+
+
+def api_rows(
     cfg: AnnotateConfig,
+    jobs: list[Job],
+    annotator: str,
+    model_id: str,
+    cache: ReplyCache,
+    tick: Callable[[], None],
     *,
+    endpoint: Callable[[], contextlib.AbstractContextManager[str | None]],
     model: str,
-    base_url: str | None,
     api_key: str,
     concurrency: int,
     extra_body: dict | None = None,
-) -> tuple[Transport, dict]:
-    """A transport over an OpenAI-compatible endpoint and the sampling dict of its requests."""
-    sampling = sampling_of(cfg.api, cfg.temperature, extra_body)
+) -> list[dict]:
+    """Rows of (unprepared) jobs answered over an OpenAI-compatible endpoint.
 
-    def transport(requests: list[list[dict]], on_done) -> list[CallResult]:
-        async def go() -> list[CallResult]:
+    Each job runs as one pipeline: prepare, cache lookup, request on a miss (the reply cached at
+    once, so a crash keeps every reply paid for), parse and span mapping. Jobs start in order,
+    at most 2 x concurrency at a time, so the CPU work of one overlaps the requests of others
+    rather than preceding them all. `endpoint()` yields the base URL; it is entered at the
+    first cache miss only (for the self annotator it starts a server on the checkpoint).
+    """
+    sampling = sampling_of(cfg.api, cfg.temperature, extra_body)
+    rows: list[dict | None] = [None] * len(jobs)
+    hits = 0
+
+    async def go() -> None:
+        nonlocal hits
+        stack = contextlib.ExitStack()
+        opening: asyncio.Task[ApiCaller] | None = None
+
+        async def open_caller() -> ApiCaller:
+            base_url = await asyncio.to_thread(stack.enter_context, endpoint())
             # The client must be created inside the loop that uses it.
-            caller = ApiCaller(
+            return ApiCaller(
                 cfg.api,
                 model=model,
                 base_url=base_url,
@@ -250,11 +326,45 @@ def api_transport(
                 concurrency=concurrency,
                 extra_body=extra_body,
             )
-            return await call_all(caller, requests, on_done)
 
-        return run_coro(go())
+        async def one(k: int) -> None:
+            nonlocal hits, opening
+            job = jobs[k]
+            row = job.prepare(cfg, annotator)
+            if row is None:
+                messages = build_messages(cfg, job.item, job.segments)
+                key = cache_key(model_id, messages, sampling)
+                raw = cache.get(key)
+                if raw is not None:
+                    hits += 1
+                    res = CallResult(raw, "ok", None, 0.0)
+                else:
+                    if opening is None:  # opened once; a failure reaches every waiter
+                        opening = asyncio.create_task(open_caller())
+                    res = await (await asyncio.shield(opening)).call(messages)
+                    if res.status == "ok" and res.raw is not None:
+                        cache.put(key, res.raw, {"model": model_id})
+                row = row_of(cfg, job, annotator, res)
+            rows[k] = row
+            tick()
 
-    return transport, sampling
+        try:
+            await run_windowed(one, len(jobs), 2 * concurrency)
+        finally:
+            if (
+                opening is not None
+                and opening.done()
+                and not opening.cancelled()
+                and opening.exception() is None
+            ):
+                await opening.result().close()
+            await asyncio.to_thread(stack.close)
+
+    if jobs:
+        run_coro(go())
+    log.info("annotate: %d cache hits, %d requests", hits, len(jobs) - hits)
+    assert all(r is not None for r in rows)
+    return rows  # type: ignore[return-value]
 
 
 def load_rule(spec: str) -> Callable[[dict, list[str], str], tuple[list[int], str]]:

@@ -37,6 +37,11 @@ class ApiOptions(BaseModel):
         "stored in config, shards, manifests or logs)",
     )
     concurrency: int = 32
+    http_client: Literal["aiohttp", "httpx"] = Field(
+        default="aiohttp",
+        description="the SDK's HTTP transport: aiohttp (less CPU per request at high "
+        "concurrency) or httpx (the SDK's default)",
+    )
     max_retries: int = Field(
         default=6, description="retries after the first try (429/5xx/timeouts)"
     )

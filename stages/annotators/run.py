@@ -11,11 +11,11 @@ from stages.annotators.api import read_api_key
 from stages.annotators.base import (
     Job,
     annotator_name,
-    api_transport,
+    api_rows,
     dir_fingerprint,
     llm_rows,
-    prepare,
     rule_rows,
+    split_routes,
     summarize,
 )
 from stages.annotators.cache import ReplyCache
@@ -53,7 +53,21 @@ def _model_path(model_path: str | None, items: list[dict]) -> str:
     )
 
 
-def _self_rows(
+def _prepared(
+    cfg: AnnotateConfig, jobs: list[Job], annotator: str, rows: list, tick: Callable[[], None]
+) -> list[Job]:
+    """Prepare every job up front (batch backends); rows of those needing no annotator."""
+    ready = []
+    for job in jobs:
+        rows[job.index] = job.prepare(cfg, annotator)
+        if rows[job.index] is None:
+            ready.append(job)
+        else:
+            tick()
+    return ready
+
+
+def _inprocess_rows(
     cfg: AnnotateConfig,
     jobs: list[Job],
     annotator: str,
@@ -62,50 +76,67 @@ def _self_rows(
     cache: ReplyCache,
     tick: Callable[[], None],
 ) -> list[dict]:
-    """Rows from the round's own policy; vllm_server mode reuses api.* retry/timeout settings."""
+    """Rows of prepared jobs answered by the round's own policy, generating in this process."""
     opts = cfg.self_host
-    model_id = f"self:{model_path}:{dir_fingerprint(model_path)}"
-    if opts.mode == "inprocess":
-        transport = generate_inprocess(
-            opts,
-            model_path,
-            tokenizer,
-            temperature=cfg.temperature,
-            max_new_tokens=cfg.max_new_tokens,
-        )
-        sampling = {
-            "mode": "inprocess",
-            "temperature": cfg.temperature,
-            "max_new_tokens": cfg.max_new_tokens,
-            "enable_thinking": opts.enable_thinking,
-        }
-        return llm_rows(cfg, jobs, annotator, model_id, sampling, transport, cache, tick)
-
-    extra = {
-        **cfg.api.extra_body,
-        "chat_template_kwargs": {"enable_thinking": opts.enable_thinking},
-    }
-
-    def lazy_server_transport(requests, on_done):
-        # The server starts only when the cache leaves something to ask.
-        with served(opts, model_path) as base_url:
-            inner, _ = api_transport(
-                cfg,
-                model=model_path,
-                base_url=base_url,
-                api_key="EMPTY",
-                concurrency=opts.concurrency,
-                extra_body=extra,
-            )
-            return inner(requests, on_done)
-
+    transport = generate_inprocess(
+        opts,
+        model_path,
+        tokenizer,
+        temperature=cfg.temperature,
+        max_new_tokens=cfg.max_new_tokens,
+    )
     sampling = {
-        "mode": "vllm_server",
+        "mode": "inprocess",
         "temperature": cfg.temperature,
-        "max_tokens": cfg.api.max_tokens,
-        "extra_body": extra,
+        "max_new_tokens": cfg.max_new_tokens,
+        "enable_thinking": opts.enable_thinking,
     }
-    return llm_rows(cfg, jobs, annotator, model_id, sampling, lazy_server_transport, cache, tick)
+    model_id = f"self:{model_path}:{dir_fingerprint(model_path)}"
+    return llm_rows(cfg, jobs, annotator, model_id, sampling, transport, cache, tick)
+
+
+def _endpoint_rows(
+    cfg: AnnotateConfig,
+    jobs: list[Job],
+    annotator: str,
+    model_path: str | None,
+    cache: ReplyCache,
+    tick: Callable[[], None],
+) -> list[dict]:
+    """Rows of (unprepared) jobs from an OpenAI-compatible endpoint: the configured API, or
+    (backend self, mode vllm_server) a server on the checkpoint, which reuses api.* retry and
+    timeout settings and starts only when the cache leaves something to ask."""
+    if cfg.backend == "api":
+        return api_rows(
+            cfg,
+            jobs,
+            annotator,
+            cfg.api.model,
+            cache,
+            tick,
+            endpoint=lambda: contextlib.nullcontext(cfg.api.base_url),
+            model=cfg.api.model,
+            api_key=read_api_key(cfg.api.api_key_env),
+            concurrency=cfg.api.concurrency,
+        )
+    assert model_path
+    opts = cfg.self_host
+    return api_rows(
+        cfg,
+        jobs,
+        annotator,
+        f"self:{model_path}:{dir_fingerprint(model_path)}",
+        cache,
+        tick,
+        endpoint=lambda: served(opts, model_path),
+        model=model_path,
+        api_key="EMPTY",
+        concurrency=opts.concurrency,
+        extra_body={
+            **cfg.api.extra_body,
+            "chat_template_kwargs": {"enable_thinking": opts.enable_thinking},
+        },
+    )
 
 
 def annotate_rows(
@@ -128,26 +159,36 @@ def annotate_rows(
         raise ValueError(f"annotate.backend={cfg.backend!r}; use one of {BACKEND_NAMES}")
     ckpt = _model_path(model_path, items) if cfg.backend == "self" else model_path
     annotator = annotator_name(cfg, ckpt)
-    rows, jobs = prepare(cfg, items, tokenizer, annotator)
+    rows, jobs = split_routes(items, tokenizer, annotator)
     cache = ReplyCache(cache_dir or cfg.cache_dir)
     with _progress(progress, len(jobs)) as tick:
         if not jobs:
-            done: list[dict] = []
-        elif cfg.backend == "rule":
-            done = rule_rows(cfg, jobs, annotator, tick)
-        elif cfg.backend == "api":
-            transport, sampling = api_transport(
-                cfg,
-                model=cfg.api.model,
-                base_url=cfg.api.base_url,
-                api_key=read_api_key(cfg.api.api_key_env),
-                concurrency=cfg.api.concurrency,
-            )
-            done = llm_rows(cfg, jobs, annotator, cfg.api.model, sampling, transport, cache, tick)
+            pass
+        elif cfg.backend == "api" or (
+            cfg.backend == "self" and cfg.self_host.mode == "vllm_server"
+        ):
+            # Jobs are prepared one by one as their turn comes, overlapping requests.
+            done = _endpoint_rows(cfg, jobs, annotator, ckpt, cache, tick)
+            _place(jobs, done, rows)
         else:
-            done = _self_rows(cfg, jobs, annotator, tokenizer, ckpt, cache, tick)
-    for job, row in zip(jobs, done, strict=True):
-        rows[job.index] = row
+            ready = []
+            for job in jobs:  # batch backends: everything prepared up front
+                rows[job.index] = job.prepare(cfg, annotator)
+                if rows[job.index] is None:
+                    ready.append(job)
+                else:
+                    tick()
+            if ready and cfg.backend == "rule":
+                _place(ready, rule_rows(cfg, ready, annotator, tick), rows)
+            elif ready:
+                done = _inprocess_rows(cfg, ready, annotator, tokenizer, ckpt, cache, tick)
+                _place(ready, done, rows)
     assert all(r is not None for r in rows)
     log.info("annotate (%s): %s", annotator, summarize(rows))
     return rows  # type: ignore[return-value]
+
+
+def _place(jobs: list[Job], done: list[dict], rows: list) -> None:
+    """Write `done` (one row per job) into `rows` at the jobs' places."""
+    for job, row in zip(jobs, done, strict=True):
+        rows[job.index] = row

@@ -14,13 +14,12 @@ Segment ids are 1-based, in text order.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 _SENTENCE_END = re.compile(r"(?<=[.!?\u3002\uff01\uff1f])\s+")
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     """One numbered piece of the response: `text == response_text[char_start:char_end]`."""
 
     segment_id: int

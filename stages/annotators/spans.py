@@ -18,6 +18,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from stages.annotators.align import char_span_to_tokens, offset_index
 from stages.annotators.segments import Segment
 
@@ -59,16 +61,18 @@ def build_spans(
     segments: Sequence[Segment],
     ids: Sequence[int],
     label: str,
-    offsets: Sequence[tuple[int, int]],
+    offsets: Sequence[tuple[int, int]] | np.ndarray,
     text: str,
     coverage_cap: float,
+    index: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> SpanPlan:
-    """Spans for validated 1-based `ids`; `offsets` from token_char_offsets ([T] pairs)."""
+    """Spans for validated 1-based `ids`; `offsets` from token_char_offsets ([T] pairs, or
+    TokenOffsets.offsets_T2), `index` their offset_index (computed when None)."""
     n_tokens = len(offsets)
     budget = math.floor(coverage_cap * n_tokens + 1e-9)
     covered = [False] * n_tokens
     by_id = {s.segment_id: s for s in segments}
-    index = offset_index(offsets)
+    index = index if index is not None else offset_index(offsets)
     spans: list[dict] = []
     used, wanted, dropped = 0, 0, []
     for run in group_ids(ids):
@@ -84,7 +88,7 @@ def build_spans(
             dropped.extend(run)
             continue
         if end < t1:
-            c1 = max(c0, min(c1, offsets[end - 1][1]))
+            c1 = max(c0, min(c1, int(offsets[end - 1][1])))
             dropped.extend(i for i in run if by_id[i].char_start >= c1)
             run = [i for i in run if by_id[i].char_start < c1]
         spans.append(
