@@ -70,13 +70,18 @@ def _user_msgs(fake: FakeOpenAI, marker: str) -> list[dict]:
     return [r for r in fake.requests if marker in r["body"]["messages"][1]["content"]]
 
 
-def test_faults_statuses_and_no_key_leak(tok, tmp_path, monkeypatch, caplog, capsys):
+@pytest.mark.parametrize("http_client", ["aiohttp", "httpx"])
+def test_faults_statuses_and_no_key_leak(tok, tmp_path, monkeypatch, caplog, capsys, http_client):
     monkeypatch.setenv("TRACE_TEST_KEY", KEY)
     caplog.set_level(logging.DEBUG)
     items = [make_item(tok, rid, route, text) for rid, (route, text, _) in CASES.items()]
     with FakeOpenAI(slow_s=1.5) as fake:
         rows = annotate_rows(
-            _cfg(fake.base_url), items, tok, cache_dir=str(tmp_path / "cache"), progress=False
+            _cfg(fake.base_url, http_client=http_client),
+            items,
+            tok,
+            cache_dir=str(tmp_path / "cache"),
+            progress=False,
         )
     assert [r["rollout_id"] for r in rows] == list(CASES)
     by_id = {r["rollout_id"]: r for r in rows}
@@ -143,6 +148,55 @@ def test_faults_statuses_and_no_key_leak(tok, tmp_path, monkeypatch, caplog, cap
     captured = capsys.readouterr()
     assert KEY not in caplog.text and KEY not in captured.out + captured.err
     assert KEY not in json.dumps(rows)
+
+
+def test_jobs_prepared_as_their_turn_comes(tok, monkeypatch):
+    """Segmentation and token checks overlap requests: the first request goes out before the
+    later jobs are prepared, and at most 2 x concurrency jobs are prepared ahead of replies."""
+    from stages.annotators import base
+
+    monkeypatch.setenv("TRACE_TEST_KEY", KEY)
+    prepared: list[float] = []
+    original = base.Job.prepare
+
+    def prepare(self, cfg, annotator):
+        prepared.append(time.monotonic())
+        return original(self, cfg, annotator)
+
+    monkeypatch.setattr(base.Job, "prepare", prepare)
+    items = [make_item(tok, f"p{i}", "key", f"line {i}\nKEY step {i}") for i in range(60)]
+    with FakeOpenAI(latency_s=0.05) as fake:
+        rows = annotate_rows(_cfg(fake.base_url, timeout_s=5.0), items, tok, progress=False)
+    assert [r["status"] for r in rows] == ["ok"] * 60 and len(prepared) == 60
+    first_request = min(r["t"] for r in fake.requests)
+    ahead = sum(t < first_request for t in prepared)
+    assert 1 <= ahead <= 2 * 4  # concurrency 4: a window of 8 unfinished jobs
+    # Latency counts from the request sent, not from queueing behind 59 others.
+    assert max(r["latency_s"] for r in rows) < 1.0
+
+
+def test_run_windowed_bounds_order_and_errors():
+    import asyncio
+
+    from stages.annotators.base import run_windowed
+
+    started, running, peak = [], set(), [0]
+
+    async def job(k: int) -> None:
+        started.append(k)
+        running.add(k)
+        peak[0] = max(peak[0], len(running))
+        await asyncio.sleep(0.001 * (k % 3))
+        running.discard(k)
+        if k == 25:
+            raise ValueError("job 25 failed")
+
+    asyncio.run(run_windowed(job, 20, 4))
+    assert started == list(range(20)) and peak[0] == 4
+    started.clear()
+    with pytest.raises(ValueError, match="job 25 failed"):
+        asyncio.run(run_windowed(job, 100, 5))
+    assert max(started) < 25 + 5 + 1  # the rest were never started
 
 
 CRASH_SCRIPT = textwrap.dedent("""

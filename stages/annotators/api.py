@@ -5,7 +5,8 @@ and tested. Retried: 429 (waiting at least Retry-After / retry-after-ms when the
 it), 408, 409, 5xx, timeouts and connection errors; exponential backoff with jitter, capped at
 backoff_max_s. Not retried: other 4xx (a bad request or key will not fix itself).
 Concurrency is bounded by a semaphore held only while a request is in flight (not while
-backing off). The API key is read from the environment by name and scrubbed from every error
+backing off). A reply's latency counts from its first try sent (not time queued for a slot)
+to its final outcome, backoff included. The API key is read from the environment by name and scrubbed from every error
 string this module produces.
 """
 
@@ -148,9 +149,11 @@ class ApiCaller:
         """The request fields that change a reply (part of the cache key)."""
         return sampling_of(self.opts, self.temperature, self.extra_body)
 
-    async def _try_once(self, messages: list[dict]) -> str:
+    async def _try_once(self, messages: list[dict], started: list[float]) -> str:
         body = {"model": self.model, "messages": messages, **self._sampling}
         async with self._sem:
+            if not started:  # latency counts from the first try sent, not from queueing
+                started.append(time.perf_counter())
             # client.post is the SDK's documented raw-request path (auth, timeouts and error
             # classes as in create()); it skips the typed param transform and response models,
             # which cost several ms of CPU per request and capped throughput at high concurrency.
@@ -177,19 +180,23 @@ class ApiCaller:
 
     async def call(self, messages: list[dict]) -> CallResult:
         """One reply, retried per the module policy; never raises for transport failures."""
-        t0 = time.perf_counter()
+        started: list[float] = []
+
+        def latency() -> float:
+            return time.perf_counter() - started[0] if started else 0.0
+
         last_status, last_error = "api_error", "no attempt made"
         for attempt in range(self.opts.max_retries + 1):
             try:
-                raw = await self._try_once(messages)
-                return CallResult(redact(raw, self._key), "ok", None, time.perf_counter() - t0)
+                raw = await self._try_once(messages, started)
+                return CallResult(redact(raw, self._key), "ok", None, latency())
             except Exception as err:  # noqa: BLE001 - every failure becomes a row status
                 retryable, last_status = classify(err)
                 last_error = redact(f"attempt {attempt + 1}: {describe(err)}", self._key)
                 if not retryable or attempt == self.opts.max_retries:
                     break
                 await asyncio.sleep(self._delay(attempt, err))
-        return CallResult(None, last_status, last_error, time.perf_counter() - t0)
+        return CallResult(None, last_status, last_error, latency())
 
     async def close(self) -> None:
         await self._client.close()
