@@ -94,3 +94,25 @@ def test_cli_help_shows_the_command_tree_and_errors_are_one_line(tmp_path):
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert bad.returncode == 2
     assert "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_wheel_ships_the_configs(tmp_path):
+    """A non-editable install resolves named configs (and their `base:` chain) from the wheel."""
+    import zipfile
+
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(ROOT), "-w",
+                            str(tmp_path)], capture_output=True, text=True, timeout=600, check=False)
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = tmp_path.glob("trace_rl-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    shipped = {p.relative_to(site / "configs").as_posix() for p in (site / "configs").rglob("*.yaml")}
+    assert shipped == {p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs").rglob("*.yaml")}
+    probe = ("import pipeline.config as c; cfg = c.load_config('qwen3-1.7b-grpo'); "
+             "print(c.__file__, c.resolve_config_path('accelerate/ddp.yaml'), cfg.model.path)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
+                         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    module, accelerate_cfg, model_path = out.stdout.split()
+    assert module.startswith(str(site)) and accelerate_cfg.startswith(str(site / "configs"))
+    assert model_path == "Qwen/Qwen3-1.7B"
