@@ -142,12 +142,26 @@ def prepare(
 ) -> tuple[list[dict | None], list[Job]]:
     """Rows decided without an annotator (skipped, empty) and the prepared jobs that need one."""
     rows, pending = split_routes(items, tokenizer, annotator)
-    jobs = []
-    for job in pending:
+    return rows, prepare_jobs(cfg, pending, annotator, rows)
+
+
+def prepare_jobs(
+    cfg: AnnotateConfig,
+    jobs: list[Job],
+    annotator: str,
+    rows: list[dict | None],
+    tick: Callable[[], None] = lambda: None,
+) -> list[Job]:
+    """Prepare every job up front (batch backends): the row of each job that needs no annotator
+    goes into `rows` at its place (and ticks); the jobs that do are returned."""
+    ready = []
+    for job in jobs:
         rows[job.index] = job.prepare(cfg, annotator)
         if rows[job.index] is None:
-            jobs.append(job)
-    return rows, jobs
+            ready.append(job)
+        else:
+            tick()
+    return ready
 
 
 def finish(

@@ -14,6 +14,7 @@ from stages.annotators.base import (
     api_rows,
     dir_fingerprint,
     llm_rows,
+    prepare_jobs,
     rule_rows,
     split_routes,
     summarize,
@@ -51,20 +52,6 @@ def _model_path(model_path: str | None, items: list[dict]) -> str:
         "the self annotator needs the round's checkpoint: pass model_path=... to annotate_rows "
         f"(items name {len(ckpts)} different checkpoints)"
     )
-
-
-def _prepared(
-    cfg: AnnotateConfig, jobs: list[Job], annotator: str, rows: list, tick: Callable[[], None]
-) -> list[Job]:
-    """Prepare every job up front (batch backends); rows of those needing no annotator."""
-    ready = []
-    for job in jobs:
-        rows[job.index] = job.prepare(cfg, annotator)
-        if rows[job.index] is None:
-            ready.append(job)
-        else:
-            tick()
-    return ready
 
 
 def _inprocess_rows(
@@ -171,13 +158,7 @@ def annotate_rows(
             done = _endpoint_rows(cfg, jobs, annotator, ckpt, cache, tick)
             _place(jobs, done, rows)
         else:
-            ready = []
-            for job in jobs:  # batch backends: everything prepared up front
-                rows[job.index] = job.prepare(cfg, annotator)
-                if rows[job.index] is None:
-                    ready.append(job)
-                else:
-                    tick()
+            ready = prepare_jobs(cfg, jobs, annotator, rows, tick)  # batch backends: up front
             if ready and cfg.backend == "rule":
                 _place(ready, rule_rows(cfg, ready, annotator, tick), rows)
             elif ready:
