@@ -48,10 +48,10 @@ def ours_overrides(method: str, model_dir: str, run_root: str) -> list[str]:
 
 def run_ours(method: str, model_dir: str, work: str) -> dict:
     """One round through the stage functions; per-stage wall times and what the round contained."""
-    from data_schemas import ANNOTATIONS, ROLLOUTS, VERDICTS
-    from pipeline.config import load_config
-    from stages import get_stage
-    from stages.common import dataset_name, open_store
+    from trace_rl.data_schemas import ANNOTATIONS, ROLLOUTS, VERDICTS
+    from trace_rl.stages.config import load_config
+    from trace_rl.stages import get_stage
+    from trace_rl.stages.common import dataset_name, open_store
 
     t_ready = time.perf_counter()
     cfg = load_config("demo", ours_overrides(method, model_dir, str(Path(work) / "run")))
@@ -79,9 +79,9 @@ def run_ours(method: str, model_dir: str, work: str) -> dict:
 
 def benchmark_prompts(model_dir: str) -> list[dict]:
     """The 32 testbed train prompts of round 0, chosen as this project's rollout stage chooses."""
-    from pipeline.config import load_config
-    from pipeline.testbed.task import make_prompts
-    from stages.rollout import select_prompt_ids
+    from trace_rl.stages.config import load_config
+    from trace_rl.testbed.task import make_prompts
+    from trace_rl.stages.rollout import select_prompt_ids
 
     cfg = load_config("demo", ours_overrides("grpo", model_dir, "unused"))
     rows = make_prompts(cfg.model.testbed, cfg.data.testbed_prompts, seed=cfg.run.seed, split="train")
@@ -91,8 +91,8 @@ def benchmark_prompts(model_dir: str) -> list[dict]:
 
 
 def testbed_reward(completions: list, answer: list[str], **_: object) -> list[float]:
-    """1.0 when the last \\boxed{} integer equals the reference answer (pipeline.testbed.task)."""
-    from pipeline.testbed.task import is_correct
+    """1.0 when the last \\boxed{} integer equals the reference answer (testbed.task)."""
+    from trace_rl.testbed.task import is_correct
 
     texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
     return [1.0 if is_correct(t, a) else 0.0 for t, a in zip(texts, answer)]

@@ -29,8 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages.annotators import AnnotateConfig, annotate_rows
-from stages.annotators.base import prepare
+from trace_rl.stages.annotators import AnnotateConfig, annotate_rows
+from trace_rl.stages.annotators.base import prepare
 from tests.openai_fake_server import FakeOpenAI, make_item, tiny_tokenizer
 
 MODEL = "fake-model"

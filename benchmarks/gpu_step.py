@@ -46,9 +46,9 @@ def _flops(n_params: int, cfg, batch: int, seq: int) -> float:
 def _step(variant, lean, lean_t, opt, batch: int, seq: int, dev: str = "cuda"):
     import torch
 
-    from trainer.config import TrainConfig
-    from trainer.lean import SpanGroup
-    from trainer.methods import LossInputs, get_method
+    from trace_rl.trainer.config import TrainConfig
+    from trace_rl.trainer.lean import SpanGroup
+    from trace_rl.trainer.methods import LossInputs, get_method
 
     ids_BL = torch.randint(0, 151_936, (batch, seq), device=dev)
     attn_BL = torch.ones_like(ids_BL)
@@ -96,7 +96,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("gpu_step.py: no CUDA device found; this benchmark needs one GPU. Nothing to do.")
         return
-    from trainer.lean import KLSpec, LeanCausalLM
+    from trace_rl.trainer.lean import KLSpec, LeanCausalLM
 
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
@@ -131,7 +131,7 @@ def main() -> None:
 
 def _cpu_smoke(a) -> None:
     """Checks the code path without a GPU: one GRPO and one TRACE step, loss finite."""
-    from trainer.lean import KLSpec, LeanCausalLM
+    from trace_rl.trainer.lean import KLSpec, LeanCausalLM
 
     model, _ = _model(a.layers, "cpu")
     lean = LeanCausalLM(model, a.chunk, KLSpec())

@@ -23,13 +23,13 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from engine_fixtures import build_model_dir
 
-from stages.engines.config import RolloutConfig
+from trace_rl.stages.engines.config import RolloutConfig
 
 
 def bench_hf(cfg: RolloutConfig, model_dir: str, prompts: list[dict]) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from stages.engines.hf import generate
+    from trace_rl.stages.engines.hf import generate
 
     t0 = time.perf_counter()
     AutoModelForCausalLM.from_pretrained(model_dir)  # what the engine pays before generating
@@ -49,7 +49,7 @@ def bench_hf(cfg: RolloutConfig, model_dir: str, prompts: list[dict]) -> dict:
 
 
 def bench_vllm(cfg: RolloutConfig, model_dir: str, prompts: list[dict]) -> dict:
-    from stages.engines.vllm_engine import generate_with_stats
+    from trace_rl.stages.engines.vllm_engine import generate_with_stats
 
     t0 = time.perf_counter()
     _, stats = generate_with_stats(cfg, model_dir, prompts, progress=False)
@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
-    from stages.engines.vllm_engine import cpu_env
+    from trace_rl.stages.engines.vllm_engine import cpu_env
 
     with tempfile.TemporaryDirectory(prefix="trace-bench-") as tmp:
         model_dir = str(

@@ -73,8 +73,8 @@ def _train_row(store, round_index: int) -> dict[str, Any]:
     verdicts, and the mean coverage of rollouts whose annotation routed spans."""
     import numpy as np
 
-    from data_schemas import ANNOTATIONS, TRAIN_METRICS, VERDICTS
-    from stages.common import dataset_name
+    from trace_rl.data_schemas import ANNOTATIONS, TRAIN_METRICS, VERDICTS
+    from trace_rl.stages.common import dataset_name
 
     metrics = store.read(dataset_name("train", round_index), TRAIN_METRICS, allow_extra=True).to_pydict()
     row: dict[str, Any] = {}
@@ -97,7 +97,7 @@ def _train_row(store, round_index: int) -> dict[str, Any]:
 
 
 def _eval_row(cfg, checkpoint: str) -> dict[str, Any]:
-    from stages.evaluate import run_eval
+    from trace_rl.stages.evaluate import run_eval
 
     entry = run_eval(cfg, checkpoint=checkpoint, progress=False)["benchmarks"]["testbed"]
     return {"heldout_acc": entry["avg@k"], "heldout_tokens": entry["mean_response_tokens"],
@@ -110,9 +110,9 @@ def run_one(method: str, seed: int, rounds: int, out: str, testbed_dir: str, ext
     import torch
 
     torch.set_num_threads(threads)
-    from pipeline.config import dump_config, load_config
-    from stages import get_stage
-    from stages.common import open_store
+    from trace_rl.stages.config import dump_config, load_config
+    from trace_rl.stages import get_stage
+    from trace_rl.stages.common import open_store
 
     cfg = load_config("demo", run_overrides(method, seed, out, testbed_dir, extra))
     store = open_store(cfg)
@@ -264,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.report_only:
         write_outputs(a.out, a.methods)
         return 0
-    from pipeline.config import load_config
-    from pipeline.testbed.build import build_testbed
+    from trace_rl.stages.config import load_config
+    from trace_rl.testbed.build import build_testbed
 
     # Build (or reuse) the testbed once, before any worker starts, so none of them races to it.
     cfg0 = load_config("demo", run_overrides(a.methods[0], a.seeds[0], a.out, a.testbed_dir, a.overrides))

@@ -52,10 +52,10 @@ def _inputs(resp_len: int, vocab: int, prompt_len: int = 64, span_frac: float = 
 def run_variant(variant: str, resp_len: int, hidden: int, chunk: int, steps: int) -> dict:
     import torch
 
-    from trainer.config import TrainConfig
-    from trainer.lean import KLSpec, LeanCausalLM, SpanGroup, dense_policy_outputs
-    from trainer.methods import LossInputs, get_method
-    from trainer.testing import make_model
+    from trace_rl.trainer.config import TrainConfig
+    from trace_rl.trainer.lean import KLSpec, LeanCausalLM, SpanGroup, dense_policy_outputs
+    from trace_rl.trainer.methods import LossInputs, get_method
+    from trace_rl.trainer.testing import make_model
 
     torch.manual_seed(0)
     vocab = 151_936

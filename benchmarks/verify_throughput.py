@@ -35,7 +35,7 @@ def _items(path: Path, limit: int | None) -> list[dict]:
 
 def main() -> None:
     sys.path.insert(0, str(ROOT))
-    from stages.verifiers import VerifierPool, VerifyConfig, verify_rows
+    from trace_rl.stages.verifiers import VerifierPool, VerifyConfig, verify_rows
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)

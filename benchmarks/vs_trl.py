@@ -49,8 +49,8 @@ def build_model(kind: str, tmp: Path) -> str:
         return str(build_model_dir(tmp / "model", layers=4, hidden=256, heads=4, kv_heads=2,
                                    vocab_size=4096, p_eos=1e-9))
     if kind == "testbed":
-        from pipeline.config import load_config
-        from stages.common import initial_model_dir
+        from trace_rl.stages.config import load_config
+        from trace_rl.stages.common import initial_model_dir
 
         return initial_model_dir(load_config("demo"))
     raise SystemExit(f"unknown --model {kind!r}; valid: random, testbed")

@@ -12,7 +12,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import SchemaError
+from .errors import SchemaError
 
 from .schemas import SCHEMA_VERSION
 

@@ -12,8 +12,8 @@ import time
 from rich.console import Console
 from rich.panel import Panel
 
-from pipeline.config import TraceConfig
-from pipeline.store import round_dir
+from trace_rl.stages.config import TraceConfig
+from trace_rl.pipeline.store import round_dir
 
 console = Console()
 
@@ -22,7 +22,7 @@ def run_demo(cfg: TraceConfig) -> dict:
     t0 = time.time()
     root = cfg.run.run_root
     console.rule(f"[bold]TRACE demo[/] - {cfg.run.rounds} rounds on the CPU testbed -> {root}")
-    from stages.common import initial_model_dir
+    from trace_rl.stages.common import initial_model_dir
 
     console.print("[bold]testbed[/]: building or reusing the tiny model and tokenizer")
     initial_model_dir(cfg)
@@ -30,16 +30,16 @@ def run_demo(cfg: TraceConfig) -> dict:
 
     run_training_local(cfg)
     console.print("[bold]evaluate[/]: the initial policy and the final checkpoint on held-out problems")
-    from stages.evaluate import run_eval
+    from trace_rl.stages.evaluate import run_eval
 
     before = run_eval(cfg, checkpoint="initial", progress=True)
     after = run_eval(cfg, checkpoint="latest", progress=True)
     last = round_dir(cfg.run.rounds - 1)
     html = f"{root}/{last}/annotations.html"
-    from pipeline.inspect import inspect_path
+    from trace_rl.pipeline.inspect import inspect_path
 
     inspect_path(f"{root}/{last}/annotations", html=html, examples=1)
-    from pipeline.plots import plot_run
+    from trace_rl.pipeline.plots import plot_run
 
     png = plot_run(root, f"{root}/plots/curves.png")
     elapsed = time.time() - t0

@@ -13,16 +13,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.config import TraceConfig, dump_config, load_config
-from pipeline.errors import StageError
-from pipeline.store import Manifest
+from trace_rl.stages.config import TraceConfig, dump_config, load_config
+from trace_rl.data_schemas.errors import StageError
+from trace_rl.pipeline.store import Manifest
 
 GPU_STAGES = {"rollout", "train", "evaluate"}
 
 
 def write_resolved_config(cfg: TraceConfig) -> str:
     """The run's resolved config at `<run>/config.yaml`: what every stage of the run reads."""
-    from stages.common import open_store
+    from trace_rl.stages.common import open_store
 
     store = open_store(cfg)
     path = store.path("config.yaml")
@@ -50,18 +50,18 @@ def run_stage(stage: str, config_path: str, round_index: int | None, *, force: b
               progress: bool = True) -> Manifest:
     """Run a stage from a config file, isolated in a child process where it needs a GPU."""
     if not _want_isolation(stage):
-        from stages import get_stage
+        from trace_rl.stages import get_stage
 
         cfg = load_config(config_path)
         return get_stage(stage)(cfg, round_index, force=force, progress=progress)
-    cmd = [sys.executable, "-m", "flows.stage_task", stage, config_path, json.dumps(round_index),
+    cmd = [sys.executable, "-m", "trace_rl.flows.stage_task", stage, config_path, json.dumps(round_index),
            json.dumps(force)]
     proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent)
     if proc.returncode != 0:
         raise StageError(f"stage {stage} (round {round_index}) failed in its child process "
                          f"(exit code {proc.returncode}); its log is above")
     # The child wrote a current output, so running the stage here only reads its manifest.
-    from stages import get_stage
+    from trace_rl.stages import get_stage
 
     return get_stage(stage)(load_config(config_path), round_index, force=False, progress=False)
 

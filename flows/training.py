@@ -13,7 +13,7 @@ from typing import Optional
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.config import load_config
+from trace_rl.stages.config import load_config
 
 from .stage_task import run_stage, write_resolved_config
 
@@ -43,7 +43,7 @@ def _publish_round_artifacts(config_path: str, round_index: int) -> None:
     try:
         from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-        from pipeline.plots import metrics_markdown, plot_run
+        from trace_rl.pipeline.plots import metrics_markdown, plot_run
 
         cfg = load_config(config_path)
         root = cfg.run.run_root
@@ -105,7 +105,7 @@ def evaluate(config: str, checkpoint: str = "latest", benchmarks: Optional[list[
              overrides: Optional[list[str]] = None) -> dict:
     """Evaluate a checkpoint: avg@k with bootstrap CIs per benchmark and the 5-column mean."""
     cfg = load_config(config, overrides or [])
-    from stages.evaluate import run_eval
+    from trace_rl.stages.evaluate import run_eval
 
     return run_eval(cfg, checkpoint=checkpoint, benchmarks=benchmarks, progress=True)
 

@@ -187,7 +187,7 @@ def _summary_html(summary: dict[str, Any]) -> str:
 
 
 def _template() -> Template:
-    path = resources.files("pipeline").joinpath("templates/inspect.html")
+    path = resources.files("trace_rl.pipeline").joinpath("templates/inspect.html")
     return Template(path.read_text(encoding="utf-8"))
 
 

@@ -27,9 +27,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from data_schemas import SCHEMAS, read_parquet
+from trace_rl.data_schemas import SCHEMAS, read_parquet
 
-from .errors import TraceError
+from trace_rl.data_schemas.errors import TraceError
 from .html_view import split_spans, write_html
 from .store import MANIFEST, Manifest
 

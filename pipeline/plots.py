@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from data_schemas import TRAIN_METRICS, VERDICTS
+from trace_rl.data_schemas import TRAIN_METRICS, VERDICTS
 
 from .store import RunStore, round_dir
 

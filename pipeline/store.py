@@ -19,10 +19,10 @@ from typing import Any, Iterable
 import fsspec
 import pyarrow as pa
 
-from data_schemas import SCHEMA_VERSION, read_parquet, rows_to_table, write_parquet
-from data_schemas.schemas import STATUS_COLUMN
+from trace_rl.data_schemas import SCHEMA_VERSION, read_parquet, rows_to_table, write_parquet
+from trace_rl.data_schemas.schemas import STATUS_COLUMN
 
-from .errors import StageError
+from trace_rl.data_schemas.errors import StageError
 from .fingerprint import code_version, fingerprint
 
 MANIFEST = "_manifest.json"

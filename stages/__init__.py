@@ -5,15 +5,15 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Callable
 
-from pipeline.errors import NotBuiltError, TraceError
+from trace_rl.data_schemas.errors import NotBuiltError, TraceError
 
 _STAGE_MODULES = {
-    "prepare": "stages.prepare",
-    "rollout": "stages.rollout",
-    "verify": "stages.verify",
-    "annotate": "stages.annotate",
-    "train": "stages.train",
-    "evaluate": "stages.evaluate",
+    "prepare": "trace_rl.stages.prepare",
+    "rollout": "trace_rl.stages.rollout",
+    "verify": "trace_rl.stages.verify",
+    "annotate": "trace_rl.stages.annotate",
+    "train": "trace_rl.stages.train",
+    "evaluate": "trace_rl.stages.evaluate",
 }
 
 

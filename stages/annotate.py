@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 
-from data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, VERDICTS
-from pipeline.config import TraceConfig
-from pipeline.store import Manifest
+from trace_rl.data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, VERDICTS
+from trace_rl.stages.config import TraceConfig
+from trace_rl.pipeline.store import Manifest
 
 from .common import dataset_name, plan
 
@@ -60,7 +60,7 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     model_dir = rollouts.column("checkpoint")[0].as_py() if rollouts.num_rows else None
     from transformers import AutoTokenizer
 
-    from stages.annotators import annotate_rows
+    from trace_rl.stages.annotators import annotate_rows
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir) if model_dir else None
     cache_dir = str(p.store.local_path("cache", "annotations")) if p.store.is_local else None

@@ -23,9 +23,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.config import DEFAULT_INSTRUCTION, TraceConfig
-from pipeline.errors import ConfigError, StageError
-from pipeline.fingerprint import fingerprint
+from trace_rl.stages.config import DEFAULT_INSTRUCTION, TraceConfig
+from trace_rl.data_schemas.errors import ConfigError, StageError
+from trace_rl.pipeline.fingerprint import fingerprint
 
 MATH_BENCHMARKS = ("math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench", "gsm8k")
 CHOICE_LETTERS = "ABCD"
@@ -281,7 +281,7 @@ def _load_gpqa(cfg: TraceConfig) -> tuple[list[dict[str, Any]], str]:
 
 
 def _load_testbed(cfg: TraceConfig) -> tuple[list[dict[str, Any]], str]:
-    from pipeline.testbed.task import make_prompts
+    from trace_rl.testbed.task import make_prompts
 
     n = cfg.eval.limit or TESTBED_EVAL_PROBLEMS
     rows = make_prompts(cfg.model.testbed, n, TESTBED_EVAL_SEED, split="heldout")

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import TraceConfig
-from pipeline.errors import StageError
-from pipeline.fingerprint import fingerprint
-from pipeline.store import Manifest, RunStore, round_dir
+from trace_rl.stages.config import TraceConfig
+from trace_rl.data_schemas.errors import StageError
+from trace_rl.pipeline.fingerprint import fingerprint
+from trace_rl.pipeline.store import Manifest, RunStore, round_dir
 
 log = logging.getLogger("trace_rl.stages")
 
@@ -94,7 +94,7 @@ def initial_model_dir(cfg: TraceConfig) -> str:
     """The round-0 policy: the configured model, or the testbed (built on first use)."""
     if cfg.model.path != "testbed":
         return cfg.model.path
-    from pipeline.testbed.build import build_testbed
+    from trace_rl.testbed.build import build_testbed
 
     return build_testbed(cfg.model.testbed, testbed_dir(cfg), progress=True)
 

@@ -24,11 +24,11 @@ from typing import Any, Self
 
 import numpy as np
 
-from data_schemas import EVAL_SAMPLES
-from pipeline.config import TraceConfig
-from pipeline.errors import ConfigError, StageError
-from pipeline.fingerprint import fingerprint
-from pipeline.store import Manifest, RunStore, round_dir
+from trace_rl.data_schemas import EVAL_SAMPLES
+from trace_rl.stages.config import TraceConfig
+from trace_rl.data_schemas.errors import ConfigError, StageError
+from trace_rl.pipeline.fingerprint import fingerprint
+from trace_rl.pipeline.store import Manifest, RunStore, round_dir
 
 from .benchmarks import Benchmark, BenchmarkSource, load_benchmark
 from .common import checkpoint_for_round, dataset_name, open_store
@@ -179,7 +179,7 @@ def resolve_checkpoint(cfg: TraceConfig, store: RunStore, checkpoint: str) -> Ch
 
 def eval_rollout_config(cfg: TraceConfig):
     """cfg.rollout with its sampling fields replaced by eval's (n = k)."""
-    from stages.engines.config import RolloutConfig
+    from trace_rl.stages.engines.config import RolloutConfig
 
     update = {"n": cfg.eval.k, "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
               "top_k": cfg.eval.top_k, "max_tokens": cfg.eval.max_tokens,
@@ -192,7 +192,7 @@ def eval_rollout_config(cfg: TraceConfig):
 
 def eval_verify_config(cfg: TraceConfig, kind: str):
     """cfg.verify with the benchmark's verifier kind."""
-    from stages.verifiers import VerifyConfig
+    from trace_rl.stages.verifiers import VerifyConfig
 
     return VerifyConfig.model_validate({**cfg.verify.model_dump(), "kind": kind})
 
@@ -205,7 +205,7 @@ class VerifierPools:
         self.cfg, self.pools, self.stack = cfg, {}, ExitStack()
 
     def get(self, kind: str):
-        from stages.verifiers import VerifierPool, get_verifier
+        from trace_rl.stages.verifiers import VerifierPool, get_verifier
 
         if not get_verifier(kind).isolate:
             return None
@@ -229,7 +229,7 @@ def generate_all(cfg: TraceConfig, benches: list[Benchmark], model_dir: str, *,
     full batches across benchmarks; prompt ids are prefixed with the benchmark so they stay
     unique (vLLM's per-prompt seeds derive from them).
     """
-    from stages.engines.base import generate
+    from trace_rl.stages.engines import generate
 
     prompts, owner = [], {}
     for bench in benches:
@@ -249,7 +249,7 @@ def generate_all(cfg: TraceConfig, benches: list[Benchmark], model_dir: str, *,
 def verify_samples(cfg: TraceConfig, bench: Benchmark, samples: list[dict[str, Any]],
                    pools: VerifierPools | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """EVAL_SAMPLES rows of one benchmark's engine samples, and counts for the manifest."""
-    from stages.verifiers import verify_rows
+    from trace_rl.stages.verifiers import verify_rows
 
     by_id = {r["prompt_id"]: r for r in bench.rows}
     items = [{"rollout_id": f"{s['prompt_id']}#{s['sample_index']}", "response_text": s["response_text"],

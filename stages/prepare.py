@@ -14,10 +14,10 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable
 
-from data_schemas import PROMPTS
-from pipeline.config import TraceConfig
-from pipeline.errors import ConfigError, StageError
-from pipeline.store import Manifest
+from trace_rl.data_schemas import PROMPTS
+from trace_rl.stages.config import TraceConfig
+from trace_rl.data_schemas.errors import ConfigError, StageError
+from trace_rl.pipeline.store import Manifest
 
 from .common import plan
 
@@ -142,7 +142,7 @@ def run(cfg: TraceConfig, round_index: int | None = None, *, force: bool = False
     if p.skip:
         return p.existing
     if cfg.data.source == "testbed":
-        from pipeline.testbed.task import make_prompts
+        from trace_rl.testbed.task import make_prompts
 
         rows = make_prompts(cfg.model.testbed, cfg.data.testbed_prompts, seed=cfg.run.seed, split="train")
         dropped: dict[str, int] = {}

@@ -12,9 +12,9 @@ import random
 
 import pyarrow as pa
 
-from data_schemas import PROMPTS, ROLLOUTS
-from pipeline.config import TraceConfig
-from pipeline.store import Manifest
+from trace_rl.data_schemas import PROMPTS, ROLLOUTS
+from trace_rl.stages.config import TraceConfig
+from trace_rl.pipeline.store import Manifest
 
 from .common import checkpoint_for_round, dataset_name, open_store, plan
 
@@ -54,7 +54,7 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     rcfg = cfg.rollout.model_copy(update={"seed": cfg.rollout.seed + 1000 * cfg.run.seed + round_index})
     log.info("rollout round %d: %d prompts x %d samples with %s (%s)", round_index, len(chosen),
              rcfg.n, rcfg.engine, model_dir)
-    from stages.engines.base import generate
+    from trace_rl.stages.engines import generate
 
     samples = generate(rcfg, model_dir, chosen, progress=progress)
     rows = []

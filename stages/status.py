@@ -9,8 +9,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.config import TraceConfig
-from pipeline.store import RunStore
+from trace_rl.stages.config import TraceConfig
+from trace_rl.pipeline.store import RunStore
 
 from .common import ROUND_STAGES, dataset_name
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 
-from data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, TRAIN_METRICS, VERDICTS, rows_to_table
-from data_schemas import extend_metrics
-from pipeline.config import TraceConfig
-from pipeline.fingerprint import fingerprint
-from pipeline.store import Manifest, round_dir
+from trace_rl.data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, TRAIN_METRICS, VERDICTS, rows_to_table
+from trace_rl.data_schemas import extend_metrics
+from trace_rl.stages.config import TraceConfig
+from trace_rl.pipeline.fingerprint import fingerprint
+from trace_rl.pipeline.store import Manifest, round_dir
 
 from .common import checkpoint_for_round, dataset_name, open_store, plan
 
@@ -33,7 +33,7 @@ def _launch_accelerate(cfg, p, names, init_dir, out_dir, work_dir, round_index) 
     import subprocess
     import sys
 
-    from pipeline.errors import StageError
+    from trace_rl.data_schemas.errors import StageError
 
     args = {"config": cfg.train.model_dump(mode="json"), "init_checkpoint": init_dir,
             "output_checkpoint": str(out_dir), "work_dir": str(work_dir), "round_index": round_index,
@@ -45,7 +45,7 @@ def _launch_accelerate(cfg, p, names, init_dir, out_dir, work_dir, round_index) 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(cfg.train.num_processes)]
     if cfg.train.accelerate_config:
         cmd += ["--config_file", cfg.train.accelerate_config]
-    cmd += ["-m", "trainer.launch", "--args-json", str(args_file)]
+    cmd += ["-m", "trace_rl.trainer.launch", "--args-json", str(args_file)]
     log.info("train round %d: %s", round_index, " ".join(cmd))
     if subprocess.run(cmd).returncode != 0:
         raise StageError(f"accelerate launch of round {round_index}'s training failed; its log is above")
@@ -86,7 +86,7 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     if cfg.train.accelerate_config or cfg.train.num_processes > 1:
         metrics = _launch_accelerate(cfg, p, names, init_dir, out_dir, work_dir, round_index)
     else:
-        from trainer.round import train_round
+        from trace_rl.trainer.round import train_round
 
         metrics = train_round(cfg.train, **tables, init_checkpoint=init_dir, output_checkpoint=str(out_dir),
                               work_dir=str(work_dir), round_index=round_index, progress=progress)

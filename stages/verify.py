@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import logging
 
-from data_schemas import PROMPTS, ROLLOUTS, VERDICTS
-from pipeline.config import TraceConfig
-from pipeline.store import Manifest
+from trace_rl.data_schemas import PROMPTS, ROLLOUTS, VERDICTS
+from trace_rl.stages.config import TraceConfig
+from trace_rl.pipeline.store import Manifest
 
 from .common import dataset_name, plan
 
@@ -32,7 +32,7 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
         prompt = prompts[r["prompt_id"]]
         items.append({"rollout_id": r["rollout_id"], "response_text": r["response_text"],
                       "answer": prompt["answer"], "meta": json.loads(prompt["meta"] or "{}")})
-    from stages.verifiers import verify_rows
+    from trace_rl.stages.verifiers import verify_rows
 
     verdicts = verify_rows(cfg.verify, items)
     with p.writer(VERDICTS, "verify") as w:

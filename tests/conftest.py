@@ -52,8 +52,8 @@ TINY_RUN = TINY_TESTBED + [
 @pytest.fixture(scope="session")
 def tiny_testbed_dir(tmp_path_factory) -> str:
     """A tiny testbed built once per test session."""
-    from pipeline.config import load_config
-    from pipeline.testbed.build import build_testbed
+    from trace_rl.stages.config import load_config
+    from trace_rl.testbed.build import build_testbed
 
     cfg = load_config("demo", TINY_TESTBED)
     return build_testbed(cfg.model.testbed, str(tmp_path_factory.mktemp("testbed") / "tb"), progress=False)
@@ -62,7 +62,7 @@ def tiny_testbed_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def prefect_harness():
     """Prefect's test harness: a temporary database and API for flows run in this process."""
-    import flows  # noqa: F401  (sets Prefect's environment defaults before it is imported)
+    import trace_rl.flows  # noqa: F401  (sets Prefect's environment defaults before it is imported)
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=180):

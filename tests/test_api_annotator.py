@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from stages.annotators import AnnotateConfig, annotate_rows
+from trace_rl.stages.annotators import AnnotateConfig, annotate_rows
 from tests.openai_fake_server import FakeOpenAI, make_item, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,7 +153,7 @@ def test_faults_statuses_and_no_key_leak(tok, tmp_path, monkeypatch, caplog, cap
 def test_jobs_prepared_as_their_turn_comes(tok, monkeypatch):
     """Segmentation and token checks overlap requests: the first request goes out before the
     later jobs are prepared, and at most 2 x concurrency jobs are prepared ahead of replies."""
-    from stages.annotators import base
+    from trace_rl.stages.annotators import base
 
     monkeypatch.setenv("TRACE_TEST_KEY", KEY)
     prepared: list[float] = []
@@ -178,7 +178,7 @@ def test_jobs_prepared_as_their_turn_comes(tok, monkeypatch):
 def test_run_windowed_bounds_order_and_errors():
     import asyncio
 
-    from stages.annotators.base import run_windowed
+    from trace_rl.stages.annotators.base import run_windowed
 
     started, running, peak = [], set(), [0]
 
@@ -201,7 +201,7 @@ def test_run_windowed_bounds_order_and_errors():
 
 CRASH_SCRIPT = textwrap.dedent("""
     import sys
-    from stages.annotators import AnnotateConfig, annotate_rows
+    from trace_rl.stages.annotators import AnnotateConfig, annotate_rows
     from tests.openai_fake_server import make_item, tiny_tokenizer
     tok = tiny_tokenizer()
     items = [make_item(tok, f"r{i}", "key", f"line {i}\\nKEY step {i}") for i in range(12)]

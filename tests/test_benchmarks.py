@@ -11,9 +11,9 @@ import json
 import pytest
 from conftest import SHARED_DATA
 
-from pipeline.config import DEFAULT_INSTRUCTION, TraceConfig
-from pipeline.errors import ConfigError, StageError
-from stages.benchmarks import (
+from trace_rl.stages.config import DEFAULT_INSTRUCTION, TraceConfig
+from trace_rl.data_schemas.errors import ConfigError, StageError
+from trace_rl.stages.benchmarks import (
     CHOICE_LETTERS,
     MATH_BENCHMARKS,
     BenchmarkSource,
@@ -155,7 +155,7 @@ def test_unknown_name_lists_the_valid_ones() -> None:
 
 
 def test_testbed_is_the_heldout_split() -> None:
-    from pipeline.testbed.task import make_prompts
+    from trace_rl.testbed.task import make_prompts
 
     cfg = _cfg(limit=12)
     bench = load_benchmark(cfg, "testbed")

@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, SHARED_DATA
-from data_schemas import PROMPTS
-from pipeline.config import load_config
-from pipeline.errors import ConfigError
-from stages import get_stage
-from stages.common import open_store
+from trace_rl.data_schemas import PROMPTS
+from trace_rl.stages.config import load_config
+from trace_rl.data_schemas.errors import ConfigError
+from trace_rl.stages import get_stage
+from trace_rl.stages.common import open_store
 
 
 def test_overrides_and_base_chain():
@@ -85,11 +85,11 @@ def test_prepare_parquet_source_and_bad_mapping(tmp_path):
 
 
 def test_cli_help_shows_the_command_tree_and_errors_are_one_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "trace_rl.flows.cli", "--help"], capture_output=True, text=True,
                          cwd=ROOT, timeout=60)
     for command in ("run", "demo", "stage", "eval", "inspect", "status", "testbed", "config"):
         assert command in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "stage", "prepare", "demo",
+    bad = subprocess.run([sys.executable, "-m", "trace_rl.flows.cli", "stage", "prepare", "demo",
                           f"run.root={tmp_path}", "data.source=/nonexistent.jsonl"],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert bad.returncode == 2
@@ -108,7 +108,7 @@ def test_wheel_ships_the_configs(tmp_path):
     zipfile.ZipFile(wheel).extractall(site)
     shipped = {p.relative_to(site / "configs").as_posix() for p in (site / "configs").rglob("*.yaml")}
     assert shipped == {p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs").rglob("*.yaml")}
-    probe = ("import pipeline.config as c; cfg = c.load_config('qwen3-1.7b-grpo'); "
+    probe = ("import stages.config as c; cfg = c.load_config('qwen3-1.7b-grpo'); "
              "print(c.__file__, c.resolve_config_path('accelerate/ddp.yaml'), cfg.model.path)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, timeout=120, check=False)

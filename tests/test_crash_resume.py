@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, TINY_RUN
-from data_schemas import ANNOTATIONS, ROLLOUTS, VERDICTS
-from pipeline.store import RunStore
+from trace_rl.data_schemas import ANNOTATIONS, ROLLOUTS, VERDICTS
+from trace_rl.pipeline.store import RunStore
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def _cli_run(root: Path, testbed: str, home: Path, api_url: str) -> subprocess.P
     # requests in flight, so the annotate stage lasts long enough to be killed inside.
     env = dict(os.environ, PREFECT_HOME=str(home), TRACE_ISOLATE_STAGES="never", OMP_NUM_THREADS="1",
                CRASH_TEST_KEY=API_KEY)
-    args = [sys.executable, "-m", "pipeline.cli", "run", "demo", *TINY_RUN, f"run.root={root}",
+    args = [sys.executable, "-m", "trace_rl.flows.cli", "run", "demo", *TINY_RUN, f"run.root={root}",
             f"model.testbed_dir={testbed}", f"run.rounds={ROUNDS}", "train.save_every=1",
             "eval.benchmarks=[]", "annotate.backend=api", f"annotate.api.base_url={api_url}",
             "annotate.api.api_key_env=CRASH_TEST_KEY", "annotate.api.concurrency=2",

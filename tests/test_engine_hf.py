@@ -9,9 +9,10 @@ import torch
 from engine_fixtures import PROMPTS, build_model_dir, teacher_forced_logprobs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stages.engines.base import ROW_KEYS, encode_prompt, generate, get_engine
-from stages.engines.config import RolloutConfig
-from stages.engines.hf import cut_at_stop
+from trace_rl.stages.engines import generate, get_engine
+from trace_rl.stages.engines.base import ROW_KEYS, encode_prompt
+from trace_rl.stages.engines.config import RolloutConfig
+from trace_rl.stages.engines.hf import cut_at_stop
 
 
 @pytest.fixture(scope="module")

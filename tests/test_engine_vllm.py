@@ -17,10 +17,11 @@ import torch
 from engine_fixtures import PROMPTS, build_model_dir, teacher_forced_logprobs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.errors import StageError
-from stages.engines.base import ROW_KEYS, generate
-from stages.engines.config import RolloutConfig
-from stages.engines.vllm_engine import cpu_env
+from trace_rl.data_schemas.errors import StageError
+from trace_rl.stages.engines import generate
+from trace_rl.stages.engines.base import ROW_KEYS
+from trace_rl.stages.engines.config import RolloutConfig
+from trace_rl.stages.engines.vllm_engine import cpu_env
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = os.environ.get("TRACE_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python")

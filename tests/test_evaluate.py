@@ -10,12 +10,12 @@ import pytest
 from conftest import SHARED_DATA
 from engine_fixtures import build_model_dir
 
-from data_schemas import EVAL_SAMPLES, TRAIN_METRICS, VERDICTS, extend_metrics
-from pipeline.config import TraceConfig
-from pipeline.errors import StageError
-from pipeline.plots import collect_run, metrics_markdown, plot_run
-from pipeline.store import RunStore
-from stages.evaluate import (
+from trace_rl.data_schemas import EVAL_SAMPLES, TRAIN_METRICS, VERDICTS, extend_metrics
+from trace_rl.stages.config import TraceConfig
+from trace_rl.data_schemas.errors import StageError
+from trace_rl.pipeline.plots import collect_run, metrics_markdown, plot_run
+from trace_rl.pipeline.store import RunStore
+from trace_rl.stages.evaluate import (
     FIVE_COLUMNS,
     bootstrap_means,
     eval_rollout_config,

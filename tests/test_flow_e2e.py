@@ -6,16 +6,16 @@ from __future__ import annotations
 import pytest
 
 from conftest import TINY_RUN
-from data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, TRAIN_METRICS, VERDICTS
-from pipeline.config import load_config
-from stages.common import dataset_name, open_store
+from trace_rl.data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, TRAIN_METRICS, VERDICTS
+from trace_rl.stages.config import load_config
+from trace_rl.stages.common import dataset_name, open_store
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_testbed_dir, prefect_harness):
-    from flows.training import trace_training
+    from trace_rl.flows.training import trace_training
 
     root = tmp_path_factory.mktemp("e2e") / "run"
     overrides = TINY_RUN + [f"run.root={root}", f"model.testbed_dir={tiny_testbed_dir}", "run.rounds=2"]
@@ -71,8 +71,8 @@ def test_annotations_have_spans_on_the_error_route(finished_run):
 
 
 def test_forced_stage_rewrites_only_its_dataset_and_marks_train_stale(finished_run):
-    from stages import get_stage
-    from stages.status import stage_states
+    from trace_rl.stages import get_stage
+    from trace_rl.stages.status import stage_states
 
     cfg, _, _ = finished_run
     store = open_store(cfg)

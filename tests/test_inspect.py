@@ -20,11 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, VERDICTS, extend_metrics
-from pipeline.errors import TraceError
-from pipeline.html_view import render_page, split_spans
-from pipeline.inspect import example_text, inspect_path
-from pipeline.store import RunStore
+from trace_rl.data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, VERDICTS, extend_metrics
+from trace_rl.data_schemas.errors import TraceError
+from trace_rl.pipeline.html_view import render_page, split_spans
+from trace_rl.pipeline.inspect import example_text, inspect_path
+from trace_rl.pipeline.store import RunStore
 
 CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parent.parent
@@ -257,7 +257,7 @@ def test_not_a_dataset_gives_clear_errors(tmp_path: Path) -> None:
 
 def test_cli_inspect_exit_codes(run_dir: Path, tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="120")
-    cmd = [sys.executable, "-m", "pipeline.cli", "inspect"]
+    cmd = [sys.executable, "-m", "trace_rl.flows.cli", "inspect"]
     run = {"capture_output": True, "text": True, "env": env, "cwd": tmp_path,
            "timeout": 120}
     ok = subprocess.run(cmd + [str(run_dir), "--examples", "1"], check=False, **run)

@@ -9,12 +9,12 @@ import copy
 import pytest
 import torch
 
-from trainer.batch import build_examples, collate, to_bt
-from trainer.config import TrainConfig
-from trainer.lean import KLSpec, LeanCausalLM, SpanGroup, dense_policy_outputs
-from trainer.losses import grpo_advantages
-from trainer.methods import LossInputs, get_method
-from trainer.testing import make_model, make_round_tables, make_tokenizer
+from trace_rl.trainer.batch import build_examples, collate, to_bt
+from trace_rl.trainer.config import TrainConfig
+from trace_rl.trainer.lean import KLSpec, LeanCausalLM, SpanGroup, dense_policy_outputs
+from trace_rl.trainer.losses import grpo_advantages
+from trace_rl.trainer.methods import LossInputs, get_method
+from trace_rl.trainer.testing import make_model, make_round_tables, make_tokenizer
 
 
 @pytest.fixture(scope="module")

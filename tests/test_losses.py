@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import TrainConfig
-from trainer.losses import aggregate, grpo_advantages, kl_weight, routed_token_loss, token_kl
-from trainer.methods import LossInputs, RolloutView, get_method
+from trace_rl.trainer.config import TrainConfig
+from trace_rl.trainer.losses import aggregate, grpo_advantages, kl_weight, routed_token_loss, token_kl
+from trace_rl.trainer.methods import LossInputs, RolloutView, get_method
 
 LN = math.log
 # student logits [0, 0] -> p = (1/2, 1/2); teacher logits [ln 3, 0] -> q = (3/4, 1/4)

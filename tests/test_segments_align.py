@@ -12,8 +12,8 @@ import random
 
 import pytest
 
-from stages.annotators import AnnotateConfig, annotate_rows
-from stages.annotators.align import (
+from trace_rl.stages.annotators import AnnotateConfig, annotate_rows
+from trace_rl.stages.annotators.align import (
     AlignmentError,
     char_span_to_tokens,
     offsets_from_bytes,
@@ -21,9 +21,9 @@ from stages.annotators.align import (
     token_bytes,
     token_char_offsets,
 )
-from stages.annotators.parse import parse_reply
-from stages.annotators.segments import render_segments, segment_response
-from stages.annotators.spans import build_spans, group_ids
+from trace_rl.stages.annotators.parse import parse_reply
+from trace_rl.stages.annotators.segments import render_segments, segment_response
+from trace_rl.stages.annotators.spans import build_spans, group_ids
 
 IM_END = 151645
 THINK, END_THINK = 151667, 151668
@@ -321,7 +321,7 @@ def test_rule_backend_rows(qwen3):
 def test_template_dir_is_validated_and_used(tmp_path):
     from pydantic import ValidationError
 
-    from stages.annotators.prompting import build_messages
+    from trace_rl.stages.annotators.prompting import build_messages
 
     (tmp_path / "system.txt").write_text("SYS")
     with pytest.raises(ValidationError, match="lacks key.txt, error.txt"):

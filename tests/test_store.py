@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, VERDICTS, read_parquet, rows_to_table
-from pipeline.errors import SchemaError, StageError
-from pipeline.store import RunStore
+from trace_rl.data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, VERDICTS, read_parquet, rows_to_table
+from trace_rl.data_schemas.errors import SchemaError, StageError
+from trace_rl.pipeline.store import RunStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,8 +112,8 @@ WRITER = textwrap.dedent(
     """
     import os, signal, sys
     sys.path.insert(0, {root!r})
-    from data_schemas import PROMPTS
-    from pipeline.store import RunStore
+    from trace_rl.data_schemas import PROMPTS
+    from trace_rl.pipeline.store import RunStore
     store = RunStore({run!r})
     rows = [{{"prompt_id": str(i), "problem": "p" * 200, "answer": "1", "solution": None,
               "source": "t", "meta": "{{}}"}} for i in range(2000)]

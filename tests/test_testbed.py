@@ -11,11 +11,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.testbed.build import MANIFEST, build_testbed, read_manifest
-from pipeline.testbed.config import TestbedConfig
-from pipeline.testbed.evaluate import generate_responses, measure_accuracy
-from pipeline.testbed.rule import rule_annotate
-from pipeline.testbed.task import (
+from trace_rl.testbed.build import MANIFEST, build_testbed, read_manifest
+from trace_rl.testbed.config import TestbedConfig
+from trace_rl.testbed.evaluate import generate_responses, measure_accuracy
+from trace_rl.testbed.rule import rule_annotate
+from trace_rl.testbed.task import (
     corrupt_steps,
     extract_answer,
     is_correct,
@@ -25,7 +25,7 @@ from pipeline.testbed.task import (
     reference_steps,
     render_solution,
 )
-from pipeline.testbed.tokenizer import build_tokenizer, chat_prompt
+from trace_rl.testbed.tokenizer import build_tokenizer, chat_prompt
 
 TINY = {
     "hidden_size": 32,

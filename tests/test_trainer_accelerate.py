@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.testing import make_round_tables, make_tokenizer, save_tiny_checkpoint
+from trace_rl.trainer.testing import make_round_tables, make_tokenizer, save_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 COMPARED = ("step", "loss", "pg_loss", "kl_loss", "kl_weight", "entropy", "grad_norm",
@@ -42,14 +42,14 @@ def test_two_process_ddp_matches_single(tmp_path):
         paths[name] = str(tmp_path / f"{name}.parquet")
         pq.write_table(table, paths[name])
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "trainer.launch", "--args-json",
+    single = subprocess.run([sys.executable, "-m", "trace_rl.trainer.launch", "--args-json",
                              str(_write_args(tmp_path, "single", init, paths))],
                             env=env, capture_output=True, text=True, check=False, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     # --cpu alone selects accelerate's MPI launcher; torchrun + ACCELERATE_USE_CPU gives gloo DDP
     ddp = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no",
-                          "--dynamo_backend", "no", "-m", "trainer.launch", "--args-json",
+                          "--dynamo_backend", "no", "-m", "trace_rl.trainer.launch", "--args-json",
                           str(_write_args(tmp_path, "ddp", init, paths))],
                          env={**env, "ACCELERATE_USE_CPU": "true"}, capture_output=True,
                          text=True, check=False, timeout=300)

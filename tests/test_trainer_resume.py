@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.testing import make_round_tables, make_tokenizer, save_tiny_checkpoint
+from trace_rl.trainer.testing import make_round_tables, make_tokenizer, save_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DETERMINISTIC = ("step", "loss", "pg_loss", "kl_loss", "kl_weight", "entropy", "grad_norm",
@@ -22,8 +22,8 @@ DETERMINISTIC = ("step", "loss", "pg_loss", "kl_loss", "kl_weight", "entropy", "
 # step KILL_AT (a real kill: no cleanup, no atexit, no flush).
 SCRIPT = r"""
 import json, os, signal, sys
-import trainer.round as R
-from trainer.launch import run_from_args
+import trace_rl.trainer.round as R
+from trace_rl.trainer.launch import run_from_args
 kill_at = int(os.environ.get("KILL_AT", "-1"))
 original = R._save_progress
 def save_then_die(*args, **kwargs):

@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainer.config import TrainConfig
-from trainer.round import train_round
-from trainer.testing import make_round_tables, make_tokenizer, save_tiny_checkpoint
+from trace_rl.trainer.config import TrainConfig
+from trace_rl.trainer.round import train_round
+from trace_rl.trainer.testing import make_round_tables, make_tokenizer, save_tiny_checkpoint
 
 DETERMINISTIC = ("step", "loss", "pg_loss", "kl_loss", "kl_weight", "entropy", "grad_norm",
                  "response_len_mean", "span_token_frac", "clip_frac")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from stages.verifiers import (
+from trace_rl.stages.verifiers import (
     Verdict,
     VerifierPool,
     VerifyConfig,
@@ -24,16 +24,16 @@ from stages.verifiers import (
     verifier_names,
     verify_rows,
 )
-from stages.verifiers.choice import extract_choice
-from stages.verifiers.extract import final_boxed_group, final_region, find_boxed
-from stages.verifiers.math_verifier import MathChecker, answers_match, parse_reference
-from stages.verifiers.normalize import (
+from trace_rl.stages.verifiers.choice import extract_choice
+from trace_rl.stages.verifiers.extract import final_boxed_group, final_region, find_boxed
+from trace_rl.stages.verifiers.math_verifier import MathChecker, answers_match, parse_reference
+from trace_rl.stages.verifiers.normalize import (
     array_to_pmatrix,
     decimal_comma_variant,
     drop_thousands_separators,
     max_decimals,
 )
-from stages.verifiers.testbed import normalize_integer
+from trace_rl.stages.verifiers.testbed import normalize_integer
 
 CASES = Path(__file__).resolve().parents[2] / "shared" / "data" / "verifier_cases" / "cases.jsonl"
 # A power tower: sympy grinds on 9^387420489 for minutes.

@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from trainer.config import TrainConfig
-from trainer.methods import Plan, RolloutView, get_method
-from trainer.teacher import enable_thinking_of, teacher_prompt_ids
+from trace_rl.trainer.config import TrainConfig
+from trace_rl.trainer.methods import Plan, RolloutView, get_method
+from trace_rl.trainer.teacher import enable_thinking_of, teacher_prompt_ids
 
 Tensor = torch.Tensor
 

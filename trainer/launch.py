@@ -1,6 +1,6 @@
 """Entry point for `accelerate launch`: one training round from Parquet paths.
 
-    accelerate launch --config_file configs/accelerate/ddp.yaml -m trainer.launch --args-json A.json
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m trace_rl.trainer.launch --args-json A.json
 
 A.json: {"config": {...TrainConfig fields...}, "prompts": path, "rollouts": path,
 "verdicts": path, "annotations": path | null, "init_checkpoint": path, "output_checkpoint": path,
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from trainer.config import TrainConfig
-from trainer.round import train_round
+from trace_rl.trainer.config import TrainConfig
+from trace_rl.trainer.round import train_round
 
 
 def run_from_args(args: dict) -> list[dict]:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from trainer.losses import token_kl
+from trace_rl.trainer.losses import token_kl
 
 Tensor = torch.Tensor
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trainer.config import TrainConfig
-from trainer.losses import aggregate, clipped_pg_loss
+from trace_rl.trainer.config import TrainConfig
+from trace_rl.trainer.losses import aggregate, clipped_pg_loss
 
 Tensor = torch.Tensor
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from trainer.batch import MicroBatch
+from trace_rl.trainer.batch import MicroBatch
 
 # Sums collected over micro-batches and processes, then turned into the per-step row.
 _RATIOS = {

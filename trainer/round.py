@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from trainer.batch import Example, MicroBatch, build_examples, collate, to_bt
-from trainer.checkpoint import (
+from trace_rl.trainer.batch import Example, MicroBatch, build_examples, collate, to_bt
+from trace_rl.trainer.checkpoint import (
     PROGRESS_FILE,
     atomic_torch_save,
     load_progress,
@@ -32,13 +32,13 @@ from trainer.checkpoint import (
     save_trainer_state,
     set_rng_state,
 )
-from trainer.config import TrainConfig
-from trainer.lean import KLSpec, LeanCausalLM, SpanGroup
-from trainer.losses import clipped_pg_loss, grpo_advantages, kl_weight
-from trainer.methods import LossInputs, get_method
-from trainer.metrics import Logger, StepStats, peak_memory_bytes, step_row
-from trainer.progress import progress_bar
-from trainer.teacher import TeacherHandle
+from trace_rl.trainer.config import TrainConfig
+from trace_rl.trainer.lean import KLSpec, LeanCausalLM, SpanGroup
+from trace_rl.trainer.losses import clipped_pg_loss, grpo_advantages, kl_weight
+from trace_rl.trainer.methods import LossInputs, get_method
+from trace_rl.trainer.metrics import Logger, StepStats, peak_memory_bytes, step_row
+from trace_rl.trainer.progress import progress_bar
+from trace_rl.trainer.teacher import TeacherHandle
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

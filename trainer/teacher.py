@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.chat import encode_chat_prompt
+from trace_rl.pipeline.chat import encode_chat_prompt
 
 
 def teacher_context(prompt_row: dict[str, Any], labels: list[str]) -> str:

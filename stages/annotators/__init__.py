@@ -3,7 +3,7 @@
 Entry point: `annotate_rows(cfg, items, tokenizer, *, cache_dir, progress, model_path)`.
 """
 
-from stages.annotators.config import AnnotateConfig
-from stages.annotators.run import annotate_rows
+from trace_rl.stages.annotators.config import AnnotateConfig
+from trace_rl.stages.annotators.run import annotate_rows
 
 __all__ = ["AnnotateConfig", "annotate_rows"]

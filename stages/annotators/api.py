@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import openai
 
-from stages.annotators.config import ApiOptions
+from trace_rl.stages.annotators.config import ApiOptions
 
 RETRY_STATUS = (408, 409, 429)
 

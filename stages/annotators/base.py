@@ -23,20 +23,20 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages.annotators.align import (
+from trace_rl.stages.annotators.align import (
     AlignmentError,
     TokenOffsets,
     is_byte_level,
     token_char_offsets,
     token_offsets,
 )
-from stages.annotators.api import ApiCaller, CallResult, sampling_of
-from stages.annotators.cache import ReplyCache, cache_key
-from stages.annotators.config import AnnotateConfig
-from stages.annotators.parse import ParsedReply, clean_label, parse_reply, validate_ids
-from stages.annotators.prompting import build_messages
-from stages.annotators.segments import Segment, segment_response
-from stages.annotators.spans import build_spans
+from trace_rl.stages.annotators.api import ApiCaller, CallResult, sampling_of
+from trace_rl.stages.annotators.cache import ReplyCache, cache_key
+from trace_rl.stages.annotators.config import AnnotateConfig
+from trace_rl.stages.annotators.parse import ParsedReply, clean_label, parse_reply, validate_ids
+from trace_rl.stages.annotators.prompting import build_messages
+from trace_rl.stages.annotators.segments import Segment, segment_response
+from trace_rl.stages.annotators.spans import build_spans
 
 log = logging.getLogger(__name__)
 ROUTES = ("key", "error", "none")

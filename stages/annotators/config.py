@@ -171,7 +171,7 @@ class AnnotateConfig(BaseModel):
         default=6000, description="the reference solution is cut to this many chars"
     )
     rule_fn: str = Field(
-        default="pipeline.testbed.rule:rule_annotate",
+        default="trace_rl.testbed.rule:rule_annotate",
         description="'module:function' of the rule backend",
     )
     api: ApiOptions = Field(default_factory=ApiOptions)

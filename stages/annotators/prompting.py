@@ -15,8 +15,8 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from stages.annotators.config import TEMPLATE_NAMES, AnnotateConfig
-from stages.annotators.segments import Segment, render_segments
+from trace_rl.stages.annotators.config import TEMPLATE_NAMES, AnnotateConfig
+from trace_rl.stages.annotators.segments import Segment, render_segments
 
 PACKAGED_TEMPLATES = Path(__file__).with_name("templates")
 DATA_BEGIN, DATA_END = "<<<BEGIN_RESPONSE_DATA>>>", "<<<END_RESPONSE_DATA>>>"

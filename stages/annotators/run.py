@@ -7,8 +7,8 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from stages.annotators.api import read_api_key
-from stages.annotators.base import (
+from trace_rl.stages.annotators.api import read_api_key
+from trace_rl.stages.annotators.base import (
     Job,
     annotator_name,
     api_rows,
@@ -19,9 +19,9 @@ from stages.annotators.base import (
     split_routes,
     summarize,
 )
-from stages.annotators.cache import ReplyCache
-from stages.annotators.config import BACKEND_NAMES, AnnotateConfig
-from stages.annotators.selfhost import generate_inprocess, served
+from trace_rl.stages.annotators.cache import ReplyCache
+from trace_rl.stages.annotators.config import BACKEND_NAMES, AnnotateConfig
+from trace_rl.stages.annotators.selfhost import generate_inprocess, served
 
 log = logging.getLogger(__name__)
 

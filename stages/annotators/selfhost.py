@@ -22,8 +22,8 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from stages.annotators.api import CallResult
-from stages.annotators.config import SelfOptions
+from trace_rl.stages.annotators.api import CallResult
+from trace_rl.stages.annotators.config import SelfOptions
 
 
 def _log_tail(path: str, n_chars: int = 2000) -> str:

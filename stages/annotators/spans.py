@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stages.annotators.align import char_span_to_tokens, offset_index
-from stages.annotators.segments import Segment
+from trace_rl.stages.annotators.align import char_span_to_tokens, offset_index
+from trace_rl.stages.annotators.segments import Segment
 
 
 @dataclass

@@ -13,8 +13,8 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from pipeline.chat import encode_chat_prompt
-from stages.engines.config import ENGINE_NAMES, RolloutConfig
+from trace_rl.pipeline.chat import encode_chat_prompt
+from trace_rl.stages.engines.config import ENGINE_NAMES, RolloutConfig
 
 ROW_KEYS = (
     "prompt_id",
@@ -136,23 +136,3 @@ def check_prompts(prompts: list[dict]) -> None:
         if p["prompt_id"] in seen:
             raise ValueError(f"duplicate prompt_id {p['prompt_id']!r}: prompt ids must be unique")
         seen.add(p["prompt_id"])
-
-
-def get_engine(name: str) -> Callable[..., list[dict]]:
-    """The engine's `generate` function by name; imports lazily (vLLM's parent is light too)."""
-    if name == "hf":
-        from stages.engines.hf import generate as hf_generate
-
-        return hf_generate
-    if name == "vllm":
-        from stages.engines.vllm_engine import generate as vllm_generate
-
-        return vllm_generate
-    raise ValueError(f"unknown rollout engine {name!r}; valid engines: {list(ENGINE_NAMES)}")
-
-
-def generate(
-    cfg: RolloutConfig, model_dir: str, prompts: list[dict], *, progress: bool = True
-) -> list[dict]:
-    """Sample cfg.n responses per prompt with the configured engine (see module docstring)."""
-    return get_engine(cfg.engine)(cfg, model_dir, prompts, progress=progress)

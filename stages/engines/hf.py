@@ -28,7 +28,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from stages.engines.base import (
+from trace_rl.stages.engines.base import (
     check_prompts,
     decode_response,
     encode_prompt,
@@ -37,7 +37,7 @@ from stages.engines.base import (
     sampling_json,
     stop_token_ids,
 )
-from stages.engines.config import RolloutConfig
+from trace_rl.stages.engines.config import RolloutConfig
 
 ENGINE = "hf"
 

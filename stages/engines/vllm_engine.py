@@ -21,8 +21,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline.errors import StageError
-from stages.engines.base import (
+from trace_rl.data_schemas.errors import StageError
+from trace_rl.stages.engines.base import (
     check_prompts,
     decode_response,
     encode_prompt,
@@ -32,7 +32,7 @@ from stages.engines.base import (
     sampling_json,
     stop_token_ids,
 )
-from stages.engines.config import RolloutConfig
+from trace_rl.stages.engines.config import RolloutConfig
 
 ENGINE = "vllm"
 WORKER_SCRIPT = Path(__file__).with_name("vllm_worker.py")

@@ -1,6 +1,6 @@
 """Verifiers: reward a rollout by checking its answer against the reference (verify stage)."""
 
-from stages.verifiers.base import (
+from trace_rl.stages.verifiers.base import (
     VERDICT_STATUSES,
     CheckFn,
     Verdict,
@@ -11,9 +11,9 @@ from stages.verifiers.base import (
 )
 
 # Importing the verifier modules registers them by name.
-from stages.verifiers import choice, math_verifier, testbed  # noqa: F401  isort: skip
-from stages.verifiers.config import VerifyConfig
-from stages.verifiers.run import VerifierPool, verify_rows
+from trace_rl.stages.verifiers import choice, math_verifier, testbed  # noqa: F401  isort: skip
+from trace_rl.stages.verifiers.config import VerifyConfig
+from trace_rl.stages.verifiers.run import VerifierPool, verify_rows
 
 __all__ = [
     "VERDICT_STATUSES",

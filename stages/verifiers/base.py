@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
-    from stages.verifiers.config import VerifyConfig
+    from trace_rl.stages.verifiers.config import VerifyConfig
 
 VerdictStatus = Literal["ok", "no_answer", "timeout", "error"]
 VERDICT_STATUSES: tuple[str, ...] = ("ok", "no_answer", "timeout", "error")

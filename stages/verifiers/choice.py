@@ -6,9 +6,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from stages.verifiers.base import CheckFn, Verdict, register_verifier
-from stages.verifiers.config import VerifyConfig
-from stages.verifiers.extract import final_boxed_group, final_region
+from trace_rl.stages.verifiers.base import CheckFn, Verdict, register_verifier
+from trace_rl.stages.verifiers.config import VerifyConfig
+from trace_rl.stages.verifiers.extract import final_boxed_group, final_region
 
 _TEXT_WRAP_RE = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textnormal)\s*\{([^{}]*)\}")
 

@@ -14,10 +14,10 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-from stages.verifiers.base import CheckFn, Verdict, register_verifier
-from stages.verifiers.config import VerifyConfig
-from stages.verifiers.extract import final_boxed_group, final_region
-from stages.verifiers.normalize import (
+from trace_rl.stages.verifiers.base import CheckFn, Verdict, register_verifier
+from trace_rl.stages.verifiers.config import VerifyConfig
+from trace_rl.stages.verifiers.extract import final_boxed_group, final_region
+from trace_rl.stages.verifiers.normalize import (
     clean_answer,
     decimal_comma_variant,
     has_math_delimiters,

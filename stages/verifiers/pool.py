@@ -27,8 +27,8 @@ from typing import Any
 
 from typing_extensions import Self
 
-from stages.verifiers.base import DETAIL_MAX_CHARS, CheckFn, Verdict, get_verifier
-from stages.verifiers.config import VerifyConfig
+from trace_rl.stages.verifiers.base import DETAIL_MAX_CHARS, CheckFn, Verdict, get_verifier
+from trace_rl.stages.verifiers.config import VerifyConfig
 
 # Spawned workers import sympy and math-verify first; that can take a while on a loaded box.
 STARTUP_TIMEOUT_S = 180.0

@@ -6,9 +6,9 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from stages.verifiers.base import DETAIL_MAX_CHARS, Verdict, get_verifier
-from stages.verifiers.config import VerifyConfig
-from stages.verifiers.pool import Item, VerifierPool
+from trace_rl.stages.verifiers.base import DETAIL_MAX_CHARS, Verdict, get_verifier
+from trace_rl.stages.verifiers.config import VerifyConfig
+from trace_rl.stages.verifiers.pool import Item, VerifierPool
 
 __all__ = ["REQUIRED_ITEM_KEYS", "VerifierPool", "verify_rows"]
 

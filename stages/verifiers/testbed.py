@@ -6,9 +6,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from stages.verifiers.base import CheckFn, Verdict, register_verifier
-from stages.verifiers.config import VerifyConfig
-from stages.verifiers.extract import final_region, find_boxed
+from trace_rl.stages.verifiers.base import CheckFn, Verdict, register_verifier
+from trace_rl.stages.verifiers.config import VerifyConfig
+from trace_rl.stages.verifiers.extract import final_region, find_boxed
 
 # Digit-group separators and spacing that do not change an integer: "1,234", "1 234",
 # "1{,}234", "1\,234", "1\!234", plus math delimiters around it.

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 import transformers
 
-from pipeline.testbed.config import TestbedConfig
-from pipeline.testbed.evaluate import accuracy_of
-from pipeline.testbed.model import build_model
-from pipeline.testbed.sft import run_sft
-from pipeline.testbed.task import make_prompts
-from pipeline.testbed.tokenizer import build_tokenizer
+from trace_rl.testbed.config import TestbedConfig
+from trace_rl.testbed.evaluate import accuracy_of
+from trace_rl.testbed.model import build_model
+from trace_rl.testbed.sft import run_sft
+from trace_rl.testbed.task import make_prompts
+from trace_rl.testbed.tokenizer import build_tokenizer
 
 MANIFEST = "testbed_manifest.json"
 

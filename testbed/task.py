@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.testbed.config import TestbedConfig
+from trace_rl.testbed.config import TestbedConfig
 
 Split = Literal["train", "heldout"]
 INSTRUCTION = "Add column by column from the right, one step per line; answer in \\boxed{}."

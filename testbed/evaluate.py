@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from pipeline.testbed.config import DEFAULT_TEACHER_TEMPLATE
-from pipeline.testbed.task import is_correct, privileged_message
-from pipeline.testbed.tokenizer import chat_prompt
+from trace_rl.testbed.config import DEFAULT_TEACHER_TEMPLATE
+from trace_rl.testbed.task import is_correct, privileged_message
+from trace_rl.testbed.tokenizer import chat_prompt
 
 
 def user_messages(

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .errors import NotBuiltError, TraceError
+from trace_rl.data_schemas.errors import NotBuiltError, TraceError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="TRACE: GRPO + token-routed on-policy self-distillation, as a staged pipeline.")
@@ -39,7 +39,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug log
 
 
 def _load(config: Optional[str], overrides: Optional[list[str]]):
-    from .config import load_config
+    from trace_rl.stages.config import load_config
 
     return load_config(config, overrides or [])
 
@@ -51,7 +51,7 @@ def run(config: str = typer.Argument("demo", help="config file or packaged name"
     """Run the training flow in-process (Prefect ephemeral mode): rounds of rollout, verify,
     annotate, train; continues from the first incomplete stage."""
     cfg = _load(config, overrides)
-    from flows.training import run_training_local
+    from trace_rl.flows.training import run_training_local
 
     run_training_local(cfg, rounds=rounds)
 
@@ -60,7 +60,7 @@ def run(config: str = typer.Argument("demo", help="config file or packaged name"
 def demo(overrides: Optional[list[str]] = OverridesArg) -> None:
     """The testbed end to end on CPU: build it, a few TRACE rounds, evaluation, where to look."""
     cfg = _load("demo", overrides)
-    from flows.demo import run_demo
+    from trace_rl.flows.demo import run_demo
 
     run_demo(cfg)
 
@@ -76,7 +76,7 @@ def stage(name: str = typer.Argument(..., help=f"one of {STAGE_NAMES}"),
     if name not in STAGE_NAMES:
         raise TraceError(f"unknown stage {name!r}; valid: {STAGE_NAMES}")
     cfg = _load(config, overrides)
-    from stages import get_stage
+    from trace_rl.stages import get_stage
 
     manifest = get_stage(name)(cfg, round, force=force, progress=True)
     console.print(f"[green]{name}[/]: {manifest.rows} rows {manifest.counts} in "
@@ -91,7 +91,7 @@ def eval_cmd(config: str = typer.Argument(..., help="config file or packaged nam
              force: bool = typer.Option(False, help="resample even if the samples are current")) -> None:
     """Evaluate a checkpoint on benchmarks: avg@k with bootstrap 95% CIs and the 5-column mean."""
     cfg = _load(config, overrides)
-    from stages.evaluate import run_eval
+    from trace_rl.stages.evaluate import run_eval
 
     names = benchmarks.split(",") if benchmarks else None
     run_eval(cfg, checkpoint=checkpoint, benchmarks=names, force=force, progress=True)
@@ -102,7 +102,7 @@ def inspect(path: str = typer.Argument(..., help="a Parquet file, a dataset dire
             html: Optional[str] = typer.Option(None, help="write a self-contained HTML view here"),
             examples: int = typer.Option(3, help="examples to print")) -> None:
     """Summarise a shard: counts by status, reward rate, span coverage, examples with spans."""
-    from pipeline.inspect import inspect_path
+    from trace_rl.pipeline.inspect import inspect_path
 
     inspect_path(path, html=html, examples=examples)
 
@@ -111,7 +111,7 @@ def inspect(path: str = typer.Argument(..., help="a Parquet file, a dataset dire
 def status(config: str = typer.Argument("demo"), overrides: Optional[list[str]] = OverridesArg) -> None:
     """Show which stages of which rounds are complete, stale or missing."""
     cfg = _load(config, overrides)
-    from stages.status import print_status
+    from trace_rl.stages.status import print_status
 
     print_status(cfg)
 
@@ -123,8 +123,8 @@ def testbed_init(config: str = typer.Argument("demo"), overrides: Optional[list[
                  force: bool = typer.Option(False, help="rebuild even if a matching build exists")) -> None:
     """Build (deterministically) and cache the testbed model and tokenizer."""
     cfg = _load(config, overrides)
-    from pipeline.testbed.build import build_testbed
-    from stages.common import testbed_dir
+    from trace_rl.testbed.build import build_testbed
+    from trace_rl.stages.common import testbed_dir
 
     target = out or testbed_dir(cfg)
     path = build_testbed(cfg.model.testbed, target, force=force, progress=True)
@@ -134,7 +134,7 @@ def testbed_init(config: str = typer.Argument("demo"), overrides: Optional[list[
 @config_app.command("show")
 def config_show(config: str = typer.Argument("demo"), overrides: Optional[list[str]] = OverridesArg) -> None:
     """Print the resolved config (file + base + overrides + defaults)."""
-    from .config import dump_config
+    from trace_rl.stages.config import dump_config
 
     print(dump_config(_load(config, overrides)))
 

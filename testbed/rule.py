@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.testbed.task import KEY_LABEL, Step, extract_answer, reference_steps
+from trace_rl.testbed.task import KEY_LABEL, Step, extract_answer, reference_steps
 
 _STEP_RE = re.compile(
     r"Step\s*(\d+)\s*:\s*(\d+)\s*\+\s*(\d+)\s*\+\s*(\d+)\s*=\s*(\d+)\s*,?\s*"
@@ -113,7 +113,7 @@ def rule_annotate(prompt: dict, segments: list[str], route: str) -> tuple[list[i
     if "a" not in meta or "b" not in meta:
         raise ValueError(
             f"prompt {prompt.get('prompt_id')!r} meta lacks the operands 'a' and 'b'; the rule "
-            "annotator only works on testbed prompts (pipeline.testbed.task.make_prompts)"
+            "annotator only works on testbed prompts (testbed.task.make_prompts)"
         )
     ref = reference_steps(int(meta["a"]), int(meta["b"]))
     events = parse_events(segments)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from pipeline.testbed.config import TestbedConfig
+from trace_rl.testbed.config import TestbedConfig
 
 
 def qwen3_config(cfg: TestbedConfig, tokenizer: PreTrainedTokenizerFast) -> Qwen3Config:

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from pipeline.testbed.config import TestbedConfig
-from pipeline.testbed.task import (
+from trace_rl.testbed.config import TestbedConfig
+from trace_rl.testbed.task import (
     ERROR_LABELS,
     KEY_LABEL,
     corrupt_steps,

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
 
-from pipeline.testbed.config import TestbedConfig
-from pipeline.testbed.task import (
+from trace_rl.testbed.config import TestbedConfig
+from trace_rl.testbed.task import (
     ERROR_LABELS,
     KEY_LABEL,
     corrupt_steps,
@@ -27,7 +27,7 @@ from pipeline.testbed.task import (
     render_solution,
     sample_pairs,
 )
-from pipeline.testbed.tokenizer import chat_prompt
+from trace_rl.testbed.tokenizer import chat_prompt
 
 IGNORE = -100
 

@@ -15,13 +15,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline.testbed.config import TestbedConfig
-from stages.annotators.config import AnnotateConfig
-from stages.engines.config import RolloutConfig
-from stages.verifiers.config import VerifyConfig
-from trainer.config import TrainConfig
+from trace_rl.testbed.config import TestbedConfig
+from trace_rl.stages.annotators.config import AnnotateConfig
+from trace_rl.stages.engines.config import RolloutConfig
+from trace_rl.stages.verifiers.config import VerifyConfig
+from trace_rl.trainer.config import TrainConfig
 
-from .errors import ConfigError
+from trace_rl.data_schemas.errors import ConfigError
 
 DEFAULT_INSTRUCTION = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 

@@ -1,0 +1,1 @@
+"""The packaged run configs (YAML); `trace-rl run NAME` finds them here."""
