@@ -106,13 +106,18 @@ def test_wheel_ships_the_configs(tmp_path):
     (wheel,) = tmp_path.glob("trace_rl-*.whl")
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    shipped = {p.relative_to(site / "configs").as_posix() for p in (site / "configs").rglob("*.yaml")}
+    # The distribution owns exactly one import name.
+    assert {p.name for p in site.iterdir() if not p.name.endswith(".dist-info")} == {"trace_rl"}
+    assert (site / "trace_rl" / "pipeline" / "templates" / "inspect.html").is_file()
+    assert list((site / "trace_rl" / "stages" / "annotators" / "templates").glob("*.txt"))
+    site_configs = site / "trace_rl" / "configs"
+    shipped = {p.relative_to(site_configs).as_posix() for p in site_configs.rglob("*.yaml")}
     assert shipped == {p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs").rglob("*.yaml")}
-    probe = ("import stages.config as c; cfg = c.load_config('qwen3-1.7b-grpo'); "
+    probe = ("import trace_rl.stages.config as c; cfg = c.load_config('qwen3-1.7b-grpo'); "
              "print(c.__file__, c.resolve_config_path('accelerate/ddp.yaml'), cfg.model.path)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     module, accelerate_cfg, model_path = out.stdout.split()
-    assert module.startswith(str(site)) and accelerate_cfg.startswith(str(site / "configs"))
+    assert module.startswith(str(site)) and accelerate_cfg.startswith(str(site_configs))
     assert model_path == "Qwen/Qwen3-1.7B"

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import grimp
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PORTIONS = ("flows", "stages", "testbed", "trainer", "pipeline", "data_schemas")
@@ -52,16 +50,3 @@ def test_layers_contract_is_kept():
     out = subprocess.run([str(lint)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "1 kept, 0 broken" in out.stdout
-
-
-@pytest.mark.slow
-def test_wheel_owns_one_import_name(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(ROOT)],
-                   check=True, capture_output=True, timeout=600)
-    (wheel,) = tmp_path.glob("*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    assert {n.split("/")[0] for n in names if not n.startswith("trace_rl-")} == {"trace_rl"}
-    # The packaged configs and templates travel inside it.
-    assert "trace_rl/configs/demo.yaml" in names
-    assert "trace_rl/pipeline/templates/inspect.html" in names
-    assert any(n.startswith("trace_rl/stages/annotators/templates/") for n in names)
