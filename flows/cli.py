@@ -12,7 +12,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from trace_rl.data_schemas.errors import NotBuiltError, TraceError
+from trace_rl.data_schemas.errors import TraceError
+from trace_rl.pipeline.layout import STAGE_NAMES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="TRACE: GRPO + token-routed on-policy self-distillation, as a staged pipeline.")
@@ -20,9 +21,10 @@ testbed_app = typer.Typer(no_args_is_help=True, help="The CPU testbed (tiny mode
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configs.")
 app.add_typer(testbed_app, name="testbed")
 app.add_typer(config_app, name="config")
+model_app = typer.Typer(no_args_is_help=True, help="Model aliases and imports (stages/models.py).")
+app.add_typer(model_app, name="model")
 console = Console(stderr=True)
 
-STAGE_NAMES = ["prepare", "rollout", "verify", "annotate", "train", "evaluate"]
 OverridesArg = typer.Argument(None, help="overrides: section.key=value ...", show_default=False)
 
 
@@ -66,7 +68,7 @@ def demo(overrides: Optional[list[str]] = OverridesArg) -> None:
 
 
 @app.command()
-def stage(name: str = typer.Argument(..., help=f"one of {STAGE_NAMES}"),
+def stage(name: str = typer.Argument(..., help=f"one of {list(STAGE_NAMES)}"),
           config: str = typer.Argument(..., help="config file or packaged name"),
           overrides: Optional[list[str]] = OverridesArg,
           round: Optional[int] = typer.Option(None, "--round", "-r", help="round index K"),
@@ -74,7 +76,7 @@ def stage(name: str = typer.Argument(..., help=f"one of {STAGE_NAMES}"),
     """Run one stage (without Prefect). Its output is rewritten atomically; downstream stages
     of the same round become stale."""
     if name not in STAGE_NAMES:
-        raise TraceError(f"unknown stage {name!r}; valid: {STAGE_NAMES}")
+        raise TraceError(f"unknown stage {name!r}; valid: {list(STAGE_NAMES)}")
     cfg = _load(config, overrides)
     from trace_rl.stages import get_stage
 
@@ -131,6 +133,25 @@ def testbed_init(config: str = typer.Argument("demo"), overrides: Optional[list[
     console.print(f"testbed ready: {path}")
 
 
+@model_app.command("import-gguf")
+def model_import_gguf(source: str = typer.Argument("smollm2", help="an alias (smollm2) or a .gguf file"),
+                      out: Optional[str] = typer.Option(None, help="output dir (default for an alias: "
+                                                        "$TRACE_RL_CACHE/models/<alias>)"),
+                      force: bool = typer.Option(False, help="import again even if already done")) -> None:
+    """Convert a GGUF model (Llama architecture) into a float32 Hugging Face folder, once."""
+    from trace_rl.stages.models import GGUF_ALIASES, import_alias, import_file
+
+    if source in GGUF_ALIASES:
+        report = import_alias(source, out_dir=out, force=force)
+    elif out is None:
+        raise typer.BadParameter("a GGUF file needs --out DIR (aliases have a cache folder)")
+    else:
+        report = import_file(source, out, force=force)
+    console.print(f"model ready: {report.summary()}")
+    if source in GGUF_ALIASES:
+        console.print(f"use it with: model.path={source}" if out is None else f"use it with: model.path={out}")
+
+
 @config_app.command("show")
 def config_show(config: str = typer.Argument("demo"), overrides: Optional[list[str]] = OverridesArg) -> None:
     """Print the resolved config (file + base + overrides + defaults)."""
@@ -142,9 +163,6 @@ def config_show(config: str = typer.Argument("demo"), overrides: Optional[list[s
 def main() -> None:
     try:
         app(standalone_mode=False)
-    except NotBuiltError as exc:
-        console.print(f"[yellow]not built yet:[/] {exc}")
-        sys.exit(2)
     except TraceError as exc:
         console.print(f"[red]error:[/] {exc}")
         sys.exit(2)

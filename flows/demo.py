@@ -12,8 +12,8 @@ import time
 from rich.console import Console
 from rich.panel import Panel
 
+from trace_rl.pipeline.layout import PLOT, dataset_name, round_dir
 from trace_rl.stages.config import TraceConfig
-from trace_rl.pipeline.store import round_dir
 
 console = Console()
 
@@ -38,10 +38,11 @@ def run_demo(cfg: TraceConfig) -> dict:
     html = f"{root}/{last}/annotations.html"
     from trace_rl.pipeline.inspect import inspect_path
 
-    inspect_path(f"{root}/{last}/annotations", html=html, examples=1)
+    annotations = f"{root}/{dataset_name('annotate', cfg.run.rounds - 1)}"
+    inspect_path(annotations, html=html, examples=1)
     from trace_rl.pipeline.plots import plot_run
 
-    png = plot_run(root, f"{root}/plots/curves.png")
+    png = plot_run(root, f"{root}/{PLOT}")
     elapsed = time.time() - t0
     acc0, acc1 = _acc(before), _acc(after)
     console.print(Panel.fit(
@@ -49,7 +50,7 @@ def run_demo(cfg: TraceConfig) -> dict:
         f"held-out accuracy: initial {acc0} -> final {acc1}\n"
         f"run directory:     {root}\n"
         f"annotated spans:   open {html} in a browser\n"
-        f"                   or: trace-rl inspect {root}/{last}/annotations\n"
+        f"                   or: trace-rl inspect {annotations}\n"
         f"curves:            {png}\n"
         f"stage states:      trace-rl status demo",
         title="TRACE demo"))

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from trace_rl.data_schemas import TRAIN_METRICS, VERDICTS
 
-from .store import RunStore, round_dir
+from .layout import checkpoint_name, dataset_name, eval_summary, parse_round, policy_index
+from .store import RunStore
 
 
 @dataclass
@@ -46,23 +46,20 @@ def _mean(values: list[Any]) -> float | None:
     return sum(finite) / len(finite) if finite else None
 
 
-def _indexed_dirs(store: RunStore, pattern: str, regex: str) -> dict[int, str]:
-    out = {}
-    for path in store.fs.glob(store.path(pattern)):
-        m = re.fullmatch(regex, path.rstrip("/").rsplit("/", 1)[-1])
-        if m:
-            out[int(m.group(1))] = path
-    return out
+def _rounds(store: RunStore) -> list[int]:
+    """The rounds that have a directory in the run, ascending."""
+    found = (parse_round(path) for path in store.fs.glob(store.path("round-*")))
+    return sorted(k for k in found if k is not None)
 
 
 def round_stats(store: RunStore, k: int) -> RoundStats:
     """Reward rate from round k's verdicts and step means from its train metrics."""
     stats = RoundStats(round=k)
-    verdicts = f"{round_dir(k)}/verdicts"
+    verdicts = dataset_name("verify", k)
     if store.manifest(verdicts) is not None:
         rewards = store.read(verdicts, VERDICTS).column("reward").to_pylist()
         stats.rollouts, stats.reward_rate = len(rewards), _mean(rewards)
-    train = f"{round_dir(k)}/train"
+    train = dataset_name("train", k)
     if store.manifest(train) is not None:
         table = store.read(train, TRAIN_METRICS, allow_extra=True)
         col = {name: table.column(name).to_pylist() for name in TRAIN_METRICS.names}
@@ -79,25 +76,23 @@ def round_stats(store: RunStore, k: int) -> RoundStats:
 def eval_stats(store: RunStore) -> dict[int, dict[str, float]]:
     """avg@k by policy index from eval summaries ('initial' = 0, 'round-000k' = k)."""
     out: dict[int, dict[str, float]] = {}
-    for path in store.fs.glob(store.path("eval", "*", "summary.json")):
-        ckpt = path.rsplit("/", 2)[-2]
-        m = re.fullmatch(r"round-(\d+)", ckpt)
-        if ckpt != "initial" and not m:
+    for path in store.fs.glob(store.path(eval_summary("*"))):
+        k = policy_index(path.rsplit("/", 2)[-2])
+        if k is None:
             continue  # an external model dir has no place on the round axis
         summary = json.loads(store.read_text(path))
         accs = {b: e["avg@k"] for b, e in summary.get("benchmarks", {}).items()}
         five = (summary.get("five_column_mean") or {}).get("value")
         if five is not None:
             accs["5-column mean"] = five
-        out[int(m.group(1)) if m else 0] = accs
+        out[k] = accs
     return out
 
 
 def collect_run(run_root: str) -> RunStats:
     """Every round's stats and every round checkpoint's eval of the run at `run_root`."""
     store = RunStore(run_root)
-    rounds = _indexed_dirs(store, "round-*", r"round-(\d+)")
-    return RunStats([round_stats(store, k) for k in sorted(rounds)], eval_stats(store))
+    return RunStats([round_stats(store, k) for k in _rounds(store)], eval_stats(store))
 
 
 def _series(rounds: list[RoundStats], attr: str) -> tuple[list[int], list[float]]:
@@ -174,5 +169,5 @@ def metrics_markdown(run_root: str) -> str:
                 _fmt(None if b not in stats.evals[k] else 100 * stats.evals[k][b], ".2f")
                 for b in benches
             ]
-            lines.append(f"| {'initial' if k == 0 else round_dir(k)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {checkpoint_name(k)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

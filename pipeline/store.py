@@ -20,9 +20,9 @@ import fsspec
 import pyarrow as pa
 
 from trace_rl.data_schemas import SCHEMA_VERSION, read_parquet, rows_to_table, write_parquet
+from trace_rl.data_schemas.errors import StageError
 from trace_rl.data_schemas.schemas import STATUS_COLUMN
 
-from trace_rl.data_schemas.errors import StageError
 from .fingerprint import code_version, fingerprint
 
 MANIFEST = "_manifest.json"
@@ -59,9 +59,14 @@ class Manifest:
         return cls(**json.loads(text))
 
 
-def round_dir(round_index: int) -> str:
-    """`round-0003`: zero-padded so directory listings sort by round."""
-    return f"round-{round_index:04d}"
+def read_manifest(fs, directory: str) -> Manifest | None:
+    """The manifest of the dataset in `directory` on `fs`, or None while it is missing (the
+    dataset is incomplete). The one reader of `_manifest.json`: the store and `inspect` use it."""
+    path = f"{directory.rstrip('/')}/{MANIFEST}"
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as fh:
+        return Manifest.from_json(fh.read())
 
 
 class DatasetWriter:
@@ -158,10 +163,7 @@ class RunStore:
     # datasets ----------------------------------------------------------------------------
     def manifest(self, name: str) -> Manifest | None:
         """The manifest of a complete dataset, or None while it is missing or incomplete."""
-        path = self.path(name, MANIFEST)
-        if not self.fs.exists(path):
-            return None
-        return Manifest.from_json(self.read_text(path))
+        return read_manifest(self.fs, self.path(name))
 
     def is_current(self, name: str, config_fingerprint: str, inputs: dict[str, str]) -> bool:
         """True when `name` is complete and was made from this config and these inputs."""

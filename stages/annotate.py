@@ -15,7 +15,7 @@ from trace_rl.data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, VERDICTS
 from trace_rl.stages.config import TraceConfig
 from trace_rl.pipeline.store import Manifest
 
-from .common import dataset_name, plan
+from .common import dataset_name, decide
 
 log = logging.getLogger("trace_rl.stages.annotate")
 
@@ -36,9 +36,7 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     round_index = 0 if round_index is None else round_index
     rollouts_name = dataset_name("rollout", round_index)
     verdicts_name = dataset_name("verify", round_index)
-    parts = {"annotate": cfg.section("annotate"), "route": [cfg.train.method, cfg.train.span_source,
-             cfg.train.route.model_dump()]}
-    p = plan(cfg, "annotate", round_index, parts, ["prompts", rollouts_name, verdicts_name], force=force)
+    p = decide(cfg, "annotate", round_index, ["prompts", rollouts_name, verdicts_name], force=force)
     if p.skip:
         return p.existing
     prompts = {r["prompt_id"]: r for r in p.store.read("prompts", PROMPTS).to_pylist()}

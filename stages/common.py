@@ -8,33 +8,67 @@ the same input fingerprints; a current stage is skipped unless forced.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from trace_rl.stages.config import TraceConfig
 from trace_rl.data_schemas.errors import StageError
-from trace_rl.pipeline.fingerprint import fingerprint
-from trace_rl.pipeline.store import Manifest, RunStore, round_dir
+from trace_rl.pipeline.fingerprint import fingerprint, result_fields
+from trace_rl.pipeline.layout import (
+    INITIAL_MODEL_INPUT,
+    ROUND_STAGES,
+    dataset_name,
+    start_checkpoint_dir,
+)
+from trace_rl.pipeline.store import Manifest, RunStore
+from trace_rl.stages.config import TraceConfig
+from trace_rl.stages.models import initial_model_dir, testbed_dir  # noqa: F401  (model paths resolve there)
 
 log = logging.getLogger("trace_rl.stages")
 
-STAGES = ("prepare", "rollout", "verify", "annotate", "train", "evaluate")
-ROUND_STAGES = ("rollout", "verify", "annotate", "train")
+# Per config section: the fields that change how a stage runs but never what it writes. Everything
+# else is fingerprinted, so a new field counts as result-affecting until it is listed here.
+RUNTIME_ONLY: dict[str, tuple[str, ...]] = {
+    # Sampling and batching pick the samples (each hf batch has its own seed): all of it counts.
+    "rollout": ("vllm.python", "vllm.timeout_s"),
+    # Pool sizing and start method change no verdict; `workers` defaults to the core count,
+    # which must not make a copied run look stale.
+    "verify": ("workers", "chunk_size", "start_method", "kill_grace_s"),
+    "annotate": ("cache_dir", "api.api_key_env", "api.concurrency", "api.http_client",
+                 "api.max_retries", "api.timeout_s", "api.backoff_base_s", "api.backoff_max_s",
+                 "self_host.python", "self_host.host", "self_host.port",
+                 "self_host.startup_timeout_s", "self_host.concurrency"),
+    # Logging, progress saves and how the same update is spread over processes (DDP, FSDP or
+    # DeepSpeed compute the same mean gradient) or recomputed (activation checkpointing).
+    "train": ("tensorboard", "save_every", "num_processes", "accelerate_config",
+              "gradient_checkpointing"),
+}
 
 
-def dataset_name(stage: str, round_index: int | None = None) -> str:
-    """Where a stage's output dataset lives inside the run directory."""
+def section_fingerprint_part(cfg: TraceConfig, section: str) -> dict[str, Any]:
+    """A config section as stage fingerprints see it: without its runtime-only fields."""
+    return result_fields(cfg.section(section), RUNTIME_ONLY.get(section, ()), where=f"{section} config")
+
+
+def stage_config(cfg: TraceConfig, stage: str, round_index: int | None) -> dict[str, Any]:
+    """What a stage's output depends on in the config (its config fingerprint is this one's)."""
     if stage == "prepare":
-        return "prompts"
-    if stage not in ROUND_STAGES:
-        raise StageError(f"stage {stage!r} has no per-round dataset; valid: {ROUND_STAGES}")
-    if round_index is None:
-        raise StageError(f"stage {stage!r} needs a round (--round K)")
-    sub = {"rollout": "rollouts", "verify": "verdicts", "annotate": "annotations", "train": "train"}[stage]
-    return f"{round_dir(round_index)}/{sub}"
+        parts: dict[str, Any] = {"data": cfg.section("data")}
+        if cfg.data.source == "testbed":
+            parts["testbed"] = cfg.model.testbed.model_dump(mode="json")
+        return parts
+    if stage == "rollout":
+        return {"rollout": section_fingerprint_part(cfg, "rollout"), "round": round_index, "seed": cfg.run.seed}
+    if stage == "verify":
+        return {"verify": section_fingerprint_part(cfg, "verify")}
+    if stage == "annotate":
+        # Routing decides which rollouts are annotated at all.
+        t = cfg.train
+        return {"annotate": section_fingerprint_part(cfg, "annotate"),
+                "route": [t.method, t.span_source, t.route.model_dump()]}
+    if stage == "train":
+        return {"train": section_fingerprint_part(cfg, "train"), "round": round_index}
+    raise StageError(f"stage {stage!r} has no single config fingerprint; valid: {list(ROUND_STAGES)}")
 
 
 def open_store(cfg: TraceConfig) -> RunStore:
@@ -44,8 +78,8 @@ def open_store(cfg: TraceConfig) -> RunStore:
 
 
 @dataclass
-class StagePlan:
-    """The decision a stage takes before doing any work."""
+class StageDecision:
+    """What a stage decides before doing any work: its output, identity and whether to skip."""
 
     store: RunStore
     name: str
@@ -66,9 +100,10 @@ class StagePlan:
         return w
 
 
-def plan(cfg: TraceConfig, stage: str, round_index: int | None, config_parts: Any,
-         input_datasets: list[str], *, force: bool, extra_inputs: dict[str, str] | None = None) -> StagePlan:
-    """Check upstream datasets are complete, fingerprint them, and decide whether to skip."""
+def decide(cfg: TraceConfig, stage: str, round_index: int | None, input_datasets: list[str], *,
+           force: bool, extra_inputs: dict[str, str] | None = None) -> StageDecision:
+    """Check upstream datasets are complete, fingerprint them and the stage's config
+    (`stage_config`), and decide whether to skip."""
     store = open_store(cfg)
     inputs: dict[str, str] = {}
     for name in input_datasets:
@@ -80,49 +115,35 @@ def plan(cfg: TraceConfig, stage: str, round_index: int | None, config_parts: An
             )
         inputs[name] = m.fingerprint
     inputs.update(extra_inputs or {})
-    cfg_fp = fingerprint(config_parts)
+    cfg_fp = fingerprint(stage_config(cfg, stage, round_index))
     name = dataset_name(stage, round_index)
     existing = None
     if not force and store.is_current(name, cfg_fp, inputs):
         existing = store.manifest(name)
         log.info("%s: %s is current (made %s), skipping; use --force to redo it",
                  stage, store.path(name), existing and existing.code_version)
-    return StagePlan(store, name, cfg_fp, inputs, existing, started_at=time.time())
+    return StageDecision(store, name, cfg_fp, inputs, existing, started_at=time.time())
 
 
-def initial_model_dir(cfg: TraceConfig) -> str:
-    """The round-0 policy: the configured model, or the testbed (built on first use)."""
-    if cfg.model.path != "testbed":
-        return cfg.model.path
-    from trace_rl.testbed.build import build_testbed
-
-    return build_testbed(cfg.model.testbed, testbed_dir(cfg), progress=True)
+def initial_model_inputs(cfg: TraceConfig) -> dict[str, str]:
+    """The identity round 0's stages record for the initial model: its config section."""
+    return {INITIAL_MODEL_INPUT: fingerprint(["initial", cfg.model.model_dump(mode="json")])}
 
 
-def testbed_dir(cfg: TraceConfig) -> str:
-    """Where the testbed build lives: `model.testbed_dir`, else a per-fingerprint folder of the
-    user cache ($TRACE_RL_CACHE, default ~/.cache/trace-rl), so runs with the same testbed
-    config share one build."""
-    if cfg.model.testbed_dir:
-        return cfg.model.testbed_dir
-    cache = Path(os.environ.get("TRACE_RL_CACHE", Path.home() / ".cache" / "trace-rl"))
-    return str(cache / f"testbed-{cfg.model.testbed.fingerprint()}")
+def start_checkpoint(cfg: TraceConfig, store: RunStore, round_index: int) -> tuple[str, dict[str, str]]:
+    """(model dir, {input name: fingerprint}) of round k's start checkpoint: the policy that
+    samples round k and that its train stage updates.
 
-
-def checkpoint_for_round(cfg: TraceConfig, store: RunStore, round_index: int) -> tuple[str, dict[str, str]]:
-    """(model dir, {input name: fingerprint}) of the policy that samples round `round_index`.
-
-    Round 0 samples the initial model; round k > 0 the checkpoint the train stage of round k-1
-    wrote, which counts as existing only once that stage's manifest does.
+    Round 0 starts from the initial model; round k > 0 from the checkpoint round k-1's train
+    stage wrote, which counts as existing only once that stage's manifest does.
     """
     if round_index == 0:
-        path = initial_model_dir(cfg)
-        return path, {"initial_model": fingerprint(["initial", cfg.model.model_dump(mode="json")])}
-    train = store.manifest(dataset_name("train", round_index - 1))
+        return initial_model_dir(cfg), initial_model_inputs(cfg)
+    name = dataset_name("train", round_index - 1)
+    train = store.manifest(name)
     if train is None:
         raise StageError(
             f"round {round_index} needs the checkpoint of round {round_index - 1}'s train stage, "
             "which has not finished; run it first"
         )
-    name = dataset_name("train", round_index - 1)
-    return str(store.local_path("checkpoints", round_dir(round_index))), {name: train.fingerprint}
+    return str(store.local_path(start_checkpoint_dir(round_index))), {name: train.fingerprint}

@@ -15,107 +15,30 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
-from collections import Counter, defaultdict
+from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-import numpy as np
-
 from trace_rl.data_schemas import EVAL_SAMPLES
+from trace_rl.data_schemas.errors import ConfigError
+from trace_rl.pipeline.fingerprint import fingerprint, model_dir_fingerprint
+from trace_rl.pipeline.layout import (
+    checkpoint_name,
+    dataset_name,
+    eval_samples_dataset,
+    eval_summary,
+    parse_round,
+)
+from trace_rl.pipeline.store import Manifest, RunStore
 from trace_rl.stages.config import TraceConfig
-from trace_rl.data_schemas.errors import ConfigError, StageError
-from trace_rl.pipeline.fingerprint import fingerprint
-from trace_rl.pipeline.store import Manifest, RunStore, round_dir
 
 from .benchmarks import Benchmark, BenchmarkSource, load_benchmark
-from .common import checkpoint_for_round, dataset_name, open_store
+from .common import open_store, section_fingerprint_part, start_checkpoint
+from .eval_summary import build_summary, print_summary
 
 log = logging.getLogger("trace_rl.stages.evaluate")
-
-FIVE_COLUMNS = ("math500", "aime24", "aime25", "amc23", "gpqa_diamond")
-SAMPLES_FILE = "samples.parquet"
-SUMMARY_FILE = "summary.json"
-# Verifier settings that change no verdict (parallelism only) stay out of the fingerprint.
-_VERIFY_RUNTIME_FIELDS = ("workers", "chunk_size", "start_method")
-
-
-# ---------------------------------------------------------------------------------------------
-# metrics (pure)
-
-
-def per_problem_accuracy(correct_by_problem: dict[str, list[bool]]) -> np.ndarray:
-    """Mean correctness of each problem's k samples: [P] floats, in sorted problem-id order."""
-    return np.array([np.mean(correct_by_problem[p]) for p in sorted(correct_by_problem)], dtype=float)
-
-
-def bootstrap_means(acc_P: np.ndarray, resamples: int, seed: int) -> np.ndarray:
-    """Means of `resamples` resamples of the problems drawn with replacement: [resamples].
-
-    Problems, not samples, are resampled: the k samples of one problem are correlated, and the
-    uncertainty that matters is which problems the benchmark happened to contain.
-    """
-    if acc_P.size == 0 or resamples <= 0:
-        return np.empty(0)
-    rng = np.random.default_rng(seed)
-    idx_RP = rng.integers(0, acc_P.size, size=(resamples, acc_P.size))
-    return acc_P[idx_RP].mean(axis=1)
-
-
-def percentile_ci(means_R: np.ndarray, level: float = 0.95) -> list[float] | None:
-    """The central `level` percentile interval of bootstrap means, or None without resamples."""
-    if means_R.size == 0:
-        return None
-    tail = (1.0 - level) / 2
-    lo, hi = np.quantile(means_R, [tail, 1.0 - tail])
-    return [float(lo), float(hi)]
-
-
-def benchmark_seed(seed: int, benchmark: str) -> int:
-    """An independent, reproducible bootstrap stream per benchmark."""
-    return int(fingerprint([seed, benchmark]), 16) % (2**32)
-
-
-def summarize_samples(rows: list[dict[str, Any]], *, resamples: int, seed: int,
-                      benchmark: str) -> tuple[dict[str, Any], np.ndarray]:
-    """One benchmark's summary entry from its sample rows, and its bootstrap means [R]."""
-    by_problem: dict[str, list[bool]] = defaultdict(list)
-    for r in rows:
-        by_problem[r["problem_id"]].append(bool(r["correct"]))
-    if not by_problem:
-        raise StageError(f"benchmark {benchmark!r} has no samples to summarise")
-    acc_P = per_problem_accuracy(by_problem)
-    ks = {len(v) for v in by_problem.values()}
-    means_R = bootstrap_means(acc_P, resamples, benchmark_seed(seed, benchmark))
-    avg = float(acc_P.mean())
-    entry = {
-        "avg@k": avg, "pass@1": avg, "ci95": percentile_ci(means_R), "n_problems": int(acc_P.size),
-        "k": max(ks) if len(ks) == 1 else sorted(ks), "n_samples": len(rows),
-        "mean_response_tokens": float(np.mean([r["num_tokens"] for r in rows])),
-        "bootstrap_resamples": int(means_R.size),
-    }
-    return entry, means_R
-
-
-def five_column_mean(entries: dict[str, dict[str, Any]],
-                     means_by_bench: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The paper's headline: the unweighted mean of FIVE_COLUMNS' avg@k, or null with a reason.
-
-    Its CI averages the benchmarks' bootstrap means resample by resample (independent problem
-    resamples per benchmark), so it reflects that AIME's 30 problems dominate the uncertainty.
-    """
-    missing = [b for b in FIVE_COLUMNS if b not in entries]
-    if missing:
-        return {"value": None, "ci95": None, "columns": list(FIVE_COLUMNS),
-                "reason": f"not evaluated: {', '.join(missing)} (all five are needed)"}
-    value = float(np.mean([entries[b]["avg@k"] for b in FIVE_COLUMNS]))
-    sizes = {means_by_bench.get(b, np.empty(0)).size for b in FIVE_COLUMNS}
-    ci = None
-    if len(sizes) == 1 and 0 not in sizes:
-        ci = percentile_ci(np.mean([means_by_bench[b] for b in FIVE_COLUMNS], axis=0))
-    return {"value": value, "ci95": ci, "columns": list(FIVE_COLUMNS), "reason": None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,40 +60,29 @@ def _as_inputs(fp: dict[str, str] | str) -> dict[str, str]:
 
 
 def _trained_rounds(store: RunStore) -> list[int]:
-    """Rounds whose train stage finished (so checkpoints/round-(k+1) exists), ascending."""
+    """Rounds whose train stage finished (so round k+1's start checkpoint exists), ascending."""
     found = []
     for path in store.fs.glob(store.path("round-*")):
-        m = re.fullmatch(r"round-(\d+)", path.rstrip("/").rsplit("/", 1)[-1])
-        if m and store.manifest(dataset_name("train", int(m.group(1)))) is not None:
-            found.append(int(m.group(1)))
+        k = parse_round(path)
+        if k is not None and store.manifest(dataset_name("train", k)) is not None:
+            found.append(k)
     return sorted(found)
 
 
-def _model_dir_fingerprint(model_dir: str) -> str:
-    path = Path(model_dir).expanduser()
-    if not path.is_dir():  # a hub name: its identity is its name
-        return fingerprint(["model", model_dir])
-    files = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime))
-                   for p in path.iterdir() if p.is_file())
-    return fingerprint(["model", str(path.resolve()), files])
-
-
 def resolve_checkpoint(cfg: TraceConfig, store: RunStore, checkpoint: str) -> Checkpoint:
-    """'initial', 'latest' (last finished round, else initial), 'round-K' or a model dir/name."""
+    """'initial', 'latest' (policy after the last finished round, else initial), 'round-K'
+    (round K's start checkpoint) or a model dir/name."""
     if checkpoint == "latest":
         rounds = _trained_rounds(store)
-        checkpoint = f"round-{rounds[-1] + 1}" if rounds else "initial"
-    m = re.fullmatch(r"round-(\d+)", checkpoint)
-    if checkpoint == "initial" or (m and int(m.group(1)) == 0):
-        model_dir, fp = checkpoint_for_round(cfg, store, 0)
-        return Checkpoint("initial", model_dir, _as_inputs(fp))
-    if m:
-        model_dir, fp = checkpoint_for_round(cfg, store, int(m.group(1)))
-        return Checkpoint(round_dir(int(m.group(1))), model_dir, _as_inputs(fp))
+        checkpoint = checkpoint_name(rounds[-1] + 1) if rounds else checkpoint_name(0)
+    k = 0 if checkpoint == checkpoint_name(0) else parse_round(checkpoint)
+    if k is not None:
+        model_dir, fp = start_checkpoint(cfg, store, k)
+        return Checkpoint(checkpoint_name(k), model_dir, _as_inputs(fp))
     if not checkpoint:
         raise ConfigError("checkpoint: use 'latest', 'initial', 'round-K' or a model directory")
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(checkpoint.rstrip("/")).name) or "model"
-    return Checkpoint(name, checkpoint, {"model_dir": _model_dir_fingerprint(checkpoint)})
+    return Checkpoint(name, checkpoint, {"model_dir": model_dir_fingerprint(checkpoint)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,13 +178,8 @@ def verify_samples(cfg: TraceConfig, bench: Benchmark, samples: list[dict[str, A
     return rows, counts
 
 
-def samples_dataset(ckpt_name: str, benchmark: str) -> str:
-    """`eval/<ckpt>/<benchmark>/samples.parquet`: the store dataset of one benchmark's samples."""
-    return f"eval/{ckpt_name}/{benchmark}/{SAMPLES_FILE}"
-
-
 @dataclass(frozen=True)
-class SamplesPlan:
+class SamplesJob:
     """Where one benchmark's samples go and what they are made from."""
 
     bench: Benchmark
@@ -281,124 +188,47 @@ class SamplesPlan:
     inputs: dict[str, str]
 
 
-def plan_samples(cfg: TraceConfig, ckpt: Checkpoint, bench: Benchmark) -> SamplesPlan:
-    """The dataset, config fingerprint and inputs of one benchmark's samples."""
-    verify = {k: v for k, v in cfg.verify.model_dump(mode="json").items()
-              if k not in _VERIFY_RUNTIME_FIELDS}
+def samples_job(cfg: TraceConfig, ckpt: Checkpoint, bench: Benchmark) -> SamplesJob:
+    """The dataset, config fingerprint and inputs of one benchmark's samples; the verifier's
+    runtime-only fields stay out, as for the verify stage."""
     parts = {"rollout": eval_rollout_config(cfg).model_dump(mode="json"),
-             "verify": {**verify, "kind": bench.verifier}}
-    return SamplesPlan(bench, samples_dataset(ckpt.name, bench.name), fingerprint(parts),
-                       {**ckpt.inputs, "benchmark": bench.fingerprint})
+             "verify": {**section_fingerprint_part(cfg, "verify"), "kind": bench.verifier}}
+    return SamplesJob(bench, eval_samples_dataset(ckpt.name, bench.name), fingerprint(parts),
+                      {**ckpt.inputs, "benchmark": bench.fingerprint})
 
 
-def write_samples(store: RunStore, plan: SamplesPlan, ckpt: Checkpoint, rows: list[dict[str, Any]],
+def write_samples(store: RunStore, job: SamplesJob, ckpt: Checkpoint, rows: list[dict[str, Any]],
                   counts: dict[str, Any], k: int) -> Manifest:
     """Write one benchmark's samples (manifest last); verdict statuses become the counts."""
-    with store.writer(plan.name, EVAL_SAMPLES, stage="evaluate",
-                      config_fingerprint=plan.config_fingerprint, inputs=plan.inputs) as w:
+    with store.writer(job.name, EVAL_SAMPLES, stage="evaluate",
+                      config_fingerprint=job.config_fingerprint, inputs=job.inputs) as w:
         w.write_rows(rows)
         w.counts.update(counts["verdict_status"])
-        w.extra = {**counts, "model_dir": ckpt.model_dir, "benchmark": plan.bench.name,
-                   "verifier": plan.bench.verifier, "problems": len(plan.bench.rows), "k": k}
+        w.extra = {**counts, "model_dir": ckpt.model_dir, "benchmark": job.bench.name,
+                   "verifier": job.bench.verifier, "problems": len(job.bench.rows), "k": k}
     return w.manifest
 
 
 def sample_benchmarks(cfg: TraceConfig, store: RunStore, ckpt: Checkpoint, benches: list[Benchmark],
                       *, force: bool, progress: bool) -> dict[str, Manifest]:
     """Manifests of every benchmark's samples: current ones kept, the others sampled together."""
-    plans = [plan_samples(cfg, ckpt, b) for b in benches]
     manifests: dict[str, Manifest] = {}
     todo = []
-    for p in plans:
-        if not force and store.is_current(p.name, p.config_fingerprint, p.inputs):
-            log.info("evaluate: %s is current, skipping; use --force to redo it", store.path(p.name))
-            manifests[p.bench.name] = store.manifest(p.name)
+    for job in (samples_job(cfg, ckpt, b) for b in benches):
+        if not force and store.is_current(job.name, job.config_fingerprint, job.inputs):
+            log.info("evaluate: %s is current, skipping; use --force to redo it", store.path(job.name))
+            manifests[job.bench.name] = store.manifest(job.name)
         else:
-            todo.append(p)
+            todo.append(job)
     if todo:
-        log.info("evaluate %s: sampling %s (%d problems) x %d", ckpt.name, [p.bench.name for p in todo],
-                 sum(len(p.bench.rows) for p in todo), cfg.eval.k)
-        samples = generate_all(cfg, [p.bench for p in todo], ckpt.model_dir, progress=progress)
+        log.info("evaluate %s: sampling %s (%d problems) x %d", ckpt.name, [j.bench.name for j in todo],
+                 sum(len(j.bench.rows) for j in todo), cfg.eval.k)
+        samples = generate_all(cfg, [j.bench for j in todo], ckpt.model_dir, progress=progress)
         with VerifierPools(cfg) as pools:
-            for p in todo:
-                rows, counts = verify_samples(cfg, p.bench, samples[p.bench.name], pools)
-                manifests[p.bench.name] = write_samples(store, p, ckpt, rows, counts, cfg.eval.k)
+            for job in todo:
+                rows, counts = verify_samples(cfg, job.bench, samples[job.bench.name], pools)
+                manifests[job.bench.name] = write_samples(store, job, ckpt, rows, counts, cfg.eval.k)
     return {b.name: manifests[b.name] for b in benches}
-
-
-# ---------------------------------------------------------------------------------------------
-# the summary
-
-
-def _previous_entries(store: RunStore, ckpt_name: str) -> dict[str, dict[str, Any]]:
-    """Entries of an earlier summary whose samples are still exactly the ones summarised."""
-    path = store.path("eval", ckpt_name, SUMMARY_FILE)
-    if not store.fs.exists(path):
-        return {}
-    old = json.loads(store.read_text(path)).get("benchmarks", {})
-    keep = {}
-    for bench, entry in old.items():
-        m = store.manifest(samples_dataset(ckpt_name, bench))
-        if m is not None and m.fingerprint == entry.get("dataset_fingerprint"):
-            keep[bench] = entry
-    return keep
-
-
-def _read_samples(store: RunStore, dataset: str) -> list[dict[str, Any]]:
-    return store.read(dataset, EVAL_SAMPLES).select(["problem_id", "correct", "num_tokens"]).to_pylist()
-
-
-def build_summary(cfg: TraceConfig, store: RunStore, ckpt: Checkpoint,
-                  manifests: dict[str, Manifest]) -> dict[str, Any]:
-    """summary.json's content from the stored samples of `manifests` (+ still-valid old entries)."""
-    entries = _previous_entries(store, ckpt.name)
-    means: dict[str, np.ndarray] = {}
-    for bench, m in manifests.items():
-        rows = _read_samples(store, m.dataset)
-        entry, means[bench] = summarize_samples(rows, resamples=cfg.eval.bootstrap, seed=cfg.run.seed,
-                                                benchmark=bench)
-        entry.update({"dataset": m.dataset, "dataset_fingerprint": m.fingerprint,
-                      "verdict_status": m.extra.get("verdict_status", {}),
-                      "finish_reason": m.extra.get("finish_reason", {})})
-        entries[bench] = entry
-    for bench in FIVE_COLUMNS:  # an old entry re-enters the headline CI with its own resamples
-        if bench in entries and bench not in means:
-            rows = _read_samples(store, entries[bench]["dataset"])
-            means[bench] = summarize_samples(rows, resamples=cfg.eval.bootstrap, seed=cfg.run.seed,
-                                             benchmark=bench)[1]
-    sampling = eval_rollout_config(cfg).sampling_dict()
-    return {
-        "checkpoint": ckpt.name, "model_dir": ckpt.model_dir, "checkpoint_inputs": ckpt.inputs,
-        "sampling": sampling,
-        "bootstrap": {"resamples": cfg.eval.bootstrap, "seed": cfg.run.seed, "level": 0.95},
-        "benchmarks": dict(sorted(entries.items())),
-        "five_column_mean": five_column_mean(entries, means),
-        "created_at": time.time(),
-    }
-
-
-def print_summary(summary: dict[str, Any]) -> None:
-    """A rich table of avg@k (percent) with CIs, to stderr."""
-    from rich.console import Console
-    from rich.table import Table
-
-    def pct(x: float | None) -> str:
-        return "-" if x is None else f"{100 * x:.2f}"
-
-    def ci(c: list[float] | None) -> str:
-        return "-" if not c else f"[{pct(c[0])}, {pct(c[1])}]"
-
-    table = Table(title=f"eval {summary['checkpoint']} (avg@k, %)")
-    for col in ("benchmark", "n", "k", "avg@k", "95% CI", "mean tokens"):
-        table.add_column(col, justify="left" if col == "benchmark" else "right")
-    for bench, e in summary["benchmarks"].items():
-        table.add_row(bench, str(e["n_problems"]), str(e["k"]), pct(e["avg@k"]), ci(e["ci95"]),
-                      f"{e['mean_response_tokens']:.0f}")
-    five = summary["five_column_mean"]
-    table.add_row("5-column mean", "", "", pct(five["value"]), ci(five["ci95"]), "")
-    if five["reason"]:
-        table.caption = f"5-column mean: {five['reason']}"
-    Console(stderr=True).print(table)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,8 +249,9 @@ def _sources(cfg: TraceConfig) -> dict[str, BenchmarkSource]:
             for k, v in raw.items()}
 
 
-def evaluate(cfg: TraceConfig, *, checkpoint: str = "latest", benchmarks: list[str] | None = None,
-             force: bool = False, progress: bool = True) -> EvalResult:
+def evaluate_checkpoint(cfg: TraceConfig, *, checkpoint: str = "latest",
+                        benchmarks: list[str] | None = None, force: bool = False,
+                        progress: bool = True) -> EvalResult:
     """Evaluate one checkpoint on `benchmarks` (default eval.benchmarks); writes summary.json."""
     names = list(benchmarks if benchmarks is not None else cfg.eval.benchmarks)
     if not names:
@@ -434,8 +265,10 @@ def evaluate(cfg: TraceConfig, *, checkpoint: str = "latest", benchmarks: list[s
         benches[bench.name] = bench
     manifests = sample_benchmarks(cfg, store, ckpt, list(benches.values()), force=force,
                                   progress=progress)
-    summary = build_summary(cfg, store, ckpt, manifests)
-    store.write_text(store.path("eval", ckpt.name, SUMMARY_FILE), json.dumps(summary, indent=2))
+    header = {"checkpoint": ckpt.name, "model_dir": ckpt.model_dir, "checkpoint_inputs": ckpt.inputs,
+              "sampling": eval_rollout_config(cfg).sampling_dict()}
+    summary = build_summary(cfg, store, ckpt.name, header, manifests)
+    store.write_text(store.path(eval_summary(ckpt.name)), json.dumps(summary, indent=2))
     if progress:
         print_summary(summary)
     return EvalResult(summary, manifests)
@@ -444,14 +277,14 @@ def evaluate(cfg: TraceConfig, *, checkpoint: str = "latest", benchmarks: list[s
 def run_eval(cfg: TraceConfig, *, checkpoint: str = "latest", benchmarks: list[str] | None = None,
              force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Evaluate a checkpoint ('latest', 'initial', 'round-K' or a model dir); returns summary.json."""
-    return evaluate(cfg, checkpoint=checkpoint, benchmarks=benchmarks, force=force,
-                    progress=progress).summary
+    return evaluate_checkpoint(cfg, checkpoint=checkpoint, benchmarks=benchmarks, force=force,
+                               progress=progress).summary
 
 
 def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False,
         progress: bool = True) -> Manifest:
-    """Stage protocol: evaluate the checkpoint round `round_index` produced (checkpoints/
-    round-(k+1)); None = the latest. Returns the manifest of the last benchmark written."""
-    checkpoint = "latest" if round_index is None else f"round-{round_index + 1}"
-    result = evaluate(cfg, checkpoint=checkpoint, force=force, progress=progress)
+    """Stage protocol: evaluate the checkpoint round k's train stage wrote (round k+1's start
+    checkpoint); None = the latest. Returns the manifest of the last benchmark written."""
+    checkpoint = "latest" if round_index is None else checkpoint_name(round_index + 1)
+    result = evaluate_checkpoint(cfg, checkpoint=checkpoint, force=force, progress=progress)
     return list(result.manifests.values())[-1]

@@ -9,20 +9,16 @@ from trace_rl.data_schemas import PROMPTS, ROLLOUTS, VERDICTS
 from trace_rl.stages.config import TraceConfig
 from trace_rl.pipeline.store import Manifest
 
-from .common import dataset_name, plan
+from .common import dataset_name, decide
 
 log = logging.getLogger("trace_rl.stages.verify")
 
-RUNTIME_ONLY = {"workers", "chunk_size", "start_method", "kill_grace_s"}
 
 
 def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progress: bool = True) -> Manifest:
     round_index = 0 if round_index is None else round_index
     rollouts_name = dataset_name("rollout", round_index)
-    # Only what changes verdicts: pool sizing and start method do not, and `workers` defaults to
-    # the machine's core count, which must not make a copied run look stale.
-    parts = {"verify": cfg.verify.model_dump(mode="json", exclude=RUNTIME_ONLY)}
-    p = plan(cfg, "verify", round_index, parts, ["prompts", rollouts_name], force=force)
+    p = decide(cfg, "verify", round_index, ["prompts", rollouts_name], force=force)
     if p.skip:
         return p.existing
     prompts = {r["prompt_id"]: r for r in p.store.read("prompts", PROMPTS).to_pylist()}

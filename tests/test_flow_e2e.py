@@ -78,16 +78,17 @@ def test_forced_stage_rewrites_only_its_dataset_and_marks_train_stale(finished_r
     store = open_store(cfg)
     names = {s: dataset_name(s, 1) for s in ("rollout", "verify", "annotate", "train")}
     before = {s: store.manifest(n) for s, n in names.items()}
-    assert stage_states(cfg)["train"][1] == "complete"
+    assert stage_states(cfg)["train"][1].state == "complete"
     get_stage("annotate")(cfg, 1, force=True, progress=False)
     after = {s: store.manifest(n) for s, n in names.items()}
     assert after["annotate"].fingerprint != before["annotate"].fingerprint
     for s in ("rollout", "verify", "train"):
         assert after[s].fingerprint == before[s].fingerprint and after[s].finished_at == before[s].finished_at
     states = stage_states(cfg)
-    assert states["annotate"][1] == "complete" and states["train"][1] == "stale"
-    assert states["train"][0] == "complete"
+    assert states["annotate"][1].state == "complete" and states["train"][1].state == "stale"
+    assert states["train"][1].reason == f"its input {names['annotate']} was rewritten"
+    assert states["train"][0].state == "complete"
     # Running round 1 again redoes only the stale train stage.
     get_stage("train")(cfg, 1, progress=False)
-    assert stage_states(cfg)["train"][1] == "complete"
+    assert stage_states(cfg)["train"][1].state == "complete"
     assert store.manifest(names["verify"]).finished_at == before["verify"].finished_at

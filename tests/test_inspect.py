@@ -23,7 +23,8 @@ import pytest
 from trace_rl.data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, VERDICTS, extend_metrics
 from trace_rl.data_schemas.errors import TraceError
 from trace_rl.pipeline.html_view import render_page, split_spans
-from trace_rl.pipeline.inspect import example_text, inspect_path
+from trace_rl.pipeline.inspect import inspect_path
+from trace_rl.pipeline.inspect_terminal import example_text
 from trace_rl.pipeline.store import RunStore
 
 CHROMIUM = "/usr/bin/chromium"

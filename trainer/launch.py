@@ -1,10 +1,15 @@
-"""Entry point for `accelerate launch`: one training round from Parquet paths.
+"""Entry point for `accelerate launch`: one training round, its inputs read from the run store.
 
     accelerate launch --config_file configs/accelerate/ddp.yaml -m trace_rl.trainer.launch --args-json A.json
 
-A.json: {"config": {...TrainConfig fields...}, "prompts": path, "rollouts": path,
-"verdicts": path, "annotations": path | null, "init_checkpoint": path, "output_checkpoint": path,
-"work_dir": path, "round_index": int, "metrics_out": path | null (JSON lines, main process)}.
+A.json: {"config": {...TrainConfig fields...}, "run_root": the run directory, "round_index": k,
+"inputs": {dataset name: manifest fingerprint} as the train stage recorded them,
+"init_checkpoint": path, "output_checkpoint": path, "work_dir": path,
+"metrics_out": path | null (JSON lines, main process), "progress": bool}.
+
+Every process reads the round's datasets through the run store, as the single-process stage does:
+only the parts a manifest lists, checked against the schemas, and only if each manifest is still
+the one the stage planned with (a dataset rewritten in between is refused, not trained on).
 """
 
 from __future__ import annotations
@@ -13,24 +18,57 @@ import argparse
 import json
 from pathlib import Path
 
-import pyarrow.parquet as pq
+import pyarrow as pa
 
+from trace_rl.data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, VERDICTS
+from trace_rl.data_schemas.errors import StageError
+from trace_rl.pipeline.layout import dataset_name
+from trace_rl.pipeline.store import RunStore
 from trace_rl.trainer.config import TrainConfig
-from trace_rl.trainer.round import train_round
+
+# train_round's keyword -> (the stage that writes it, its contract)
+ROUND_INPUTS = {"prompts": ("prepare", PROMPTS), "rollouts": ("rollout", ROLLOUTS),
+                "verdicts": ("verify", VERDICTS), "annotations": ("annotate", ANNOTATIONS)}
+
+
+def round_input_names(round_index: int) -> dict[str, str]:
+    """{train_round keyword: dataset name} of the datasets round k's update is made from."""
+    return {key: dataset_name(stage, round_index) for key, (stage, _) in ROUND_INPUTS.items()}
+
+
+def read_round_inputs(store: RunStore, round_index: int,
+                      expected: dict[str, str] | None = None) -> dict[str, pa.Table]:
+    """The four tables of round k's update, read through the store (manifest + schema).
+
+    With `expected` ({dataset name: fingerprint}), a dataset whose manifest is no longer that
+    one raises: it was rewritten after the stage decided what to train on.
+    """
+    tables = {}
+    for key, name in round_input_names(round_index).items():
+        if expected is not None:
+            m = store.manifest(name)
+            if m is None or m.fingerprint != expected.get(name):
+                raise StageError(
+                    f"{store.path(name)} changed after the train stage of round {round_index} "
+                    "started (another process rewrote it?); rerun the train stage"
+                )
+        tables[key] = store.read(name, ROUND_INPUTS[key][1])
+    return tables
 
 
 def run_from_args(args: dict) -> list[dict]:
     from accelerate import Accelerator
 
+    from trace_rl.trainer.round import train_round
+
     cfg = TrainConfig.model_validate(args.get("config", {}))
-    read = lambda key: pq.read_table(args[key]) if args.get(key) else None
+    round_index = int(args.get("round_index", 0))
+    tables = read_round_inputs(RunStore(args["run_root"]), round_index, args.get("inputs"))
     accelerator = Accelerator()
     rows = train_round(
-        cfg, prompts=read("prompts"), rollouts=read("rollouts"), verdicts=read("verdicts"),
-        annotations=read("annotations"), init_checkpoint=args["init_checkpoint"],
+        cfg, **tables, init_checkpoint=args["init_checkpoint"],
         output_checkpoint=args["output_checkpoint"], work_dir=args["work_dir"],
-        round_index=int(args.get("round_index", 0)), accelerator=accelerator,
-        progress=bool(args.get("progress", False)),
+        round_index=round_index, accelerator=accelerator, progress=bool(args.get("progress", False)),
     )
     out = args.get("metrics_out")
     if out and accelerator.is_main_process:
