@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from trace_rl.trainer.teacher_prompt import DEFAULT_TEACHER_TEMPLATE
+
 METHODS = ("grpo", "self_opd", "trace")
 
 
@@ -88,7 +90,7 @@ class TrainConfig(BaseModel):
     micro_batch_size: int = 4  # rollouts per forward/backward on one process
     logprob_chunk: int = 1024  # tokens per lm_head chunk in the memory-lean path
     teacher_sync_every: int = 10  # 0 = the live weights under no_grad
-    teacher_template: str = "{problem}\n\nHere is a reference solution:\n{context}"
+    teacher_template: str = DEFAULT_TEACHER_TEMPLATE
     old_logprobs: Literal["recompute", "engine"] = "recompute"
     gradient_checkpointing: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

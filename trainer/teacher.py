@@ -16,19 +16,7 @@ import torch
 from torch import nn
 
 from trace_rl.pipeline.chat import encode_chat_prompt
-
-
-def teacher_context(prompt_row: dict[str, Any], labels: list[str]) -> str:
-    """Reference solution (else the boxed answer) plus the annotator's type label(s)."""
-    solution = prompt_row.get("solution")
-    if solution:
-        context = solution
-    else:
-        context = "The final answer is \\boxed{" + str(prompt_row["answer"]) + "}."
-    unique = [label for label in dict.fromkeys(labels) if label]
-    if unique:
-        context += "\n\nWatch out for: " + "; ".join(unique)
-    return context
+from trace_rl.trainer.teacher_prompt import teacher_message
 
 
 def enable_thinking_of(sampling_json: str | None) -> bool:
@@ -46,8 +34,7 @@ def teacher_prompt_ids(
     enable_thinking: bool,
 ) -> list[int]:
     """Chat-templated token ids of the teacher's prompt (the response is appended by the caller)."""
-    content = template.format(problem=prompt_row["problem"], context=teacher_context(prompt_row, labels))
-    return encode_chat_prompt(tokenizer, content, enable_thinking)
+    return encode_chat_prompt(tokenizer, teacher_message(template, prompt_row, labels), enable_thinking)
 
 
 class TeacherHandle:
