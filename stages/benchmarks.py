@@ -1,11 +1,13 @@
 """The benchmark registry: names -> problems as prompts-contract rows, plus the verifier to use.
 
-Built-in names read `{eval.data_dir}/<name>/test.jsonl` (the files described in
-shared/data/README.md): the math sets are checked by the `math` verifier, GPQA-Diamond by the
-`choice` verifier, and `testbed` is the held-out split of the synthetic task. Any other
-benchmark is a local .jsonl/.json/.parquet file or a HF `datasets` name, given either inline
-(`file:<path>`, `hf:<name>[:<split>]`, or a bare path to an existing file) or by name through a
-`BenchmarkSource` (which carries a column mapping).
+Built-in names read their public Hugging Face dataset (stages/sources.py `CATALOG`, the table in
+docs/data.md): the math sets are checked by the `math` verifier, GPQA-Diamond by the `choice`
+verifier, and `testbed` is the held-out split of the synthetic task. `eval.data_dir` switches the
+built-in names to local files (`<data_dir>/<name>/test.jsonl`, fields id/problem/answer/solution;
+GPQA: id/question/choices/answer_index/answer_letter). Any other benchmark is a local
+.jsonl/.json/.parquet file or a HF dataset, given inline (`file:<path>`, `hf:<name>[:<split>]`,
+or a bare path to an existing file) or by name through a `BenchmarkSource` in `eval.sources`
+(which may also replace a built-in name). Every source is read by stages/sources.py.
 
 Benchmark text (GPQA above all, whose authors ask that it never be published) is only ever
 handed to the engine: nothing here logs or prints a problem, and errors name rows by id.
@@ -16,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,8 +29,10 @@ from trace_rl.stages.config import DEFAULT_INSTRUCTION, TraceConfig
 from trace_rl.data_schemas.errors import ConfigError, StageError
 from trace_rl.pipeline.fingerprint import fingerprint
 
+from .sources import CATALOG, CHOICE_LETTERS, DEFAULT_COLUMNS, FILE_SUFFIXES, AnswerFormat, SourceSpec
+from .sources import read_source, resolve
+
 MATH_BENCHMARKS = ("math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench", "gsm8k")
-CHOICE_LETTERS = "ABCD"
 GPQA_TEMPLATE = (
     "{question}\n\n{choices}\n\nPlease reason step by step, and put the letter of the correct "
     "choice ({letters}) within \\boxed{{}}."
@@ -38,47 +42,50 @@ GPQA_TEMPLATE = (
 TESTBED_EVAL_SEED = 0
 TESTBED_EVAL_PROBLEMS = 200
 VerifierKind = Literal["math", "choice", "testbed"]
-REPO_ROOT = Path(__file__).resolve().parent.parent
 GENERIC_STEMS = ("test", "train", "validation", "val", "dev", "data", "eval")
+# The local-file layout of GPQA (eval.data_dir): choices already shuffled, the letter stored.
+LOCAL_GPQA_COLUMNS = {"problem": "question", "answer": "answer_letter"}
 
-# Contract column -> source columns tried in order when a mapping does not name it.
-DEFAULT_COLUMNS: dict[str, tuple[str, ...]] = {
-    "prompt_id": ("id", "unique_id", "prompt_id", "idx"),
-    "problem": ("problem", "question", "prompt", "query"),
-    "answer": ("answer", "final_answer", "gt", "ground_truth"),
-    "solution": ("solution", "reference_solution"),
-}
+__all__ = ["CHOICE_LETTERS", "MATH_BENCHMARKS", "Benchmark", "BenchmarkSource", "load_benchmark"]
 
 
 class BenchmarkSource(BaseModel):
-    """A benchmark outside the registry: a local file or a HF dataset plus a column mapping."""
+    """A benchmark outside the registry (or replacing a registered name): a local file, a HF
+    dataset or a name from the source catalog, plus a column map and answer format."""
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(..., description="a .jsonl/.json/.parquet path or a HF datasets name")
-    split: str = "test"
+    source: str = Field(..., description="a .jsonl/.json/.parquet path, a HF dataset id or a catalog name")
+    split: str | None = Field(None, description="default: the catalog's split, else 'test'")
+    configs: tuple[str, ...] = ()
+    revision: str | None = None
     columns: dict[str, str] = Field(
         default_factory=dict, description="contract column -> source column (problem, answer, ...)"
     )
-    verifier: VerifierKind = "math"
-    template: str = Field(DEFAULT_INSTRUCTION, description="str.format template with {problem}")
+    answer_format: AnswerFormat | None = None
+    verifier: VerifierKind | None = Field(None, description="default: the registered name's, else math")
+    template: str | None = Field(None, description="str.format template with {problem}")
 
     @field_validator("columns")
     @classmethod
     def _known_columns(cls, v: dict[str, str]) -> dict[str, str]:
         unknown = sorted(set(v) - set(DEFAULT_COLUMNS))
         if unknown:
-            raise ValueError(
-                f"unknown contract columns {unknown}; valid: {sorted(DEFAULT_COLUMNS)}"
-            )
+            raise ValueError(f"unknown contract columns {unknown}; valid: {sorted(DEFAULT_COLUMNS)}")
         return v
 
     @field_validator("template")
     @classmethod
-    def _has_problem(cls, v: str) -> str:
-        if "{problem}" not in v:
+    def _has_problem(cls, v: str | None) -> str | None:
+        if v is not None and "{problem}" not in v:
             raise ValueError("must contain the field {problem} (use {{ }} for literal braces)")
         return v
+
+    def spec(self) -> SourceSpec:
+        overrides = {"configs": self.configs, "revision": self.revision, "columns": self.columns,
+                     "answer_format": self.answer_format}
+        split = self.split or (None if self.source in CATALOG else "test")
+        return resolve(self.source, split=split, overrides=overrides)
 
 
 @dataclass(frozen=True)
@@ -92,108 +99,24 @@ class Benchmark:
     fingerprint: str
 
 
-@dataclass(frozen=True)
-class BenchmarkSpec:
-    """A registered benchmark: `load(cfg)` returns (rows, data fingerprint)."""
-
-    name: str
-    verifier: VerifierKind
-    load: Callable[[TraceConfig], tuple[list[dict[str, Any]], str]]
-
-
 # ---------------------------------------------------------------------------------------------
-# readers
+# row builders (records are sources.read_source's: prompt_id, problem, answer, solution, meta)
 
 
-def read_records(source: str, split: str = "test") -> list[dict[str, Any]]:
-    """All records of a local .jsonl/.json/.parquet file, or of a HF dataset split."""
-    path = Path(source).expanduser()
-    if path.suffix in (".jsonl", ".json", ".parquet"):
-        if not path.exists():
-            raise ConfigError(f"benchmark file {source!r} does not exist (check eval.data_dir)")
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path).to_pylist()
-        text = path.read_text()
-        if path.suffix == ".json":
-            data = json.loads(text)
-            return list(data if isinstance(data, list) else data.get(split, []))
-        return [
-            _json_line(line, path, i) for i, line in enumerate(text.splitlines(), 1) if line.strip()
-        ]
-    try:
-        import datasets
-
-        return list(datasets.load_dataset(source, split=split))
-    except Exception as exc:  # noqa: BLE001  datasets raises many types for a missing dataset
-        raise ConfigError(
-            f"benchmark source {source!r} is neither a local .jsonl/.json/.parquet file nor a "
-            f"loadable HF dataset (split {split!r}): {type(exc).__name__}: {exc}"
-        ) from None
-
-
-def _json_line(line: str, path: Path, lineno: int) -> dict[str, Any]:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise StageError(f"{path}:{lineno}: not valid JSON: {exc}") from None
-
-
-def file_fingerprint(path: str | Path) -> str:
-    """sha256 (first 16 hex) of a file's bytes: the data identity of a file benchmark."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-def _limited(records: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
-    # The first `limit` in file order, so a limited eval is a stable prefix of the full one.
-    return records[:limit] if limit else records
-
-
-# ---------------------------------------------------------------------------------------------
-# row builders
-
-
-def _pick(record: Mapping[str, Any], column: str, mapping: Mapping[str, str]) -> Any:
-    if column in mapping:
-        return record.get(mapping[column])
-    for candidate in DEFAULT_COLUMNS[column]:
-        if candidate in record:
-            return record[candidate]
-    return None
-
-
-def math_rows(
-    records: Iterable[Mapping[str, Any]],
-    bench: str,
-    *,
-    template: str = DEFAULT_INSTRUCTION,
-    columns: Mapping[str, str] | None = None,
-) -> list[dict[str, Any]]:
+def math_rows(records: Iterable[Mapping[str, Any]], bench: str, *,
+              template: str = DEFAULT_INSTRUCTION) -> list[dict[str, Any]]:
     """Prompts rows of a math benchmark: the problem wrapped in `template`, answer as a string."""
-    mapping = dict(columns or {})
-    rows: list[dict[str, Any]] = []
-    for i, rec in enumerate(records):
-        problem, answer = _pick(rec, "problem", mapping), _pick(rec, "answer", mapping)
-        pid = _pick(rec, "prompt_id", mapping)
-        pid = str(pid) if pid is not None else f"{bench}-{i}"
-        if not problem or answer is None or str(answer).strip() == "":
-            raise StageError(
-                f"benchmark {bench!r}: row {pid} has no problem or no answer; fix the file or the "
-                f"column mapping (source columns: {sorted(rec)})"
-            )
-        solution = _pick(rec, "solution", mapping)
-        rows.append(
-            {
-                "prompt_id": pid,
-                "problem": template.format(problem=problem),
-                "answer": str(answer).strip(),
-                "solution": str(solution) if solution else None,
-                "source": bench,
-                "meta": json.dumps({"benchmark": bench}),
-            }
-        )
-    return _unique_ids(rows, bench)
+    return [
+        {
+            "prompt_id": rec["prompt_id"],
+            "problem": template.format(problem=rec["problem"]),
+            "answer": rec["answer"],
+            "solution": rec["solution"],
+            "source": bench,
+            "meta": json.dumps({"benchmark": bench}),
+        }
+        for rec in records
+    ]
 
 
 def format_choices(choices: list[str], letters: str = CHOICE_LETTERS) -> str:
@@ -201,98 +124,76 @@ def format_choices(choices: list[str], letters: str = CHOICE_LETTERS) -> str:
     return "\n".join(f"({letter}) {str(text).strip()}" for letter, text in zip(letters, choices))
 
 
-def gpqa_rows(
-    records: Iterable[Mapping[str, Any]], bench: str = "gpqa_diamond"
-) -> list[dict[str, Any]]:
+def gpqa_rows(records: Iterable[Mapping[str, Any]], bench: str = "gpqa_diamond") -> list[dict[str, Any]]:
     """Prompts rows of GPQA: question + choices (A)-(D); the reference is the answer letter."""
     rows: list[dict[str, Any]] = []
     letters = CHOICE_LETTERS
-    for i, rec in enumerate(records):
-        pid = str(rec.get("id", f"{bench}-{i}"))
-        choices, index, letter = (
-            rec.get("choices"),
-            rec.get("answer_index"),
-            rec.get("answer_letter"),
-        )
+    for rec in records:
+        pid, meta, letter = rec["prompt_id"], rec.get("meta") or {}, rec["answer"]
+        choices, index = meta.get("choices"), meta.get("answer_index")
         if not isinstance(choices, list) or len(choices) != len(letters):
             raise StageError(f"benchmark {bench!r}: row {pid} needs exactly {len(letters)} choices")
         if not isinstance(index, int) or not 0 <= index < len(letters) or letters[index] != letter:
             raise StageError(
-                f"benchmark {bench!r}: row {pid}: answer_letter {letter!r} does not match "
+                f"benchmark {bench!r}: row {pid}: answer letter {letter!r} does not match "
                 f"answer_index {index!r} (expected letters {letters!r} by index)"
             )
         problem = GPQA_TEMPLATE.format(
-            question=str(rec["question"]).strip(),
+            question=str(rec["problem"]).strip(),
             choices=format_choices(choices, letters),
             letters=", ".join(letters),
         )
-        rows.append(
-            {
-                "prompt_id": pid,
-                "problem": problem,
-                "answer": letter,
-                "solution": None,
-                "source": bench,
-                "meta": json.dumps({"benchmark": bench, "domain": rec.get("domain")}),
-            }
-        )
-    return _unique_ids(rows, bench)
-
-
-def _unique_ids(rows: list[dict[str, Any]], bench: str) -> list[dict[str, Any]]:
-    seen: set[str] = set()
-    for row in rows:
-        if row["prompt_id"] in seen:
-            raise StageError(
-                f"benchmark {bench!r}: duplicate problem id {row['prompt_id']!r}; ids must be unique "
-                "(map another column with columns.prompt_id)"
-            )
-        seen.add(row["prompt_id"])
+        rows.append({
+            "prompt_id": pid, "problem": problem, "answer": letter, "solution": None, "source": bench,
+            "meta": json.dumps({"benchmark": bench, "domain": meta.get("domain")}),
+        })
     return rows
 
 
+def file_fingerprint(path: str | Path) -> str:
+    """sha256 (first 16 hex) of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 # ---------------------------------------------------------------------------------------------
-# loaders of the registered names
+# the registered names
 
 
 def data_file(cfg: TraceConfig, name: str) -> Path:
-    """`{eval.data_dir}/<name>/test.jsonl`; a relative data_dir missing from the working
-    directory is looked up from the repository root (the default "../shared/data" assumes
-    commands run from the repo root)."""
-    base = Path(cfg.eval.data_dir).expanduser()
-    if not base.is_absolute() and not base.exists() and (REPO_ROOT / base).exists():
-        base = REPO_ROOT / base
-    return base / name / "test.jsonl"
+    """`{eval.data_dir}/<name>/test.jsonl` (a relative data_dir is relative to the working dir)."""
+    if cfg.eval.data_dir is None:
+        raise ConfigError("eval.data_dir is not set: built-in benchmarks read their HF datasets")
+    return Path(cfg.eval.data_dir).expanduser() / name / "test.jsonl"
 
 
-def _math_loader(name: str) -> Callable[[TraceConfig], tuple[list[dict[str, Any]], str]]:
-    def load(cfg: TraceConfig) -> tuple[list[dict[str, Any]], str]:
-        path = data_file(cfg, name)
-        rows = math_rows(_limited(read_records(str(path)), cfg.eval.limit), name)
-        return rows, fingerprint([file_fingerprint(path), DEFAULT_INSTRUCTION, cfg.eval.limit])
-
-    return load
-
-
-def _load_gpqa(cfg: TraceConfig) -> tuple[list[dict[str, Any]], str]:
-    path = data_file(cfg, "gpqa_diamond")
-    rows = gpqa_rows(_limited(read_records(str(path)), cfg.eval.limit))
-    return rows, fingerprint([file_fingerprint(path), GPQA_TEMPLATE, cfg.eval.limit])
+def registered_spec(cfg: TraceConfig, name: str) -> SourceSpec:
+    """The source of a registered benchmark: its local file under eval.data_dir when that is
+    set, else its public HF dataset."""
+    if cfg.eval.data_dir is None:
+        return CATALOG[name]
+    path = data_file(cfg, name)
+    if not path.exists():
+        raise ConfigError(f"benchmark {name!r}: {path} does not exist (eval.data_dir={cfg.eval.data_dir!r}); "
+                          "unset eval.data_dir to read the public HF dataset")
+    columns = LOCAL_GPQA_COLUMNS if name == "gpqa_diamond" else {}
+    return SourceSpec(source=str(path), columns=columns, id_prefix=name)
 
 
-def _load_testbed(cfg: TraceConfig) -> tuple[list[dict[str, Any]], str]:
+def _verifier_of(name: str) -> VerifierKind:
+    return "choice" if name == "gpqa_diamond" else "math"
+
+
+def _load_testbed(cfg: TraceConfig) -> Benchmark:
     from trace_rl.testbed.task import make_prompts
 
     n = cfg.eval.limit or TESTBED_EVAL_PROBLEMS
     rows = make_prompts(cfg.model.testbed, n, TESTBED_EVAL_SEED, split="heldout")
     task_fp = cfg.model.testbed.model_dump(mode="json")
-    return rows, fingerprint(["testbed", task_fp, n, TESTBED_EVAL_SEED])
+    return Benchmark("testbed", "testbed", rows, fingerprint(["testbed", task_fp, n, TESTBED_EVAL_SEED]))
 
 
-REGISTRY: dict[str, BenchmarkSpec] = {
-    **{name: BenchmarkSpec(name, "math", _math_loader(name)) for name in MATH_BENCHMARKS},
-    "gpqa_diamond": BenchmarkSpec("gpqa_diamond", "choice", _load_gpqa),
-    "testbed": BenchmarkSpec("testbed", "testbed", _load_testbed),
+REGISTRY: dict[str, VerifierKind] = {
+    **{name: "math" for name in MATH_BENCHMARKS}, "gpqa_diamond": "choice", "testbed": "testbed",
 }
 
 
@@ -316,7 +217,7 @@ def parse_inline(name: str) -> tuple[str, BenchmarkSource] | None:
         ds, _, split = name[3:].partition(":")
         return slug(f"{ds}_{split or 'test'}"), BenchmarkSource(source=ds, split=split or "test")
     path = Path(name.removeprefix("file:"))
-    if name.startswith("file:") or (path.suffix in (".jsonl", ".json", ".parquet") and path.exists()):
+    if name.startswith("file:") or (path.suffix in FILE_SUFFIXES and path.exists()):
         return inline_file_name(path), BenchmarkSource(source=str(path))
     return None
 
@@ -332,41 +233,35 @@ def inline_file_name(path: Path) -> str:
     return f"{name}_file" if name in REGISTRY else name
 
 
-def load_source(cfg: TraceConfig, name: str, src: BenchmarkSource) -> Benchmark:
-    """A benchmark from a BenchmarkSource (file or HF dataset) and its column mapping."""
-    records = _limited(read_records(src.source, src.split), cfg.eval.limit)
-    if not records:
-        raise StageError(f"benchmark {name!r}: {src.source!r} (split {src.split!r}) has no rows")
-    missing = [f"{k}->{v}" for k, v in src.columns.items() if v not in records[0]]
-    if missing:
-        raise ConfigError(
-            f"benchmark {name!r}: the source has no column for {missing}; "
-            f"its columns: {sorted(records[0])}"
-        )
-    if src.verifier == "choice":
-        rows = gpqa_rows(records, name)
+def _load(cfg: TraceConfig, name: str, spec: SourceSpec, verifier: VerifierKind, template: str,
+          identity: Any) -> Benchmark:
+    data = read_source(spec, name, where=f"benchmark {name!r}", on_bad="raise", limit=cfg.eval.limit)
+    if not data.records:
+        raise StageError(f"benchmark {name!r}: {spec.describe()} has no rows")
+    if verifier == "choice":
+        rows, template = gpqa_rows(data.records, name), GPQA_TEMPLATE
     else:
-        rows = math_rows(records, name, template=src.template, columns=src.columns)
-    path = Path(src.source).expanduser()
-    data_id = file_fingerprint(path) if path.is_file() else [src.source, src.split]
-    return Benchmark(
-        name,
-        src.verifier,
-        rows,
-        fingerprint([data_id, src.model_dump(mode="json"), cfg.eval.limit]),
-    )
+        rows = math_rows(data.records, name, template=template)
+    return Benchmark(name, verifier, rows, fingerprint([data.data_id, identity, template, cfg.eval.limit]))
+
+
+def load_source(cfg: TraceConfig, name: str, src: BenchmarkSource) -> Benchmark:
+    """A benchmark from a BenchmarkSource (file, HF dataset or catalog name) and its column map."""
+    verifier = src.verifier or (REGISTRY.get(name) if name != "testbed" else None) or "math"
+    return _load(cfg, name, src.spec(), verifier, src.template or DEFAULT_INSTRUCTION,
+                 src.model_dump(mode="json"))
 
 
 def load_benchmark(
     cfg: TraceConfig, name: str, sources: Mapping[str, BenchmarkSource] | None = None
 ) -> Benchmark:
-    """Resolve `name`: a registered name, a key of `sources`, or an inline file/HF spec."""
-    if name in REGISTRY:
-        spec = REGISTRY[name]
-        rows, fp = spec.load(cfg)
-        return Benchmark(name, spec.verifier, rows, fp)
+    """Resolve `name`: a key of `sources`, a registered name, or an inline file/HF spec."""
     if sources and name in sources:
         return load_source(cfg, slug(name), sources[name])
+    if name == "testbed":
+        return _load_testbed(cfg)
+    if name in REGISTRY:
+        return _load(cfg, name, registered_spec(cfg, name), _verifier_of(name), DEFAULT_INSTRUCTION, name)
     inline = parse_inline(name)
     if inline is not None:
         return load_source(cfg, *inline)

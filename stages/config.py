@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from trace_rl.testbed.config import TestbedConfig
 from trace_rl.stages.annotators.config import AnnotateConfig
 from trace_rl.stages.engines.config import RolloutConfig
+from trace_rl.stages.sources import AnswerFormat
 from trace_rl.stages.verifiers.config import VerifyConfig
 from trace_rl.trainer.config import TrainConfig
 
@@ -56,8 +57,15 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    source: str = Field("testbed", description="'testbed', a .jsonl/.parquet path, or a HF datasets name")
-    split: str = "train"
+    source: str = Field(
+        "testbed",
+        description="'testbed', a named public source (docs/data.md, e.g. math_train_lvl3to5), "
+        "a .jsonl/.json/.parquet file, or a HF dataset id",
+    )
+    split: str | None = Field(None, description="default: the named source's split, else 'train'")
+    configs: tuple[str, ...] = Field((), description="HF config names (several are concatenated)")
+    revision: str | None = Field(None, description="HF commit sha; default: the named source's pin")
+    answer_format: AnswerFormat | None = Field(None, description="plain|gsm8k|dollar|boxed|gpqa (stages/sources.py)")
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="contract column -> source column (prompt_id, problem, answer, solution)",
@@ -76,7 +84,9 @@ class DataConfig(_Strict):
 
 class EvalConfig(_Strict):
     benchmarks: list[str] = Field(default_factory=lambda: ["testbed"])
-    data_dir: str = Field("../shared/data", description="folder holding <benchmark>/test.jsonl")
+    data_dir: str | None = Field(
+        None, description="local copies: <data_dir>/<benchmark>/test.jsonl; None = public HF datasets"
+    )
     k: int = Field(4, ge=1, description="samples per problem (avg@k)")
     temperature: float = Field(0.6, gt=0, description="> 0: avg@k needs sampling")
     top_p: float = Field(0.95, gt=0, le=1)
@@ -88,7 +98,8 @@ class EvalConfig(_Strict):
     every_round: bool = Field(False, description="evaluate each round's checkpoint in the training flow")
     sources: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
-        description="extra benchmarks by name: {source, split, columns, verifier, template}",
+        description="benchmarks by name: {source, split, configs, revision, columns, answer_format, "
+        "verifier, template}",
     )
 
 

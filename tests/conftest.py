@@ -21,9 +21,29 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# The full local data files (never in the repo): ../shared/data next to the checkout, or
+# $TRACE_SHARED_DATA (point it at a missing folder to run as a fresh clone does). Tests that
+# need them use `needs_shared_data` and skip with the reason when they are absent.
+SHARED_DATA = Path(os.environ.get("TRACE_SHARED_DATA") or ROOT.parent / "shared" / "data")
 
 import pytest  # noqa: E402
+
+needs_shared_data = pytest.mark.skipif(
+    not SHARED_DATA.is_dir(), reason=f"the full data files are not present at {SHARED_DATA} (TRACE_SHARED_DATA)"
+)
+
+
+@pytest.fixture
+def hub_mirror(tmp_path, monkeypatch) -> Path:
+    """The working directory becomes a folder holding every catalog repo in hub layout with
+    synthetic rows (tests/fixtures/hub_sources.py), so `datasets.load_dataset("<org>/<name>")`
+    reads them offline through its usual code path."""
+    from fixtures.hub_sources import write_hub_layout
+
+    root = write_hub_layout(tmp_path / "hub")
+    monkeypatch.chdir(root)
+    return root
+
 
 # A testbed small enough to build in well under a minute: it samples mostly wrong answers, which
 # is enough for the plumbing tests (the error route gives them spans to distil on).

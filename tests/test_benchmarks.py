@@ -1,4 +1,6 @@
-"""The benchmark registry reads the real files in shared/data and builds the prompts we sample.
+"""The benchmark registry: built-in names read their public HF datasets (synthetic rows in the
+real formats here), eval.data_dir reads local copies (the real files in shared/data when present),
+and every benchmark becomes the prompts we sample.
 
 GPQA text must never reach logs: these tests assert on letters, ids and counts only, and never
 print or compare question text.
@@ -9,7 +11,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, needs_shared_data
+from fixtures.hub_sources import write_local_layout
 
 from trace_rl.stages.config import DEFAULT_INSTRUCTION, TraceConfig
 from trace_rl.data_schemas.errors import ConfigError, StageError
@@ -23,8 +26,6 @@ from trace_rl.stages.benchmarks import (
     inline_file_name,
     load_benchmark,
 )
-
-pytestmark = pytest.mark.skipif(not SHARED_DATA.exists(), reason=f"{SHARED_DATA} not present")
 
 ROW_COUNTS = {
     "math500": 500,
@@ -43,6 +44,51 @@ def _cfg(**eval_over) -> TraceConfig:
     return TraceConfig.model_validate({"eval": {"data_dir": str(SHARED_DATA), **eval_over}})
 
 
+def _hub_cfg(**eval_over) -> TraceConfig:
+    return TraceConfig.model_validate({"eval": eval_over})
+
+
+def test_default_config_reads_public_datasets_not_a_folder_outside_the_repo():
+    assert TraceConfig().eval.data_dir is None
+
+
+@pytest.mark.parametrize("name, rows", [
+    ("math500", 4), ("aime24", 3), ("aime25", 3), ("amc23", 3), ("minerva_math", 3), ("olympiadbench", 3),
+    ("gsm8k", 2), ("gpqa_diamond", 6),
+])
+def test_builtin_names_read_their_hub_dataset(hub_mirror, name, rows):
+    bench = load_benchmark(_hub_cfg(), name)
+    assert len(bench.rows) == rows and bench.verifier == ("choice" if name == "gpqa_diamond" else "math")
+    assert all(r["source"] == name and r["answer"] for r in bench.rows)
+    if name != "gpqa_diamond":
+        assert all(r["problem"].endswith(MATH_SUFFIX) for r in bench.rows)
+    assert load_benchmark(_hub_cfg(limit=2), name).rows == bench.rows[:2]
+
+
+def test_gsm8k_prompts_from_the_hub_format(hub_mirror):
+    bench = load_benchmark(_hub_cfg(), "gsm8k")
+    assert [(r["prompt_id"], r["answer"]) for r in bench.rows] == [("gsm8k-test-0", "72"), ("gsm8k-test-1", "1250")]
+    assert bench.rows[0]["problem"] == "Ana has 3 boxes of 24 pens. How many pens?" + MATH_SUFFIX
+    assert bench.rows[0]["solution"] == "3*24=<<3*24=72>>72"
+
+
+def test_data_dir_overrides_the_hub_with_local_files(tmp_path):
+    cfg = _hub_cfg(data_dir=str(write_local_layout(tmp_path / "data")))
+    math = load_benchmark(cfg, "math500")
+    assert [(r["prompt_id"], r["answer"]) for r in math.rows] == [("m0", "0"), ("m1", "1"), ("m2", "2")]
+    gpqa = load_benchmark(cfg, "gpqa_diamond")
+    assert [r["answer"] for r in gpqa.rows] == ["A", "B", "C"] and gpqa.verifier == "choice"
+    assert "(A) w\n(B) x\n(C) y\n(D) z" in gpqa.rows[0]["problem"]
+    with pytest.raises(ConfigError, match="unset eval.data_dir"):
+        load_benchmark(cfg, "aime24")
+    # eval.sources may replace a registered name; it keeps that name's verifier.
+    own = BenchmarkSource(source=str(tmp_path / "data" / "gpqa_diamond" / "test.jsonl"),
+                          columns={"problem": "question", "answer": "answer_letter"})
+    replaced = load_benchmark(_hub_cfg(), "gpqa_diamond", {"gpqa_diamond": own})
+    assert replaced.verifier == "choice" and [r["answer"] for r in replaced.rows] == ["A", "B", "C"]
+
+
+@needs_shared_data
 @pytest.mark.parametrize("name", sorted(ROW_COUNTS))
 def test_real_files_load_with_their_row_counts(name: str) -> None:
     bench = load_benchmark(_cfg(), name)
@@ -52,6 +98,7 @@ def test_real_files_load_with_their_row_counts(name: str) -> None:
     assert all(r["answer"].strip() for r in bench.rows)
 
 
+@needs_shared_data
 def test_math_prompts_wrap_the_raw_problem_and_keep_the_reference() -> None:
     bench = load_benchmark(_cfg(limit=3), "math500")
     raw = [
@@ -67,6 +114,7 @@ def test_math_prompts_wrap_the_raw_problem_and_keep_the_reference() -> None:
     assert raw[0]["answer"] == "\\left( 3, \\frac{\\pi}{2} \\right)"
 
 
+@needs_shared_data
 def test_gpqa_prompts_list_lettered_choices_and_reference_is_the_answer_letter() -> None:
     bench = load_benchmark(_cfg(), "gpqa_diamond")
     raw = [
@@ -98,11 +146,10 @@ def test_gpqa_prompts_list_lettered_choices_and_reference_is_the_answer_letter()
 
 def test_gpqa_mismatched_answer_letter_is_an_error_naming_the_row_only() -> None:
     rec = {
-        "id": "rec-x",
-        "question": "SECRET-QUESTION-TEXT",
-        "choices": ["w", "x", "y", "z"],
-        "answer_index": 2,
-        "answer_letter": "B",
+        "prompt_id": "rec-x",
+        "problem": "SECRET-QUESTION-TEXT",
+        "answer": "B",
+        "meta": {"choices": ["w", "x", "y", "z"], "answer_index": 2},
     }
     with pytest.raises(StageError) as err:
         gpqa_rows([rec])
@@ -110,6 +157,7 @@ def test_gpqa_mismatched_answer_letter_is_an_error_naming_the_row_only() -> None
     assert format_choices(["w", " x "]) == "(A) w\n(B) x"
 
 
+@needs_shared_data
 def test_limit_takes_a_stable_prefix_and_changes_the_fingerprint() -> None:
     full, part = load_benchmark(_cfg(), "aime24"), load_benchmark(_cfg(limit=5), "aime24")
     assert part.rows == full.rows[:5]

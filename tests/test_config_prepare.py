@@ -1,4 +1,5 @@
-"""Config loading/validation and the prepare stage on the real training files in shared/data."""
+"""Config loading/validation and the prepare stage: named public sources (synthetic rows in their
+Hub format), local files, and the real training files in shared/data when present."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, SHARED_DATA, needs_shared_data
 from trace_rl.data_schemas import PROMPTS
 from trace_rl.stages.config import load_config
 from trace_rl.data_schemas.errors import ConfigError
 from trace_rl.stages import get_stage
 from trace_rl.stages.common import open_store
+from trace_rl.stages.sources import CATALOG
 
 
 def test_overrides_and_base_chain():
@@ -48,6 +50,30 @@ def _prepare(tmp_path, source: str, *extra: str):
     return cfg, manifest
 
 
+def test_shipped_configs_point_inside_the_repository():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        assert "shared" not in path.read_text(), f"{path.name} points outside the repository"
+        cfg = load_config(path.stem)
+        assert cfg.eval.data_dir is None
+        source = cfg.data.source
+        assert source in ("testbed", *CATALOG) or not source.startswith(".."), (path.name, source)
+
+
+def test_prepare_named_source_reads_math_levels_3_to_5(tmp_path, hub_mirror):
+    cfg, m = _prepare(tmp_path, "math_train_lvl3to5")
+    table = open_store(cfg).read("prompts", PROMPTS).to_pylist()
+    assert m.rows == 21 and m.extra["dropped"] == {} and m.extra["data_id"]
+    assert {json.loads(r["meta"])["level"] for r in table} == {"Level 3", "Level 4", "Level 5"}
+    assert all(r["solution"] is None and r["source"] == "math_train_lvl3to5" for r in table)
+    assert table[0]["answer"] == "\\frac{2}{1}"
+    assert table[0]["problem"].endswith("put your final answer within \\boxed{}.")
+    # Catalog fields can be overridden: GSM8K's train split with a limit.
+    cfg2, m2 = _prepare(tmp_path, "gsm8k_train", "data.limit=3", f"run.root={tmp_path}/run2")
+    rows = open_store(cfg2).read("prompts", PROMPTS).to_pylist()
+    assert [(r["prompt_id"], r["answer"]) for r in rows] == [(f"gsm8k-train-{i}", str(i)) for i in range(3)]
+
+
+@needs_shared_data
 def test_prepare_gsm8k_jsonl(tmp_path):
     cfg, m = _prepare(tmp_path, str(SHARED_DATA / "gsm8k/train.jsonl"))
     assert m.rows == 7473
@@ -63,6 +89,7 @@ def test_prepare_gsm8k_jsonl(tmp_path):
     assert forced.fingerprint != m.fingerprint
 
 
+@needs_shared_data
 def test_prepare_math_train_with_mapping_and_limit(tmp_path):
     cfg, m = _prepare(tmp_path, str(SHARED_DATA / "math_train/train.jsonl"),
                       "data.columns={prompt_id: id, problem: problem, answer: answer}", "data.limit=500")

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, needs_shared_data
 from engine_fixtures import build_model_dir
 
 from trace_rl.data_schemas import EVAL_SAMPLES, TRAIN_METRICS, VERDICTS, extend_metrics
@@ -109,7 +109,7 @@ def _cfg(root, model_dir: str, **eval_over) -> TraceConfig:
     )
 
 
-@pytest.mark.skipif(not SHARED_DATA.exists(), reason=f"{SHARED_DATA} not present")
+@needs_shared_data
 def test_end_to_end_eval_writes_samples_and_summary(tmp_path, model_dir) -> None:
     cfg = _cfg(tmp_path / "run", model_dir)
     summary = run_eval(cfg, checkpoint="initial", progress=False)

@@ -11,7 +11,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT
 from prefect_server import background, prefect_env, prefect_server
 
 pytestmark = pytest.mark.slow
@@ -28,6 +28,10 @@ def test_deploy_and_run_stage_deployment(tmp_path):
     home = tmp_path / "prefect"
     home.mkdir()
     run_root = tmp_path / "run"
+    # A GSM8K-shaped local file (synthetic rows): the deployment runs with what the repo holds.
+    source = tmp_path / "gsm8k_like.jsonl"
+    source.write_text("".join(json.dumps({"id": f"g{i}", "problem": f"What is {i}+{i}?", "answer": str(2 * i),
+                                          "solution": f"{i}+{i}={2 * i}"}) + "\n" for i in range(50)))
     with prefect_server(home, tmp_path / "server.log") as api:
         env = prefect_env(home, api)
         _prefect(["work-pool", "create", "trace-pool", "--type", "process"], env)
@@ -36,7 +40,7 @@ def test_deploy_and_run_stage_deployment(tmp_path):
         for name in ("trace-training/training", "trace-round/round", "trace-stage/stage", "trace-evaluate/evaluate"):
             assert name in listed, listed
         params = {"stage": "prepare", "config": "demo",
-                  "overrides": [f"run.root={run_root}", f"data.source={SHARED_DATA / 'gsm8k/test.jsonl'}",
+                  "overrides": [f"run.root={run_root}", f"data.source={source}",
                                 "data.limit=40"]}
         with background([sys.executable, "-m", "prefect", "worker", "start", "--pool", "trace-pool",
                          "--limit", "1"], env, tmp_path / "worker.log", ROOT):
