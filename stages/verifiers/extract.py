@@ -1,9 +1,44 @@
-"""Locating the final answer in a response: the text after the thinking, and its \\boxed{}."""
+"""Locating the stated final answer in a response.
+
+Only an answer the response *states* is verified; prose that merely contains numbers is not an
+answer (a response cut off mid-sentence must not be rewarded because some expression in it
+happens to equal the reference). The search runs on the final region: the text after the last
+``</think>`` (none when thinking never closed), cut at the first chat-template end-of-turn
+token (``<|im_end|>``, ``<|im_start|>``, ``<|eot_id|>``, ...), since nothing after it was part of
+the response.
+
+Explicit statements, of which the LAST one that states something counts:
+
+- ``\\boxed{...}`` / ``\\fbox{...}``: the last box, with the boxes right before it that form one
+  multi-part answer (``\\boxed{1} and \\boxed{2}``);
+- "the (final) answer is ...", "answer: ...", "the solution is ...", "answer would/should be
+  ...": the text after the phrase up to the end of its sentence or line;
+- a line starting with "Answer" / "Final answer" (``**Answer:** 9``, ``Answer $$ 9 $$``);
+- GSM8K's ``#### ...``: the rest of that line.
+
+A statement states nothing when its text is empty or math-verify finds nothing in it (an empty
+``\\boxed{}``, "I hope the answer is right."); such a statement is skipped and the one before it
+counts. Only without any explicit statement does an implicit one count:
+
+- the whole response is a single line of math with no words (``$004$``, ``4, 10, -2``);
+- a concluding sentence: the last sentence, complete (ending in ``.``, ``!``, ``?`` or a closed
+  math span), containing math or a digit, and opening a clause with "therefore / thus / hence /
+  so / consequently / in conclusion / finally / we find (get, obtain, conclude, see)" (only the
+  text from that marker on is verified), or saying "... is the (our) answer / solution";
+- a closing value: the last sentence ends with "is / are / equals / = / :" and a math span
+  (``The identity matrix is $I$.``); only that span is verified.
+
+Sign-off sentences after the last one ("I hope it is correct.") are skipped.
+
+Anything else -- no statement, or a last sentence cut off mid-way -- has no answer (verdict
+``no_answer``, reward 0).
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -102,3 +137,162 @@ def final_boxed_group(text: str) -> list[Boxed]:
             break
         group.insert(0, prev)
     return group
+
+
+# ---------------------------------------------------------------- stated answers
+
+# Chat-template end-of-turn tokens: a model that runs past one writes the next turn itself.
+_TURN_END_RE = re.compile(r"<\|(?:im_end|im_start|eot_id|endoftext|end|start_header_id)\|>|</s>")
+# Math spans, display first so ``$$`` is not read as an empty inline span.
+_DISPLAY_RE = r"\$\$.+?\$\$|\\\[.+?\\\]|\\begin\{(?P<env>[A-Za-z]+\*?)\}.+?\\end\{(?P=env)\}"
+_INLINE_RE = r"(?<!\\)\$(?:\\.|[^$\\])+?\$|\\\(.+?\\\)"
+# The leading lookahead lets the scan skip, cheaply, every position that cannot open math.
+_MATH_RE = re.compile(rf"(?=[$\\])(?:(?P<display>{_DISPLAY_RE})|{_INLINE_RE})", re.DOTALL)
+_INLINE_FILL, _DISPLAY_FILL = "\x01", "\x02"
+_SENTENCE_END_RE = re.compile(r"(?=[.!?\n])(?:[.!?]+(?=\s|$)|\n[ \t]*\n)")
+# "solution:" is left out: "Here is the solution:" introduces working, not an answer.
+_ANSWER_PHRASE_RE = re.compile(
+    r"(?=[as])\b(?:answer(?:\s+(?:is|would\s+be|should\s+be|will\s+be)\b|\s*[:=])|solution\s+is\b)"
+    r"[\s*:]*",
+    re.IGNORECASE,
+)
+# A sentence that ends by giving a value in math: "The identity matrix is $I$.", "Sum: $7$".
+_CLOSING_VALUE_RE = re.compile(
+    rf"(?:\b(?:is|are|equals)|[=:])\s*(?P<value>[{_INLINE_FILL}{_DISPLAY_FILL}]+)\s*[.!]?\s*$"
+)
+_ANSWER_LINE_RE = re.compile(
+    r"^[ \t>#*_]*(?:final\s+)?answer\b[ \t*_:]*", re.IGNORECASE | re.MULTILINE
+)
+_GSM8K_RE = re.compile(r"^[ \t]*####[ \t]*", re.MULTILINE)
+_CONCLUSION_RE = re.compile(
+    r"(?:^|[,;:]\s+)\W*\b(?P<marker>therefore|thus|hence|so|consequently|in\s+conclusion|finally"
+    r"|we\s+(?:find|get|obtain|conclude|see))\b",
+    re.IGNORECASE,
+)
+_IS_ANSWER_RE = re.compile(
+    r"\bis\s+(?:the|our)\s+(?:final\s+)?(?:answer|solution)\b", re.IGNORECASE
+)
+_SIGN_OFF_RE = re.compile(
+    r"\b(?:hope|thank|let\s+me\s+know|feel\s+free|questions?|helps?|good\s+luck)\b", re.IGNORECASE
+)
+_WORD_RE = re.compile(r"(?<!\\)\b[A-Za-z]{2,}")
+StatementKind = Literal[
+    "boxed", "answer_phrase", "answer_line", "gsm8k", "whole", "conclusion", "closing_value"
+]
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One place where a response states its answer: ``text`` holds the answer (for ``boxed``
+    the box contents, one per box of the group, are in ``boxes``); ``start`` orders them."""
+
+    kind: StatementKind
+    text: str
+    start: int
+    boxes: tuple[str, ...] = ()
+
+
+def cut_at_turn_end(text: str) -> str:
+    """``text`` up to the first chat-template end-of-turn token."""
+    m = _TURN_END_RE.search(text)
+    return text if m is None else text[: m.start()]
+
+
+def mask_math(text: str) -> str:
+    """``text`` with every math span's characters replaced (same length), so that periods and
+    newlines inside math do not end sentences; display spans get a fill of their own."""
+    return _MATH_RE.sub(
+        lambda m: (_DISPLAY_FILL if m.group("display") else _INLINE_FILL) * len(m.group(0)), text
+    )
+
+
+def _clause_end(masked: str, start: int) -> int:
+    """Where the statement starting at ``start`` ends: its sentence end or line break (leading
+    whitespace skipped, so ``Answer:\\n\\n$$ 9 $$`` reaches the display)."""
+    i = start
+    while i < len(masked) and masked[i].isspace():
+        i += 1
+    m = re.compile(r"[.!?](?=\s|$)|\n").search(masked, i)
+    return len(masked) if m is None else m.start()
+
+
+def explicit_statements(region: str, masked: str | None = None) -> list[Statement]:
+    """Every explicit answer statement in ``region`` (see the module docstring), by start;
+    ``masked`` is ``mask_math(region)`` when the caller has it already."""
+    found: list[Statement] = []
+    group = final_boxed_group(region)
+    if group:
+        text = region[group[0].start : group[-1].end]
+        found.append(Statement("boxed", text, group[0].start, tuple(b.content for b in group)))
+    masked = mask_math(region) if masked is None else masked
+    kinds: tuple[tuple[StatementKind, re.Pattern[str]], ...] = (
+        ("answer_phrase", _ANSWER_PHRASE_RE),
+        ("answer_line", _ANSWER_LINE_RE),
+        ("gsm8k", _GSM8K_RE),
+    )
+    for kind, pattern in kinds:
+        for m in pattern.finditer(masked):
+            if kind == "gsm8k":  # the whole line: "#### 1,234.5" has no sentence in it
+                line_end = masked.find("\n", m.end())
+                end = len(masked) if line_end < 0 else line_end
+            else:
+                end = _clause_end(masked, m.end())
+            text = region[m.end() : end].strip()
+            if text:
+                found.append(Statement(kind, text, m.start()))
+    return sorted(found, key=lambda st: st.start)
+
+
+def _sentences(masked: str) -> list[tuple[int, int, bool]]:
+    """(start, end, complete) of each sentence; only the last can be incomplete (cut off)."""
+    spans: list[tuple[int, int, bool]] = []
+    pos = 0
+    for m in _SENTENCE_END_RE.finditer(masked):
+        if masked[pos : m.start()].strip():
+            spans.append((pos, m.end(), True))
+        pos = m.end()
+    tail = masked[pos:].strip()
+    if tail:
+        spans.append((pos, len(masked), tail.endswith(_DISPLAY_FILL)))
+    return spans
+
+
+def implicit_statement(region: str, masked: str | None = None) -> Statement | None:
+    """The answer a response states without an explicit statement, or None (module docstring)."""
+    masked = mask_math(region) if masked is None else masked
+    bare = masked.strip()
+    if bare and "\n" not in bare and _WORD_RE.search(bare.replace(_INLINE_FILL, " ")) is None:
+        return Statement("whole", region.strip(), len(region) - len(region.lstrip()))
+    sentences = _sentences(masked)
+    while sentences and sentences[-1][2]:
+        s, e, _ = sentences[-1]
+        if _has_content(masked[s:e]) or _SIGN_OFF_RE.search(masked[s:e]) is None:
+            break
+        sentences.pop()
+    if not sentences:
+        return None
+    s, e, complete = sentences[-1]
+    sentence = masked[s:e]
+    if not complete and not sentence.rstrip().endswith(_INLINE_FILL):
+        return None  # cut off mid-sentence
+    if not _has_content(sentence):
+        return None
+    markers = list(_CONCLUSION_RE.finditer(sentence))
+    if markers:
+        start = s + markers[-1].start("marker")
+    elif _IS_ANSWER_RE.search(sentence):
+        start = s + len(sentence) - len(sentence.lstrip())
+    elif (value := _CLOSING_VALUE_RE.search(sentence)) is not None:
+        return Statement(
+            "closing_value",
+            region[s + value.start("value") : s + value.end("value")],
+            s + value.start("value"),
+        )
+    else:
+        return None
+    return Statement("conclusion", region[start:e].strip(), start)
+
+
+def _has_content(masked_sentence: str) -> bool:
+    """Whether a (math-masked) sentence holds math or a digit, i.e. something to verify."""
+    return any(ch.isdigit() or ch in (_INLINE_FILL, _DISPLAY_FILL) for ch in masked_sentence)

@@ -1,4 +1,4 @@
-"""The ``math`` verifier: final \\boxed{} answer vs the reference, compared by math-verify.
+"""The ``math`` verifier: the stated final answer (extract.py) vs the reference, by math-verify.
 
 math-verify's own timeouts use ``signal.alarm``; they are switched off here
 (``parsing_timeout=None``, ``timeout_seconds=None``) because the worker process that runs this
@@ -16,7 +16,14 @@ from typing import Any
 
 from trace_rl.stages.verifiers.base import CheckFn, Verdict, register_verifier
 from trace_rl.stages.verifiers.config import VerifyConfig
-from trace_rl.stages.verifiers.extract import final_boxed_group, final_region
+from trace_rl.stages.verifiers.extract import (
+    Statement,
+    cut_at_turn_end,
+    explicit_statements,
+    final_region,
+    implicit_statement,
+    mask_math,
+)
 from trace_rl.stages.verifiers.normalize import (
     clean_answer,
     decimal_comma_variant,
@@ -78,36 +85,70 @@ def _well_formed(text: str) -> bool:
     return depth == 0 and any(ch.isalnum() for ch in text)
 
 
-_FINAL_STATEMENT_RE = re.compile(r"final answer", re.IGNORECASE)
+_WORDS_RE = re.compile(r"(?<!\\)\b[A-Za-z]{2,}")
+_STATEMENT_DETAILS = {
+    "answer_phrase": "answer from an 'answer is' statement",
+    "answer_line": "answer from an 'Answer' line",
+    "gsm8k": "answer from a '####' line",
+    "whole": "the whole response is the answer",
+    "conclusion": "answer from the concluding sentence",
+    "closing_value": "answer from the value closing the last sentence",
+}
+NO_ANSWER_DETAIL = (
+    "no stated answer (no \\boxed{}, 'the answer is', 'Answer:', '####' or complete "
+    "concluding sentence with something math-verify parses)"
+)
 
 
 def parse_prediction(region: str) -> tuple[Parsed, str | None, str | None]:
-    """The answer stated in ``region`` (response text after thinking).
+    """The answer stated in ``region`` (response text after thinking); see extract.py.
 
-    Returns (parsed, extracted_answer, detail). The last \\boxed{} group wins, unless a
-    "final answer" statement follows it (the box then held an intermediate result); a box
-    holding prose with inline math is searched like a response; without any box, math-verify's
-    own extraction is the fallback (noted in ``detail``).
+    Returns (parsed, extracted_answer, detail); parsed is [] when no answer is stated. The
+    last explicit statement that parses wins; a concluding sentence or an all-math response
+    counts only when there is no explicit statement.
     """
-    group = final_boxed_group(region)
-    if group:
-        statement = _FINAL_STATEMENT_RE.search(region, group[-1].end)
-        if statement is not None:
-            parsed = _parse(region[statement.start() :])
-            if parsed:
-                return parsed, _source_string(parsed), "final-answer statement after the last box"
-    contents = [c for c in (clean_answer(b.content) for b in group) if c]
+    region = cut_at_turn_end(region)
+    masked = mask_math(region)
+    for statement in reversed(explicit_statements(region, masked)):
+        parsed, extracted = _parse_statement(statement)
+        if parsed:
+            return parsed, extracted, _STATEMENT_DETAILS.get(statement.kind)
+    statement = implicit_statement(region, masked)
+    if statement is not None:
+        parsed, extracted = _parse_statement(statement)
+        if parsed:
+            return parsed, extracted, _STATEMENT_DETAILS[statement.kind]
+    return [], None, NO_ANSWER_DETAIL
+
+
+def _parse_statement(statement: Statement) -> tuple[Parsed, str | None]:
+    """A statement's answer parsed, and its text; [] when it states nothing math-verify reads."""
+    if statement.kind == "boxed":
+        return _parse_boxes(statement.boxes)
+    text = statement.text.strip().rstrip(".,;:").strip()
+    if not text:
+        return [], None
+    if has_math_delimiters(text) or _WORDS_RE.search(text) is not None:
+        # Prose or inline math: math-verify picks the expression out of this one statement.
+        parsed = _parse(text)
+        return parsed, _source_string(parsed)
+    return _parse_boxes((text,))
+
+
+def _parse_boxes(boxes: tuple[str, ...]) -> tuple[Parsed, str | None]:
+    """Box contents (or a bare answer) parsed as one answer; a box holding prose with inline
+    math is searched like a response."""
+    contents = [c for c in (clean_answer(b) for b in boxes) if c]
     if not contents:
-        parsed = _parse(region)
-        return parsed, _source_string(parsed), "no \\boxed{} answer; used math-verify's extraction"
+        return [], None
     if len(contents) == 1:
         content = contents[0]
         if has_math_delimiters(content):
-            return _parse(content), content, None
-        return _parse_with_variants(content, "$\\boxed{{{}}}$"), content, None
+            return _parse(content), content
+        return _parse_with_variants(content, "$\\boxed{{{}}}$"), content
     joined = ", ".join(c.replace("$", "") for c in contents)
-    boxes = ", ".join("\\boxed{" + c.replace("$", "") + "}" for c in contents)
-    return _parse("$" + boxes + "$"), joined, None
+    boxes_tex = ", ".join("\\boxed{" + c.replace("$", "") + "}" for c in contents)
+    return _parse("$" + boxes_tex + "$"), joined
 
 
 def _source_string(parsed: Parsed) -> str | None:
@@ -177,7 +218,7 @@ class MathChecker:
             return Verdict("no_answer", detail="thinking never closed (response cut off?)")
         pred, extracted, detail = parse_prediction(region)
         if not pred:
-            return Verdict("no_answer", detail="no \\boxed{} answer and nothing math-verify parses")
+            return Verdict("no_answer", detail=detail)
         correct = answers_match(gold, pred, extracted, self.rounded_min_decimals)
         return Verdict("ok", correct=correct, extracted_answer=extracted, detail=detail)
 
