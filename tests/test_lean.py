@@ -35,7 +35,7 @@ def _run(path, cfg, tok, student, teacher, tables):
     old = [torch.full((len(e.response_ids),), -5.0) for e in examples]
     mb = collate(examples, old, adv, tok.pad_token_id, with_teacher=True)
     assert mb.teacher is not None and mb.span_BT.any()
-    spec = KLSpec(cfg.kl_term_clip, cfg.kl_support, cfg.topk, cfg.self_opd.jsd_beta)
+    spec = KLSpec.of(cfg)
     s, t = mb.student, mb.teacher
     student.zero_grad()
     if path == "lean":
@@ -62,23 +62,31 @@ def _run(path, cfg, tok, student, teacher, tables):
     return out, loss.detach(), grads
 
 
-CASES = [
-    dict(method="trace", route={"key_forward": True, "error_reverse": True}),
-    dict(method="trace", route={"key_forward": True, "error_reverse": True}, kl_term_clip=None),
-    dict(method="trace", kl_support="topk", topk=7),
-    dict(method="self_opd", self_opd={"direction": "jsd"}),
-]
+BOTH = {"key_forward": True, "error_reverse": True}
+CASES = {
+    "fkl+rkl": dict(method="trace", route=BOTH),
+    # a cap below the testbed's divergences, so that the bound is active on most span tokens
+    "token_scale_active": dict(method="trace", route=BOTH, kl_token_cap=1e-3),
+    "noclip": dict(method="trace", route=BOTH, kl_bound="none"),
+    "per_term_clip": dict(method="trace", route=BOTH, kl_bound="per_term_clip"),
+    "topk": dict(method="trace", kl_support="topk", topk=7),
+    "topk_active": dict(method="trace", kl_support="topk", topk=7, kl_token_cap=1e-3),
+    "jsd": dict(method="self_opd", self_opd={"direction": "jsd"}),
+}
 
 
-@pytest.mark.parametrize("overrides", CASES, ids=["fkl+rkl", "noclip", "topk", "jsd"])
+@pytest.mark.parametrize("overrides", CASES.values(), ids=CASES.keys())
 def test_lean_equals_dense(setup, overrides):
     tok, student, teacher, tables = setup
     cfg = TrainConfig(**overrides)
     lean_out, lean_loss, lean_g = _run("lean", cfg, tok, student, teacher, tables)
     dense_out, dense_loss, dense_g = _run("dense", cfg, tok, student, teacher, tables)
-    for key in ("logp_N", "entropy_N", "kl_N"):
+    for key in ("logp_N", "entropy_N", "kl_N", "kl_raw_N"):
         torch.testing.assert_close(lean_out[key], dense_out[key], atol=1e-5, rtol=1e-5)
     assert (dense_out["kl_N"] != 0).any()
+    if cfg.kl_bound == "token_scale" and cfg.kl_token_cap < 1e-2:
+        assert (dense_out["kl_raw_N"] > cfg.kl_token_cap).any()  # the bound did act
+        assert dense_out["kl_N"].max() <= cfg.kl_token_cap + 1e-7
     torch.testing.assert_close(lean_loss, dense_loss, atol=1e-5, rtol=1e-5)
     assert lean_g.keys() == dense_g.keys() and len(lean_g) > 0
     for name in dense_g:

@@ -31,11 +31,80 @@ def test_reverse_kl_is_kl_student_teacher():
     assert got != pytest.approx(token_kl(S, T, "forward").item(), abs=1e-3)
 
 
-def test_term_clip_clamps_each_vocab_term_from_above():
+def test_per_term_clip_clamps_each_vocab_term_from_above():
+    clip = dict(bound="per_term_clip", c=0.05)
     # forward terms: 0.75 ln 1.5 = 0.3041 -> 0.05 ; 0.25 ln 0.5 = -0.1733 kept  => -0.1233
-    assert token_kl(S, T, "forward", 0.05).item() == pytest.approx(0.05 + 0.25 * LN(0.5), abs=1e-6)
+    assert token_kl(S, T, "forward", **clip).item() == pytest.approx(0.05 + 0.25 * LN(0.5), abs=1e-6)
     # reverse terms: 0.5 ln(2/3) = -0.2027 kept ; 0.5 ln 2 = 0.3466 -> 0.05  => -0.1527
-    assert token_kl(S, T, "reverse", 0.05).item() == pytest.approx(0.5 * LN(2 / 3) + 0.05, abs=1e-6)
+    assert token_kl(S, T, "reverse", **clip).item() == pytest.approx(0.5 * LN(2 / 3) + 0.05, abs=1e-6)
+
+
+def test_token_scale_caps_value_and_scales_gradient():
+    # forward KL = 0.130812 > c = 0.1: value c, gradient (p - q) * c / KL; below the cap, untouched
+    s = S.clone().requires_grad_(True)
+    kl = token_kl(s, T, "forward", bound="token_scale", c=0.1)
+    assert kl.item() == pytest.approx(0.1, abs=1e-6)
+    kl.sum().backward()
+    factor = 0.1 / (0.75 * LN(1.5) + 0.25 * LN(0.5))
+    torch.testing.assert_close(s.grad, torch.tensor([[-0.25, 0.25]]) * factor)
+    assert token_kl(S, T, "forward", bound="token_scale", c=1.0).item() == pytest.approx(
+        token_kl(S, T, "forward").item(), abs=1e-7)
+    with pytest.raises(ValueError, match="token_scale, none, per_term_clip"):
+        token_kl(S, T, "forward", bound="clamp")
+
+
+# SGD on the student's logits alone (V = 2,000, one token holds the disagreement, the rest is
+# uniform): (student prob, teacher prob) of that token. Sharp and mild, upwards and downwards.
+SGD_CASES = {"mild_up": (0.30, 0.45), "sharp_up": (0.01, 0.90), "sharp_down": (0.60, 0.001),
+             "mild_down": (0.45, 0.30)}
+
+
+def _one_hot_logits(probs: list[float], V: int = 2000) -> torch.Tensor:
+    rows = []
+    for p in probs:
+        row = torch.full((V,), LN((1 - p) / (V - 1)))
+        row[0] = LN(p)
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def _sgd(direction: str, support: str, bound: str, c: float, steps: int = 300, lr: float = 1.0):
+    """Rows are independent (the loss is a sum over rows), so the four cases run as one batch."""
+    s0, q = zip(*SGD_CASES.values())
+    student = _one_hot_logits(list(s0)).requires_grad_(True)
+    teacher = _one_hot_logits(list(q))
+    true_before = token_kl(student.detach(), teacher, direction)
+    opt = torch.optim.SGD([student], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        token_kl(student, teacher, direction, bound=bound, c=c, support=support, topk=20).sum().backward()
+        opt.step()
+    p_after = student.detach().softmax(-1)[:, 0]
+    return torch.tensor(s0), torch.tensor(q), p_after, true_before, token_kl(student.detach(), teacher, direction)
+
+
+@pytest.mark.parametrize("support", ["full", "topk"])
+@pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("bound", ["token_scale", "none"])
+def test_sgd_on_the_kl_moves_the_student_toward_the_teacher(bound, direction, support):
+    """Every shipped bound: the token closes at least half its gap, the true (unbounded) KL falls."""
+    c = TrainConfig().kl_token_cap if bound == "token_scale" else 1.0
+    s0, q, p, kl_before, kl_after = _sgd(direction, support, bound, c)
+    for i, name in enumerate(SGD_CASES):
+        assert abs(p[i] - q[i]) <= 0.5 * abs(s0[i] - q[i]), (name, p[i].item())
+        assert kl_after[i] < kl_before[i], (name, kl_before[i].item(), kl_after[i].item())
+
+
+def test_default_config_bound_is_direction_preserving():
+    cfg = TrainConfig()
+    assert cfg.kl_bound == "token_scale" and cfg.kl_token_cap == 1.0
+
+
+def test_per_term_clip_reverses_the_gradient():
+    """The opt-in literal reading: forward, teacher 0.45 vs student 0.30, the student's token FALLS
+    and the true KL rises (why it is not the default)."""
+    s0, q, p, kl_before, kl_after = _sgd("forward", "full", "per_term_clip", 0.05)
+    assert p[0] < 0.5 * s0[0] and kl_after[0] > 5 * kl_before[0]
 
 
 def test_jsd_symmetric_beta_half():

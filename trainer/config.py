@@ -1,8 +1,10 @@
 """Configuration of the trainer (one pydantic model per concern, composed into `TrainConfig`).
 
 Defaults are METHOD.md's: DAPO clip-higher (0.2 / 0.28), λ schedule w0 = 0.5 held for 10 steps and
-annealed to 0 at step 40, teacher re-synced every 10 optimizer steps, pointwise KL term clip 0.05,
-global token-mean aggregation, lr 1e-5.
+annealed to 0 at step 40, teacher re-synced every 10 optimizer steps, global token-mean
+aggregation, lr 1e-5. [choice] The divergence is bounded per token, keeping its gradient's
+direction (`kl_bound: token_scale`, cap 1 nat); the paper's literal per-vocabulary-term clip at 0.05
+reverses the gradient and is only an opt-in (`kl_bound: per_term_clip`).
 """
 
 from __future__ import annotations
@@ -71,7 +73,12 @@ class TrainConfig(BaseModel):
     route: RouteConfig = RouteConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     self_opd: SelfOPDConfig = SelfOPDConfig()
-    kl_term_clip: float | None = 0.05
+    # token_scale: D_t * sg(min(1, kl_token_cap / D_t)), direction-preserving (default);
+    # none: unbounded; per_term_clip: each vocabulary term clamped at kl_term_clip, the paper's
+    # literal reading, GRADIENT-REVERSING (faithfulness experiments only; docs/method.md).
+    kl_bound: Literal["token_scale", "none", "per_term_clip"] = "token_scale"
+    kl_token_cap: float = 1.0  # nats per token (kl_bound: token_scale)
+    kl_term_clip: float = 0.05  # nats per vocabulary term (kl_bound: per_term_clip)
     kl_support: Literal["full", "topk"] = "full"
     topk: int = 20
     span_source: Literal["annotated", "random", "inverted"] = "annotated"
@@ -102,6 +109,14 @@ class TrainConfig(BaseModel):
     accelerate_config: str | None = None
     num_processes: int = 1
 
+    @field_validator("kl_term_clip", mode="before")
+    @classmethod
+    def _term_clip(cls, v):
+        if v is None:
+            raise ValueError("kl_term_clip: null no longer turns the bound off; set kl_bound: none "
+                             "(kl_term_clip only applies with kl_bound: per_term_clip)")
+        return v
+
     @field_validator("teacher_template")
     @classmethod
     def _template(cls, v: str) -> str:
@@ -129,8 +144,9 @@ class TrainConfig(BaseModel):
                 f"micro_batch_size ({self.micro_batch_size}) must not exceed mini_batch_size "
                 f"({self.mini_batch_size}); lower micro_batch_size"
             )
-        if self.kl_term_clip is not None and self.kl_term_clip <= 0:
-            raise ValueError(f"kl_term_clip={self.kl_term_clip} must be > 0, or null to disable")
+        if self.kl_term_clip <= 0 or self.kl_token_cap <= 0:
+            raise ValueError(f"kl_term_clip={self.kl_term_clip} and kl_token_cap="
+                             f"{self.kl_token_cap} must be > 0 (kl_bound: none turns bounding off)")
         if not 0.0 < self.span_fraction <= 1.0:
             raise ValueError(f"span_fraction={self.span_fraction} must lie in (0, 1]")
         if self.method == "trace" and not (self.route.key_forward or self.route.error_reverse):

@@ -19,19 +19,27 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from trace_rl.trainer.losses import token_kl
+from trace_rl.trainer.losses import token_kl_and_raw
 
 Tensor = torch.Tensor
 
 
 @dataclass
 class KLSpec:
-    """How the divergence is computed at span positions."""
+    """How the divergence is computed at span positions: `bound` with its constant `c` (the
+    per-token cap of token_scale, the per-term clip of per_term_clip; see trainer/losses.py)."""
 
-    term_clip: float | None = 0.05
+    bound: str = "token_scale"
+    c: float = 1.0
     support: str = "full"
     topk: int = 20
     beta: float = 0.5
+
+    @classmethod
+    def of(cls, cfg) -> KLSpec:
+        """From a TrainConfig."""
+        c = cfg.kl_term_clip if cfg.kl_bound == "per_term_clip" else cfg.kl_token_cap
+        return cls(cfg.kl_bound, c, cfg.kl_support, cfg.topk, cfg.self_opd.jsd_beta)
 
 
 @dataclass
@@ -44,8 +52,9 @@ class SpanGroup:
     teacher_hidden_SH: Tensor
 
 
-def _logp_entropy_chunk(h_CH: Tensor, weight_VH: Tensor, target_C: Tensor) -> tuple[Tensor, Tensor]:
-    logp_CV = (h_CH @ weight_VH.t()).float().log_softmax(-1)
+def _logp_entropy_chunk(h_CH: Tensor, weight_VH: Tensor, target_C: Tensor,
+                        temperature: float) -> tuple[Tensor, Tensor]:
+    logp_CV = ((h_CH @ weight_VH.t()).float() / temperature).log_softmax(-1)
     logp_C = logp_CV.gather(-1, target_C[:, None]).squeeze(-1)
     with torch.no_grad():  # entropy is a diagnostic: no gradient through it
         entropy_C = -(logp_CV.exp() * logp_CV).sum(-1)
@@ -53,13 +62,15 @@ def _logp_entropy_chunk(h_CH: Tensor, weight_VH: Tensor, target_C: Tensor) -> tu
 
 
 def chunked_token_logprobs(
-    hidden_NH: Tensor, weight_VH: Tensor, target_N: Tensor, chunk: int
+    hidden_NH: Tensor, weight_VH: Tensor, target_N: Tensor, chunk: int, temperature: float = 1.0
 ) -> tuple[Tensor, Tensor]:
-    """Log-prob of each target token [N] (with grad) and entropy [N] (no grad), chunk by chunk."""
+    """Log-prob of each target token [N] (with grad) and entropy [N] (no grad), chunk by chunk,
+    under softmax(logits / temperature): the distribution the rollout engine sampled from."""
     logps, entropies = [], []
     use_ckpt = torch.is_grad_enabled() and (hidden_NH.requires_grad or weight_VH.requires_grad)
     for start in range(0, hidden_NH.shape[0], chunk):
-        args = (hidden_NH[start : start + chunk], weight_VH, target_N[start : start + chunk])
+        args = (hidden_NH[start : start + chunk], weight_VH, target_N[start : start + chunk],
+                temperature)
         if use_ckpt:
             logp_C, ent_C = checkpoint(_logp_entropy_chunk, *args, use_reentrant=False)
         else:
@@ -74,12 +85,12 @@ def chunked_token_logprobs(
 
 def _kl_chunk(
     s_h_CH: Tensor, s_w_VH: Tensor, t_h_CH: Tensor, t_w_VH: Tensor, direction: str, spec: KLSpec
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     s_logits_CV = s_h_CH @ s_w_VH.t()
     with torch.no_grad():
         t_logits_CV = t_h_CH @ t_w_VH.t()
-    return token_kl(
-        s_logits_CV, t_logits_CV, direction, spec.term_clip,
+    return token_kl_and_raw(
+        s_logits_CV, t_logits_CV, direction, bound=spec.bound, c=spec.c,
         beta=spec.beta, support=spec.support, topk=spec.topk,
     )
 
@@ -92,18 +103,24 @@ def chunked_span_kl(
     direction: str,
     spec: KLSpec,
     chunk: int,
-) -> Tensor:
-    """Full-vocabulary divergence [S] at span positions, chunked and checkpointed."""
-    out = []
+) -> tuple[Tensor, Tensor]:
+    """Bounded divergence [S] (with grad) and the unbounded one [S] (detached, for metrics) at
+    span positions, chunked and checkpointed. The bound acts per token, so chunking is exact."""
+    out, raw = [], []
     t_weight_VH = t_weight_VH.detach()
     for start in range(0, s_hidden_SH.shape[0], chunk):
         sl = slice(start, start + chunk)
         args = (s_hidden_SH[sl], s_weight_VH, t_hidden_SH[sl].detach(), t_weight_VH, direction, spec)
         if torch.is_grad_enabled():
-            out.append(checkpoint(_kl_chunk, *args, use_reentrant=False))
+            kl_C, raw_C = checkpoint(_kl_chunk, *args, use_reentrant=False)
         else:
-            out.append(_kl_chunk(*args))
-    return torch.cat(out) if out else s_hidden_SH.new_zeros(0, dtype=torch.float32)
+            kl_C, raw_C = _kl_chunk(*args)
+        out.append(kl_C)
+        raw.append(raw_C)
+    if not out:
+        empty = s_hidden_SH.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat(out), torch.cat(raw)
 
 
 def _body_and_head(hf_model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -115,8 +132,10 @@ class LeanCausalLM(nn.Module):
     """A causal LM whose forward returns per-token quantities instead of logits.
 
     mode="policy": input_ids_BL, attention_mask_BL, resp_pos_N (flat positions into B*L whose
-    hidden state predicts a response token), target_N, span_groups, teacher_weight_VH ->
-    {"logp_N", "entropy_N", "kl_N"} (kl_N is 0 off spans).
+    hidden state predicts a response token), target_N, span_groups, teacher_weight_VH,
+    temperature (the rollout's; log-probs and entropy are of softmax(logits / T), the divergence
+    of the untempered distributions) -> {"logp_N", "entropy_N", "kl_N", "kl_raw_N"} (kl_N: the
+    bounded divergence for the loss, kl_raw_N: unbounded and detached; both 0 off spans).
     mode="hidden": input_ids_BL, attention_mask_BL, pos_S -> final hidden states [S, H].
     """
 
@@ -150,20 +169,24 @@ class LeanCausalLM(nn.Module):
         target_N: Tensor,
         span_groups: list[SpanGroup] = (),
         teacher_weight_VH: Tensor | None = None,
+        temperature: float = 1.0,
     ) -> dict[str, Tensor]:
         h_NH = self.hidden(input_ids_BL, attention_mask_BL).flatten(0, 1)[resp_pos_N]
         weight_VH = self.head_weight()
-        logp_N, entropy_N = chunked_token_logprobs(h_NH, weight_VH, target_N, self.chunk)
+        logp_N, entropy_N = chunked_token_logprobs(h_NH, weight_VH, target_N, self.chunk,
+                                                   temperature)
         kl_N = torch.zeros_like(logp_N)
+        kl_raw_N = torch.zeros_like(logp_N).detach()
         for group in span_groups:
             if group.index_S.numel() == 0:
                 continue
-            kl_S = chunked_span_kl(
+            kl_S, raw_S = chunked_span_kl(
                 h_NH[group.index_S], weight_VH, group.teacher_hidden_SH, teacher_weight_VH,
                 group.direction, self.kl_spec, self.chunk,
             )
             kl_N = kl_N.index_put((group.index_S,), kl_S)
-        return {"logp_N": logp_N, "entropy_N": entropy_N, "kl_N": kl_N}
+            kl_raw_N = kl_raw_N.index_put((group.index_S,), raw_S)
+        return {"logp_N": logp_N, "entropy_N": entropy_N, "kl_N": kl_N, "kl_raw_N": kl_raw_N}
 
 
 def dense_policy_outputs(
@@ -171,6 +194,7 @@ def dense_policy_outputs(
     teacher_model: nn.Module | None,
     batch: dict,
     spec: KLSpec,
+    temperature: float = 1.0,
 ) -> dict[str, Tensor]:
     """Naive reference: full [B, L, V] logits of student (and teacher), then gather.
 
@@ -180,17 +204,19 @@ def dense_policy_outputs(
     logits_NV = hf_model(
         input_ids=batch["input_ids_BL"], attention_mask=batch["attention_mask_BL"], use_cache=False
     ).logits.flatten(0, 1)[batch["resp_pos_N"]].float()
-    logp_NV = logits_NV.log_softmax(-1)
+    logp_NV = (logits_NV / temperature).log_softmax(-1)
     logp_N = logp_NV.gather(-1, batch["target_N"][:, None]).squeeze(-1)
     entropy_N = -(logp_NV.exp() * logp_NV).sum(-1).detach()
     kl_N = torch.zeros_like(logp_N)
+    kl_raw_N = torch.zeros_like(logp_N).detach()
     for direction, index_S, t_ids, t_mask, t_pos in batch.get("dense_span_groups", []):
         with torch.no_grad():
             t_logits = teacher_model(input_ids=t_ids, attention_mask=t_mask, use_cache=False).logits
             t_logits_SV = t_logits.flatten(0, 1)[t_pos].float()
-        kl_S = token_kl(
-            logits_NV[index_S], t_logits_SV, direction, spec.term_clip,
+        kl_S, raw_S = token_kl_and_raw(
+            logits_NV[index_S], t_logits_SV, direction, bound=spec.bound, c=spec.c,
             beta=spec.beta, support=spec.support, topk=spec.topk,
         )
         kl_N = kl_N.index_put((index_S,), kl_S)
-    return {"logp_N": logp_N, "entropy_N": entropy_N, "kl_N": kl_N}
+        kl_raw_N = kl_raw_N.index_put((index_S,), raw_S)
+    return {"logp_N": logp_N, "entropy_N": entropy_N, "kl_N": kl_N, "kl_raw_N": kl_raw_N}

@@ -3,10 +3,15 @@
 Pure functions on small tensors; the memory-lean path (trainer/lean.py) reuses `token_kl` chunk by
 chunk and is tested against these on whole sequences.
 
-Reading of the paper's "each per-vocabulary term clipped pointwise at 0.05" (`term_clip`): every
-summand of the KL sum over the vocabulary is clamped from above, term_v <- min(term_v, c), so that
-no single vocabulary entry contributes more than c nats (nor any gradient once it exceeds c).
-Negative summands are left alone: they are bounded already (q log(q/p) >= q - p >= -1).
+Bounding the per-token divergence (`bound`, docs/method.md "The bound on D_t"):
+- "token_scale" (default): D_t * sg(min(1, c / D_t)). The value is capped at c nats per token and
+  the gradient is D_t's own, scaled by a non-negative detached factor, so it keeps its direction.
+- "none": the unbounded divergence.
+- "per_term_clip": the literal reading of the paper's "each per-vocabulary term clipped pointwise
+  at 0.05": every summand is clamped from above, term_v <- min(term_v, c). GRADIENT-REVERSING: a
+  clamped summand loses its pull while the softmax normaliser inside the unclamped summands keeps
+  pushing, so descent can lower exactly the tokens the teacher supports (tests/test_losses.py
+  measures it). Kept only as an opt-in for faithfulness experiments.
 """
 
 from __future__ import annotations
@@ -18,10 +23,18 @@ Tensor = torch.Tensor
 DIRECTIONS = ("forward", "reverse", "jsd")
 AGG_MODES = ("token_mean", "seq_mean_token_mean")
 KL_SUPPORTS = ("full", "topk")
+KL_BOUNDS = ("token_scale", "none", "per_term_clip")
 
 
-def _clip(terms_NV: Tensor, term_clip: float | None) -> Tensor:
-    return terms_NV if term_clip is None else terms_NV.clamp(max=term_clip)
+def bound_token_kl(kl_N: Tensor, c: float) -> Tensor:
+    """D_t * sg(min(1, c / D_t)) [N]: at most c in value, gradient direction of D_t unchanged.
+
+    The factor is detached, so d(out)/dθ = factor * dD_t/dθ with factor in (0, 1]; a divergence
+    that is <= c (or a tiny negative from rounding) passes through unchanged.
+    """
+    with torch.no_grad():
+        factor_N = c / kl_N.clamp(min=c)
+    return kl_N * factor_N
 
 
 def topk_bucket_logprobs(
@@ -59,6 +72,7 @@ def kl_from_logprobs(
 
     forward = KL(t‖s) = Σ_v t_v (log t_v − log s_v); reverse = KL(s‖t);
     jsd = β KL(t‖m) + (1−β) KL(s‖m) with m = β t + (1−β) s.
+    `term_clip` clamps every summand from above (the gradient-reversing per-term reading; None = off).
     """
     if direction == "forward":
         terms_NV = t_logp_NV.exp() * (t_logp_NV - s_logp_NV)
@@ -75,23 +89,25 @@ def kl_from_logprobs(
         )
     else:
         raise ValueError(f"unknown KL direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
-    return _clip(terms_NV, term_clip).sum(-1)
+    if term_clip is not None:
+        terms_NV = terms_NV.clamp(max=term_clip)
+    return terms_NV.sum(-1)
 
 
-def token_kl(
+def token_kl_and_raw(
     student_logits: Tensor,
     teacher_logits: Tensor,
     direction: str,
-    term_clip: float | None = None,
     *,
+    bound: str = "none",
+    c: float = 1.0,
     beta: float = 0.5,
     support: str = "full",
     topk: int = 20,
-) -> Tensor:
-    """Full-vocabulary per-token divergence [N] from logits [N, V] (computed in float32).
-
-    `support="topk"` replaces the vocabulary by the student's top-k ids plus one tail bucket.
-    """
+) -> tuple[Tensor, Tensor]:
+    """(bounded D_t [N] for the loss, unbounded D_t [N] detached for metrics); see `token_kl`."""
+    if bound not in KL_BOUNDS:
+        raise ValueError(f"unknown kl_bound {bound!r}; valid: {', '.join(KL_BOUNDS)}")
     if support == "full":
         s_logp_NV = student_logits.float().log_softmax(-1)
         t_logp_NV = teacher_logits.float().log_softmax(-1)
@@ -99,7 +115,34 @@ def token_kl(
         s_logp_NV, t_logp_NV = topk_bucket_logprobs(student_logits, teacher_logits, topk)
     else:
         raise ValueError(f"unknown kl_support {support!r}; valid: {', '.join(KL_SUPPORTS)}")
-    return kl_from_logprobs(s_logp_NV, t_logp_NV, direction, term_clip, beta)
+    raw_N = kl_from_logprobs(s_logp_NV, t_logp_NV, direction, None, beta)
+    if bound == "token_scale":
+        return bound_token_kl(raw_N, c), raw_N.detach()
+    if bound == "per_term_clip":
+        return kl_from_logprobs(s_logp_NV, t_logp_NV, direction, c, beta), raw_N.detach()
+    return raw_N, raw_N.detach()
+
+
+def token_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    direction: str,
+    *,
+    bound: str = "none",
+    c: float = 1.0,
+    beta: float = 0.5,
+    support: str = "full",
+    topk: int = 20,
+) -> Tensor:
+    """Per-token divergence [N] from logits [N, V] (computed in float32), bounded by `bound`.
+
+    `support="topk"` replaces the vocabulary by the student's top-k ids plus one tail bucket.
+    `bound` (one of KL_BOUNDS) with its constant `c`: "token_scale" caps each token's value at c
+    keeping the gradient's direction; "per_term_clip" clamps each vocabulary term at c
+    (gradient-reversing, faithfulness experiments only); "none" leaves D_t alone.
+    """
+    return token_kl_and_raw(student_logits, teacher_logits, direction, bound=bound, c=c,
+                            beta=beta, support=support, topk=topk)[0]
 
 
 def kl_weight(step: int, w0: float = 0.5, hold_steps: int = 10, zero_step: int = 40) -> float:
@@ -195,6 +238,7 @@ def masked_mean(values_BT: Tensor, mask_BT: Tensor) -> Tensor:
 
 __all__ = [
     "aggregate",
+    "bound_token_kl",
     "clipped_pg_loss",
     "grpo_advantages",
     "kl_from_logprobs",
@@ -202,5 +246,6 @@ __all__ = [
     "masked_mean",
     "routed_token_loss",
     "token_kl",
+    "token_kl_and_raw",
     "topk_bucket_logprobs",
 ]

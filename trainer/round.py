@@ -56,8 +56,7 @@ def _load_model(cfg: TrainConfig, path: str):
     if cfg.gradient_checkpointing:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hf.config.use_cache = False
-    spec = KLSpec(cfg.kl_term_clip, cfg.kl_support, cfg.topk, cfg.self_opd.jsd_beta)
-    return tokenizer, LeanCausalLM(hf, chunk=cfg.logprob_chunk, kl_spec=spec)
+    return tokenizer, LeanCausalLM(hf, chunk=cfg.logprob_chunk, kl_spec=KLSpec.of(cfg))
 
 
 def _lambda(cfg: TrainConfig, step: int) -> float:
