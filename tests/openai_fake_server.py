@@ -10,7 +10,14 @@ The reply to a request is decided by a marker inside the response under annotati
     FAULT:RANGE    ids [99, 1] (99 out of range)
     FAULT:ALLRANGE ids [99]
     FAULT:EMPTY    ids []
+    FAULT:ECHO     what a small model does unprompted: the numbered segments echoed back (not
+                   JSON), unless the request constrains the reply by a JSON schema
 otherwise: the ids of segments containing "KEY" (or [1]) with label "fake label".
+Structured outputs: a request's `response_format` (OpenAI json_schema) or `structured_outputs`
+(vLLM) is checked like a real endpoint does (a malformed one is a 400), recorded in `schemas`
+(the other faults keep their replies, so parsing is still exercised).
+`FakeOpenAI(structured=False)` answers any schema field with a 400
+naming `response_format`, as an endpoint without the feature does.
 GET /health answers 200. Run as `python -m tests.openai_fake_server --model M --port P` it
 mimics a vLLM OpenAI server (used to test the self annotator's server lifecycle).
 Also holds small test helpers shared by the annotator tests and the benchmark.
@@ -42,10 +49,13 @@ class _Server(ThreadingHTTPServer):
 class FakeOpenAI:
     """The server plus what it saw: requests (bodies, headers, times) and tries per fault key."""
 
-    def __init__(self, latency_s: float = 0.0, slow_s: float = 3.0, model: str | None = None):
+    def __init__(self, latency_s: float = 0.0, slow_s: float = 3.0, model: str | None = None,
+                 structured: bool = True):
         self.latency_s, self.slow_s, self.model = latency_s, slow_s, model
+        self.structured = structured
         self.lock = threading.Lock()
         self.requests: list[dict] = []
+        self.schemas: list[dict] = []  # the schema of each accepted constrained request
         self.tries: Counter[str] = Counter()
         self.httpd = _Server(("127.0.0.1", 0), _handler_for(self))
         self.port = self.httpd.server_address[1]
@@ -72,6 +82,15 @@ class FakeOpenAI:
             n = self.tries[user]
         if self.model is not None and body.get("model") != self.model:
             return 404, _error(f"model {body.get('model')!r} not served"), {}
+        try:
+            schema = _request_schema(body)
+        except ValueError as e:
+            return 400, _error(str(e)), {}
+        if schema is not None and not self.structured:
+            return 400, _error("response_format is not supported by this endpoint"), {}
+        if schema is not None:
+            with self.lock:
+                self.schemas.append(schema)
         if name == "429" and n == 1:
             return 429, _error("rate limited"), {"Retry-After": "1"}
         if (name == "500" and n <= 2) or name == "500ALL":
@@ -85,11 +104,31 @@ class FakeOpenAI:
             "RANGE": json.dumps({"segment_ids": [99, 1], "label": "range"}),
             "ALLRANGE": json.dumps({"segment_ids": [99], "label": "range"}),
             "EMPTY": json.dumps({"segment_ids": [], "label": ""}),
+            "ECHO": "\n".join(f"[{i}] {text}" for i, text in segments),
         }.get(name)
-        if content is None:
+        if content is None or (schema is not None and name == "ECHO"):
             ids = [int(i) for i, text in segments if "KEY" in text] or [1]
             content = json.dumps({"segment_ids": ids, "label": "fake label"})
         return 200, _completion(body.get("model", "fake"), content), {}
+
+
+def _request_schema(body: dict) -> dict | None:
+    """The JSON schema a request constrains its reply by (None when unconstrained); ValueError
+    for a malformed field, as real endpoints reject them."""
+    fmt, vllm = body.get("response_format"), body.get("structured_outputs")
+    if fmt is not None and vllm is not None:
+        raise ValueError("give response_format or structured_outputs, not both")
+    if vllm is not None:
+        if not isinstance(vllm, dict) or not isinstance(vllm.get("json"), dict):
+            raise ValueError("structured_outputs.json must be a JSON schema object")
+        return vllm["json"]
+    if fmt is None or fmt.get("type") in ("text", "json_object"):
+        return None
+    spec = fmt.get("json_schema") if fmt.get("type") == "json_schema" else None
+    if not (isinstance(spec, dict) and spec.get("name") and isinstance(spec.get("schema"), dict)):
+        raise ValueError("response_format json_schema needs json_schema.name and .schema")
+    return spec["schema"]
+
 
 
 def _error(message: str) -> dict:

@@ -6,14 +6,16 @@ it), 408, 409, 5xx, timeouts and connection errors; exponential backoff with jit
 backoff_max_s. Not retried: other 4xx (a bad request or key will not fix itself).
 Concurrency is bounded by a semaphore held only while a request is in flight (not while
 backing off). A reply's latency counts from its first try sent (not time queued for a slot)
-to its final outcome, backoff included. The API key is read from the environment by name and scrubbed from every error
-string this module produces.
+to its final outcome, backoff included. The API key is read from the environment by name and
+scrubbed from every error string this module produces. A request that carries the reply's JSON
+schema and is rejected for it is sent again without it when the caller allows the fallback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import logging
 import os
 import random
 import time
@@ -22,7 +24,9 @@ from dataclasses import dataclass
 import openai
 
 from trace_rl.stages.annotators.config import ApiOptions
+from trace_rl.stages.annotators.schema import schema_rejected
 
+log = logging.getLogger(__name__)
 RETRY_STATUS = (408, 409, 429)
 
 
@@ -129,8 +133,13 @@ class ApiCaller:
         temperature: float,
         concurrency: int,
         extra_body: dict | None = None,
+        schema_fallback: bool = False,
     ):
         self.opts = opts
+        # Whether a request that the endpoint rejects for its schema fields is sent again
+        # without them (structured_output: auto); once rejected, no request carries them.
+        self.schema_fallback = schema_fallback
+        self.schema_ok = True
         self.model = model
         self.temperature = temperature
         self.extra_body = dict(opts.extra_body if extra_body is None else extra_body)
@@ -149,9 +158,11 @@ class ApiCaller:
         """The request fields that change a reply (part of the cache key)."""
         return sampling_of(self.opts, self.temperature, self.extra_body)
 
-    async def _try_once(self, messages: list[dict], started: list[float]) -> str:
-        body = {"model": self.model, "messages": messages, **self._sampling}
+    async def _try_once(self, messages: list[dict], started: list[float], fields: dict) -> str:
         async with self._sem:
+            # Decided once a slot is ours: a rejection seen while queued already counts.
+            use = fields if self.schema_ok else {}
+            body = {"model": self.model, "messages": messages, **self._sampling, **use}
             if not started:  # latency counts from the first try sent, not from queueing
                 started.append(time.perf_counter())
             # client.post is the SDK's documented raw-request path (auth, timeouts and error
@@ -178,24 +189,43 @@ class ApiCaller:
                 backoff = max(backoff, asked)
         return min(backoff, self.opts.backoff_max_s)
 
-    async def call(self, messages: list[dict]) -> CallResult:
-        """One reply, retried per the module policy; never raises for transport failures."""
+    def _drop_schema(self, err: BaseException, fields: dict) -> bool:
+        """True when `err` says the endpoint does not take the schema fields and we may go on
+        without them (this request and every later one)."""
+        if not (fields and self.schema_fallback and schema_rejected(err)):
+            return False
+        if self.schema_ok:  # the first rejection: said once
+            log.warning("the annotator endpoint rejects structured outputs (%s); asking without "
+                        "a schema from now on (annotate.api.structured_output=off skips the try)",
+                        redact(describe(err), self._key)[:200])
+        self.schema_ok = False
+        return True
+
+    async def call(self, messages: list[dict], fields: dict | None = None) -> CallResult:
+        """One reply, retried per the module policy; never raises for transport failures.
+        `fields`: per-request body fields (the reply's schema and its token cap)."""
         started: list[float] = []
+        fields = dict(fields or {})
 
         def latency() -> float:
             return time.perf_counter() - started[0] if started else 0.0
 
         last_status, last_error = "api_error", "no attempt made"
-        for attempt in range(self.opts.max_retries + 1):
+        attempt = 0
+        while attempt <= self.opts.max_retries:
             try:
-                raw = await self._try_once(messages, started)
+                raw = await self._try_once(messages, started, fields)
                 return CallResult(redact(raw, self._key), "ok", None, latency())
             except Exception as err:  # noqa: BLE001 - every failure becomes a row status
+                if self._drop_schema(err, fields):
+                    fields = {}
+                    continue  # the same try without the schema: not counted as a retry
                 retryable, last_status = classify(err)
                 last_error = redact(f"attempt {attempt + 1}: {describe(err)}", self._key)
                 if not retryable or attempt == self.opts.max_retries:
                     break
                 await asyncio.sleep(self._delay(attempt, err))
+            attempt += 1
         return CallResult(None, last_status, last_error, latency())
 
     async def close(self) -> None:

@@ -11,15 +11,12 @@ directly. Row statuses: ok | no_spans | parse_error | api_error | timeout | skip
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import contextlib
 import hashlib
 import importlib
 import logging
 import os
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,11 +27,8 @@ from trace_rl.stages.annotators.align import (
     token_char_offsets,
     token_offsets,
 )
-from trace_rl.stages.annotators.api import ApiCaller, CallResult, sampling_of
-from trace_rl.stages.annotators.cache import ReplyCache, cache_key
 from trace_rl.stages.annotators.config import AnnotateConfig
-from trace_rl.stages.annotators.parse import ParsedReply, clean_label, parse_reply, validate_ids
-from trace_rl.stages.annotators.prompting import build_messages
+from trace_rl.stages.annotators.parse import ParsedReply, clean_label, validate_ids
 from trace_rl.stages.annotators.segments import Segment, segment_response
 from trace_rl.stages.annotators.spans import build_spans
 
@@ -203,182 +197,6 @@ def finish(
         error=_join(parsed.note, plan.note),
         latency_s=latency_s,
     )
-
-
-def run_coro(coro: Coroutine) -> Any:
-    """Run a coroutine from sync code, also when the caller already runs an event loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
-
-
-Transport = Callable[[list[list[dict]], Callable[[int, CallResult], None]], list[CallResult]]
-
-
-def row_of(cfg: AnnotateConfig, job: Job, annotator: str, res: CallResult) -> dict:
-    """The row of a job from its reply (or its transport failure)."""
-    if res.status != "ok":
-        return make_row(job.item, annotator, res.status, error=res.error, latency_s=res.latency_s)
-    parsed = parse_reply(res.raw or "", len(job.segments))
-    return finish(cfg, job, annotator, parsed, res.raw, res.latency_s)
-
-
-def llm_rows(
-    cfg: AnnotateConfig,
-    jobs: list[Job],
-    annotator: str,
-    model_id: str,
-    sampling: dict,
-    transport: Transport,
-    cache: ReplyCache,
-    tick: Callable[[], None],
-) -> list[dict]:
-    """Rows of prepared jobs answered by a batch transport: cache hits first, then the misses.
-
-    A reply is stored in the cache and turned into its row as soon as it arrives.
-    """
-    messages = [build_messages(cfg, j.item, j.segments) for j in jobs]
-    keys = [cache_key(model_id, m, sampling) for m in messages]
-    rows: list[dict | None] = [None] * len(jobs)
-    misses = []
-    for i, key in enumerate(keys):
-        raw = cache.get(key)
-        if raw is None:
-            misses.append(i)
-        else:
-            rows[i] = row_of(cfg, jobs[i], annotator, CallResult(raw, "ok", None, 0.0))
-            tick()
-
-    def on_done(k: int, res: CallResult) -> None:
-        i = misses[k]
-        # Store at once, so a crash later in the run keeps every reply already paid for.
-        if res.status == "ok" and res.raw is not None:
-            cache.put(keys[i], res.raw, {"model": model_id})
-        rows[i] = row_of(cfg, jobs[i], annotator, res)
-        tick()
-
-    if misses:
-        results = transport([messages[i] for i in misses], on_done)
-        for i, res in zip(misses, results, strict=True):
-            if rows[i] is None:  # a transport that did not report this one as it finished
-                rows[i] = row_of(cfg, jobs[i], annotator, res)
-    log.info("annotate: %d cache hits, %d requests", len(jobs) - len(misses), len(misses))
-    assert all(r is not None for r in rows)
-    return rows  # type: ignore[return-value]
-
-
-async def run_windowed(fn: Callable[[int], Awaitable[None]], n: int, window: int) -> None:
-    """Await fn(0), ..., fn(n - 1), started in order with at most `window` unfinished at once.
-
-    The first exception cancels the rest and propagates.
-    """
-    running: set[asyncio.Task] = set()
-
-    async def reap() -> None:
-        nonlocal running
-        done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            task.result()
-
-    try:
-        for k in range(n):
-            if len(running) >= window:
-                await reap()
-            running.add(asyncio.create_task(fn(k)))
-        while running:
-            await reap()
-    except BaseException:
-        for task in running:
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
-        raise
-
-
-def api_rows(
-    cfg: AnnotateConfig,
-    jobs: list[Job],
-    annotator: str,
-    model_id: str,
-    cache: ReplyCache,
-    tick: Callable[[], None],
-    *,
-    endpoint: Callable[[], contextlib.AbstractContextManager[str | None]],
-    model: str,
-    api_key: str,
-    concurrency: int,
-    extra_body: dict | None = None,
-) -> list[dict]:
-    """Rows of (unprepared) jobs answered over an OpenAI-compatible endpoint.
-
-    Each job runs as one pipeline: prepare, cache lookup, request on a miss (the reply cached at
-    once, so a crash keeps every reply paid for), parse and span mapping. Jobs start in order,
-    at most 2 x concurrency at a time, so the CPU work of one overlaps the requests of others
-    rather than preceding them all. `endpoint()` yields the base URL; it is entered at the
-    first cache miss only (for the self annotator it starts a server on the checkpoint).
-    """
-    sampling = sampling_of(cfg.api, cfg.temperature, extra_body)
-    rows: list[dict | None] = [None] * len(jobs)
-    hits = 0
-
-    async def go() -> None:
-        nonlocal hits
-        stack = contextlib.ExitStack()
-        opening: asyncio.Task[ApiCaller] | None = None
-
-        async def open_caller() -> ApiCaller:
-            base_url = await asyncio.to_thread(stack.enter_context, endpoint())
-            # The client must be created inside the loop that uses it.
-            return ApiCaller(
-                cfg.api,
-                model=model,
-                base_url=base_url,
-                api_key=api_key,
-                temperature=cfg.temperature,
-                concurrency=concurrency,
-                extra_body=extra_body,
-            )
-
-        async def one(k: int) -> None:
-            nonlocal hits, opening
-            job = jobs[k]
-            row = job.prepare(cfg, annotator)
-            if row is None:
-                messages = build_messages(cfg, job.item, job.segments)
-                key = cache_key(model_id, messages, sampling)
-                raw = cache.get(key)
-                if raw is not None:
-                    hits += 1
-                    res = CallResult(raw, "ok", None, 0.0)
-                else:
-                    if opening is None:  # opened once; a failure reaches every waiter
-                        opening = asyncio.create_task(open_caller())
-                    res = await (await asyncio.shield(opening)).call(messages)
-                    if res.status == "ok" and res.raw is not None:
-                        cache.put(key, res.raw, {"model": model_id})
-                row = row_of(cfg, job, annotator, res)
-            rows[k] = row
-            tick()
-
-        try:
-            await run_windowed(one, len(jobs), 2 * concurrency)
-        finally:
-            if (
-                opening is not None
-                and opening.done()
-                and not opening.cancelled()
-                and opening.exception() is None
-            ):
-                await opening.result().close()
-            await asyncio.to_thread(stack.close)
-
-    if jobs:
-        run_coro(go())
-    log.info("annotate: %d cache hits, %d requests", hits, len(jobs) - hits)
-    assert all(r is not None for r in rows)
-    return rows  # type: ignore[return-value]
 
 
 def load_rule(spec: str) -> Callable[[dict, list[str], str], tuple[list[int], str]]:

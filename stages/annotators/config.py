@@ -59,6 +59,13 @@ class ApiOptions(BaseModel):
     send_temperature: bool = Field(
         default=True, description="false for endpoints that reject a temperature (o-series)"
     )
+    structured_output: Literal["auto", "json_schema", "vllm", "off"] = Field(
+        default="auto",
+        description="constrain each reply by its JSON schema: auto (response_format json_schema; "
+        "without it if the endpoint rejects it, or when the self annotator thinks first), "
+        "json_schema (always), vllm (vLLM's own structured_outputs field), off; with a schema "
+        "the reply budget is capped at what the longest valid reply needs",
+    )
     extra_body: dict = Field(
         default_factory=dict,
         description="provider-specific request fields (e.g. {'response_format': {'type': "

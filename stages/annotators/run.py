@@ -11,9 +11,7 @@ from trace_rl.stages.annotators.api import read_api_key
 from trace_rl.stages.annotators.base import (
     Job,
     annotator_name,
-    api_rows,
     dir_fingerprint,
-    llm_rows,
     prepare_jobs,
     rule_rows,
     split_routes,
@@ -21,6 +19,8 @@ from trace_rl.stages.annotators.base import (
 )
 from trace_rl.stages.annotators.cache import ReplyCache
 from trace_rl.stages.annotators.config import BACKEND_NAMES, AnnotateConfig
+from trace_rl.stages.annotators.replies import api_rows, llm_rows
+from trace_rl.stages.annotators.schema import uses_schema
 from trace_rl.stages.annotators.selfhost import generate_inprocess, served
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ def _endpoint_rows(
             model=cfg.api.model,
             api_key=read_api_key(cfg.api.api_key_env),
             concurrency=cfg.api.concurrency,
+            structured=uses_schema(cfg.api.structured_output),
         )
     assert model_path
     opts = cfg.self_host
@@ -123,6 +124,7 @@ def _endpoint_rows(
             **cfg.api.extra_body,
             "chat_template_kwargs": {"enable_thinking": opts.enable_thinking},
         },
+        structured=uses_schema(cfg.api.structured_output, thinking=opts.enable_thinking),
     )
 
 
