@@ -2,7 +2,8 @@
 
 Tasks pass config paths, round numbers and manifest fingerprints, never tables. Each stage skips
 itself when its output is current, so rerunning `trace_training` continues from the first
-incomplete stage of the first incomplete round.
+incomplete stage of the first incomplete round. `trace_training` holds one run-scoped vLLM engine
+(stages/engines/session.py) across its rounds; a round or stage flow run alone starts cold.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from trace_rl.stages.config import load_config
+from trace_rl.stages.engines.session import engine_session
 
 from .stage_task import run_stage, write_resolved_config
 
@@ -28,8 +30,35 @@ def _stage_task(stage: str, config_path: str, round_index: Optional[int], force:
 
 # Retries only where a failure is plausibly transient: the annotate stage talks to an API.
 _TASK_OPTS = dict(cache_policy=NO_CACHE, log_prints=True)
+def _rollout_task(stage: str, config_path: str, round_index: Optional[int], force: bool = False) -> dict:
+    """The rollout stage; with the run's engine session when the flow has one.
+
+    The session's engine runs in its own worker process, so this process only tokenizes: the
+    stage runs here (no per-stage child process), where the session lives.
+    """
+    from trace_rl.stages.engines.session import active_session
+
+    cfg = load_config(config_path)
+    if active_session() is None or cfg.rollout.engine != "vllm" or not cfg.rollout.vllm.persistent:
+        return _stage_task(stage, config_path, round_index, force)
+    from trace_rl.stages import get_stage
+
+    manifest = get_stage(stage)(cfg, round_index, force=force, progress=True)
+    return {"dataset": manifest.dataset, "fingerprint": manifest.fingerprint, "rows": manifest.rows,
+            "counts": manifest.counts}
+
+
+def _release_engine() -> None:
+    """Before a stage that takes the accelerator: the run's engine sleeps (or stops) meanwhile."""
+    from trace_rl.stages.engines.session import active_session
+
+    session = active_session()
+    if session is not None:
+        logging.getLogger("trace_rl.flows").info("rollout engine: %s", session.release_device())
+
+
 stage_prepare = task(name="prepare", **_TASK_OPTS)(_stage_task)
-stage_rollout = task(name="rollout", **_TASK_OPTS)(_stage_task)
+stage_rollout = task(name="rollout", **_TASK_OPTS)(_rollout_task)
 stage_verify = task(name="verify", **_TASK_OPTS)(_stage_task)
 stage_annotate = task(name="annotate", retries=2, retry_delay_seconds=30, **_TASK_OPTS)(_stage_task)
 stage_train = task(name="train", **_TASK_OPTS)(_stage_task)
@@ -67,6 +96,8 @@ def trace_round(config_path: str, round_index: int, force_from: Optional[str] = 
     for stage in ROUND_STAGES:
         forcing = forcing or stage == force_from
         logger.info("round %d: %s", round_index, stage)
+        if stage == "train":
+            _release_engine()
         results[stage] = TASKS[stage](stage, config_path, round_index, force=forcing)
     _publish_round_artifacts(config_path, round_index)
     return results
@@ -81,11 +112,14 @@ def trace_training(config: str = "demo", overrides: Optional[list[str]] = None,
     total = rounds or cfg.run.rounds
     stage_prepare("prepare", config_path, None)
     out = {}
-    for k in range(total):
-        out[k] = trace_round(config_path, k)
-        if cfg.eval.benchmarks and (cfg.eval.every_round or k == total - 1):
-            # Evaluates checkpoints/round-(k+1); skipped when its samples are current.
-            stage_evaluate("evaluate", config_path, k)
+    # One vLLM engine for all rounds (started by the first rollout, closed however the flow ends).
+    with engine_session():
+        for k in range(total):
+            out[k] = trace_round(config_path, k)
+            if cfg.eval.benchmarks and (cfg.eval.every_round or k == total - 1):
+                _release_engine()
+                # Evaluates checkpoints/round-(k+1); skipped when its samples are current.
+                stage_evaluate("evaluate", config_path, k)
     return {"run": cfg.run.run_root, "rounds": total, "last": out.get(total - 1)}
 
 

@@ -16,7 +16,7 @@ from trace_rl.data_schemas import PROMPTS, ROLLOUTS
 from trace_rl.stages.config import TraceConfig
 from trace_rl.pipeline.store import Manifest
 
-from .common import checkpoint_for_round, dataset_name, open_store, plan
+from .common import dataset_name, decide, open_store, start_checkpoint
 
 log = logging.getLogger("trace_rl.stages.rollout")
 
@@ -41,9 +41,8 @@ def rollout_id(round_index: int, prompt_id: str, sample_index: int) -> str:
 
 def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progress: bool = True) -> Manifest:
     round_index = 0 if round_index is None else round_index
-    model_dir, model_fp = checkpoint_for_round(cfg, open_store(cfg), round_index)
-    parts = {"rollout": cfg.section("rollout"), "round": round_index, "seed": cfg.run.seed}
-    p = plan(cfg, "rollout", round_index, parts, ["prompts"], force=force, extra_inputs=model_fp)
+    model_dir, model_fp = start_checkpoint(cfg, open_store(cfg), round_index)
+    p = decide(cfg, "rollout", round_index, ["prompts"], force=force, extra_inputs=model_fp)
     if p.skip:
         return p.existing
     prompts = p.store.read("prompts", PROMPTS)
@@ -54,9 +53,7 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     rcfg = cfg.rollout.model_copy(update={"seed": cfg.rollout.seed + 1000 * cfg.run.seed + round_index})
     log.info("rollout round %d: %d prompts x %d samples with %s (%s)", round_index, len(chosen),
              rcfg.n, rcfg.engine, model_dir)
-    from trace_rl.stages.engines import generate
-
-    samples = generate(rcfg, model_dir, chosen, progress=progress)
+    samples = _generate(rcfg, model_dir, chosen, progress)
     rows = []
     for s in samples:
         rows.append({**s, "rollout_id": rollout_id(round_index, s["prompt_id"], s["sample_index"]),
@@ -72,6 +69,21 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
         w.counts.update(reasons)
         w.extra = {"model_dir": model_dir, "prompts": len(chosen), "n": rcfg.n}
     return w.manifest
+
+
+def _generate(rcfg, model_dir: str, chosen: list[dict], progress: bool) -> list[dict]:
+    """With the flow's run-scoped vLLM engine when one is active, else a cold engine."""
+    from trace_rl.stages.engines import generate
+    from trace_rl.stages.engines.session import active_session
+
+    session = active_session()
+    if session is not None and rcfg.engine == "vllm" and rcfg.vllm.persistent:
+        samples, stats = session.generate_with_stats(rcfg, model_dir, chosen, progress=progress)
+        log.info("rollout engine (%s): start %.1f s, weight load %.1f s, generate %.1f s",
+                 stats["mode"], stats["engine_start_s"], stats["load_weights_s"],
+                 stats["generate_s"])
+        return samples
+    return generate(rcfg, model_dir, chosen, progress=progress)
 
 
 def read_round(store, round_index: int) -> pa.Table:

@@ -85,6 +85,17 @@ class VLLMOptions(BaseModel):
     timeout_s: float | None = Field(
         default=None, description="kill the worker after this many seconds; None = no limit"
     )
+    persistent: bool = Field(
+        default=True,
+        description="in a multi-round flow, keep one engine up for the whole run and load each "
+        "round's checkpoint into it in place (stages/engines/session.py); false = a cold "
+        "engine per rollout stage. A standalone rollout stage always starts cold",
+    )
+    sleep_level: Literal[1, 2] = Field(
+        default=2,
+        description="vLLM sleep level while the trainer holds the GPU: 1 offloads the weights "
+        "to CPU memory, 2 drops them (the next round reloads its checkpoint anyway)",
+    )
 
     @field_validator("tensor_parallel_size", "data_parallel_size")
     @classmethod

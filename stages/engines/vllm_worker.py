@@ -1,6 +1,9 @@
 """vLLM rollout worker: runs in the vLLM virtual environment, never in the main one.
 
+One-shot (a cold engine per rollout stage):
     <vllm-python> vllm_worker.py REQUEST.json RESULT.parquet
+Serving (a run-scoped engine, see stages/engines/session.py):
+    <vllm-python> vllm_worker.py --serve SPEC.json REPLY_FD
 
 REQUEST.json (written by stages/engines/vllm_engine.py):
     model: checkpoint dir; llm_kwargs: keyword arguments of vllm.LLM;
@@ -9,14 +12,28 @@ REQUEST.json (written by stages/engines/vllm_engine.py):
 RESULT.parquet: one row per (prompt, sample): prompt_index, sample_index, response_token_ids,
     response_logprobs, finish_reason; file metadata "stats" holds JSON timings.
 
-Standalone on purpose (only vllm and pyarrow): the repo's packages are not installed here.
+Serving: SPEC.json is {model, llm_kwargs, prefill_tokens}; the worker builds the engine once, then
+reads one JSON command per line on stdin and answers each with one JSON line on file descriptor
+REPLY_FD (stdout and stderr carry vLLM's log, so replies need their own channel):
+    {"op": "generate", "request": REQUEST.json, "result": RESULT.parquet}  -> {"stats": {...}}
+    {"op": "load_weights", "model": DIR}  new weights in place from DIR's *.safetensors
+    {"op": "sleep", "level": 1|2} / {"op": "wake"}   free / retake the accelerator's memory
+    {"op": "close"}
+Every reply has "ok"; a failed command answers {"ok": false, "error": traceback} and the worker
+keeps serving, so the parent decides whether to start over.
+
+Standalone on purpose (only vllm, safetensors and pyarrow): the repo's packages are not
+installed here.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+import traceback
+from pathlib import Path
 
 
 def _sampled_logprobs(token_ids: list[int], logprobs: object) -> list[float]:
@@ -33,7 +50,12 @@ def _finish_reason(reason: str | None, index: int) -> str:
     return reason
 
 
-def _avoid_chunked_prefill_on_cpu(kwargs: dict, request: dict) -> None:
+def prefill_tokens(request: dict) -> int:
+    """Prompt tokens the request feeds the engine (each prompt once per sample)."""
+    return sum(len(p["prompt_token_ids"]) for p in request["prompts"]) * request["sampling"]["n"]
+
+
+def _avoid_chunked_prefill_on_cpu(kwargs: dict, prefill: int) -> None:
     """On CPU, give the scheduler a token budget that holds every prefill whole.
 
     vLLM rewinds a seeded request's generator after a partial (chunked) prefill with
@@ -44,25 +66,28 @@ def _avoid_chunked_prefill_on_cpu(kwargs: dict, request: dict) -> None:
 
     if not current_platform.is_cpu() or "max_num_batched_tokens" in kwargs:
         return
-    n = request["sampling"]["n"]
-    prefill = sum(len(p["prompt_token_ids"]) for p in request["prompts"]) * n
     kwargs["max_num_batched_tokens"] = max(8192, prefill + 1024)
 
 
-def run(request: dict) -> tuple[dict, dict]:
-    """Generate every prompt of the request; returns (columns, stats)."""
-    t0 = time.perf_counter()
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+def build_llm(model: str, llm_kwargs: dict, prefill: int, sleep_mode: bool = False):
+    from vllm import LLM
 
-    kwargs = dict(request.get("llm_kwargs", {}))
+    kwargs = dict(llm_kwargs)
     # Log-probs must be those of the distribution actually sampled from (after temperature,
     # top-k, top-p); vLLM's default reports the raw model log-probs.
     kwargs.setdefault("logprobs_mode", "processed_logprobs")
-    _avoid_chunked_prefill_on_cpu(kwargs, request)
-    llm = LLM(model=request["model"], **kwargs)
-    t_ready = time.perf_counter()
+    _avoid_chunked_prefill_on_cpu(kwargs, prefill)
+    if sleep_mode:
+        kwargs.setdefault("enable_sleep_mode", True)
+    return LLM(model=model, **kwargs), kwargs
 
+
+def generate(llm, request: dict) -> tuple[dict, dict]:
+    """Generate every prompt of the request with a built engine; returns (columns, stats)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    t0 = time.perf_counter()
     s = request["sampling"]
     params = [
         SamplingParams(
@@ -80,18 +105,8 @@ def run(request: dict) -> tuple[dict, dict]:
     ]
     inputs = [TokensPrompt(prompt_token_ids=p["prompt_token_ids"]) for p in request["prompts"]]
     outputs = llm.generate(inputs, params, use_tqdm=bool(request.get("progress", False)))
-    t_done = time.perf_counter()
-
-    cols: dict[str, list] = {
-        k: []
-        for k in (
-            "prompt_index",
-            "sample_index",
-            "response_token_ids",
-            "response_logprobs",
-            "finish_reason",
-        )
-    }
+    keys = ("prompt_index", "sample_index", "response_token_ids", "response_logprobs", "finish_reason")
+    cols: dict[str, list] = {k: [] for k in keys}
     for prompt, out in zip(request["prompts"], outputs):
         for comp in sorted(out.outputs, key=lambda c: c.index):
             ids = list(comp.token_ids)
@@ -101,11 +116,19 @@ def run(request: dict) -> tuple[dict, dict]:
             cols["response_logprobs"].append(_sampled_logprobs(ids, comp.logprobs))
             cols["finish_reason"].append(_finish_reason(comp.finish_reason, prompt["index"]))
     stats = {
-        "engine_start_s": t_ready - t0,
-        "generate_s": t_done - t_ready,
+        "generate_s": time.perf_counter() - t0,
         "generated_tokens": sum(len(ids) for ids in cols["response_token_ids"]),
     }
     return cols, stats
+
+
+def run(request: dict) -> tuple[dict, dict]:
+    """Cold path: build an engine, generate every prompt of the request; (columns, stats)."""
+    t0 = time.perf_counter()
+    llm, _ = build_llm(request["model"], request.get("llm_kwargs", {}), prefill_tokens(request))
+    start_s = time.perf_counter() - t0
+    cols, stats = generate(llm, request)
+    return cols, {"engine_start_s": start_s, **stats}
 
 
 def write_result(cols: dict, stats: dict, path: str) -> None:
@@ -125,9 +148,115 @@ def write_result(cols: dict, stats: dict, path: str) -> None:
     pq.write_table(pa.table(cols, schema=schema), path)
 
 
+def _checkpoint_weights(model_dir: str):
+    """(name, tensor) of every *.safetensors file in the checkpoint dir, one tensor at a time."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}: not a save_pretrained checkpoint")
+    for path in files:
+        with safe_open(str(path), framework="pt") as fh:
+            for name in fh.keys():
+                yield name, fh.get_tensor(name)
+
+
+def _reload_in_worker(worker, model_dir: str) -> str:
+    """Runs inside every vLLM worker (collective_rpc): the checkpoint's weights, in place.
+
+    vLLM's own in-place reload goes through its model loader (same file selection and weight
+    post-processing as a cold load). Tied embeddings: the trainer writes lm_head.weight too;
+    vLLM's tied models hold one tensor for embed_tokens and lm_head and skip the lm_head entry,
+    so the head follows the embedding either way.
+    """
+    if hasattr(worker, "reload_weights"):
+        worker.reload_weights(weights_path=model_dir)
+        return "reload_weights"
+    worker.model_runner.model.load_weights(_checkpoint_weights(model_dir))  # older vLLM
+    return "load_weights"
+
+
+def load_weights(llm, model_dir: str) -> dict:
+    t0 = time.perf_counter()
+    how = llm.collective_rpc(_reload_in_worker, args=(model_dir,))
+    # Cached prefixes hold keys/values of the old weights; reusing them would mix policies.
+    llm.reset_prefix_cache()
+    return {"load_s": time.perf_counter() - t0, "how": how}
+
+
+class _Server:
+    def __init__(self, spec: dict, reply_fd: int):
+        from vllm.platforms import current_platform
+
+        self.reply = os.fdopen(reply_fd, "w", buffering=1)
+        self.platform = "cpu" if current_platform.is_cpu() else str(current_platform.device_type)
+        self.sleep_mode = bool(current_platform.is_sleep_mode_available()) and self.platform != "cpu"
+        t0 = time.perf_counter()
+        self.llm, kwargs = build_llm(
+            spec["model"], spec["llm_kwargs"], spec["prefill_tokens"], self.sleep_mode
+        )
+        self.asleep = False
+        self.answer(
+            ok=True,
+            op="ready",
+            engine_start_s=time.perf_counter() - t0,
+            platform=self.platform,
+            sleep_mode=self.sleep_mode,
+            max_num_batched_tokens=kwargs.get("max_num_batched_tokens"),
+            pid=os.getpid(),
+        )
+
+    def answer(self, **reply) -> None:
+        self.reply.write(json.dumps(reply) + "\n")
+
+    def handle(self, cmd: dict) -> dict:
+        op = cmd["op"]
+        if op == "generate":
+            if self.asleep:
+                raise RuntimeError("generate while asleep: send wake first")
+            with open(cmd["request"]) as f:
+                request = json.load(f)
+            cols, stats = generate(self.llm, request)
+            write_result(cols, {"engine_start_s": 0.0, **stats}, cmd["result"])
+            return {"stats": stats}
+        if op == "load_weights":
+            return load_weights(self.llm, cmd["model"])
+        if op == "sleep":
+            t0 = time.perf_counter()
+            self.llm.sleep(level=int(cmd.get("level", 1)))
+            self.asleep = True
+            return {"sleep_s": time.perf_counter() - t0}
+        if op == "wake":
+            t0 = time.perf_counter()
+            self.llm.wake_up()
+            self.asleep = False
+            return {"wake_s": time.perf_counter() - t0}
+        raise ValueError(f"unknown op {op!r}; valid: generate, load_weights, sleep, wake, close")
+
+    def serve(self) -> int:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            cmd = json.loads(line)
+            if cmd.get("op") == "close":
+                self.answer(ok=True, op="close")
+                return 0
+            try:
+                self.answer(ok=True, op=cmd.get("op"), **self.handle(cmd))
+            except Exception:  # the parent gets the traceback and decides to restart or raise
+                traceback.print_exc()
+                self.answer(ok=False, op=cmd.get("op"), error=traceback.format_exc())
+        return 0  # stdin closed: the parent went away
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 4 and argv[1] == "--serve":
+        with open(argv[2]) as f:
+            spec = json.load(f)
+        return _Server(spec, int(argv[3])).serve()
     if len(argv) != 3:
-        print(f"usage: {argv[0]} REQUEST.json RESULT.parquet", file=sys.stderr)
+        print(f"usage: {argv[0]} REQUEST.json RESULT.parquet | --serve SPEC.json REPLY_FD",
+              file=sys.stderr)
         return 2
     with open(argv[1]) as f:
         request = json.load(f)

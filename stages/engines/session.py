@@ -1,0 +1,344 @@
+"""A run-scoped vLLM engine: one engine for all rounds of a flow, new weights loaded in place.
+
+The cold path (vllm_engine.generate) starts a vLLM process per rollout stage: interpreter start,
+`import vllm`, model load and KV-cache set-up every round. An `EngineSession` keeps the workers
+(vllm_worker.py --serve, one per data-parallel shard) alive between rounds:
+
+  - generate(cfg, model_dir, prompts): starts the engine at the first call; later calls reuse
+    it, loading `model_dir`'s safetensors in place when it holds other weights (the next round's
+    checkpoint) and waking it when asleep;
+  - release_device(): before the trainer (or an evaluation engine) takes the accelerator, the
+    engine sleeps (vLLM sleep mode, `vllm.sleep_level`); a GPU platform without sleep mode
+    stops the engine instead; on CPU there is nothing to free and the engine stays resident;
+  - close(): stops the workers.
+
+Persistence is only an optimisation. The stage contract is unchanged (the rollout stage writes
+its Parquet and manifest as before), and the session falls back to a cold start whenever the
+engine cannot be reused: a worker died, a command failed, or the engine config changed (see
+`engine_key`). Rollouts equal a cold engine's on the same checkpoint: sampling is seeded per
+request, and the prefix cache is cleared on every weight load.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from trace_rl.data_schemas.errors import StageError
+from trace_rl.stages.engines.config import RolloutConfig
+from trace_rl.stages.engines.vllm_engine import (
+    LOG_TAIL_LINES,
+    copy_worker_script,
+    failure_hint,
+    llm_kwargs,
+    prepare,
+    rows_from_tables,
+    shard_env,
+)
+
+log = logging.getLogger("trace_rl.stages.engines.session")
+
+# config.json keys that change with every save but not the architecture vLLM built.
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version"}
+
+
+class WorkerGone(StageError):
+    """The serving worker exited, failed a command or did not answer in time."""
+
+
+def engine_key(cfg: RolloutConfig, model_dir: str) -> str:
+    """What the built engine depends on; a different key means a cold start.
+
+    The seed is left out: every request carries its own per-prompt seed, so the engine's
+    global seed does not reach the samples (and it changes every round). The checkpoint's path
+    is left out too (weights load in place), but not its architecture.
+    """
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    arch = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+    kwargs = {k: v for k, v in llm_kwargs(cfg).items() if k != "seed"}
+    return json.dumps(
+        {"python": cfg.vllm.python, "env": cfg.vllm.env, "kwargs": kwargs,
+         "dp": cfg.vllm.data_parallel_size, "arch": arch},
+        sort_keys=True, default=str,
+    )
+
+
+class _Worker:
+    """One `vllm_worker.py --serve` process: JSON commands on stdin, replies on a private pipe."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], tag: str, progress: bool):
+        read_fd, write_fd = os.pipe()
+        self.tag = tag
+        self.tail: collections.deque = collections.deque(maxlen=LOG_TAIL_LINES)
+        self.proc = subprocess.Popen(
+            [*cmd, str(write_fd)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, errors="replace", pass_fds=(write_fd,),
+        )
+        os.close(write_fd)
+        self._fd, self._buf = read_fd, b""
+        self._thread = threading.Thread(target=self._stream, args=(progress,), daemon=True)
+        self._thread.start()
+
+    def _stream(self, progress: bool) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.tail.append(line.rstrip("\n"))
+            if progress:
+                print(f"[{self.tag}] {line}", end="", file=sys.stderr, flush=True)
+
+    def send(self, cmd: dict) -> None:
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError) as exc:
+            raise self._gone(f"could not send {cmd['op']!r} ({exc})") from exc
+
+    def reply(self, timeout_s: float | None) -> dict:
+        """The next reply line; WorkerGone if the process exits or `timeout_s` passes first."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while b"\n" not in self._buf:
+            if deadline is not None and time.monotonic() > deadline:
+                raise self._gone(f"no answer within vllm.timeout_s={timeout_s}")
+            ready, _, _ = select.select([self._fd], [], [], 1.0)
+            if ready:
+                chunk = os.read(self._fd, 65536)
+                if not chunk:
+                    self.proc.wait()
+                    raise self._gone("closed its reply channel")
+                self._buf += chunk
+            elif self.proc.poll() is not None:
+                raise self._gone("exited")
+        line, self._buf = self._buf.split(b"\n", 1)
+        answer = json.loads(line)
+        if not answer.get("ok"):
+            raise self._gone(f"failed {answer.get('op')!r}:\n{answer.get('error', '')}")
+        return answer
+
+    def _gone(self, what: str) -> WorkerGone:
+        self._thread.join(timeout=2)
+        text = "\n".join(self.tail)
+        code = self.proc.poll()
+        return WorkerGone(f"vLLM worker {self.tag} {what} (exit code {code}); last lines:\n{text}")
+
+    def stop(self, timeout_s: float = 30) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.send({"op": "close"})
+                self.proc.wait(timeout=timeout_s)
+            except (WorkerGone, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        os.close(self._fd)
+        self._thread.join(timeout=2)
+
+
+class EngineSession:
+    """A vLLM engine kept up across rounds; see the module docstring. Not thread-safe."""
+
+    def __init__(self) -> None:
+        self._workers: list[_Worker] = []
+        self._ready: list[dict] = []
+        self._key: str | None = None
+        self._weights: str | None = None  # the checkpoint dir whose weights the engine holds
+        self._asleep = False
+        self._sleep_level = 2
+        self._tmp: str | None = None
+        self._calls = 0
+        self.events: list[dict] = []  # one entry per engine operation, for the benchmark
+
+    @property
+    def running(self) -> bool:
+        return bool(self._workers) and all(w.proc.poll() is None for w in self._workers)
+
+    def generate(self, cfg: RolloutConfig, model_dir: str, prompts: list[dict], *,
+                 progress: bool = True) -> list[dict]:
+        return self.generate_with_stats(cfg, model_dir, prompts, progress=progress)[0]
+
+    def generate_with_stats(self, cfg: RolloutConfig, model_dir: str, prompts: list[dict], *,
+                            progress: bool = True) -> tuple[list[dict], dict]:
+        """cfg.n samples per prompt, as vllm_engine.generate, from the session's engine."""
+        if cfg.engine != "vllm":
+            raise ValueError(f"an engine session serves the vllm engine, not {cfg.engine!r}")
+        prep = prepare(cfg, model_dir, prompts)
+        stats: dict = {"engine_start_s": 0.0, "load_weights_s": 0.0, "wake_s": 0.0}
+        reused = self._reusable(cfg, model_dir, prep.requests)
+        if reused:
+            try:
+                self._refresh(cfg, model_dir, stats)
+                tables = self._generate(cfg, prep.requests, stats)
+            except WorkerGone as exc:
+                log.warning("the run's vLLM engine could not be reused, starting it again: %s", exc)
+                reused = False
+        if not reused:
+            self._start(cfg, model_dir, prep.requests, progress, stats)
+            tables = self._generate(cfg, prep.requests, stats)
+        stats["mode"] = "reused" if reused else "cold_start"
+        self._calls += 1
+        return rows_from_tables(cfg, prompts, prep.prompt_ids, tables, prep.tokenizer), stats
+
+    def _reusable(self, cfg: RolloutConfig, model_dir: str, requests: list[dict]) -> bool:
+        if not self._workers:
+            return False
+        if not self.running:
+            log.warning("the run's vLLM engine exited; starting it again (cold start)")
+            return False
+        if engine_key(cfg, model_dir) != self._key:
+            log.info("rollout engine config changed since the engine started: cold start")
+            return False
+        for ready, request in zip(self._ready, requests):
+            budget = ready.get("max_num_batched_tokens")
+            if budget is not None and _prefill_tokens(request) + 1024 > budget:
+                log.info("this round's prompts exceed the engine's CPU token budget (%d): "
+                         "cold start with a larger one", budget)
+                return False
+        return len(requests) <= len(self._workers)
+
+    def _start(self, cfg: RolloutConfig, model_dir: str, requests: list[dict], progress: bool,
+               stats: dict) -> None:
+        self.close()
+        self._tmp = tempfile.mkdtemp(prefix="trace-vllm-session-")
+        script = copy_worker_script(self._tmp)
+        t0 = time.perf_counter()
+        for rank in range(cfg.vllm.data_parallel_size):
+            request = requests[min(rank, len(requests) - 1)]
+            # Twice this round's prefill: later rounds' prompts differ in length, and outgrowing
+            # the CPU token budget costs a restart.
+            spec = {"model": str(model_dir), "llm_kwargs": llm_kwargs(cfg),
+                    "prefill_tokens": 2 * _prefill_tokens(request)}
+            spec_path = Path(self._tmp) / f"spec-{rank}.json"
+            spec_path.write_text(json.dumps(spec))
+            cmd = [cfg.vllm.python, script, "--serve", str(spec_path)]
+            self._workers.append(_Worker(cmd, shard_env(cfg, rank), f"vllm:{rank}", progress))
+        try:
+            self._ready = [w.reply(cfg.vllm.timeout_s) for w in self._workers]
+        except WorkerGone as exc:
+            self.close()
+            raise StageError(f"{exc}{failure_hint(str(exc), cfg.vllm.python)}") from exc
+        stats["engine_start_s"] = time.perf_counter() - t0
+        self._key, self._weights, self._asleep = engine_key(cfg, model_dir), str(model_dir), False
+        self._sleep_level = cfg.vllm.sleep_level
+        self._event("start", stats["engine_start_s"], platform=self._ready[0]["platform"])
+        log.info("vLLM engine up for the run in %.1f s (%s, sleep mode %s)",
+                 stats["engine_start_s"], self._ready[0]["platform"],
+                 "available" if self._ready[0]["sleep_mode"] else "not available")
+
+    def _refresh(self, cfg: RolloutConfig, model_dir: str, stats: dict) -> None:
+        """Wake the engine if asleep, then load `model_dir`'s weights unless it holds them."""
+        self._sleep_level = cfg.vllm.sleep_level
+        if self._asleep:
+            stats["wake_s"] = self._broadcast({"op": "wake"}, cfg.vllm.timeout_s)
+            self._asleep = False
+            self._event("wake", stats["wake_s"])
+        if self._weights != str(model_dir):
+            self._weights = None  # a failed load leaves the engine's weights unknown
+            stats["load_weights_s"] = self._broadcast(
+                {"op": "load_weights", "model": str(model_dir)}, cfg.vllm.timeout_s)
+            self._weights = str(model_dir)
+            self._event("load_weights", stats["load_weights_s"], model=str(model_dir))
+
+    def _broadcast(self, cmd: dict, timeout_s: float | None) -> float:
+        t0 = time.perf_counter()
+        for w in self._workers:
+            w.send(cmd)
+        for w in self._workers:
+            w.reply(timeout_s)
+        return time.perf_counter() - t0
+
+    def _generate(self, cfg: RolloutConfig, requests: list[dict], stats: dict) -> list:
+        assert self._tmp is not None
+        t0 = time.perf_counter()
+        results = []
+        for rank, (w, request) in enumerate(zip(self._workers, requests)):
+            req = Path(self._tmp) / f"request-{self._calls}-{rank}.json"
+            res = Path(self._tmp) / f"result-{self._calls}-{rank}.parquet"
+            req.write_text(json.dumps(request))
+            w.send({"op": "generate", "request": str(req), "result": str(res)})
+            results.append((req, res))
+        replies = [w.reply(cfg.vllm.timeout_s) for w in self._workers[: len(requests)]]
+        tables = []
+        for req, res in results:
+            tables.append(pq.read_table(res))
+            req.unlink(), res.unlink()
+        stats["generate_s"] = max(r["stats"]["generate_s"] for r in replies)
+        stats["generated_tokens"] = sum(r["stats"]["generated_tokens"] for r in replies)
+        self._event("generate", time.perf_counter() - t0, tokens=stats["generated_tokens"])
+        return tables
+
+    def release_device(self) -> str:
+        """Free the accelerator for the trainer; returns what was done (for logs and tests)."""
+        if not self.running or self._asleep:
+            return "idle"
+        if self._ready[0]["platform"] == "cpu":
+            log.info("vLLM on CPU has no sleep mode; the engine stays resident during training")
+            return "resident"
+        if not self._ready[0]["sleep_mode"]:
+            log.info("no vLLM sleep mode on %s: stopping the engine to free the device",
+                     self._ready[0]["platform"])
+            self.close()
+            return "stopped"
+        took = self._broadcast({"op": "sleep", "level": self._sleep_level}, None)
+        self._asleep = True
+        if self._sleep_level >= 2:
+            self._weights = None  # level 2 drops the weights: the next round must load them
+        self._event("sleep", took, level=self._sleep_level)
+        return f"asleep (level {self._sleep_level})"
+
+    def close(self) -> None:
+        for w in self._workers:
+            w.stop()
+        self._workers, self._ready, self._key, self._weights = [], [], None, None
+        self._asleep = False
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def _event(self, op: str, seconds: float, **extra) -> None:
+        self.events.append({"op": op, "s": seconds, **extra})
+
+    def __enter__(self) -> EngineSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _prefill_tokens(request: dict) -> int:
+    return sum(len(p["prompt_token_ids"]) for p in request["prompts"]) * request["sampling"]["n"]
+
+
+_ACTIVE: EngineSession | None = None
+
+
+def active_session() -> EngineSession | None:
+    """The engine session of the flow running in this process, if any."""
+    return _ACTIVE
+
+
+@contextmanager
+def engine_session() -> Iterator[EngineSession]:
+    """A session made the process's active one for the block, closed when the block ends."""
+    global _ACTIVE
+    if _ACTIVE is not None:
+        raise RuntimeError("an engine session is already active in this process")
+    session = EngineSession()
+    _ACTIVE = session
+    try:
+        yield session
+    finally:
+        _ACTIVE = None
+        session.close()
