@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from engine_fixtures import build_model_dir
+from tiny import build_model_dir
 
 from trace_rl.stages.engines.config import RolloutConfig
 

@@ -44,7 +44,7 @@ def build_model(kind: str, tmp: Path) -> str:
     """The model directory both sides load (built once, outside any timing)."""
     sys.path[:0] = [str(REPO), str(REPO / "tests")]
     if kind == "random":
-        from engine_fixtures import build_model_dir
+        from tiny import build_model_dir
 
         return str(build_model_dir(tmp / "model", layers=4, hidden=256, heads=4, kv_heads=2,
                                    vocab_size=4096, p_eos=1e-9))

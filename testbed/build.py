@@ -21,7 +21,7 @@ import torch
 import transformers
 
 from trace_rl.testbed.config import TestbedConfig
-from trace_rl.testbed.evaluate import accuracy_of
+from trace_rl.testbed.accuracy import accuracy_of
 from trace_rl.testbed.model import build_model
 from trace_rl.testbed.sft import run_sft
 from trace_rl.testbed.task import make_prompts

@@ -7,7 +7,7 @@ import json
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-DEFAULT_TEACHER_TEMPLATE = "{problem}\n\nHere is a reference solution:\n{context}"
+from trace_rl.trainer.teacher_prompt import DEFAULT_TEACHER_TEMPLATE
 
 
 class TestbedConfig(BaseModel):
@@ -61,6 +61,7 @@ class TestbedConfig(BaseModel):
     enable_thinking: bool = Field(
         False, description="chat template thinking mode used for SFT (and so for rollouts)"
     )
+    # The trainer's teacher template (TraceConfig refuses a testbed whose template differs).
     teacher_template: str = DEFAULT_TEACHER_TEMPLATE
     # --- evaluation ---------------------------------------------------------------------
     eval_size: int = Field(256, ge=0, description="held-out problems for the build's accuracy")

@@ -18,16 +18,16 @@ import torch
 from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
 
 from trace_rl.testbed.config import TestbedConfig
+from trace_rl.pipeline.chat import encode_chat_prompt
 from trace_rl.testbed.task import (
     ERROR_LABELS,
     KEY_LABEL,
     corrupt_steps,
     make_prompt_row,
-    privileged_message,
     render_solution,
     sample_pairs,
 )
-from trace_rl.testbed.tokenizer import chat_prompt
+from trace_rl.trainer.teacher_prompt import teacher_message
 
 IGNORE = -100
 
@@ -49,16 +49,10 @@ def make_sft_texts(cfg: TestbedConfig, n: int, seed: int) -> list[tuple[str, str
         a, b = pairs[i % len(pairs)]
         row = make_prompt_row(a, b, "")
         if rng.random() < cfg.privileged_frac:
-            label = None
+            labels = []
             if rng.random() < cfg.label_frac:
-                label = rng.choice([*ERROR_LABELS, KEY_LABEL])
-            user = privileged_message(
-                row["problem"],
-                solution=row["solution"],
-                answer=row["answer"],
-                label=label,
-                template=cfg.teacher_template,
-            )
+                labels = [rng.choice([*ERROR_LABELS, KEY_LABEL])]
+            user = teacher_message(cfg.teacher_template, row, labels)
             texts.append((user, row["solution"]))
         elif rng.random() < cfg.corrupt_frac:
             steps, _, _ = corrupt_steps(a, b, rng)
@@ -71,15 +65,14 @@ def make_sft_texts(cfg: TestbedConfig, n: int, seed: int) -> list[tuple[str, str
 def tokenize_examples(
     tokenizer: PreTrainedTokenizerFast, texts: list[tuple[str, str]], enable_thinking: bool
 ) -> list[SftExample]:
-    """Prompt and response are encoded separately, exactly as rollouts see them."""
-    prompts = [chat_prompt(tokenizer, user, enable_thinking) for user, _ in texts]
-    p_ids = tokenizer(prompts, add_special_tokens=False).input_ids
+    """Prompt and response are encoded separately, the prompt by the rollouts' own encoder."""
+    p_ids = [encode_chat_prompt(tokenizer, user, enable_thinking) for user, _ in texts]
     r_ids = tokenizer([resp for _, resp in texts], add_special_tokens=False).input_ids
     eos = tokenizer.eos_token_id
     return [SftExample(p, r + [eos]) for p, r in zip(p_ids, r_ids, strict=True)]
 
 
-def collate(batch: list[SftExample], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_sft(batch: list[SftExample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded input_ids_BT, attention_mask_BT and labels_BT (IGNORE off the response)."""
     T = max(len(ex.prompt_ids) + len(ex.response_ids) for ex in batch)
     ids_BT = torch.full((len(batch), T), pad_id, dtype=torch.long)
@@ -149,7 +142,7 @@ def run_sft(
     for step, chunk in enumerate(batches):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        loss = response_nll(model, collate(chunk, tokenizer.pad_token_id))
+        loss = response_nll(model, collate_sft(chunk, tokenizer.pad_token_id))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

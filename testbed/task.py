@@ -27,7 +27,10 @@ Split = Literal["train", "heldout"]
 INSTRUCTION = "Add column by column from the right, one step per line; answer in \\boxed{}."
 ERROR_LABELS = ("carry dropped", "digit sum wrong")
 KEY_LABEL = "carry propagation"
-_BOXED_RE = re.compile(r"\\boxed\{([^{}]*)\}")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+_BOX_OPEN_RE = re.compile(r"\\boxed\s*\{")
+_NOISE_RE = re.compile(r"\{,\}|\\[,!;: ]|[\s,$~]")
+_INT_RE = re.compile(r"^[+-]?\d+$")
 
 
 @dataclass(frozen=True)
@@ -105,21 +108,6 @@ def problem_text(a: int, b: int) -> str:
     return f"{INSTRUCTION}\n{a} + {b}"
 
 
-def privileged_message(
-    problem: str,
-    *,
-    solution: str | None,
-    answer: str,
-    label: str | None = None,
-    template: str = "{problem}\n\nHere is a reference solution:\n{context}",
-) -> str:
-    """The teacher's user message (shared contract): reference solution (or answer) + label."""
-    context = solution if solution else f"The final answer is \\boxed{{{answer}}}."
-    if label:
-        context += f"\n\nWatch out for: {label}"
-    return template.format(problem=problem, context=context)
-
-
 def _is_heldout(a: int, b: int, mod: int) -> bool:
     # Order-free key, so a + b and b + a always fall in the same split.
     key = f"{min(a, b)}+{max(a, b)}".encode()
@@ -182,18 +170,64 @@ def make_prompts(cfg: TestbedConfig, n: int, seed: int, split: Split = "train") 
     return [make_prompt_row(a, b, f"tb-{split}-{seed}-{i:06d}") for i, (a, b) in enumerate(pairs)]
 
 
+def normalize_integer(s: str) -> int | None:
+    """`' 01,234 '` -> 1234; None when `s` is not an integer. Digit-group separators and spacing
+    that do not change an integer ("1,234", "1 234", "1{,}234", "1\\,234") are dropped."""
+    s = _NOISE_RE.sub("", s)
+    return int(s) if _INT_RE.match(s) else None
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last `\\boxed{...}` after the thinking (what follows the last
+    `</think>`; nothing when a think block was opened and never closed), braces balanced."""
+    close = text.rfind(THINK_CLOSE)
+    if close >= 0:
+        text = text[close + len(THINK_CLOSE):]
+    elif THINK_OPEN in text:
+        return None
+    found = None
+    for m in _BOX_OPEN_RE.finditer(text):
+        depth = 0
+        for i in range(m.end() - 1, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                found = text[m.end():i]
+                break
+    return found
+
+
+@dataclass(frozen=True)
+class Grade:
+    """The testbed's verdict on one response: `status` is ok, no_answer or error (a reference
+    that is not an integer); `correct` only ever with ok."""
+
+    status: str
+    correct: bool
+    extracted: str | None
+    detail: str | None = None
+
+
+def grade(response_text: str, answer: str) -> Grade:
+    """The testbed's reward: the last boxed integer equals the reference. The `testbed`
+    verifier and the build's accuracy both call this, so what the build reports is the reward."""
+    ref = normalize_integer(answer)
+    if ref is None:
+        return Grade("error", False, None, f"reference {answer!r} is not an integer")
+    content = last_boxed(response_text)
+    if content is None:
+        return Grade("no_answer", False, None, "no \\boxed{} answer")
+    value = normalize_integer(content)
+    if value is None:
+        return Grade("ok", False, content, "boxed answer is not an integer")
+    return Grade("ok", value == ref, str(value))
+
+
 def extract_answer(text: str) -> str | None:
-    """The last \\boxed{...} content normalised to an integer string, or None."""
-    found = _BOXED_RE.findall(text)
-    if not found:
-        return None
-    raw = found[-1].replace(",", "").replace(" ", "").strip()
-    if not raw.lstrip("-").isdigit():
-        return None
-    return str(int(raw))
+    """The last boxed answer as an integer string, or None."""
+    content = last_boxed(text)
+    value = None if content is None else normalize_integer(content)
+    return None if value is None else str(value)
 
 
 def is_correct(response_text: str, answer: str) -> bool:
-    """Exact match of the last boxed integer with the reference answer."""
-    got = extract_answer(response_text)
-    return got is not None and got == str(int(answer))
+    return grade(response_text, answer).correct

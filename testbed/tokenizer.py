@@ -21,10 +21,10 @@ from trace_rl.testbed.task import (
     KEY_LABEL,
     corrupt_steps,
     make_prompt_row,
-    privileged_message,
     render_solution,
     sample_pairs,
 )
+from trace_rl.trainer.teacher_prompt import teacher_message
 
 PAD, EOS, IM_START = "<|endoftext|>", "<|im_end|>", "<|im_start|>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -52,13 +52,7 @@ def _corpus(cfg: TestbedConfig) -> Iterator[str]:
     for i, (a, b) in enumerate(pairs):
         row = make_prompt_row(a, b, f"tok-{i}")
         label = rng.choice([*ERROR_LABELS, KEY_LABEL])
-        teacher = privileged_message(
-            row["problem"],
-            solution=row["solution"],
-            answer=row["answer"],
-            label=label,
-            template=cfg.teacher_template,
-        )
+        teacher = teacher_message(cfg.teacher_template, row, [label])
         wrong, _, _ = corrupt_steps(a, b, rng)
         yield f"user\n{teacher}\nassistant\n\n\n\n{row['solution']}\n"
         yield render_solution(wrong)
@@ -99,12 +93,3 @@ def build_tokenizer(cfg: TestbedConfig) -> PreTrainedTokenizerFast:
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
-
-def chat_prompt(tokenizer: PreTrainedTokenizerFast, user_text: str, enable_thinking: bool) -> str:
-    """The chat-templated prompt text for one user message (shared contract)."""
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": user_text}],
-        add_generation_prompt=True,
-        enable_thinking=enable_thinking,
-        tokenize=False,
-    )

@@ -45,28 +45,7 @@ def hub_mirror(tmp_path, monkeypatch) -> Path:
     return root
 
 
-# A testbed small enough to build in well under a minute: it samples mostly wrong answers, which
-# is enough for the plumbing tests (the error route gives them spans to distil on).
-TINY_TESTBED = [
-    "model.testbed.sft_steps=30",
-    "model.testbed.sft_num_problems=500",
-    "model.testbed.tokenizer_corpus_size=200",
-    "model.testbed.eval_size=8",
-    "model.testbed.hidden_size=64",
-    "model.testbed.intermediate_size=128",
-]
-# A small run on it: 4 prompts x 4 samples a round, both routes on so spans exist.
-TINY_RUN = TINY_TESTBED + [
-    "data.testbed_prompts=64",
-    "rollout.prompts_per_round=4",
-    "rollout.n=4",
-    "rollout.max_tokens=64",
-    "train.mini_batch_size=8",
-    "train.micro_batch_size=4",
-    "train.route.error_reverse=true",
-    "eval.limit=8",
-    "eval.max_tokens=64",
-]
+from tiny import TINY_TESTBED  # noqa: E402  (tests/tiny.py: the shared tiny models)
 
 
 @pytest.fixture(scope="session")

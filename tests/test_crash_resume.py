@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY_RUN
+from conftest import ROOT
+from tiny import TINY_RUN
 from trace_rl.data_schemas import ANNOTATIONS, ROLLOUTS, VERDICTS
 from trace_rl.pipeline.store import RunStore
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_fixtures import PROMPTS, build_model_dir, teacher_forced_logprobs
+from tiny import PROMPTS, build_model_dir, teacher_forced_logprobs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trace_rl.data_schemas.errors import StageError

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import SHARED_DATA, needs_shared_data
-from engine_fixtures import build_model_dir
+from tiny import build_model_dir
 
 from trace_rl.data_schemas import EVAL_SAMPLES, TRAIN_METRICS, VERDICTS, extend_metrics
 from trace_rl.stages.config import TraceConfig

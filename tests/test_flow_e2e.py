@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TINY_RUN
+from tiny import TINY_RUN
 from trace_rl.data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, TRAIN_METRICS, VERDICTS
 from trace_rl.stages.config import load_config
 from trace_rl.stages.common import dataset_name, open_store

@@ -11,9 +11,12 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tiny import TINY_TESTBED_FIELDS as TINY
+
+from trace_rl.pipeline.chat import encode_chat_prompt
 from trace_rl.testbed.build import MANIFEST, build_testbed, read_manifest
 from trace_rl.testbed.config import TestbedConfig
-from trace_rl.testbed.evaluate import generate_responses, measure_accuracy
+from trace_rl.testbed.accuracy import generate_responses, measure_accuracy
 from trace_rl.testbed.rule import rule_annotate
 from trace_rl.testbed.task import (
     corrupt_steps,
@@ -21,27 +24,11 @@ from trace_rl.testbed.task import (
     is_correct,
     make_prompt_row,
     make_prompts,
-    privileged_message,
     reference_steps,
     render_solution,
 )
-from trace_rl.testbed.tokenizer import build_tokenizer, chat_prompt
+from trace_rl.testbed.tokenizer import build_tokenizer
 
-TINY = {
-    "hidden_size": 32,
-    "num_layers": 1,
-    "num_heads": 2,
-    "num_kv_heads": 1,
-    "intermediate_size": 64,
-    "sft_steps": 4,
-    "sft_batch_size": 4,
-    "sft_warmup_steps": 1,
-    "sft_num_problems": 40,
-    "tokenizer_corpus_size": 60,
-    "eval_size": 4,
-    "eval_max_new_tokens": 12,
-    "eval_batch_size": 4,
-}
 
 
 @pytest.fixture(scope="module")
@@ -114,17 +101,6 @@ def test_corrupted_solution_is_wrong_and_rule_finds_the_injected_step():
         assert rule_annotate(row, text.splitlines(), "error") == ([bad + 1], label)
         labels_seen.add(label)
     assert labels_seen == {"carry dropped", "digit sum wrong"}
-
-
-def test_privileged_message_follows_the_shared_template():
-    msg = privileged_message("P", solution=None, answer="42", label="carry dropped")
-    assert msg == (
-        "P\n\nHere is a reference solution:\nThe final answer is \\boxed{42}."
-        "\n\nWatch out for: carry dropped"
-    )
-    assert privileged_message("P", solution="S", answer="4") == (
-        "P\n\nHere is a reference solution:\nS"
-    )
 
 
 # --- rule annotator -----------------------------------------------------------------------
@@ -216,7 +192,7 @@ def test_tokenizer_round_trip_digits_and_chat_template(tiny_cfg):
     )
     assert off == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     assert on == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    assert chat_prompt(tok, "hi", False) == off
+    assert encode_chat_prompt(tok, "hi", False) == tok(off, add_special_tokens=False).input_ids
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
     for special in ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]:
         assert len(tok(special, add_special_tokens=False).input_ids) == 1

@@ -1,10 +1,14 @@
-"""Tiny offline Qwen3 checkpoints for the rollout-engine tests and benchmark.
+"""The tests' shared tiny models, offline and built in seconds.
 
-A BPE tokenizer is trained locally with `tokenizers` (Qwen special tokens, a Qwen3-style chat
-template with enable_thinking) and a random Qwen3 is saved with save_pretrained. Embedding
-column 0 is a constant, so after the final norm hidden dim 0 is nearly constant too; giving the
-eos row of lm_head weight only on that dim makes p(eos) per step a tunable constant, so tests
-see both "stop" and "length" endings without any training.
+- Tiny Qwen3 checkpoints (`build_model_dir`): a BPE tokenizer trained locally with `tokenizers`
+  (Qwen special tokens, a Qwen3-style chat template with enable_thinking) and a random Qwen3
+  saved with save_pretrained. Embedding column 0 is a constant, so after the final norm hidden
+  dim 0 is nearly constant too; giving the eos row of lm_head weight only on that dim makes
+  p(eos) per step a tunable constant, so tests see both "stop" and "length" endings without any
+  training.
+- Tiny testbeds: `TINY_TESTBED_FIELDS` (a TestbedConfig that builds in seconds, for the testbed's
+  own tests) and `TINY_TESTBED` / `TINY_RUN` (config overrides for a testbed that builds in well
+  under a minute and a small run on it; conftest's `tiny_testbed_dir` builds it once a session).
 """
 
 from __future__ import annotations
@@ -175,4 +179,45 @@ PROMPTS = [
     {"prompt_id": "p0", "problem": "Add 12 and 30."},
     {"prompt_id": "p1", "problem": "Add 7 and 118. Show the steps."},
     {"prompt_id": "p2", "problem": "What is 45+9?"},
+]
+
+
+# A TestbedConfig small enough to build in seconds (the testbed's unit tests).
+TINY_TESTBED_FIELDS = {
+    "hidden_size": 32,
+    "num_layers": 1,
+    "num_heads": 2,
+    "num_kv_heads": 1,
+    "intermediate_size": 64,
+    "sft_steps": 4,
+    "sft_batch_size": 4,
+    "sft_warmup_steps": 1,
+    "sft_num_problems": 40,
+    "tokenizer_corpus_size": 60,
+    "eval_size": 4,
+    "eval_max_new_tokens": 12,
+    "eval_batch_size": 4,
+}
+
+# Overrides for a testbed small enough to build in well under a minute: it samples mostly wrong
+# answers, which is enough for the plumbing tests (the error route gives them spans to distil on).
+TINY_TESTBED = [
+    "model.testbed.sft_steps=30",
+    "model.testbed.sft_num_problems=500",
+    "model.testbed.tokenizer_corpus_size=200",
+    "model.testbed.eval_size=8",
+    "model.testbed.hidden_size=64",
+    "model.testbed.intermediate_size=128",
+]
+# A small run on it: 4 prompts x 4 samples a round, both routes on so spans exist.
+TINY_RUN = TINY_TESTBED + [
+    "data.testbed_prompts=64",
+    "rollout.prompts_per_round=4",
+    "rollout.n=4",
+    "rollout.max_tokens=64",
+    "train.mini_batch_size=8",
+    "train.micro_batch_size=4",
+    "train.route.error_reverse=true",
+    "eval.limit=8",
+    "eval.max_tokens=64",
 ]
