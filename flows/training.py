@@ -14,12 +14,11 @@ from typing import Optional
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from trace_rl.pipeline.layout import PLOT, ROUND_STAGES
 from trace_rl.stages.config import load_config
 from trace_rl.stages.engines.session import engine_session
 
 from .stage_task import run_stage, write_resolved_config
-
-ROUND_STAGES = ("rollout", "verify", "annotate", "train")
 
 
 def _stage_task(stage: str, config_path: str, round_index: Optional[int], force: bool = False) -> dict:
@@ -79,7 +78,7 @@ def _publish_round_artifacts(config_path: str, round_index: int) -> None:
         create_markdown_artifact(key=f"{cfg.run.name}-metrics".lower().replace("_", "-"),
                                  markdown=metrics_markdown(root),
                                  description=f"metrics after round {round_index}")
-        png = plot_run(root, f"{root}/plots/curves.png")
+        png = plot_run(root, f"{root}/{PLOT}")
         create_link_artifact(key=f"{cfg.run.name}-plot".lower().replace("_", "-"), link=f"file://{png}",
                              description="accuracy, entropy and response length by round")
     except Exception as exc:  # artifacts are a convenience; never fail a finished round for them
