@@ -16,7 +16,7 @@ from trace_rl.data_schemas import PROMPTS, ROLLOUTS
 from trace_rl.stages.config import TraceConfig
 from trace_rl.pipeline.store import Manifest
 
-from .common import checkpoint_for_round, dataset_name, open_store, plan
+from .common import dataset_name, decide, open_store, start_checkpoint
 
 log = logging.getLogger("trace_rl.stages.rollout")
 
@@ -41,9 +41,8 @@ def rollout_id(round_index: int, prompt_id: str, sample_index: int) -> str:
 
 def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progress: bool = True) -> Manifest:
     round_index = 0 if round_index is None else round_index
-    model_dir, model_fp = checkpoint_for_round(cfg, open_store(cfg), round_index)
-    parts = {"rollout": cfg.section("rollout"), "round": round_index, "seed": cfg.run.seed}
-    p = plan(cfg, "rollout", round_index, parts, ["prompts"], force=force, extra_inputs=model_fp)
+    model_dir, model_fp = start_checkpoint(cfg, open_store(cfg), round_index)
+    p = decide(cfg, "rollout", round_index, ["prompts"], force=force, extra_inputs=model_fp)
     if p.skip:
         return p.existing
     prompts = p.store.read("prompts", PROMPTS)
