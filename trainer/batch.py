@@ -34,6 +34,17 @@ class Example:
     plan: Plan
     teacher_prompt_ids: list[int] | None  # only for rollouts with distilled tokens
     engine_logprobs: list[float] = field(default_factory=list)
+    temperature: float = 1.0  # the rollout's sampling temperature
+    truncated: bool = False  # sampled with top-p < 1 or top-k > 0
+
+
+def sampling_of(sampling_json: str | None) -> tuple[float, bool]:
+    """(temperature, truncated by top-p / top-k) from a rollout's `sampling` JSON."""
+    s = json.loads(sampling_json) if sampling_json else {}
+    top_k = s.get("top_k")
+    top_p = s.get("top_p")
+    truncated = (top_k is not None and top_k > 0) or (top_p is not None and top_p < 1.0)
+    return float(s.get("temperature", 1.0)), truncated
 
 
 def _rows_by(table: pa.Table | None, key: str) -> dict[str, dict[str, Any]]:
@@ -88,6 +99,7 @@ def build_examples(
             labels = [label for _, _, label in view.spans if label]
             thinking = enable_thinking_of(rollout.get("sampling"))
             t_ids = teacher_prompt_ids(tokenizer, cfg.teacher_template, prompt, labels, thinking)
+        temperature, truncated = sampling_of(rollout.get("sampling"))
         examples.append(Example(
             rollout_id=rid,
             group=rollout["prompt_id"],
@@ -97,6 +109,8 @@ def build_examples(
             plan=plan,
             teacher_prompt_ids=t_ids,
             engine_logprobs=list(rollout.get("response_logprobs") or []),
+            temperature=temperature,
+            truncated=truncated,
         ))
     return examples
 

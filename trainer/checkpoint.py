@@ -4,7 +4,10 @@ Layout of a round's output checkpoint:
     <ckpt>/config.json, model*.safetensors, tokenizer files    HF save_pretrained
     <ckpt>/trainer_state/state.pt                             optimizer, scheduler, global step, RNG
     <ckpt>/trainer_state/state.json                           the human-readable part
-In-round progress lives in <work_dir>/progress.pt, written to a temporary name and renamed.
+    <ckpt>/trainer_state/teacher/                             teacher weights for the next round
+                                                              (only when it does not re-sync)
+In-round progress lives in <work_dir>/progress.pt (and the teacher snapshot in
+<work_dir>/progress-teacher-step<k>/), written to a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -107,3 +111,57 @@ def load_progress(work_dir: str | Path, fingerprint: str) -> dict[str, Any] | No
             "delete it or use a fresh work_dir to start the round over"
         )
     return state
+
+
+TEACHER_DIR = "teacher"  # under STATE_DIR: weights of the teacher the next round starts with
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def save_weights(acc: Any, hf_model: torch.nn.Module, path: str | Path) -> None:
+    """Weights-only save_pretrained (config + safetensors, no tokenizer) of the policy, written to
+    a temporary directory and renamed. Collective: every process must call it (FSDP / ZeRO-3
+    gather the full state dict); the main process writes."""
+    path = Path(path)
+    acc.wait_for_everyone()
+    state_dict = acc.get_state_dict(hf_model) if acc.num_processes > 1 else None
+    if acc.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+        hf_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        _replace_dir(tmp, path)
+    acc.wait_for_everyone()
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    # a hard link costs nothing when the scratch and the checkpoint share a file system
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def write_teacher(ckpt: str | Path, step: int, source_step: int | None, weights: Path) -> None:
+    """Store teacher weights (a save_weights directory) and the step they stand for in a
+    checkpoint's trainer state."""
+    d = Path(ckpt) / STATE_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TEACHER_DIR + ".tmp-", dir=d))
+    shutil.rmtree(tmp)
+    shutil.copytree(weights, tmp, copy_function=_link_or_copy)
+    (tmp / "teacher.json").write_text(json.dumps({"step": step, "source_step": source_step}))
+    _replace_dir(tmp, d / TEACHER_DIR)
+
+
+def read_teacher_meta(ckpt: str | Path) -> tuple[int, int | None, Path] | None:
+    """(step, source_step, weights dir) of the teacher stored with a checkpoint, if any."""
+    d = Path(ckpt) / STATE_DIR / TEACHER_DIR
+    meta = d / "teacher.json"
+    if not meta.exists():
+        return None
+    info = json.loads(meta.read_text())
+    return int(info["step"]), info.get("source_step"), d

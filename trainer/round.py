@@ -2,9 +2,11 @@
 
 Order of events: load checkpoint k (+ its trainer state) -> plan spans and build inputs -> old
 log-probs (recomputed with the round's initial weights, or the engine's) -> one pass over the
-rollouts in mini-batches of `mini_batch_size`, each an optimizer step accumulated over micro-batches
-(sharded across processes) -> checkpoint k+1. The loss of every micro-batch is divided by the whole
-mini-batch's token (or sequence) count, so the step does not depend on how it is split.
+rollouts in mini-batches of `mini_batch_size`, each ONE optimizer update accumulated over
+micro-batches (sharded across processes) -> checkpoint k+1. The loss of every micro-batch is
+divided by the whole mini-batch's token (or sequence) count, so the step does not depend on how it
+is split. Log-probs are those of the distribution the rollouts were sampled from: softmax(logits/T)
+at the rollouts' temperature T (engine log-probs under top-p / top-k truncation are refused).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +38,10 @@ from trace_rl.trainer.checkpoint import (
 from trace_rl.trainer.config import TrainConfig
 from trace_rl.trainer.lean import KLSpec, LeanCausalLM, SpanGroup
 from trace_rl.trainer.losses import clipped_pg_loss, grpo_advantages, kl_weight
-from trace_rl.trainer.methods import LossInputs, get_method
+from trace_rl.trainer.methods import LossInputs, Method, get_method
 from trace_rl.trainer.metrics import Logger, StepStats, peak_memory_bytes, step_row
 from trace_rl.trainer.progress import progress_bar
-from trace_rl.trainer.teacher import TeacherHandle
+from trace_rl.trainer.teacher import TeacherHandle, eval_mode
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,6 +59,8 @@ def _load_model(cfg: TrainConfig, path: str):
     if cfg.gradient_checkpointing:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hf.config.use_cache = False
+    # from_pretrained returns eval mode, and transformers checkpoints layers only while training
+    hf.train()
     return tokenizer, LeanCausalLM(hf, chunk=cfg.logprob_chunk, kl_spec=KLSpec.of(cfg))
 
 
@@ -66,6 +71,24 @@ def _lambda(cfg: TrainConfig, step: int) -> float:
         return 1.0
     s = cfg.schedule
     return kl_weight(step, s.w0, s.hold_steps, s.zero_step)
+
+
+def rollout_temperature(cfg: TrainConfig, examples: list[Example]) -> float:
+    """The one sampling temperature of the round's rollouts (1.0 when none is recorded).
+
+    The trainer scores log-probs at this temperature so that π_old and π_θ are the distribution
+    the engine sampled from. Engine log-probs of truncated sampling (top-p / top-k) are of a
+    renormalised distribution the trainer does not compute, so that combination is refused."""
+    temps = sorted({e.temperature for e in examples})
+    if len(temps) > 1:
+        raise ValueError(f"the round's rollouts were sampled at several temperatures {temps}; "
+                         "train on rollouts of one sampling temperature")
+    if cfg.old_logprobs == "engine" and any(e.truncated for e in examples):
+        raise ValueError("old_logprobs: engine needs rollouts sampled without top-p / top-k "
+                         "truncation (the engine's log-probs are of the truncated distribution, "
+                         "the trainer's of the full one); set train.old_logprobs: recompute, or "
+                         "rollout.top_p: 1.0 and rollout.top_k: -1")
+    return temps[0] if temps else 1.0
 
 
 def _shards(cfg: TrainConfig, order: np.ndarray, rank: int, world: int) -> list[list[list[int]]]:
@@ -83,24 +106,25 @@ def _shards(cfg: TrainConfig, order: np.ndarray, rank: int, world: int) -> list[
 
 @torch.no_grad()
 def _recompute_old_logprobs(model, examples: list[Example], idx: list[int], cfg: TrainConfig,
-                            pad_id: int, device) -> dict[int, torch.Tensor]:
+                            pad_id: int, device, temperature: float) -> dict[int, torch.Tensor]:
     out = {}
-    for start in range(0, len(idx), cfg.micro_batch_size):
-        chunk = idx[start : start + cfg.micro_batch_size]
-        sub = [examples[i] for i in chunk]
-        mb = collate(sub, [torch.zeros(len(e.response_ids)) for e in sub], [0.0] * len(sub),
-                     pad_id, with_teacher=False, device=device)
-        s = mb.student
-        logp_N = model(mode="policy", input_ids_BL=s.input_ids_BL,
-                       attention_mask_BL=s.attention_mask_BL, resp_pos_N=s.resp_pos_N,
-                       target_N=s.target_N)["logp_N"].float().cpu()
-        for i, piece in zip(chunk, logp_N.split([len(e.response_ids) for e in sub])):
-            out[i] = piece
+    with eval_mode(model):
+        for start in range(0, len(idx), cfg.micro_batch_size):
+            chunk = idx[start : start + cfg.micro_batch_size]
+            sub = [examples[i] for i in chunk]
+            mb = collate(sub, [torch.zeros(len(e.response_ids)) for e in sub], [0.0] * len(sub),
+                         pad_id, with_teacher=False, device=device)
+            s = mb.student
+            logp_N = model(mode="policy", input_ids_BL=s.input_ids_BL,
+                           attention_mask_BL=s.attention_mask_BL, resp_pos_N=s.resp_pos_N,
+                           target_N=s.target_N, temperature=temperature)["logp_N"].float().cpu()
+            for i, piece in zip(chunk, logp_N.split([len(e.response_ids) for e in sub])):
+                out[i] = piece
     return out
 
 
 def _old_logprobs(cfg, model, examples, my_idx, pad_id, acc, work_dir: Path, fp: str,
-                  live: set[int] = frozenset()):
+                  temperature: float, live: set[int] = frozenset()):
     """Old log-probs of this process's examples; those in `live` are left out (the caller uses
     the detached log-probs of the step's own forward for them)."""
     if cfg.old_logprobs == "engine":
@@ -115,39 +139,58 @@ def _old_logprobs(cfg, model, examples, my_idx, pad_id, acc, work_dir: Path, fp:
         if saved["fingerprint"] == fp:
             return saved["logp"]
     logp = _recompute_old_logprobs(model, examples, [i for i in my_idx if i not in live], cfg,
-                                   pad_id, acc.device)
+                                   pad_id, acc.device, temperature)
     atomic_torch_save({"fingerprint": fp, "logp": logp}, f)
     return logp
 
 
-def _micro_step(cfg, method, wrapped, unwrapped, teacher: TeacherHandle, mb: MicroBatch,
-                lam: float, normaliser: float, world: int, stats: StepStats, sync: bool, acc,
-                live_old: bool = False):
+@dataclass
+class _Step:
+    """What every micro-batch of the round shares."""
+
+    cfg: TrainConfig
+    method: Method
+    wrapped: torch.nn.Module
+    unwrapped: LeanCausalLM
+    teacher: TeacherHandle
+    acc: Any
+    temperature: float
+
+
+def _micro_step(r: _Step, mb: MicroBatch, lam: float, normaliser: float, stats: StepStats,
+                boundary: bool, live_old: bool = False) -> None:
+    cfg, acc, wrapped = r.cfg, r.acc, r.wrapped
     s = mb.student
     groups = []
     if mb.teacher is not None:
         t = mb.teacher
-        t_hidden_SH = teacher.hidden(wrapped, input_ids_BL=t.input_ids_BL,
-                                     attention_mask_BL=t.attention_mask_BL, pos_S=t.resp_pos_N)
+        t_hidden_SH = r.teacher.hidden(wrapped, input_ids_BL=t.input_ids_BL,
+                                       attention_mask_BL=t.attention_mask_BL, pos_S=t.resp_pos_N)
         groups = [SpanGroup(d, s_idx, t_hidden_SH[t_sel]) for d, s_idx, t_sel in mb.span_dirs]
-    t_weight = teacher.head_weight(unwrapped) if groups else None
-    with nullcontext() if sync else acc.no_sync(wrapped):
+    t_weight = r.teacher.head_weight(r.unwrapped) if groups else None
+    # One optimizer update per mini-batch under every backend: DDP / FSDP skip the gradient
+    # all-reduce inside no_sync, and DeepSpeed (whose engine.step runs inside acc.backward when
+    # sync_gradients is set) steps only at the boundary, the mini-batch's last micro-batch.
+    acc.sync_gradients = boundary
+    with nullcontext() if boundary else acc.no_sync(wrapped):
         out = wrapped(mode="policy", input_ids_BL=s.input_ids_BL,
                       attention_mask_BL=s.attention_mask_BL, resp_pos_N=s.resp_pos_N,
-                      target_N=s.target_N, span_groups=groups, teacher_weight_VH=t_weight)
+                      target_N=s.target_N, span_groups=groups, teacher_weight_VH=t_weight,
+                      temperature=r.temperature)
         logp_BT = to_bt(out["logp_N"], mb.mask_BT)
         kl_BT = to_bt(out["kl_N"], mb.mask_BT)
         if live_old:
             mb.old_logp_BT = logp_BT.detach()
         inputs = LossInputs(logp_BT, mb.old_logp_BT, mb.adv_B, mb.mask_BT, mb.span_BT, kl_BT,
                             normaliser)
-        loss, loss_metrics = method.loss(inputs, cfg, lam)
+        loss, loss_metrics = r.method.loss(inputs, cfg, lam)
         # DDP averages gradients over processes; each process holds a share of one global sum
-        acc.backward(loss * (mb.weight * world))
+        acc.backward(loss * (mb.weight * acc.num_processes))
+    acc.sync_gradients = True
     _, clipped_BT = clipped_pg_loss(logp_BT.detach(), mb.old_logp_BT, mb.adv_B,
                                     cfg.eps_low, cfg.eps_high)
-    stats.add_micro(mb, loss_metrics, to_bt(out["entropy_N"], mb.mask_BT), kl_BT, clipped_BT,
-                    int(s.attention_mask_BL.sum()))
+    stats.add_micro(mb, loss_metrics, to_bt(out["entropy_N"], mb.mask_BT),
+                    to_bt(out["kl_raw_N"], mb.mask_BT), clipped_BT, int(s.attention_mask_BL.sum()))
 
 
 def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
@@ -157,6 +200,14 @@ def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: 1.0 if warm == 0 else min(1.0, (k + 1) / warm))
     return opt, sched
+
+
+def _check_accelerator(acc: Any) -> None:
+    if acc.gradient_accumulation_steps != 1:
+        raise ValueError(
+            f"the accelerator has gradient_accumulation_steps={acc.gradient_accumulation_steps}; "
+            "train_round accumulates a mini-batch's micro-batches itself (train.mini_batch_size / "
+            "micro_batch_size): set gradient_accumulation_steps: 1 in the accelerate config")
 
 
 def train_round(
@@ -177,15 +228,16 @@ def train_round(
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator()
+    _check_accelerator(acc)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed + round_index)
     tokenizer, model = _load_model(cfg, init_checkpoint)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     examples = build_examples(cfg, tokenizer, prompts, rollouts, verdicts, annotations)
+    temperature = rollout_temperature(cfg, examples)
     adv_all = grpo_advantages([e.reward for e in examples], [e.group for e in examples],
                               cfg.adv_norm_std).tolist()
-    method = get_method(cfg.method)
     fp = _fingerprint(cfg, init_checkpoint, round_index, [e.rollout_id for e in examples])
     order = np.random.default_rng([cfg.seed, round_index]).permutation(len(examples))
     plan = _shards(cfg, order, acc.process_index, acc.num_processes)
@@ -205,28 +257,33 @@ def train_round(
     # (with one step per round, the only recomputation there is).
     live_first = cfg.old_logprobs == "recompute" and saved is None and bool(plan)
     live = {i for micro in plan[0] for i in micro} if live_first else set()
-    old_logp = _old_logprobs(cfg, model, examples, my_idx, pad_id, acc, work, fp, live)
+    old_logp = _old_logprobs(cfg, model, examples, my_idx, pad_id, acc, work, fp, temperature,
+                             live)
 
-    teacher = TeacherHandle(cfg.teacher_sync_every)
+    teacher = TeacherHandle(cfg.teacher_sync_every, work, init_checkpoint, _DTYPES[cfg.dtype],
+                            cfg.logprob_chunk)
     cursor, rows = 0, []
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         global_step, cursor, rows = saved["global_step"], saved["cursor"], saved["rows"]
-        teacher.load(model, saved["teacher"])
+        teacher.restore(saved["teacher"])
         set_rng_state(saved["rng"])
     wrapped, optimizer = acc.prepare(model, optimizer)
-    unwrapped = acc.unwrap_model(wrapped)
+    r = _Step(cfg, get_method(cfg.method), wrapped, acc.unwrap_model(wrapped), teacher, acc,
+              temperature)
     logger = Logger(acc, str(work / "tensorboard"), cfg.tensorboard, f"round-{round_index:04d}")
     bar = progress_bar(len(plan), cursor, enabled=progress and acc.is_main_process)
 
     for step_i in range(cursor, len(plan)):
         t0 = time.perf_counter()
         lam = _lambda(cfg, global_step)
-        with_teacher = method.needs_teacher(cfg, lam)
+        with_teacher = r.method.needs_teacher(cfg, lam)
         if with_teacher:
-            teacher.maybe_sync(unwrapped, global_step)
+            teacher.ensure(global_step, r.unwrapped, acc)
+        else:
+            teacher.release()  # λ only decreases: from here on this round needs none
         mini = order[step_i * cfg.mini_batch_size : (step_i + 1) * cfg.mini_batch_size]
         lens = [len(examples[i].response_ids) for i in mini]
         normaliser = float(sum(lens) if cfg.loss_agg == "token_mean" else len(lens))
@@ -239,8 +296,7 @@ def train_round(
                          [old_logp.get(i, torch.zeros(len(examples[i].response_ids)))
                           for i in idx],
                          [adv_all[i] for i in idx], pad_id, with_teacher, weight, acc.device)
-            _micro_step(cfg, method, wrapped, unwrapped, teacher, mb, lam, normaliser,
-                        acc.num_processes, stats, j == len(micro) - 1, acc,
+            _micro_step(r, mb, lam, normaliser, stats, j == len(micro) - 1,
                         live_old=live_first and step_i == 0)
         max_norm = cfg.grad_clip if cfg.grad_clip else float("inf")
         grad_norm = float(acc.clip_grad_norm_(wrapped.parameters(), max_norm))
@@ -253,18 +309,20 @@ def train_round(
         row = step_row(sums, {"step": global_step, "round": round_index, "kl_weight": lam,
                               "grad_norm": grad_norm, "lr": lr,
                               "tokens_per_s": sums["all_tokens"] / max(elapsed, 1e-9),
-                              "peak_mem_bytes": peak_memory_bytes()})
+                              "peak_mem_bytes": peak_memory_bytes(),
+                              "teacher_step": teacher.source_step if with_teacher else None})
         rows.append(row)
         logger.log(row, global_step)
         global_step += 1
         bar.update(row)
         if cfg.save_every and (step_i + 1) % cfg.save_every == 0 and step_i + 1 < len(plan):
-            _save_progress(acc, unwrapped, optimizer, scheduler, teacher, work, fp,
+            _save_progress(acc, r.unwrapped, optimizer, scheduler, teacher, work, fp,
                            global_step, step_i + 1, rows)
     bar.close()
     logger.close()
-    _save_output(acc, unwrapped, tokenizer, optimizer, scheduler, output_checkpoint,
-                 global_step, round_index)
+    keep_teacher = r.method.needs_teacher(cfg, _lambda(cfg, global_step))
+    _save_output(acc, r.unwrapped, tokenizer, optimizer, scheduler, output_checkpoint,
+                 global_step, round_index, teacher if keep_teacher else None)
     return rows
 
 
@@ -282,11 +340,13 @@ def _save_progress(acc, unwrapped, optimizer, scheduler, teacher, work, fp, glob
 
 
 def _save_output(acc, unwrapped, tokenizer, optimizer, scheduler, path, global_step,
-                 round_index) -> None:
+                 round_index, teacher: TeacherHandle | None) -> None:
     acc.wait_for_everyone()
     state_dict = acc.get_state_dict(unwrapped.hf) if acc.num_processes > 1 else None
     if acc.is_main_process:
         save_hf_checkpoint(unwrapped.hf, tokenizer, path, state_dict=state_dict)
+        if teacher is not None:
+            teacher.hand_over(global_step, path)
         save_trainer_state(path, {
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "global_step": global_step, "round": round_index, "rng": rng_state(),

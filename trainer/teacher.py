@@ -1,21 +1,29 @@
 """The privileged teacher: its prompt (shared contracts' template) and its weights (a snapshot).
 
-The teacher is the student's own weights, re-synced every `teacher_sync_every` global steps while
-its divergence is in use ([paper]); with `teacher_sync_every: 0` it is the live student under
-no_grad. [choice] A round starts with a fresh snapshot of the round's initial weights; the snapshot
-is saved with in-round progress so that a resumed round uses exactly the same teacher.
+The teacher is the student's own weights, re-synced every `teacher_sync_every` global optimizer
+steps while its divergence is in use ([paper]): at global step s it is the policy of step
+sync * floor(s / sync), counted across rounds, and it is read from a weights-only snapshot on disk.
+With `teacher_sync_every: 0` it is the live student under no_grad. Once the KL weight is 0 for good
+no teacher is loaded at all.
 """
 
 from __future__ import annotations
 
-import copy
 import json
+import logging
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from trace_rl.pipeline.chat import encode_chat_prompt
+from trace_rl.trainer.checkpoint import read_teacher_meta, save_weights, write_teacher
+from trace_rl.trainer.lean import LeanCausalLM
+
+log = logging.getLogger("trace_rl.trainer.teacher")
 from trace_rl.trainer.teacher_prompt import teacher_message
 
 
@@ -37,45 +45,113 @@ def teacher_prompt_ids(
     return encode_chat_prompt(tokenizer, teacher_message(template, prompt_row, labels), enable_thinking)
 
 
+def teacher_step_for(step: int, sync_every: int) -> int:
+    """The policy step whose weights serve as teacher at global step `step`."""
+    return sync_every * (step // sync_every)
+
+
+@contextmanager
+def eval_mode(module: nn.Module):
+    """Forward passes that only score (teacher, old log-probs) run in eval mode, so that dropout
+    and activation checkpointing (which transformers applies only while training) stay off."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 class TeacherHandle:
-    """Holds the teacher weights and decides when to refresh them from the student."""
+    """The teacher's weights: the policy at step sync * floor(s / sync), read from a weights-only
+    snapshot on disk (never a copy of the live model), so that a resumed round, or the next
+    round, uses exactly the same teacher. With `sync_every == 0` the teacher is the live student.
 
-    def __init__(self, sync_every: int):
+    Snapshots: `<work_dir>/progress-teacher-step<k>/` inside a round (cleared with the round's
+    other progress files once it is committed); the one still in use when a round ends is linked
+    into `<output checkpoint>/trainer_state/teacher/` for the next round.
+    """
+
+    def __init__(self, sync_every: int, work_dir: Path, init_checkpoint: str, dtype: torch.dtype,
+                 chunk: int):
         self.sync_every = sync_every
-        self.model: nn.Module | None = None  # None with sync_every == 0 (live student)
-        self.synced_at: int | None = None
+        self.work_dir = Path(work_dir)
+        self.dtype, self.chunk = dtype, chunk
+        self.model: nn.Module | None = None  # a LeanCausalLM in eval mode, without grad
+        self.step: int | None = None  # the sync step this teacher stands for
+        self.source_step: int | None = None  # the policy step its weights were taken at
+        self.path: Path | None = None
+        self._inherited = read_teacher_meta(init_checkpoint)
 
-    def maybe_sync(self, student: nn.Module, step: int) -> None:
-        """Snapshot `student` (an unwrapped LeanCausalLM) when due at global step `step`."""
+    def ensure(self, step: int, unwrapped: nn.Module, acc: Any) -> None:
+        """Make the teacher the one global step `step` needs (called only while it is needed)."""
         if self.sync_every == 0:
+            self.source_step = step
             return
-        due = self.synced_at is None or step - self.synced_at >= self.sync_every
-        if not due:
+        want = teacher_step_for(step, self.sync_every)
+        if self.step == want:
+            if self.model is None:  # restored from a progress save: load lazily
+                self._load(acc)
             return
-        if self.model is None:
-            self.model = copy.deepcopy(student).requires_grad_(False)
-        else:
-            self.model.load_state_dict(student.state_dict())
-        self.synced_at = step
+        source = step
+        if step != want:
+            inherited = self._inherited
+            if inherited is not None and inherited[0] == want:
+                self.step, self.source_step, self.path = want, inherited[1], inherited[2]
+                self._load(acc)
+                return
+            log.warning("no teacher snapshot of step %d on disk (checkpoint written before "
+                        "teacher snapshots?): using the policy of step %d", want, step)
+        self.path = self.work_dir / f"progress-teacher-step{want:08d}"
+        save_weights(acc, unwrapped.hf, self.path)
+        self._drop_older(keep=self.path)
+        self.step, self.source_step = want, source
+        self._load(acc)
+
+    def _load(self, acc: Any) -> None:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype)
+        hf.config.use_cache = False
+        self.model = LeanCausalLM(hf, chunk=self.chunk).to(acc.device).eval().requires_grad_(False)
+
+    def _drop_older(self, keep: Path) -> None:
+        for old in self.work_dir.glob("progress-teacher-step*"):
+            if old != keep and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
 
     def state(self) -> dict[str, Any] | None:
-        if self.model is None:
+        if self.step is None:
             return None
-        return {"synced_at": self.synced_at, "weights": self.model.state_dict()}
+        return {"step": self.step, "source_step": self.source_step, "path": str(self.path)}
 
-    def load(self, student: nn.Module, state: dict[str, Any] | None) -> None:
+    def restore(self, state: dict[str, Any] | None) -> None:
         if state is None or self.sync_every == 0:
             return
-        self.model = copy.deepcopy(student).requires_grad_(False)
-        self.model.load_state_dict(state["weights"])
-        self.synced_at = state["synced_at"]
+        self.step, self.source_step, self.path = state["step"], state["source_step"], Path(state["path"])
+
+    def hand_over(self, next_step: int, output_checkpoint: str | Path) -> None:
+        """Store the teacher the next round starts with, unless that round re-syncs anyway."""
+        if self.sync_every == 0 or next_step % self.sync_every == 0:
+            return
+        want = teacher_step_for(next_step, self.sync_every)
+        if self.step == want:
+            write_teacher(output_checkpoint, want, self.source_step, self.path)
+        elif self._inherited is not None and self._inherited[0] == want:
+            write_teacher(output_checkpoint, want, self._inherited[1], self._inherited[2])
 
     @torch.no_grad()
     def hidden(self, student_wrapped: nn.Module, **kw) -> torch.Tensor:
         """Teacher final hidden states at the given positions [S, H]."""
-        model = student_wrapped if self.model is None else self.model
-        return model(mode="hidden", **kw)
+        if self.model is not None:
+            return self.model(mode="hidden", **kw)
+        with eval_mode(student_wrapped):
+            return student_wrapped(mode="hidden", **kw)
 
     def head_weight(self, student_unwrapped: nn.Module) -> torch.Tensor:
         model = student_unwrapped if self.model is None else self.model
         return model.head_weight().detach()
+
+    def release(self) -> None:
+        """Free the teacher's memory once the KL weight has reached 0."""
+        self.model = None
