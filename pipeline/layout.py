@@ -32,6 +32,7 @@ INITIAL = "initial"
 # The input name under which round 0's stages record the initial model's identity.
 INITIAL_MODEL_INPUT = "initial_model"
 ROUND_RE = re.compile(r"round-(\d+)")
+ROUND_GLOB = "round-*"
 
 
 @dataclass(frozen=True)

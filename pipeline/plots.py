@@ -15,7 +15,7 @@ from typing import Any
 
 from trace_rl.data_schemas import TRAIN_METRICS, VERDICTS
 
-from .layout import checkpoint_name, dataset_name, eval_summary, parse_round, policy_index
+from .layout import ROUND_GLOB, checkpoint_name, dataset_name, eval_summary, parse_round, policy_index
 from .store import RunStore
 
 
@@ -48,7 +48,7 @@ def _mean(values: list[Any]) -> float | None:
 
 def _rounds(store: RunStore) -> list[int]:
     """The rounds that have a directory in the run, ascending."""
-    found = (parse_round(path) for path in store.fs.glob(store.path("round-*")))
+    found = (parse_round(path) for path in store.fs.glob(store.path(ROUND_GLOB)))
     return sorted(k for k in found if k is not None)
 
 

@@ -25,6 +25,7 @@ from trace_rl.data_schemas import EVAL_SAMPLES
 from trace_rl.data_schemas.errors import ConfigError
 from trace_rl.pipeline.fingerprint import fingerprint, model_dir_fingerprint
 from trace_rl.pipeline.layout import (
+    ROUND_GLOB,
     checkpoint_name,
     dataset_name,
     eval_samples_dataset,
@@ -62,7 +63,7 @@ def _as_inputs(fp: dict[str, str] | str) -> dict[str, str]:
 def _trained_rounds(store: RunStore) -> list[int]:
     """Rounds whose train stage finished (so round k+1's start checkpoint exists), ascending."""
     found = []
-    for path in store.fs.glob(store.path("round-*")):
+    for path in store.fs.glob(store.path(ROUND_GLOB)):
         k = parse_round(path)
         if k is not None and store.manifest(dataset_name("train", k)) is not None:
             found.append(k)
