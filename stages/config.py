@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trace_rl.testbed.config import TestbedConfig
 from trace_rl.stages.annotators.config import AnnotateConfig
@@ -33,17 +33,11 @@ class _Strict(BaseModel):
 
 
 class RunConfig(_Strict):
-    name: str = "demo"
+    name: str = Field("demo", pattern=r"^[^/.][^/]*$",
+                      description="a plain directory name such as 'demo' (no '/', not hidden)")
     root: str | None = Field(None, description="run directory (local path or fsspec URL); default runs/<name>")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     rounds: int = Field(3, ge=1)
-
-    @field_validator("name")
-    @classmethod
-    def _name_is_a_dir_name(cls, v: str) -> str:
-        if not v or "/" in v or v.startswith("."):
-            raise ValueError("must be a plain directory name such as 'demo' (no '/', not hidden)")
-        return v
 
     @property
     def run_root(self) -> str:
@@ -115,6 +109,16 @@ class TraceConfig(_Strict):
 
     def section(self, name: str) -> dict[str, Any]:
         return getattr(self, name).model_dump(mode="json")
+
+    @model_validator(mode="after")
+    def _testbed_teacher_is_the_trainers(self) -> TraceConfig:
+        # The testbed is warm-started on the teacher messages the trainer later distils from.
+        if self.model.path == "testbed" and self.model.testbed.teacher_template != self.train.teacher_template:
+            raise ValueError(
+                "model.testbed.teacher_template and train.teacher_template differ: the testbed is "
+                "warm-started on the teacher prompt the trainer uses; set both to the same template"
+            )
+        return self
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
