@@ -124,7 +124,7 @@ CATALOG: dict[str, SourceSpec] = {
         source="EleutherAI/hendrycks_math", configs=_MATH_SUBJECTS, split="train",
         revision="0bd4da3ba883718272d0e821efdf10b63c2ed3bf",
         columns={"problem": "problem", "solution": "solution"}, answer_format="boxed",
-        keep={"level": _MATH_LEVELS_3_TO_5}, drop_solution=True, id_prefix="math_train",
+        keep={"level": _MATH_LEVELS_3_TO_5}, id_prefix="math_train",
     ),
 }
 

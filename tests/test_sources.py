@@ -69,10 +69,11 @@ def test_gsm8k_splits_the_worked_solution_from_the_number_without_commas(hub_mir
     assert split_gsm8k("no marker") == (None, None)
 
 
-def test_math_train_keeps_levels_3_to_5_answers_only(hub_mirror):
+def test_math_train_keeps_levels_3_to_5_with_their_solutions(hub_mirror):
     recs = read_source(CATALOG["math_train_lvl3to5"], "math_train").records
     assert {r["meta"]["level"] for r in recs} == {"Level 3", "Level 4", "Level 5"}
-    assert all(r["solution"] is None for r in recs)  # the worked solution stays out
+    # The worked solution is the privileged teacher's context (METHOD.md), so it is kept.
+    assert all(r["solution"] and "\\boxed" in r["solution"] for r in recs)
     # The answer is the LAST box of the solution, braces matched.
     assert [r["answer"] for r in recs[:3]] == ["\\frac{2}{1}", "\\frac{4}{1}", "\\frac{6}{1}"]
     assert last_boxed("x \\boxed{1} then \\boxed{\\{a, b\\}}") == "\\{a, b\\}"
