@@ -15,17 +15,14 @@ from trace_rl.stages.config import TraceConfig
 from trace_rl.data_schemas.errors import StageError
 from trace_rl.pipeline.plots import collect_run, metrics_markdown, plot_run
 from trace_rl.pipeline.store import RunStore
-from trace_rl.stages.evaluate import (
+from trace_rl.stages.eval_summary import (
     FIVE_COLUMNS,
     bootstrap_means,
-    eval_rollout_config,
     five_column_mean,
     percentile_ci,
-    resolve_checkpoint,
-    run,
-    run_eval,
     summarize_samples,
 )
+from trace_rl.stages.evaluate import eval_rollout_config, resolve_checkpoint, run, run_eval
 
 # ---------------------------------------------------------------------------------------------
 # metrics
