@@ -120,6 +120,20 @@ class TraceConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _engine_logprobs_of_the_trained_distribution(self) -> TraceConfig:
+        # The trainer scores softmax(logits / rollout temperature); truncated sampling's engine
+        # log-probs belong to a renormalised distribution it never computes (trainer/round.py).
+        truncated = self.rollout.top_p < 1.0 or self.rollout.top_k > 0
+        if self.train.old_logprobs == "engine" and truncated:
+            raise ValueError(
+                f"train.old_logprobs=engine with rollout.top_p={self.rollout.top_p} / "
+                f"rollout.top_k={self.rollout.top_k}: the engine's log-probs are of the truncated "
+                "distribution, the trainer's of the full one; set train.old_logprobs: recompute, "
+                "or rollout.top_p: 1.0 and rollout.top_k: -1"
+            )
+        return self
+
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
