@@ -42,6 +42,9 @@ METHOD_OVERRIDES: dict[str, list[str]] = {
     "random25": ["train.method=trace", "train.span_source=random"],
     "inverted25": ["train.method=trace", "train.span_source=inverted"],
 }
+# Variants of the KL bound (docs/method.md "The bound on D_t"): `<method>@<bound>` runs <method>
+# with that bound, e.g. trace_fkl@none; plain <method> runs the trainer's default bound.
+KL_BOUNDS = ("none", "per_term_clip", "token_scale")
 # Settings under which GRPO learns on the default testbed (see docs/testbed_results.md);
 # user overrides come after these and win.
 STUDY_DEFAULTS: list[str] = [
@@ -58,13 +61,35 @@ TRAIN_COLUMNS = ("loss", "pg_loss", "kl_loss", "kl_weight", "entropy", "response
                  "span_token_frac", "clip_frac", "grad_norm")
 
 
+def bound_overrides(bound: str) -> list[str]:
+    """Overrides selecting a KL bound, for whichever trainer config is installed: `kl_bound`
+    (+ its constant) when the trainer has it, else the older `kl_term_clip` (null = none)."""
+    from trace_rl.trainer.config import TrainConfig
+
+    if bound not in KL_BOUNDS:
+        raise SystemExit(f"unknown KL bound {bound!r}; valid: {', '.join(KL_BOUNDS)}")
+    if "kl_bound" in TrainConfig.model_fields:
+        return [f"train.kl_bound={bound}"]
+    if bound == "token_scale":
+        raise SystemExit("this trainer has no direction-preserving bound (train.kl_bound)")
+    return ["train.kl_term_clip=null" if bound == "none" else "train.kl_term_clip=0.05"]
+
+
+def method_overrides(method: str) -> list[str]:
+    """`trace_fkl` -> its overrides; `trace_fkl@none` -> the same plus the bound's."""
+    base, _, bound = method.partition("@")
+    if base not in METHOD_OVERRIDES:
+        raise SystemExit(f"unknown method {base!r}; valid: {', '.join(METHOD_OVERRIDES)} "
+                         f"(optionally @bound, bound in {', '.join(KL_BOUNDS)})")
+    return [*METHOD_OVERRIDES[base], *(bound_overrides(bound) if bound else [])]
+
+
 def run_overrides(method: str, seed: int, out: str, testbed_dir: str, extra: list[str]) -> list[str]:
-    """The full override list of one run: study defaults, the method, the seed, user extras."""
-    if method not in METHOD_OVERRIDES:
-        raise SystemExit(f"unknown method {method!r}; valid: {', '.join(METHOD_OVERRIDES)}")
+    """The full override list of one run: study defaults, user extras, the method (whose bound
+    variant wins over a bound given in the extras), the seed."""
     root = os.path.join(out, f"{method}-s{seed}")
-    return [*STUDY_DEFAULTS, *METHOD_OVERRIDES[method], *extra,
-            f"run.name={method}-s{seed}", f"run.root={root}", f"run.seed={seed}",
+    return [*STUDY_DEFAULTS, *extra, *method_overrides(method),
+            f"run.name={method}-s{seed}".replace("@", "-"), f"run.root={root}", f"run.seed={seed}",
             f"train.seed={seed}", f"model.testbed_dir={testbed_dir}"]
 
 
@@ -72,7 +97,6 @@ def _train_row(store, round_index: int) -> dict[str, Any]:
     """Round `round_index`'s training measurements: step means of metrics.parquet, reward of the
     verdicts, and the mean coverage of rollouts whose annotation routed spans."""
     import numpy as np
-
     from trace_rl.data_schemas import ANNOTATIONS, TRAIN_METRICS, VERDICTS
     from trace_rl.stages.common import dataset_name
 
@@ -105,14 +129,17 @@ def _eval_row(cfg, checkpoint: str) -> dict[str, Any]:
 
 
 def run_one(method: str, seed: int, rounds: int, out: str, testbed_dir: str, extra: list[str],
-            threads: int) -> list[dict[str, Any]]:
-    """One full pipeline run; returns (and appends to rows.jsonl) one row per round 0..rounds."""
+            threads: int, eval_rounds: list[int] | None = None) -> list[dict[str, Any]]:
+    """One full pipeline run; returns (and appends to rows.jsonl) one row per round 0..rounds.
+    Held-out accuracy is measured after the rounds in `eval_rounds` (None = every round); the
+    others' rows carry the training measurements only (train reward is the on-policy accuracy
+    of that round's rollouts)."""
     import torch
 
     torch.set_num_threads(threads)
-    from trace_rl.stages.config import dump_config, load_config
     from trace_rl.stages import get_stage
     from trace_rl.stages.common import open_store
+    from trace_rl.stages.config import dump_config, load_config
 
     cfg = load_config("demo", run_overrides(method, seed, out, testbed_dir, extra))
     store = open_store(cfg)
@@ -125,8 +152,9 @@ def run_one(method: str, seed: int, rounds: int, out: str, testbed_dir: str, ext
         t0 = time.time()
         for stage in ("rollout", "verify", "annotate", "train"):
             get_stage(stage)(cfg, k, progress=False)
-        row = {**base, "round": k + 1, **_train_row(store, k), **_eval_row(cfg, f"round-{k + 1}"),
-               "wall_s": time.time() - t0}
+        evaluated = eval_rounds is None or k + 1 in eval_rounds or k + 1 == rounds
+        row = {**base, "round": k + 1, **_train_row(store, k),
+               **(_eval_row(cfg, f"round-{k + 1}") if evaluated else {}), "wall_s": time.time() - t0}
         rows.append(row)
         _append(out, row)
     return rows
@@ -173,7 +201,8 @@ def summary_table(df) -> str:
     r_final = int(df.groupby(["method", "seed"])["round"].max().min())
     acc = df[df["round"] == r_final].set_index(["method", "seed"])["heldout_acc"]
     acc0 = df[df["round"] == 0].set_index(["method", "seed"])["heldout_acc"]
-    header = (f"| method | seeds | held-out acc, round {r_final} | gain vs warm start | Δ vs grpo (paired) | "
+    header = (f"| method | seeds | held-out acc, round {r_final} | gain vs warm start | "
+              "Δ vs grpo, paired mean [95% CI] | "
               "per-seed | entropy | train len | eval len | KL term | span frac |")
     lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, g in df.groupby("method", sort=False):
@@ -183,10 +212,11 @@ def summary_table(df) -> str:
         finals = [float(acc[(method, s)]) for s in seeds]
         gains = [f - float(acc0[(method, s)]) for f, s in zip(finals, seeds, strict=True)]
         paired = [float(acc[(method, s)] - acc[("grpo", s)]) for s in seeds if ("grpo", s) in acc.index]
+        wins = sum(d > 0 for d in paired)
         tr = g[(g["round"] > 0) & (g["round"] <= r_final)]
         lines.append(
             f"| {method} | {len(seeds)} | {_ms(finals, 100)} | {_ms(gains, 100, sign=True)} | "
-            f"{_ms(paired, 100, sign=True) if paired and method != 'grpo' else '-'} | "
+            f"{paired_ci(paired) + f' ({wins}/{len(paired)} seeds >0)' if paired and method != 'grpo' else '-'} | "
             f"{', '.join(f'{100 * f:.1f}' for f in finals)} | "
             f"{tr['train_entropy'].mean():.4f} | {tr['train_response_len_mean'].mean():.1f} | "
             f"{tr['heldout_tokens'].mean():.1f} | {tr['train_kl_loss'].mean():.2e} | "
@@ -198,6 +228,30 @@ def summary_table(df) -> str:
     for method, row in by_round.iterrows():
         lines.append(f"| {method} | " + " | ".join("-" if np.isnan(v) else f"{100 * v:.1f}" for v in row) + " |")
     return "\n".join(lines) + "\n"
+
+
+# Two-sided 95% Student-t quantiles by degrees of freedom (no scipy in the venv).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093,
+        24: 2.064, 29: 2.045}
+
+
+def t95(df: int) -> float:
+    """The 97.5% quantile of Student's t with df degrees of freedom (conservative between rows)."""
+    if df < 1:
+        raise ValueError(f"a t-interval needs >= 2 values (df >= 1); got df={df}")
+    return _T95[max(k for k in _T95 if k <= df)] if df <= 29 else 1.96
+
+
+def paired_ci(diffs: list[float], scale: float = 100.0) -> str:
+    """'+1.2 [-0.5, +2.9]': the mean paired difference with its 95% t-interval over seeds."""
+    import numpy as np
+
+    m = scale * float(np.mean(diffs))
+    if len(diffs) < 2:
+        return f"{m:+.1f} (1 seed)"
+    half = t95(len(diffs) - 1) * scale * float(np.std(diffs, ddof=1)) / np.sqrt(len(diffs))
+    return f"{m:+.1f} [{m - half:+.1f}, {m + half:+.1f}]"
 
 
 def _ms(values: list[float], scale: float = 1.0, sign: bool = False) -> str:
@@ -252,12 +306,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=list(METHOD_OVERRIDES), choices=list(METHOD_OVERRIDES))
+    ap.add_argument("--methods", nargs="+", default=list(METHOD_OVERRIDES),
+                    help=f"{', '.join(METHOD_OVERRIDES)}, each optionally @bound ({', '.join(KL_BOUNDS)})")
     ap.add_argument("--out", default="runs/study")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (each gets cores/jobs threads)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = cores / jobs)")
     ap.add_argument("--testbed-dir", default="/tmp/study-testbed", help="ONE shared testbed build")
     ap.add_argument("--report-only", action="store_true", help="only rebuild parquet/table/plot")
+    ap.add_argument("--eval-rounds", type=int, nargs="+", default=None,
+                    help="rounds after which held-out accuracy is measured (default: all; round 0 "
+                         "and the last are always measured)")
     ap.add_argument("overrides", nargs="*", help="section.key=value passed to every run")
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
@@ -272,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     build_testbed(cfg0.model.testbed, a.testbed_dir, progress=True)
     threads = a.threads or max(1, (os.cpu_count() or 1) // a.jobs)
     # Seed-major order: a study cut short still has every method on the first seeds.
-    jobs = [(m, s, a.rounds, a.out, a.testbed_dir, a.overrides, threads) for s in a.seeds for m in a.methods]
+    jobs = [(m, s, a.rounds, a.out, a.testbed_dir, a.overrides, threads, a.eval_rounds)
+            for s in a.seeds for m in a.methods]
     failures = 0
     with ProcessPoolExecutor(max_workers=a.jobs) as pool:
         futs = [pool.submit(_worker, j) for j in jobs]

@@ -1,0 +1,161 @@
+"""Tables and curves for docs/testbed_results.md from one or more study folders.
+
+    python benchmarks/study_report.py runs/study-a runs/study-b --labels "old testbed" "new testbed" \
+        --png docs/testbed_curves.png > /tmp/tables.md
+
+Per folder: the summary table of benchmarks/testbed_study.py (round-R accuracy, paired Δ vs grpo
+with a 95% t-interval) and, when `<folder>/diagnostics.jsonl` exists (benchmarks/study_diagnostics.py),
+a per-method, per-round table of the diagnostics (means over the seeds measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# (column in diagnostics.jsonl, header, format)
+DIAG_COLUMNS = [
+    ("train_entropy", "entropy (train)", "{:.4f}"),
+    ("heldout_tokens", "eval len", "{:.1f}"),
+    ("fkl_key", "FKL key", "{:.4f}"),
+    ("fkl_off_correct", "FKL off-span (correct)", "{:.4f}"),
+    ("rkl_error", "RKL error", "{:.3f}"),
+    ("rkl_off_incorrect", "RKL off-span (incorrect)", "{:.4f}"),
+    ("under_alloc_key", "key tokens q−p>0.1", "{:.3f}"),
+    ("entropy_key", "student entropy, key", "{:.3f}"),
+    ("grad_ratio", "‖∇D‖/‖∇ℓ‖ on S", "{:.2f}"),
+    ("kl_share", "KL share of span grad at λ", "{:.2f}"),
+    ("teacher_acc", "teacher acc", "{:.1%}"),
+]
+
+
+def load_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    latest = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            latest[(r["method"], r["seed"], r["round"])] = r
+    return list(latest.values())
+
+
+def diagnostics_table(folder: Path, methods: list[str] | None = None) -> str:
+    """Mean over seeds of each diagnostic, per method and round; λ from rows.jsonl."""
+    import pandas as pd
+
+    diag = load_jsonl(folder / "diagnostics.jsonl")
+    if not diag:
+        return ""
+    d = pd.DataFrame(diag)
+    rows = pd.DataFrame(load_jsonl(folder / "rows.jsonl"))
+    # rows.jsonl's round k+1 holds round k's training (its mean λ); diagnostics' round k is policy k
+    lam = rows.assign(round=rows["round"] - 1)[["method", "seed", "round", "train_kl_weight",
+                                                 "train_entropy"]]
+    d = d.merge(lam, on=["method", "seed", "round"], how="left")
+    acc = rows[["method", "seed", "round", "heldout_acc", "heldout_tokens"]]
+    d = d.merge(acc, on=["method", "seed", "round"], how="left")
+    w0 = 0.5
+    d["grad_ratio"] = d["grad_kl"] / d["grad_pg"].where(d["grad_pg"] > 0)
+    lam_ = d["train_kl_weight"].fillna(0.0)
+    num = lam_ * d["grad_kl"]
+    d["kl_share"] = num / (num + (1 - lam_ / w0) * d["grad_pg"])
+    cols = [c for c in DIAG_COLUMNS if c[0] in d.columns]
+    head = "| method | round | seeds | student acc | λ | " + " | ".join(h for _, h, _ in cols) + " |"
+    lines = [head, "|" + "---|" * (5 + len(cols))]
+    order = methods or list(dict.fromkeys(d["method"]))
+    for method in order:
+        g = d[d["method"] == method]
+        for k, gk in g.groupby("round"):
+            cells = []
+            for col, _, fmt in cols:
+                v = gk[col].mean()
+                cells.append("-" if pd.isna(v) else fmt.format(v))
+            acc_k = gk["heldout_acc"].mean()
+            lam_k = gk["train_kl_weight"].mean()
+            lines.append(f"| {method} | {k} | {gk['seed'].nunique()} | "
+                         f"{'-' if pd.isna(acc_k) else f'{acc_k:.1%}'} | "
+                         f"{'-' if pd.isna(lam_k) else f'{lam_k:.2f}'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_studies(folders: list[Path], labels: list[str], path: str, methods: list[str] | None) -> None:
+    """Held-out accuracy by round, one panel per study, mean over seeds with a min-max band,
+    plus each study's paired Δ vs grpo by round (mean and 95% t-interval)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import pandas as pd
+    from testbed_study import t95
+
+    fig, axes = plt.subplots(2, len(folders), figsize=(6.5 * len(folders), 8), squeeze=False)
+    for j, (folder, label) in enumerate(zip(folders, labels, strict=True)):
+        df = pd.DataFrame(load_jsonl(folder / "rows.jsonl"))
+        order = [m for m in (methods or list(dict.fromkeys(df["method"]))) if m in set(df["method"])]
+        base = df[df["method"] == "grpo"].set_index(["seed", "round"])["heldout_acc"]
+        for method in order:
+            g = df[df["method"] == method]
+            st = g.groupby("round")["heldout_acc"].agg(["mean", "min", "max"])
+            line, = axes[0, j].plot(st.index, 100 * st["mean"], marker="o", ms=3,
+                                    label=f"{method} ({g['seed'].nunique()} seeds)")
+            axes[0, j].fill_between(st.index, 100 * st["min"], 100 * st["max"], alpha=0.15,
+                                    color=line.get_color())
+            if method == "grpo":
+                continue
+            diff = (g.set_index(["seed", "round"])["heldout_acc"] - base).dropna().reset_index()
+            ci = diff.groupby("round")["heldout_acc"].agg(["mean", "std", "count"])
+            half = [t95(int(n) - 1) * s / np.sqrt(n) if n > 1 else 0.0
+                    for s, n in zip(ci["std"], ci["count"], strict=True)]
+            axes[1, j].errorbar(ci.index, 100 * ci["mean"], yerr=100 * np.array(half), marker="o",
+                                ms=3, capsize=3, label=method, color=line.get_color())
+        axes[0, j].set_title(f"{label}: held-out accuracy (%)")
+        axes[1, j].axhline(0, color="k", lw=0.8)
+        axes[1, j].set_title(f"{label}: Δ vs grpo, paired (points, 95% CI)")
+        for ax in axes[:, j]:
+            ax.set_xlabel("round")
+        axes[0, j].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import pandas as pd
+    from testbed_study import summary_table
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", nargs="+")
+    ap.add_argument("--labels", nargs="+", default=None)
+    ap.add_argument("--methods", nargs="+", default=None)
+    ap.add_argument("--png", default=None)
+    a = ap.parse_args(argv)
+    folders = [Path(f) for f in a.folders]
+    labels = a.labels or [f.name for f in folders]
+    for folder, label in zip(folders, labels, strict=True):
+        rows = load_jsonl(folder / "rows.jsonl")
+        if not rows:
+            continue
+        df = pd.DataFrame(rows)
+        if a.methods:
+            df = df[df["method"].isin(a.methods)]
+        # keep the seeds every run of the folder reached, and methods in the order asked
+        order = a.methods or list(dict.fromkeys(df["method"]))
+        df = df.assign(_o=df["method"].map({m: i for i, m in enumerate(order)})).sort_values(
+            ["_o", "seed", "round"]).drop(columns="_o")
+        print(f"### {label}\n\n{summary_table(df)}")
+        diag = diagnostics_table(folder, order)
+        if diag:
+            print(f"Diagnostics ({label}; policy k = the checkpoint that sampled round k):\n\n{diag}")
+    if a.png:
+        plot_studies(folders, labels, a.png, a.methods)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
