@@ -16,14 +16,15 @@ from trace_rl.trainer.testing import make_round_tables, make_tokenizer, save_tin
 
 REPO = Path(__file__).resolve().parents[1]
 DETERMINISTIC = ("step", "loss", "pg_loss", "kl_loss", "kl_weight", "entropy", "grad_norm",
-                 "clip_frac", "span_token_frac", "lr")
+                 "clip_frac", "span_token_frac", "lr", "teacher_step")
 
 # Runs one round; with KILL_AT set, SIGKILLs itself right after the progress save that ends
 # step KILL_AT (a real kill: no cleanup, no atexit, no flush).
 SCRIPT = r"""
 import json, os, signal, sys
+import pyarrow.parquet as pq
 import trace_rl.trainer.round as R
-from trace_rl.trainer.launch import run_from_args
+from trace_rl.trainer.config import TrainConfig
 kill_at = int(os.environ.get("KILL_AT", "-1"))
 original = R._save_progress
 def save_then_die(*args, **kwargs):
@@ -31,7 +32,12 @@ def save_then_die(*args, **kwargs):
     if args[8] == kill_at:  # cursor = optimizer steps completed in this round
         os.kill(os.getpid(), signal.SIGKILL)
 R._save_progress = save_then_die
-run_from_args(json.loads(open(sys.argv[1]).read()))
+a = json.loads(open(sys.argv[1]).read())
+tables = {k: pq.read_table(a[k]) for k in ("prompts", "rollouts", "verdicts", "annotations")}
+rows = R.train_round(TrainConfig(**a["config"]), **tables, init_checkpoint=a["init_checkpoint"],
+                     output_checkpoint=a["output_checkpoint"], work_dir=a["work_dir"],
+                     round_index=a["round_index"], progress=False)
+open(a["metrics_out"], "w").write("".join(json.dumps(r) + "\n" for r in rows))
 """
 
 
@@ -81,6 +87,8 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     rows_res = [json.loads(x) for x in (tmp_path / "metrics-resumed.jsonl").read_text().splitlines()]
     assert len(rows_clean) == len(rows_res) == 6
     assert rows_clean[1]["kl_loss"] > 0 and rows_clean[-1]["kl_weight"] == 0
+    # sync every 2 steps while λ > 0 (steps 0-4); the step-3 teacher comes back from the snapshot
+    assert [r["teacher_step"] for r in rows_res] == [0, 0, 2, 2, 4, None]
     for a, b in zip(rows_clean, rows_res):
         for key in DETERMINISTIC:
             assert a[key] == b[key], (a["step"], key)
