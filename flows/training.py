@@ -27,8 +27,6 @@ def _stage_task(stage: str, config_path: str, round_index: Optional[int], force:
             "counts": manifest.counts}
 
 
-# Retries only where a failure is plausibly transient: the annotate stage talks to an API.
-_TASK_OPTS = dict(cache_policy=NO_CACHE, log_prints=True)
 def _rollout_task(stage: str, config_path: str, round_index: Optional[int], force: bool = False) -> dict:
     """The rollout stage; with the run's engine session when the flow has one.
 
@@ -56,6 +54,8 @@ def _release_engine() -> None:
         logging.getLogger("trace_rl.flows").info("rollout engine: %s", session.release_device())
 
 
+# Retries only where a failure is plausibly transient: the annotate stage talks to an API.
+_TASK_OPTS = dict(cache_policy=NO_CACHE, log_prints=True)
 stage_prepare = task(name="prepare", **_TASK_OPTS)(_stage_task)
 stage_rollout = task(name="rollout", **_TASK_OPTS)(_rollout_task)
 stage_verify = task(name="verify", **_TASK_OPTS)(_stage_task)

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import PROMPTS, build_model_dir
-from test_engine_vllm import VLLM_PROMPTS, _vllm_cfg, needs_vllm
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
-
+from test_engine_vllm import VLLM_PROMPTS, VLLM_PYTHON, _vllm_cfg, needs_vllm
+from tiny import PROMPTS, TINY_RUN, build_model_dir
+from trace_rl.data_schemas import ROLLOUTS
 from trace_rl.data_schemas.errors import StageError
 from trace_rl.stages.engines import generate
 from trace_rl.stages.engines.session import (
@@ -27,7 +26,9 @@ from trace_rl.stages.engines.session import (
     engine_key,
     engine_session,
 )
+from trace_rl.stages.engines.vllm_engine import cpu_env
 from trace_rl.trainer.checkpoint import save_hf_checkpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
 
 LOGPROB_TOL = 1e-4  # float32 end to end; a reload must not change the numbers beyond noise
 
@@ -148,11 +149,47 @@ def test_a_worker_that_cannot_start_raises_with_the_fix(policies, tmp_path):
 
 def test_engine_session_is_active_only_inside_its_block():
     assert active_session() is None
-    with pytest.raises(KeyError):
-        with engine_session() as session:
-            assert active_session() is session
-            with pytest.raises(RuntimeError, match="already active"):
-                with engine_session():
-                    pass
-            raise KeyError("the flow failed")
+    with pytest.raises(KeyError), engine_session() as session:
+        assert active_session() is session
+        with pytest.raises(RuntimeError, match="already active"), engine_session():
+            pass
+        raise KeyError("the flow failed")
     assert active_session() is None and not session.running
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_training_flow_starts_one_engine_and_equals_a_cold_rerun(
+    tmp_path, tiny_testbed_dir, prefect_harness, monkeypatch
+):
+    from trace_rl.flows.training import trace_training
+    from trace_rl.stages import get_stage
+    from trace_rl.stages.common import dataset_name, open_store
+    from trace_rl.stages.config import load_config
+
+    starts = []
+    real_start = EngineSession._start
+
+    def counting_start(self, *args, **kwargs):
+        starts.append(args[1])  # the checkpoint the engine starts on
+        return real_start(self, *args, **kwargs)
+
+    monkeypatch.setattr(EngineSession, "_start", counting_start)
+    env = cpu_env(tmp_path / "cache", omp_threads_bind="0-1", in_process=True)
+    overrides = TINY_RUN + [
+        f"run.root={tmp_path / 'run'}", f"model.testbed_dir={tiny_testbed_dir}", "run.rounds=2",
+        "rollout.engine=vllm", f"rollout.vllm.python={VLLM_PYTHON}", "rollout.vllm.dtype=float32",
+        f"rollout.vllm.env={json.dumps(env)}",
+        'rollout.vllm.engine_kwargs={"distributed_executor_backend": "uni"}',
+    ]
+    trace_training("demo", overrides)
+    assert len(starts) == 1, "one engine for both rounds"
+    assert active_session() is None
+    cfg = load_config("demo", overrides)
+    store = open_store(cfg)
+    from_flow = store.read(dataset_name("rollout", 1), ROLLOUTS).to_pylist()
+    # Round 1 again as a standalone stage: a cold engine on round 1's checkpoint.
+    get_stage("rollout")(cfg, 1, force=True, progress=False)
+    cold = store.read(dataset_name("rollout", 1), ROLLOUTS).to_pylist()
+    assert len(starts) == 1
+    _assert_same_rollouts(from_flow, cold)

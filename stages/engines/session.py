@@ -84,11 +84,17 @@ class _Worker:
         read_fd, write_fd = os.pipe()
         self.tag = tag
         self.tail: collections.deque = collections.deque(maxlen=LOG_TAIL_LINES)
-        self.proc = subprocess.Popen(
-            [*cmd, str(write_fd)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, errors="replace", pass_fds=(write_fd,),
-        )
-        os.close(write_fd)
+        try:
+            self.proc = subprocess.Popen(
+                [*cmd, str(write_fd)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True, errors="replace", pass_fds=(write_fd,),
+            )
+        except OSError as exc:
+            os.close(read_fd)
+            raise StageError(f"cannot start the vLLM worker with {cmd[0]!r}: {exc}; set "
+                             "vllm.python (or $TRACE_VLLM_PYTHON) to a venv's python") from exc
+        finally:
+            os.close(write_fd)
         self._fd, self._buf = read_fd, b""
         self._thread = threading.Thread(target=self._stream, args=(progress,), daemon=True)
         self._thread.start()
@@ -214,19 +220,19 @@ class EngineSession:
         self._tmp = tempfile.mkdtemp(prefix="trace-vllm-session-")
         script = copy_worker_script(self._tmp)
         t0 = time.perf_counter()
-        for rank in range(cfg.vllm.data_parallel_size):
-            request = requests[min(rank, len(requests) - 1)]
-            # Twice this round's prefill: later rounds' prompts differ in length, and outgrowing
-            # the CPU token budget costs a restart.
-            spec = {"model": str(model_dir), "llm_kwargs": llm_kwargs(cfg),
-                    "prefill_tokens": 2 * _prefill_tokens(request)}
-            spec_path = Path(self._tmp) / f"spec-{rank}.json"
-            spec_path.write_text(json.dumps(spec))
-            cmd = [cfg.vllm.python, script, "--serve", str(spec_path)]
-            self._workers.append(_Worker(cmd, shard_env(cfg, rank), f"vllm:{rank}", progress))
         try:
+            for rank in range(cfg.vllm.data_parallel_size):
+                request = requests[min(rank, len(requests) - 1)]
+                # Twice this round's prefill: later rounds' prompts differ in length, and
+                # outgrowing the CPU token budget costs a restart.
+                spec = {"model": str(model_dir), "llm_kwargs": llm_kwargs(cfg),
+                        "prefill_tokens": 2 * _prefill_tokens(request)}
+                spec_path = Path(self._tmp) / f"spec-{rank}.json"
+                spec_path.write_text(json.dumps(spec))
+                cmd = [cfg.vllm.python, script, "--serve", str(spec_path)]
+                self._workers.append(_Worker(cmd, shard_env(cfg, rank), f"vllm:{rank}", progress))
             self._ready = [w.reply(cfg.vllm.timeout_s) for w in self._workers]
-        except WorkerGone as exc:
+        except StageError as exc:
             self.close()
             raise StageError(f"{exc}{failure_hint(str(exc), cfg.vllm.python)}") from exc
         stats["engine_start_s"] = time.perf_counter() - t0
