@@ -25,10 +25,10 @@ from trace_rl.data_schemas.errors import TraceError
 from .html_view import write_html
 from .inspect_summaries import SUMMARIZERS, Dataset
 from .inspect_terminal import print_report
-from .layout import CHECKPOINTS, EVAL_SUMMARY, ROUND_RE, SCHEMA_ORDER, STAGES
+from .layout import CHECKPOINTS, ROUND_RE, SCHEMA_ORDER, STAGES
 from .store import MANIFEST, read_manifest
 
-MAX_DEPTH = 3  # run/eval/round-0004/<benchmark>/ is the deepest dataset of a run
+MAX_DEPTH = 4  # run/eval/round-0004/<benchmark>/samples.parquet/ is the deepest dataset of a run
 SKIP_DIRS = {CHECKPOINTS}
 
 
@@ -38,8 +38,10 @@ def _basename(path: str) -> str:
 
 
 def _parquet_files(fs, directory: str) -> list[str]:
-    return sorted(p for p in fs.ls(directory, detail=False)
-                  if p.endswith(".parquet") and not _basename(p).startswith("."))
+    # Files only: a dataset directory may itself be named `*.parquet` (eval samples).
+    return sorted(e["name"] for e in fs.ls(directory, detail=True)
+                  if e["type"] == "file" and e["name"].endswith(".parquet")
+                  and not _basename(e["name"]).startswith("."))
 
 
 def _is_dataset_dir(fs, directory: str) -> bool:
@@ -62,8 +64,7 @@ def _schema_name(fs, file: str) -> str:
 
 def read_dataset(fs, path: str, label: str) -> Dataset:
     """Read a Parquet file or a dataset directory (the parts its manifest lists; all parts, marked
-    incomplete, when there is no manifest) against the contract its metadata names. Evaluation
-    outputs have `summary.json` in place of a manifest."""
+    incomplete, when there is no manifest) against the contract its metadata names."""
     complete = True
     if fs.isfile(path):
         files, name = [path], None
@@ -73,7 +74,7 @@ def read_dataset(fs, path: str, label: str) -> Dataset:
             files, name = [posixpath.join(path, f["name"]) for f in m.files], m.schema
         else:
             files, name = _parquet_files(fs, path), None
-            complete = fs.exists(posixpath.join(path, EVAL_SUMMARY))
+            complete = False
     name = _schema_name(fs, files[0]) if files else name
     if name is None:
         raise TraceError(f"{path}: an empty directory without {MANIFEST} is not a dataset")

@@ -157,6 +157,25 @@ def test_run_summary_values(run_dir: Path, capsys) -> None:
     assert XSS in text  # the terminal shows the raw text, not rich markup interpretations of it
 
 
+def test_eval_samples_of_a_run_are_found_and_summarised(tmp_path: Path, capsys) -> None:
+    # evaluate writes eval/<ckpt>/<benchmark>/samples.parquet as a store dataset: a directory
+    # named like a file, one level below the benchmark folder.
+    from trace_rl.data_schemas import EVAL_SAMPLES
+    from trace_rl.pipeline.layout import eval_samples_dataset
+
+    root = tmp_path / "run"
+    _write_run(root)
+    rows = [{"benchmark": "math500", "problem_id": f"p{i}", "sample_index": 0, "response_text": "x",
+             "extracted_answer": None, "correct": i < 3, "num_tokens": 10 + i} for i in range(4)]
+    with RunStore(str(root)).writer(eval_samples_dataset("initial", "math500"), EVAL_SAMPLES,
+                                    stage="evaluate", config_fingerprint="c") as w:
+        w.write_rows(rows)
+    out = inspect_path(str(root), examples=0)
+    got = out["datasets"]["eval/initial/math500/samples.parquet"]
+    assert got["benchmarks"]["math500"] == {"samples": 4, "accuracy": 0.75, "mean_tokens": 11.5}
+    assert got["complete"] is True
+
+
 def test_example_text_styles_exact_span_ranges() -> None:
     rec = {"response_text": T1, "spans": SPANS["r1"], "route": "key"}
     rendered = example_text(rec)
