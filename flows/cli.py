@@ -111,7 +111,7 @@ def inspect(path: str = typer.Argument(..., help="a Parquet file, a dataset dire
 
 @app.command()
 def status(config: str = typer.Argument("demo"), overrides: Optional[list[str]] = OverridesArg) -> None:
-    """Show which stages of which rounds are complete, stale or missing."""
+    """Show which stages of which rounds are complete, stale or missing, and why a stage is stale."""
     cfg = _load(config, overrides)
     from trace_rl.stages.status import print_status
 
