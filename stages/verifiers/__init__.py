@@ -1,6 +1,6 @@
 """Verifiers: reward a rollout by checking its answer against the reference (verify stage)."""
 
-from trace_rl.stages.verifiers.base import (
+from trace_rl.stages.verifiers.registry import (
     VERDICT_STATUSES,
     CheckFn,
     Verdict,

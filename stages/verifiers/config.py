@@ -38,7 +38,7 @@ class VerifyConfig(BaseModel):
     @field_validator("kind")
     @classmethod
     def _known_kind(cls, v: str) -> str:
-        from trace_rl.stages.verifiers.base import get_verifier  # the package import fills the registry
+        from trace_rl.stages.verifiers.registry import get_verifier  # the package import fills the registry
 
         get_verifier(v)  # raises, listing the valid kinds
         return v

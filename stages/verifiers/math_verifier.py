@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-from trace_rl.stages.verifiers.base import CheckFn, Verdict, register_verifier
+from trace_rl.stages.verifiers.registry import CheckFn, Verdict, register_verifier
 from trace_rl.stages.verifiers.config import VerifyConfig
 from trace_rl.stages.verifiers.extract import (
     Statement,

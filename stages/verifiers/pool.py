@@ -27,7 +27,7 @@ from typing import Any
 
 from typing_extensions import Self
 
-from trace_rl.stages.verifiers.base import DETAIL_MAX_CHARS, CheckFn, Verdict, get_verifier
+from trace_rl.stages.verifiers.registry import DETAIL_MAX_CHARS, CheckFn, Verdict, get_verifier
 from trace_rl.stages.verifiers.config import VerifyConfig
 
 # Spawned workers import sympy and math-verify first; that can take a while on a loaded box.

@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from trace_rl.stages.verifiers.base import DETAIL_MAX_CHARS, Verdict, get_verifier
+from trace_rl.stages.verifiers.registry import DETAIL_MAX_CHARS, Verdict, get_verifier
 from trace_rl.stages.verifiers.config import VerifyConfig
 from trace_rl.stages.verifiers.pool import Item, VerifierPool
 
