@@ -12,7 +12,7 @@ import time
 from rich.console import Console
 from rich.panel import Panel
 
-from trace_rl.pipeline.layout import PLOT, dataset_name, round_dir
+from trace_rl.pipeline.layout import dataset_name, round_dir
 from trace_rl.stages.config import TraceConfig
 
 console = Console()
@@ -42,7 +42,7 @@ def run_demo(cfg: TraceConfig) -> dict:
     inspect_path(annotations, html=html, examples=1)
     from trace_rl.pipeline.plots import plot_run
 
-    png = plot_run(root, f"{root}/{PLOT}")
+    png = plot_run(root)[0]  # curves.png; accuracy.png and summary.md sit beside it
     elapsed = time.time() - t0
     acc0, acc1 = _acc(before), _acc(after)
     console.print(Panel.fit(

@@ -14,7 +14,7 @@ from typing import Optional
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from trace_rl.pipeline.layout import PLOT, ROUND_STAGES
+from trace_rl.pipeline.layout import ROUND_STAGES
 from trace_rl.stages.config import load_config
 from trace_rl.stages.engines.session import engine_session
 
@@ -78,9 +78,9 @@ def _publish_round_artifacts(config_path: str, round_index: int) -> None:
         create_markdown_artifact(key=f"{cfg.run.name}-metrics".lower().replace("_", "-"),
                                  markdown=metrics_markdown(root),
                                  description=f"metrics after round {round_index}")
-        png = plot_run(root, f"{root}/{PLOT}")
+        png = plot_run(root)[0]  # curves.png; accuracy.png and summary.md sit beside it
         create_link_artifact(key=f"{cfg.run.name}-plot".lower().replace("_", "-"), link=f"file://{png}",
-                             description="accuracy, entropy and response length by round")
+                             description="training curves per optimizer step (plots/)")
     except Exception as exc:  # artifacts are a convenience; never fail a finished round for them
         logging.getLogger("trace_rl.flows").warning("could not publish artifacts: %s", exc)
 

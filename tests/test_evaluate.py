@@ -1,4 +1,4 @@
-"""avg@k, bootstrap CIs, the 5-column mean, an end-to-end eval with the hf engine, and run plots."""
+"""avg@k, bootstrap CIs, the 5-column mean and an end-to-end eval with the hf engine (plots: test_plots.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ import pytest
 from conftest import SHARED_DATA, needs_shared_data
 from tiny import build_model_dir
 
-from trace_rl.data_schemas import EVAL_SAMPLES, TRAIN_METRICS, VERDICTS, extend_metrics
+from trace_rl.data_schemas import EVAL_SAMPLES, TRAIN_METRICS
 from trace_rl.stages.config import TraceConfig
 from trace_rl.data_schemas.errors import StageError
-from trace_rl.pipeline.plots import collect_run, metrics_markdown, plot_run
 from trace_rl.pipeline.store import RunStore
 from trace_rl.stages.eval_summary import (
     FIVE_COLUMNS,
@@ -209,79 +208,3 @@ def test_checkpoint_resolution_and_stage_entry(tmp_path, model_dir) -> None:
         "hf",
     )
     assert cfg.rollout.n == 8  # the training rollout config is not touched
-
-
-# ---------------------------------------------------------------------------------------------
-# plots
-
-
-def _fake_run(root) -> RunStore:
-    store = RunStore(str(root))
-    for k, rewards in enumerate([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]):
-        with store.writer(
-            f"round-{k:04d}/verdicts", VERDICTS, stage="verify", config_fingerprint="x"
-        ) as w:
-            w.write_rows(
-                [
-                    {
-                        "rollout_id": f"{k}:{i}",
-                        "reward": r,
-                        "correct": r == 1.0,
-                        "extracted_answer": None,
-                        "status": "ok",
-                        "detail": None,
-                    }
-                    for i, r in enumerate(rewards)
-                ]
-            )
-        metrics = [
-            {name: 0.0 for name in TRAIN_METRICS.names}
-            | {
-                "step": 2 * k + s,
-                "round": k,
-                "peak_mem_bytes": 0,
-                "entropy": 1.0 + k + s,
-                "response_len_mean": 100.0 * (k + 1),
-                "kl_weight": 0.5,
-                "kl/forward": 0.1,
-            }
-            for s in range(2)
-        ]
-        with store.writer(
-            f"round-{k:04d}/train",
-            extend_metrics(["kl/forward"]),
-            stage="train",
-            config_fingerprint="x",
-            allow_extra=True,
-        ) as w:
-            w.write_rows(metrics)
-    return store
-
-
-def test_plot_and_markdown_from_round_outputs(tmp_path) -> None:
-    store = _fake_run(tmp_path / "run")
-    stats = collect_run(str(tmp_path / "run"))
-    assert [(r.round, r.rollouts, r.reward_rate, r.steps) for r in stats.rounds] == [
-        (0, 4, 0.25, 2),
-        (1, 4, 0.5, 2),
-    ]
-    assert [r.entropy for r in stats.rounds] == [1.5, 2.5]
-    assert [r.response_len for r in stats.rounds] == [100.0, 200.0]
-
-    png = plot_run(str(tmp_path / "run"), str(tmp_path / "out" / "run.png"))
-    assert (tmp_path / "out" / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert png.endswith("run.png")
-    md = metrics_markdown(str(tmp_path / "run"))
-    assert "| 0 | 4 | 0.250 | 2 |" in md and "| 1 | 4 | 0.500 | 2 |" in md
-
-    # With an eval summary the accuracy comes from it.
-    store.write_text(
-        store.path("eval", "round-0001", "summary.json"),
-        json.dumps(
-            {"benchmarks": {"testbed": {"avg@k": 0.625}}, "five_column_mean": {"value": None}}
-        ),
-    )
-    assert collect_run(str(tmp_path / "run")).evals == {1: {"testbed": 0.625}}
-    assert "| round-0001 | 62.50 |" in metrics_markdown(str(tmp_path / "run"))
-    plot_run(str(tmp_path / "run"), str(tmp_path / "out" / "run2.png"))
-    assert (tmp_path / "out" / "run2.png").stat().st_size > 10_000
