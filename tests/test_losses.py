@@ -103,7 +103,7 @@ def test_default_config_bound_is_direction_preserving():
 def test_per_term_clip_reverses_the_gradient():
     """The opt-in literal reading: forward, teacher 0.45 vs student 0.30, the student's token FALLS
     and the true KL rises (why it is not the default)."""
-    s0, q, p, kl_before, kl_after = _sgd("forward", "full", "per_term_clip", 0.05)
+    s0, _, p, kl_before, kl_after = _sgd("forward", "full", "per_term_clip", 0.05)
     assert p[0] < 0.5 * s0[0] and kl_after[0] > 5 * kl_before[0]
 
 

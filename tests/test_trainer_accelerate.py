@@ -98,7 +98,7 @@ def _launch(reference, backend: str, micro: list[int], tensorboard: bool) -> Non
 
 
 def _assert_same_update(reference, tag: str) -> None:
-    tmp, init, _, rows_ref, w_ref = reference
+    tmp, _, _, rows_ref, w_ref = reference
     rows = json.loads((tmp / f"metrics-{tag}.json").read_text())
     assert len(rows) == len(rows_ref) == 2
     for a, b in zip(rows_ref, rows):

@@ -152,7 +152,9 @@ def write_teacher(ckpt: str | Path, step: int, source_step: int | None, weights:
     d.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=TEACHER_DIR + ".tmp-", dir=d))
     shutil.rmtree(tmp)
-    shutil.copytree(weights, tmp, copy_function=_link_or_copy)
+    # teacher.json is left out: a hard-linked copy written in place would change the source's too
+    shutil.copytree(weights, tmp, copy_function=_link_or_copy,
+                    ignore=shutil.ignore_patterns("teacher.json", "*.tmp-*"))
     (tmp / "teacher.json").write_text(json.dumps({"step": step, "source_step": source_step}))
     _replace_dir(tmp, d / TEACHER_DIR)
 

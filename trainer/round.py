@@ -202,6 +202,33 @@ def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
     return opt, sched
 
 
+def _normaliser(cfg: TrainConfig, examples: list[Example], mini: np.ndarray) -> float:
+    """The whole mini-batch's token (token_mean) or sequence count, whatever the micro-batch."""
+    if cfg.loss_agg == "token_mean":
+        return float(sum(len(examples[i].response_ids) for i in mini))
+    return float(len(mini))
+
+
+def _collate_micro(r: _Step, examples, idx: list[int], mini, old_logp, adv_all, pad_id,
+                   with_teacher: bool) -> MicroBatch:
+    weight = 1.0 if idx else 0.0
+    idx = idx or [int(mini[0])]  # keeps DDP in step; contributes nothing
+    return collate([examples[i] for i in idx],
+                   [old_logp.get(i, torch.zeros(len(examples[i].response_ids))) for i in idx],
+                   [adv_all[i] for i in idx], pad_id, with_teacher, weight, r.acc.device)
+
+
+def _apply_update(r: _Step, optimizer, scheduler) -> tuple[float, float]:
+    """Clip, step, zero; returns (pre-clip gradient norm, the learning rate used)."""
+    max_norm = r.cfg.grad_clip if r.cfg.grad_clip else float("inf")
+    grad_norm = float(r.acc.clip_grad_norm_(r.wrapped.parameters(), max_norm))
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
 def _check_accelerator(acc: Any) -> None:
     if acc.gradient_accumulation_steps != 1:
         raise ValueError(
@@ -285,25 +312,12 @@ def train_round(
         else:
             teacher.release()  # λ only decreases: from here on this round needs none
         mini = order[step_i * cfg.mini_batch_size : (step_i + 1) * cfg.mini_batch_size]
-        lens = [len(examples[i].response_ids) for i in mini]
-        normaliser = float(sum(lens) if cfg.loss_agg == "token_mean" else len(lens))
         stats = StepStats()
-        micro = plan[step_i]
-        for j, idx in enumerate(micro):
-            weight = 1.0 if idx else 0.0
-            idx = idx or [int(mini[0])]  # keeps DDP in step; contributes nothing
-            mb = collate([examples[i] for i in idx],
-                         [old_logp.get(i, torch.zeros(len(examples[i].response_ids)))
-                          for i in idx],
-                         [adv_all[i] for i in idx], pad_id, with_teacher, weight, acc.device)
-            _micro_step(r, mb, lam, normaliser, stats, j == len(micro) - 1,
-                        live_old=live_first and step_i == 0)
-        max_norm = cfg.grad_clip if cfg.grad_clip else float("inf")
-        grad_norm = float(acc.clip_grad_norm_(wrapped.parameters(), max_norm))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        for j, idx in enumerate(plan[step_i]):
+            mb = _collate_micro(r, examples, idx, mini, old_logp, adv_all, pad_id, with_teacher)
+            _micro_step(r, mb, lam, _normaliser(cfg, examples, mini), stats,
+                        j == len(plan[step_i]) - 1, live_old=live_first and step_i == 0)
+        grad_norm, lr = _apply_update(r, optimizer, scheduler)
         sums = stats.reduce(acc)
         elapsed = time.perf_counter() - t0
         row = step_row(sums, {"step": global_step, "round": round_index, "kl_weight": lam,
