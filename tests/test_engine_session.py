@@ -160,7 +160,7 @@ def test_engine_session_is_active_only_inside_its_block():
 @needs_vllm
 @pytest.mark.slow
 def test_training_flow_starts_one_engine_and_equals_a_cold_rerun(
-    tmp_path, tiny_testbed_dir, prefect_harness, monkeypatch
+    tmp_path, prefect_harness, monkeypatch
 ):
     from trace_rl.flows.training import trace_training
     from trace_rl.stages import get_stage
@@ -176,8 +176,10 @@ def test_training_flow_starts_one_engine_and_equals_a_cold_rerun(
 
     monkeypatch.setattr(EngineSession, "_start", counting_start)
     env = cpu_env(tmp_path / "cache", omp_threads_bind="0-1", in_process=True)
+    # vLLM's CPU attention has no kernel for the tiny testbed's head_dim of 16: two heads of 32.
     overrides = TINY_RUN + [
-        f"run.root={tmp_path / 'run'}", f"model.testbed_dir={tiny_testbed_dir}", "run.rounds=2",
+        "model.testbed.num_heads=2", "model.testbed.num_kv_heads=2",
+        f"run.root={tmp_path / 'run'}", f"model.testbed_dir={tmp_path / 'testbed'}", "run.rounds=2",
         "rollout.engine=vllm", f"rollout.vllm.python={VLLM_PYTHON}", "rollout.vllm.dtype=float32",
         f"rollout.vllm.env={json.dumps(env)}",
         'rollout.vllm.engine_kwargs={"distributed_executor_backend": "uni"}',

@@ -244,7 +244,6 @@ class _Server:
             try:
                 self.answer(ok=True, op=cmd.get("op"), **self.handle(cmd))
             except Exception:  # the parent gets the traceback and decides to restart or raise
-                traceback.print_exc()
                 self.answer(ok=False, op=cmd.get("op"), error=traceback.format_exc())
         return 0  # stdin closed: the parent went away
 
