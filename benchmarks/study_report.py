@@ -44,6 +44,31 @@ def load_jsonl(path: Path) -> list[dict]:
     return list(latest.values())
 
 
+def reward_table(df) -> str:
+    """On-policy train reward by round (row k+1 = the rollouts of policy k; 256 per run), mean
+    over seeds, with the paired Δ vs grpo averaged over rounds 1-R."""
+    import numpy as np
+
+    last = df.groupby(["method", "seed"])["round"].transform("max")
+    df = df[last == df["round"].max()]  # complete runs only
+    piv = df.pivot_table(index="method", columns="round", values="train_reward", aggfunc="mean")
+    piv = piv.reindex([m for m in dict.fromkeys(df["method"]) if m in piv.index])
+    base = df[df["method"] == "grpo"].groupby("seed")["train_reward"].mean()
+    lines = [("Train reward by round (on-policy accuracy of that round's 256 rollouts; round k+1 = "
+             "policy k; %, mean over seeds) and its all-round mean, paired Δ vs grpo [95% CI]:"), "",
+             "| method | " + " | ".join(f"r{c}" for c in piv.columns) + " | Δ vs grpo, all rounds |",
+             "|---|" + "---|" * (len(piv.columns) + 1)]
+    from testbed_study import paired_ci
+
+    for method, row in piv.iterrows():
+        mine = df[df["method"] == method].groupby("seed")["train_reward"].mean()
+        diffs = [float(mine[s] - base[s]) for s in mine.index if s in base.index]
+        ci = paired_ci(diffs) if method != "grpo" and diffs else "-"
+        lines.append(f"| {method} | " + " | ".join("-" if np.isnan(v) else f"{100 * v:.1f}"
+                                                   for v in row) + f" | {ci} |")
+    return "\n".join(lines) + "\n"
+
+
 def diagnostics_table(folder: Path, methods: list[str] | None = None) -> str:
     """Mean over seeds of each diagnostic, per method and round; λ from rows.jsonl."""
     import pandas as pd
@@ -148,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         order = a.methods or list(dict.fromkeys(df["method"]))
         df = df.assign(_o=df["method"].map({m: i for i, m in enumerate(order)})).sort_values(
             ["_o", "seed", "round"]).drop(columns="_o")
-        print(f"### {label}\n\n{summary_table(df)}")
+        print(f"### {label}\n\n{summary_table(df)}\n{reward_table(df)}")
         diag = diagnostics_table(folder, order)
         if diag:
             print(f"Diagnostics ({label}; policy k = the checkpoint that sampled round k):\n\n{diag}")

@@ -198,7 +198,9 @@ def summary_table(df) -> str:
     seeds (same prompts and warm start), and training diagnostics averaged over rounds."""
     import numpy as np
 
-    r_final = int(df.groupby(["method", "seed"])["round"].max().min())
+    # The last round of the study; runs still short of it (an interrupted study) are left out
+    # of the accuracy columns rather than compared at an earlier round.
+    r_final = int(df["round"].max())
     acc = df[df["round"] == r_final].set_index(["method", "seed"])["heldout_acc"]
     acc0 = df[df["round"] == 0].set_index(["method", "seed"])["heldout_acc"]
     header = (f"| method | seeds | held-out acc, round {r_final} | gain vs warm start | "
@@ -323,10 +325,18 @@ def main(argv: list[str] | None = None) -> int:
         write_outputs(a.out, a.methods)
         return 0
     from trace_rl.stages.config import load_config
-    from trace_rl.testbed.build import build_testbed
+    from trace_rl.testbed.build import build_testbed, read_manifest
 
+    for method in a.methods:  # a typo (or an override swallowed by --methods) fails here
+        method_overrides(method)
     # Build (or reuse) the testbed once, before any worker starts, so none of them races to it.
     cfg0 = load_config("demo", run_overrides(a.methods[0], a.seeds[0], a.out, a.testbed_dir, a.overrides))
+    manifest = read_manifest(a.testbed_dir)
+    if manifest is not None and manifest.get("fingerprint") != cfg0.model.testbed.fingerprint():
+        # build_testbed would silently replace it: a study must never overwrite another's build
+        raise SystemExit(f"{a.testbed_dir} holds a testbed built with other model.testbed settings "
+                         f"({manifest.get('config')}); pass the same model.testbed.* overrides "
+                         "(after `--`) or another --testbed-dir")
     build_testbed(cfg0.model.testbed, a.testbed_dir, progress=True)
     threads = a.threads or max(1, (os.cpu_count() or 1) // a.jobs)
     # Seed-major order: a study cut short still has every method on the first seeds.
