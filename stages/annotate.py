@@ -13,6 +13,7 @@ import logging
 
 from trace_rl.data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, VERDICTS
 from trace_rl.stages.config import TraceConfig
+from trace_rl.pipeline.layout import ANNOTATION_CACHE
 from trace_rl.pipeline.store import Manifest
 
 from .common import dataset_name, decide
@@ -43,7 +44,9 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     verdicts = {v["rollout_id"]: v for v in p.store.read(verdicts_name, VERDICTS).to_pylist()}
     rollouts = p.store.read(rollouts_name, ROLLOUTS)
     items = []
-    for r in rollouts.select(["rollout_id", "prompt_id", "response_text", "response_token_ids"]).to_pylist():
+    # prompt_token_ids and sampling: what the surprise annotator needs to rebuild the student input.
+    columns = ["rollout_id", "prompt_id", "response_text", "response_token_ids", "prompt_token_ids", "sampling"]
+    for r in rollouts.select(columns).to_pylist():
         prompt = prompts[r["prompt_id"]]
         verdict = verdicts.get(r["rollout_id"])
         correct = bool(verdict and verdict["correct"])
@@ -52,6 +55,7 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
             "problem": prompt["problem"], "answer": prompt["answer"], "solution": prompt["solution"],
             "meta": prompt["meta"], "response_text": r["response_text"],
             "response_token_ids": r["response_token_ids"], "prompt": prompt,
+            "prompt_token_ids": r["prompt_token_ids"], "sampling": r["sampling"],
         })
     # The rollouts' own checkpoint: its tokenizer produced the ids that spans must index, and
     # the `self` annotator serves exactly this policy.
@@ -61,9 +65,9 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     from trace_rl.stages.annotators import annotate_rows
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir) if model_dir else None
-    cache_dir = str(p.store.local_path("cache", "annotations")) if p.store.is_local else None
+    cache_dir = str(p.store.local_path(ANNOTATION_CACHE)) if p.store.is_local else None
     rows = annotate_rows(cfg.annotate, items, tokenizer, cache_dir=cache_dir, model_path=model_dir,
-                         progress=progress)
+                         progress=progress, teacher_template=cfg.train.teacher_template)
     with p.writer(ANNOTATIONS, "annotate") as w:
         w.write_rows(rows)
         covered = [r["coverage"] for r in rows if r["status"] == "ok"]

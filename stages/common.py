@@ -30,14 +30,15 @@ log = logging.getLogger("trace_rl.stages")
 # else is fingerprinted, so a new field counts as result-affecting until it is listed here.
 RUNTIME_ONLY: dict[str, tuple[str, ...]] = {
     # Sampling and batching pick the samples (each hf batch has its own seed): all of it counts.
-    "rollout": ("vllm.python", "vllm.timeout_s"),
+    "rollout": ("vllm.python", "vllm.timeout_s", "vllm.persistent", "vllm.sleep_level"),
     # Pool sizing and start method change no verdict; `workers` defaults to the core count,
     # which must not make a copied run look stale.
     "verify": ("workers", "chunk_size", "start_method", "kill_grace_s"),
     "annotate": ("cache_dir", "api.api_key_env", "api.concurrency", "api.http_client",
                  "api.max_retries", "api.timeout_s", "api.backoff_base_s", "api.backoff_max_s",
                  "self_host.python", "self_host.host", "self_host.port",
-                 "self_host.startup_timeout_s", "self_host.concurrency"),
+                 "self_host.startup_timeout_s", "self_host.concurrency",
+                 "surprise.batch_size", "surprise.device"),
     # Logging, progress saves and how the same update is spread over processes (DDP, FSDP or
     # DeepSpeed compute the same mean gradient) or recomputed (activation checkpointing).
     "train": ("tensorboard", "save_every", "num_processes", "accelerate_config",
@@ -64,8 +65,11 @@ def stage_config(cfg: TraceConfig, stage: str, round_index: int | None) -> dict[
     if stage == "annotate":
         # Routing decides which rollouts are annotated at all.
         t = cfg.train
-        return {"annotate": section_fingerprint_part(cfg, "annotate"),
-                "route": [t.method, t.span_source, t.route.model_dump()]}
+        parts = {"annotate": section_fingerprint_part(cfg, "annotate"),
+                 "route": [t.method, t.span_source, t.route.model_dump()]}
+        if cfg.annotate.backend == "surprise":  # it scores with the trainer's teacher prompt
+            parts["teacher_template"] = t.teacher_template
+        return parts
     if stage == "train":
         return {"train": section_fingerprint_part(cfg, "train"), "round": round_index}
     raise StageError(f"stage {stage!r} has no single config fingerprint; valid: {list(ROUND_STAGES)}")

@@ -5,8 +5,9 @@ to characters (a mismatch between response_text and response_token_ids -> skippe
 reason in `error`, before anything is paid for), ask the backend for segment ids + label,
 validate them (parse.py), map them to token spans under the coverage cap (spans.py).
 
-Backends: "api" and "self" produce reply text (through the reply cache), "rule" returns ids
-directly. Row statuses: ok | no_spans | parse_error | api_error | timeout | skipped.
+Backends: "api" and "self" produce reply text (through the reply cache), "rule" and
+"surprise" (the teacher's divergence, surprise.py) return ids directly.
+Row statuses: ok | no_spans | parse_error | api_error | timeout | skipped.
 """
 
 from __future__ import annotations
@@ -244,6 +245,8 @@ def annotator_name(cfg: AnnotateConfig, model_path: str | None) -> str:
         return f"api:{cfg.api.model}"
     if cfg.backend == "self":
         return f"self:{cfg.self_host.mode}:{model_path}"
+    if cfg.backend == "surprise":
+        return f"surprise:{model_path}"
     return f"rule:{cfg.rule_fn}"
 
 

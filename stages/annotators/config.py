@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-BACKEND_NAMES = ("api", "self", "rule")
+BACKEND_NAMES = ("api", "self", "rule", "surprise")
 SELF_MODES = ("vllm_server", "inprocess")
 TEMPLATE_NAMES = ("system", "key", "error")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -146,6 +146,23 @@ class SelfOptions(BaseModel):
         return v
 
 
+class SurpriseOptions(BaseModel):
+    """The teacher-surprise annotator (backend: surprise): one student and one privileged
+    teacher forward of the round's checkpoint per rollout, no prompt, no API."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(default=8, description="rollouts per forward")
+    device: str = "cpu"
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"surprise.batch_size={v}: use a positive integer")
+        return v
+
+
 class AnnotateConfig(BaseModel):
     """The annotate stage's config (composed into the top-level config by the lead).
 
@@ -155,7 +172,12 @@ class AnnotateConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
-    backend: Literal["api", "self", "rule"] = "api"
+    backend: Literal["api", "self", "rule", "surprise"] = Field(
+        default="api",
+        description="api (a strong model), self (the round's policy as annotator), rule (a "
+        "programmatic rule, rule_fn), surprise (segments where the privileged teacher's KL to "
+        "the student is largest)",
+    )
     coverage_cap: float = Field(
         default=0.25, description="max fraction of response tokens inside spans (METHOD.md)"
     )
@@ -183,6 +205,7 @@ class AnnotateConfig(BaseModel):
     )
     api: ApiOptions = Field(default_factory=ApiOptions)
     self_host: SelfOptions = Field(default_factory=SelfOptions)
+    surprise: SurpriseOptions = Field(default_factory=SurpriseOptions)
 
     @field_validator("coverage_cap")
     @classmethod

@@ -7,11 +7,11 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from trace_rl.pipeline.fingerprint import model_dir_fingerprint as dir_fingerprint
 from trace_rl.stages.annotators.api import read_api_key
 from trace_rl.stages.annotators.base import (
     Job,
     annotator_name,
-    dir_fingerprint,
     prepare_jobs,
     rule_rows,
     split_routes,
@@ -22,6 +22,8 @@ from trace_rl.stages.annotators.config import BACKEND_NAMES, AnnotateConfig
 from trace_rl.stages.annotators.replies import api_rows, llm_rows
 from trace_rl.stages.annotators.schema import uses_schema
 from trace_rl.stages.annotators.selfhost import generate_inprocess, served
+from trace_rl.stages.annotators.surprise import surprise_rows
+from trace_rl.trainer.teacher_prompt import DEFAULT_TEACHER_TEMPLATE
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,8 @@ def _model_path(model_path: str | None, items: list[dict]) -> str:
     if len(ckpts) == 1 and None not in ckpts:
         return ckpts.pop()
     raise ValueError(
-        "the self annotator needs the round's checkpoint: pass model_path=... to annotate_rows "
+        "the self and surprise annotators need the round's checkpoint: pass model_path=... "
+        "to annotate_rows "
         f"(items name {len(ckpts)} different checkpoints)"
     )
 
@@ -136,17 +139,20 @@ def annotate_rows(
     cache_dir: str | None = None,
     progress: bool = True,
     model_path: str | None = None,
+    teacher_template: str | None = None,
 ) -> list[dict]:
     """Exactly one annotations row per item, in input order.
 
     items: dicts with rollout_id, route (key|error|none), problem, answer, solution, meta,
     response_text, response_token_ids (and checkpoint, used by backend "self" when
     model_path is not given). tokenizer: the policy's HF tokenizer (decodes the generated ids).
-    cache_dir overrides cfg.cache_dir (None in both = no reply cache).
+    cache_dir overrides cfg.cache_dir (None in both = no reply cache). teacher_template: the
+    trainer's (train.teacher_template) for backend "surprise", which also reads each item's
+    prompt row (`prompt`), prompt_token_ids and sampling when present.
     """
     if cfg.backend not in BACKEND_NAMES:
         raise ValueError(f"annotate.backend={cfg.backend!r}; use one of {BACKEND_NAMES}")
-    ckpt = _model_path(model_path, items) if cfg.backend == "self" else model_path
+    ckpt = _model_path(model_path, items) if cfg.backend in ("self", "surprise") else model_path
     annotator = annotator_name(cfg, ckpt)
     rows, jobs = split_routes(items, tokenizer, annotator)
     cache = ReplyCache(cache_dir or cfg.cache_dir)
@@ -163,6 +169,10 @@ def annotate_rows(
             ready = prepare_jobs(cfg, jobs, annotator, rows, tick)  # batch backends: up front
             if ready and cfg.backend == "rule":
                 _place(ready, rule_rows(cfg, ready, annotator, tick), rows)
+            elif ready and cfg.backend == "surprise":
+                template = teacher_template or DEFAULT_TEACHER_TEMPLATE
+                done = surprise_rows(cfg, ready, annotator, tokenizer, ckpt, template, tick)
+                _place(ready, done, rows)
             elif ready:
                 done = _inprocess_rows(cfg, ready, annotator, tokenizer, ckpt, cache, tick)
                 _place(ready, done, rows)

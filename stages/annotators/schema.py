@@ -1,9 +1,9 @@
 """Structured outputs: the annotator's reply constrained by a JSON schema where the endpoint can.
 
-The schema of one request admits exactly the replies `parse.parse_reply` accepts as ok or
-no_spans: an object with `segment_ids` (integers in 1..n_segments, at most n of them) and a
-one-line `label` of at most MAX_LABEL_CHARS characters. Repeated ids are not excluded
-(`uniqueItems` is not widely supported by constrained decoders); the parser keeps one of each. It goes out as OpenAI's
+The schema of one request admits only replies `parse.parse_reply` accepts as ok or no_spans:
+an object with `segment_ids` (integers in 1..n_segments, at most n of them) and a `label` of at
+most MAX_LABEL_CHARS characters. Repeated ids are not excluded (`uniqueItems` is not widely
+supported by constrained decoders); the parser keeps one of each. It goes out as OpenAI's
 `response_format={"type": "json_schema", ...}` (vLLM's OpenAI server accepts the same field), or
 as vLLM's own field `structured_outputs={"json": ..., "disable_any_whitespace": true}` (vLLM >=
 0.10; it also forbids the free whitespace a JSON grammar otherwise allows between tokens).

@@ -4,8 +4,9 @@ Two ways to run it:
 - "vllm_server": start `<python> -m <server_module> --model CKPT --host H --port P ...` in its
   own process group, wait for GET /health, talk to it with the api transport, and stop the
   group by the PID we started (SIGTERM, then SIGKILL), also when annotation fails.
-- "inprocess": transformers generate on the checkpoint (CPU by default), left-padded batches,
-  greedy at temperature 0.
+- "inprocess": the shared generation loop (pipeline/generation.py) on the checkpoint (CPU by
+  default), prompts encoded by the shared chat encoder (pipeline/chat.py); greedy at
+  temperature 0.
 """
 
 from __future__ import annotations
@@ -113,23 +114,12 @@ def served(opts: SelfOptions, model_path: str) -> Iterator[str]:
             os.unlink(log_path)
 
 
-def _encode_batch(tokenizer: Any, batch: list[list[dict]], enable_thinking: bool, pad_id: int):
-    """Left-padded input_ids_BT and attention_mask_BT (decoding continues at the right edge)."""
-    import torch
-
-    ids = [
-        tokenizer.encode(
-            tokenizer.apply_chat_template(
-                m, add_generation_prompt=True, tokenize=False, enable_thinking=enable_thinking
-            ),
-            add_special_tokens=False,
-        )
-        for m in batch
-    ]
-    width = max(len(x) for x in ids)
-    input_ids_BT = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids])
-    mask_BT = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-    return {"input_ids": input_ids_BT, "attention_mask": mask_BT}
+def _stop_ids(tokenizer: Any, model: Any) -> list[int]:
+    """The tokenizer's eos plus any the model's generation config declares."""
+    ids = {tokenizer.eos_token_id}
+    declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(declared if isinstance(declared, list) else [declared])
+    return sorted(i for i in ids if i is not None)
 
 
 def generate_inprocess(
@@ -140,7 +130,9 @@ def generate_inprocess(
     temperature: float,
     max_new_tokens: int,
 ) -> Callable[[list[list[dict]], Callable[[int, CallResult], None]], list[CallResult]]:
-    """A transport that answers chat requests with transformers generate on `model_path`."""
+    """A transport that answers chat requests on `model_path` through the shared generation loop
+    (pipeline/generation.py) and chat encoder (pipeline/chat.py): the prompt ids are built as a
+    vLLM server would build them from the same messages."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(
             f"the tokenizer of {model_path} has no chat_template; the inprocess "
@@ -148,33 +140,29 @@ def generate_inprocess(
         )
 
     def transport(requests: list[list[dict]], on_done) -> list[CallResult]:
-        import torch
         from transformers import AutoModelForCausalLM
+
+        from trace_rl.pipeline.chat import encode_chat_messages
+        from trace_rl.pipeline.generation import cut_at_stop, sample_batch
 
         model = AutoModelForCausalLM.from_pretrained(model_path).to(opts.device).eval()
         pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
+        stop = _stop_ids(tokenizer, model)
         results: list[CallResult] = []
         for b0 in range(0, len(requests), opts.batch_size):
             batch = requests[b0 : b0 + opts.batch_size]
             t0 = time.perf_counter()
-            enc = {
-                k: v.to(opts.device)
-                for k, v in _encode_batch(tokenizer, batch, opts.enable_thinking, pad_id).items()
-            }
-            sample = temperature > 0
-            with torch.no_grad():
-                out_BT = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=sample,
-                    pad_token_id=pad_id,
-                    **({"temperature": temperature} if sample else {}),
-                )
-            new_BT = out_BT[:, enc["input_ids"].shape[1] :]
+            prompts = [encode_chat_messages(tokenizer, m, opts.enable_thinking) for m in batch]
+            gen_BT, logp_BT = sample_batch(
+                model, prompts, temperature=temperature, top_k=-1, top_p=1.0,
+                max_new_tokens=max_new_tokens, stop_ids=stop, pad_id=pad_id, seed=b0,
+                device=opts.device,
+            )
             per_item = (time.perf_counter() - t0) / len(batch)
-            for k, ids in enumerate(new_BT.tolist()):
+            for k, (ids, logps) in enumerate(zip(gen_BT.tolist(), logp_BT.tolist(), strict=True)):
+                ids, _, _ = cut_at_stop(ids, logps, set(stop), max_new_tokens)
                 raw = tokenizer.decode(ids, skip_special_tokens=True)
                 res = CallResult(raw, "ok", None, per_item)
                 results.append(res)
