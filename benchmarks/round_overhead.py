@@ -101,11 +101,10 @@ def verify(rows: list[dict], chosen: list[dict]) -> float:
 def train(model_dir: str, out_dir: Path, rows: list[dict]) -> dict:
     """The trainer stand-in: load, one routed-loss step over the round's rollouts, save."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from trace_rl.trainer.checkpoint import save_hf_checkpoint
     from trace_rl.trainer.lean import LeanCausalLM, SpanGroup
     from trace_rl.trainer.losses import aggregate, grpo_advantages, routed_token_loss
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -206,8 +205,10 @@ def main() -> None:
             if name == "smollm2" and not SMOLLM2.exists():
                 print(f"smollm2: {SMOLLM2} absent, skipped")
                 continue
-            model_dir = {"testbed": lambda: testbed_model(tmp / "testbed"),
-                         "smollm2": lambda: str(SMOLLM2)}.get(name, lambda: name)()
+            if name == "testbed":
+                model_dir = testbed_model(tmp / "testbed")
+            else:
+                model_dir = str(SMOLLM2) if name == "smollm2" else name
             for mode in ("cold", "persistent"):
                 rounds = run_mode(mode, args, model_dir, tmp / f"{Path(name).name}-{mode}")
                 results[f"{Path(name).name}/{mode}"] = {"rounds": rounds, "steady": summary(rounds)}
