@@ -16,7 +16,7 @@ from trace_rl.trainer.testing import make_round_tables, make_tokenizer, save_tin
 
 REPO = Path(__file__).resolve().parents[1]
 DETERMINISTIC = ("step", "loss", "pg_loss", "kl_loss", "kl_weight", "entropy", "grad_norm",
-                 "clip_frac", "span_token_frac", "lr", "teacher_step")
+                 "clip_frac", "span_token_frac", "lr", "teacher/step")
 
 # Runs one round; with KILL_AT set, SIGKILLs itself right after the progress save that ends
 # step KILL_AT (a real kill: no cleanup, no atexit, no flush).
@@ -88,7 +88,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     assert len(rows_clean) == len(rows_res) == 6
     assert rows_clean[1]["kl_loss"] > 0 and rows_clean[-1]["kl_weight"] == 0
     # sync every 2 steps while λ > 0 (steps 0-4); the step-3 teacher comes back from the snapshot
-    assert [r["teacher_step"] for r in rows_res] == [0, 0, 2, 2, 4, None]
+    assert [r["teacher/step"] for r in rows_res] == [0, 0, 2, 2, 4, None]
     for a, b in zip(rows_clean, rows_res):
         for key in DETERMINISTIC:
             assert a[key] == b[key], (a["step"], key)

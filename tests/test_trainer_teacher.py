@@ -42,7 +42,7 @@ def test_teacher_changes_exactly_at_sync_steps_across_one_step_rounds(tmp_path):
         rows = train_round(cfg, **tables, init_checkpoint=ckpts[-1], output_checkpoint=str(out),
                            work_dir=str(tmp_path / f"work-{k}"), round_index=k, progress=False)
         assert [r["step"] for r in rows] == [k]
-        assert rows[0]["teacher_step"] == 10 * (k // 10)
+        assert rows[0]["teacher/step"] == 10 * (k // 10)
         assert rows[0]["kl_loss"] > 0
         # the teacher actually used at step k: the snapshot of this round, or the one inherited
         meta = read_teacher_meta(ckpts[-1])
@@ -72,14 +72,14 @@ def test_no_teacher_once_the_kl_weight_is_zero(tmp_path):
     rows = train_round(cfg, **tables, init_checkpoint=init, output_checkpoint=str(tmp_path / "c1"),
                        work_dir=str(tmp_path / "w0"), round_index=0, progress=False)
     assert [r["kl_weight"] for r in rows] == [0.5, 0.0]
-    assert rows[0]["teacher_step"] == 0 and rows[1]["teacher_step"] is None
+    assert rows[0]["teacher/step"] == 0 and rows[1]["teacher/step"] is None
     assert rows[1]["kl_loss"] == 0
     # λ = 0 from here on: the checkpoint carries no teacher, and the next round loads none
     assert read_teacher_meta(tmp_path / "c1") is None
     rows = train_round(cfg, **tables, init_checkpoint=str(tmp_path / "c1"),
                        output_checkpoint=str(tmp_path / "c2"), work_dir=str(tmp_path / "w1"),
                        round_index=1, progress=False)
-    assert all(r["teacher_step"] is None for r in rows)
+    assert all(r["teacher/step"] is None for r in rows)
     assert not list((tmp_path / "w1").glob("progress-teacher-step*"))
     state = torch.load(tmp_path / "c2/trainer_state/state.pt", weights_only=False)
     assert state["global_step"] == 4

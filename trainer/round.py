@@ -324,7 +324,7 @@ def train_round(
                               "grad_norm": grad_norm, "lr": lr,
                               "tokens_per_s": sums["all_tokens"] / max(elapsed, 1e-9),
                               "peak_mem_bytes": peak_memory_bytes(),
-                              "teacher_step": teacher.source_step if with_teacher else None})
+                              "teacher/step": teacher.source_step if with_teacher else None})
         rows.append(row)
         logger.log(row, global_step)
         global_step += 1
