@@ -179,7 +179,7 @@ def test_testbed_warm_starts_on_the_trainers_teacher_prompt():
 
 
 def test_testbed_tokenizer_encodes_prompts_as_engines_and_trainer_do():
-    from trace_rl.stages.engines.base import encode_prompt
+    from trace_rl.stages.engines.protocol import encode_prompt
     from trace_rl.testbed.tokenizer import build_tokenizer
     from trace_rl.trainer.teacher import teacher_prompt_ids
 

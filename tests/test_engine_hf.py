@@ -10,7 +10,7 @@ from tiny import PROMPTS, build_model_dir, teacher_forced_logprobs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trace_rl.stages.engines import generate, get_engine
-from trace_rl.stages.engines.base import ROW_KEYS, encode_prompt
+from trace_rl.stages.engines.protocol import ROW_KEYS, encode_prompt
 from trace_rl.stages.engines.config import RolloutConfig
 from trace_rl.pipeline.generation import cut_at_stop
 

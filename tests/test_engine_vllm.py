@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trace_rl.data_schemas.errors import StageError
 from trace_rl.stages.engines import generate
-from trace_rl.stages.engines.base import ROW_KEYS
+from trace_rl.stages.engines.protocol import ROW_KEYS
 from trace_rl.stages.engines.config import RolloutConfig
 from trace_rl.stages.engines.vllm_engine import cpu_env
 

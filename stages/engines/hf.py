@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from trace_rl.pipeline.generation import cut_at_stop, sample_batch
-from trace_rl.stages.engines.base import (
+from trace_rl.stages.engines.protocol import (
     check_prompts,
     decode_response,
     encode_prompt,

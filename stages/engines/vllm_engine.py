@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from trace_rl.data_schemas.errors import StageError
-from trace_rl.stages.engines.base import (
+from trace_rl.stages.engines.protocol import (
     check_prompts,
     decode_response,
     encode_prompt,

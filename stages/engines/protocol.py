@@ -1,4 +1,4 @@
-"""What every rollout engine shares: prompt encoding, stop tokens, row layout, the registry.
+"""The rollout-engine protocol and what every engine shares: prompt encoding, stop tokens, row layout.
 
 An engine is a function `generate(cfg, model_dir, prompts, *, progress=True) -> list[dict]`.
 Its rows are the engine part of DESIGN.md's rollouts contract (the stage adds rollout_id, round
