@@ -29,8 +29,8 @@ from trace_rl.stages.config import DEFAULT_INSTRUCTION, TraceConfig
 from trace_rl.data_schemas.errors import ConfigError, StageError
 from trace_rl.pipeline.fingerprint import fingerprint
 
-from .sources import CATALOG, CHOICE_LETTERS, DEFAULT_COLUMNS, FILE_SUFFIXES, AnswerFormat, SourceSpec
-from .sources import read_source, resolve
+from .sources import CATALOG, CHOICE_LETTERS, FILE_SUFFIXES, AnswerFormat, SourceSpec
+from .sources import check_contract_columns, read_source, resolve
 
 MATH_BENCHMARKS = ("math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench", "gsm8k")
 GPQA_TEMPLATE = (
@@ -69,10 +69,7 @@ class BenchmarkSource(BaseModel):
     @field_validator("columns")
     @classmethod
     def _known_columns(cls, v: dict[str, str]) -> dict[str, str]:
-        unknown = sorted(set(v) - set(DEFAULT_COLUMNS))
-        if unknown:
-            raise ValueError(f"unknown contract columns {unknown}; valid: {sorted(DEFAULT_COLUMNS)}")
-        return v
+        return check_contract_columns(v)
 
     @field_validator("template")
     @classmethod

@@ -46,6 +46,14 @@ GPQA_COLUMNS = ("Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "I
 GPQA_SHUFFLE_SEED = 0
 
 
+def check_contract_columns(columns: dict[str, str]) -> dict[str, str]:
+    """A column map names only contract columns (its values are the source's own names)."""
+    unknown = sorted(set(columns) - set(DEFAULT_COLUMNS))
+    if unknown:
+        raise ValueError(f"unknown contract columns {unknown}; valid: {sorted(DEFAULT_COLUMNS)}")
+    return columns
+
+
 class SourceSpec(BaseModel):
     """Where problems come from and how their columns map onto the prompts contract."""
 
@@ -66,10 +74,7 @@ class SourceSpec(BaseModel):
     @field_validator("columns")
     @classmethod
     def _known_columns(cls, v: dict[str, str]) -> dict[str, str]:
-        unknown = sorted(set(v) - set(DEFAULT_COLUMNS))
-        if unknown:
-            raise ValueError(f"unknown contract columns {unknown}; valid: {sorted(DEFAULT_COLUMNS)}")
-        return v
+        return check_contract_columns(v)
 
     @property
     def is_file(self) -> bool:
