@@ -1,10 +1,10 @@
 """Stage `annotate`: route each rollout and ask the annotator for its critical spans.
 
-Routing follows the method: a correct rollout is annotated for key spans when the trainer uses
-forward KL on key spans (`route.key_forward`, or the inverted-mask ablation, which needs the key
-spans to invert them); an incorrect rollout for error spans when it uses reverse KL on error spans.
-Everything else gets a `skipped` row without any call, so the dataset always has one row per
-rollout.
+Routing is the training method's (trainer/methods.py, `Method.route`), so this stage annotates
+exactly the rollouts the trainer will distil on: under `trace`, a correct rollout gets key spans
+when `route.key_forward` is on and an incorrect one error spans when `route.error_reverse` is on
+(the inverted ablation too, which inverts them; the random ablation needs none). Everything else
+gets a `skipped` row without any call, so the dataset always has one row per rollout.
 """
 
 from __future__ import annotations
@@ -23,14 +23,10 @@ log = logging.getLogger("trace_rl.stages.annotate")
 
 def route_for(cfg: TraceConfig, correct: bool) -> str:
     """'key', 'error' or 'none' for one rollout under the configured method."""
-    t = cfg.train
-    if t.method != "trace" or t.span_source == "random":
-        return "none"
-    if correct and t.route.key_forward:
-        return "key"
-    if not correct and t.route.error_reverse:
-        return "error"
-    return "none"
+    # imported here: the method registry pulls in torch, which this stage otherwise never needs
+    from trace_rl.trainer.methods import get_method
+
+    return get_method(cfg.train.method).route(cfg.train, correct)
 
 
 def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progress: bool = True) -> Manifest:

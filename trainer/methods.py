@@ -1,8 +1,15 @@
 """Training methods registered by name: `grpo`, `self_opd`, `trace`.
 
-A method decides two things: which response tokens are distilled, with which divergence
-(`plan`, per rollout, before any forward pass), and how per-token quantities combine into the
-loss of a micro-batch (`loss`, returning `(loss, metrics)`). Everything else is shared.
+A method decides, from the config alone:
+- `route`: which annotation a rollout needs before training ("key", "error" or "none"), from the
+  route flags and the rollout's correctness. The annotate stage asks this, so the stage and the
+  trainer cannot disagree about which rollouts are annotated.
+- `plan`: which response tokens are distilled, with which divergence (per rollout, before any
+  forward pass);
+- `kl_weight`: λ at a global optimizer step;
+- `loss`: how per-token quantities combine into the loss of a micro-batch (`(loss, metrics)`);
+- `needs_teacher`: whether a step at this λ needs the teacher forward.
+Everything else is shared.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import numpy as np
 import torch
 
 from trace_rl.trainer.config import TrainConfig
-from trace_rl.trainer.losses import aggregate, clipped_pg_loss
+from trace_rl.trainer.losses import aggregate, clipped_pg_loss, kl_weight
 
 Tensor = torch.Tensor
 
@@ -57,9 +64,14 @@ class LossInputs:
     normaliser: float  # the whole mini-batch's tokens (token_mean) or sequences
 
 
+ROUTES = ("key", "error", "none")
+
+
 @dataclass(frozen=True)
 class Method:
+    route: Callable[[TrainConfig, bool], str]  # (cfg, correct) -> one of ROUTES
     plan: Callable[[TrainConfig, RolloutView], Plan]
+    kl_weight: Callable[[TrainConfig, int], float]  # (cfg, global step) -> λ
     loss: Callable[[LossInputs, TrainConfig, float], tuple[Tensor, dict[str, Tensor]]]
     needs_teacher: Callable[[TrainConfig, float], bool]
 
@@ -89,22 +101,40 @@ def _annotated_mask(view: RolloutView) -> np.ndarray:
     return mask_R
 
 
-def _trace_direction(cfg: TrainConfig, view: RolloutView) -> str | None:
-    if cfg.span_source == "random":
-        # The random-mask ablation needs no annotator: the route follows correctness alone (the
-        # annotate stage skips these rollouts), so every routed rollout gets its random 25%.
-        if cfg.route.key_forward and view.correct:
-            return "forward"
-        if cfg.route.error_reverse and not view.correct:
-            return "reverse"
-        return None
-    if not view.annotation_ok or not view.spans:
-        return None
-    if cfg.route.key_forward and view.correct and view.annotation_route == "key":
+def _routed_direction(cfg: TrainConfig, correct: bool) -> str | None:
+    """The divergence the route flags give a rollout of this correctness (METHOD.md "Routing")."""
+    if cfg.route.key_forward and correct:
         return "forward"
-    if cfg.route.error_reverse and not view.correct and view.annotation_route == "error":
+    if cfg.route.error_reverse and not correct:
         return "reverse"
     return None
+
+
+_SPANS_OF = {"forward": "key", "reverse": "error"}
+
+
+def route_trace(cfg: TrainConfig, correct: bool) -> str:
+    """Key spans for forward-routed rollouts, error spans for reverse-routed ones. The inverted
+    ablation needs the key/error spans to invert them; the random one needs no annotator."""
+    direction = _routed_direction(cfg, correct)
+    if direction is None or cfg.span_source == "random":
+        return "none"
+    return _SPANS_OF[direction]
+
+
+def route_none(cfg: TrainConfig, correct: bool) -> str:
+    return "none"
+
+
+def _trace_direction(cfg: TrainConfig, view: RolloutView) -> str | None:
+    direction = _routed_direction(cfg, view.correct)
+    if direction is None or cfg.span_source == "random":
+        # random: every routed rollout gets its random 25%, annotated or not
+        return direction
+    wanted = route_trace(cfg, view.correct)
+    if not view.annotation_ok or not view.spans or view.annotation_route != wanted:
+        return None
+    return direction
 
 
 def plan_trace(cfg: TrainConfig, view: RolloutView) -> Plan:
@@ -169,6 +199,20 @@ def loss_self_opd(x: LossInputs, cfg: TrainConfig, lam: float) -> tuple[Tensor, 
     return _pieces(x, cfg, torch.zeros_like(span_BT), span_BT)
 
 
+def lambda_schedule(cfg: TrainConfig, step: int) -> float:
+    s = cfg.schedule
+    return kl_weight(step, s.w0, s.hold_steps, s.zero_step)
+
+
+def lambda_zero(cfg: TrainConfig, step: int) -> float:
+    return 0.0
+
+
+def lambda_self_opd(cfg: TrainConfig, step: int) -> float:
+    # replace (SDPO): the divergence is the whole loss at weight 1, never annealed
+    return 1.0 if cfg.self_opd.mode == "replace" else lambda_schedule(cfg, step)
+
+
 def _teacher_while_lambda(cfg: TrainConfig, lam: float) -> bool:
     return lam > 0
 
@@ -177,6 +221,9 @@ def _self_opd_teacher(cfg: TrainConfig, lam: float) -> bool:
     return cfg.self_opd.mode == "replace" or lam > 0
 
 
-register_method("grpo", Method(plan_none, loss_grpo, lambda cfg, lam: False))
-register_method("trace", Method(plan_trace, loss_routed, _teacher_while_lambda))
-register_method("self_opd", Method(plan_all_tokens, loss_self_opd, _self_opd_teacher))
+register_method("grpo", Method(route_none, plan_none, lambda_zero, loss_grpo,
+                                lambda cfg, lam: False))
+register_method("trace", Method(route_trace, plan_trace, lambda_schedule, loss_routed,
+                                _teacher_while_lambda))
+register_method("self_opd", Method(route_none, plan_all_tokens, lambda_self_opd, loss_self_opd,
+                                   _self_opd_teacher))

@@ -37,7 +37,7 @@ from trace_rl.trainer.checkpoint import (
 )
 from trace_rl.trainer.config import TrainConfig
 from trace_rl.trainer.lean import KLSpec, LeanCausalLM, SpanGroup
-from trace_rl.trainer.losses import clipped_pg_loss, grpo_advantages, kl_weight
+from trace_rl.trainer.losses import clipped_pg_loss, grpo_advantages
 from trace_rl.trainer.methods import LossInputs, Method, get_method
 from trace_rl.trainer.metrics import Logger, StepStats, peak_memory_bytes, step_row
 from trace_rl.trainer.progress import progress_bar
@@ -62,15 +62,6 @@ def _load_model(cfg: TrainConfig, path: str):
     # from_pretrained returns eval mode, and transformers checkpoints layers only while training
     hf.train()
     return tokenizer, LeanCausalLM(hf, chunk=cfg.logprob_chunk, kl_spec=KLSpec.of(cfg))
-
-
-def _lambda(cfg: TrainConfig, step: int) -> float:
-    if cfg.method == "grpo":
-        return 0.0
-    if cfg.method == "self_opd" and cfg.self_opd.mode == "replace":
-        return 1.0
-    s = cfg.schedule
-    return kl_weight(step, s.w0, s.hold_steps, s.zero_step)
 
 
 def rollout_temperature(cfg: TrainConfig, examples: list[Example]) -> float:
@@ -305,7 +296,7 @@ def train_round(
 
     for step_i in range(cursor, len(plan)):
         t0 = time.perf_counter()
-        lam = _lambda(cfg, global_step)
+        lam = r.method.kl_weight(cfg, global_step)
         with_teacher = r.method.needs_teacher(cfg, lam)
         if with_teacher:
             teacher.ensure(global_step, r.unwrapped, acc)
@@ -334,7 +325,7 @@ def train_round(
                            global_step, step_i + 1, rows)
     bar.close()
     logger.close()
-    keep_teacher = r.method.needs_teacher(cfg, _lambda(cfg, global_step))
+    keep_teacher = r.method.needs_teacher(cfg, r.method.kl_weight(cfg, global_step))
     _save_output(acc, r.unwrapped, tokenizer, optimizer, scheduler, output_checkpoint,
                  global_step, round_index, teacher if keep_teacher else None)
     return rows
