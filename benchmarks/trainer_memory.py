@@ -49,17 +49,29 @@ def _inputs(resp_len: int, vocab: int, prompt_len: int = 64, span_frac: float = 
     return ids_BL, resp_pos_N, resp, span
 
 
+def _random_qwen3(vocab_size: int, hidden: int, layers: int, seed: int):
+    """A random tiny Qwen3 with tied embeddings (the shape, not the weights, matters here)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=hidden // 4, max_position_embeddings=4096, tie_word_embeddings=True,
+    ))
+
+
 def run_variant(variant: str, resp_len: int, hidden: int, chunk: int, steps: int) -> dict:
     import torch
 
     from trace_rl.trainer.config import TrainConfig
     from trace_rl.trainer.lean import KLSpec, LeanCausalLM, SpanGroup, dense_policy_outputs
     from trace_rl.trainer.methods import LossInputs, get_method
-    from trace_rl.trainer.testing import make_model
 
     torch.manual_seed(0)
     vocab = 151_936
-    hf = make_model(vocab, hidden=hidden, layers=2, seed=0)
+    hf = _random_qwen3(vocab, hidden=hidden, layers=2, seed=0)
     teacher_hf = copy.deepcopy(hf).requires_grad_(False)
     spec = KLSpec()
     lean, lean_t = LeanCausalLM(hf, chunk, spec), LeanCausalLM(teacher_hf, chunk, spec)

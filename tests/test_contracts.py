@@ -248,7 +248,7 @@ def test_hf_engine_and_testbed_sample_the_same_responses(micro_testbed):
 def _tiny_round(tmp_path, *overrides: str):
     """A run whose prompts and round-0 datasets are the trainer's synthetic tables, starting
     from a tiny random checkpoint."""
-    from trace_rl.trainer.testing import make_round_tables, make_tokenizer, save_tiny_checkpoint
+    from tiny import make_round_tables, make_tokenizer, save_tiny_checkpoint
 
     init = save_tiny_checkpoint(tmp_path / "init")
     cfg = load_config("demo", [

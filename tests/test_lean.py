@@ -14,7 +14,7 @@ from trace_rl.trainer.config import TrainConfig
 from trace_rl.trainer.lean import KLSpec, LeanCausalLM, SpanGroup, dense_policy_outputs
 from trace_rl.trainer.losses import grpo_advantages
 from trace_rl.trainer.methods import LossInputs, get_method
-from trace_rl.trainer.testing import make_model, make_round_tables, make_tokenizer
+from tiny import make_model, make_round_tables, make_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from trace_rl.trainer.config import TrainConfig
 from trace_rl.trainer.round import train_round
-from trace_rl.trainer.testing import make_round_tables, make_tokenizer, save_tiny_checkpoint
+from tiny import make_round_tables, make_tokenizer, save_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 COMPARED = ("step", "loss", "pg_loss", "kl_loss", "kl_weight", "entropy", "grad_norm",

@@ -11,7 +11,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
 
 from trace_rl.trainer.config import TrainConfig
 from trace_rl.trainer.round import train_round
-from trace_rl.trainer.testing import make_round_tables, make_tokenizer, save_tiny_checkpoint
+from tiny import make_round_tables, make_tokenizer, save_tiny_checkpoint
 
 COMPARED = ("loss", "pg_loss", "kl_loss", "grad_norm", "entropy", "clip_frac")
 

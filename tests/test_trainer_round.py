@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trace_rl.trainer.config import TrainConfig
 from trace_rl.trainer.round import train_round
-from trace_rl.trainer.testing import make_round_tables, make_tokenizer, save_tiny_checkpoint
+from tiny import make_round_tables, make_tokenizer, save_tiny_checkpoint
 
 DETERMINISTIC = ("step", "loss", "pg_loss", "kl_loss", "kl_weight", "entropy", "grad_norm",
                  "response_len_mean", "span_token_frac", "clip_frac")
@@ -91,3 +91,16 @@ def test_grpo_and_self_opd_replace_run(base, tmp_path):
                   tables, init, tmp_path / "s", tmp_path / "ws")
     assert all(r["pg_loss"] == 0 and r["span_token_frac"] == 1.0 for r in rows)
     assert rows[0]["kl/reverse"] == pytest.approx(rows[0]["kl_loss"], rel=1e-5)
+
+
+def test_synthetic_round_tables_meet_the_contracts():
+    from trace_rl.data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, VERDICTS, rows_to_table
+
+    tables = make_round_tables(make_tokenizer(), seed=1)
+    for name, schema in [("prompts", PROMPTS), ("rollouts", ROLLOUTS), ("verdicts", VERDICTS),
+                         ("annotations", ANNOTATIONS)]:
+        rows_to_table(tables[name].to_pylist(), schema, where=name)
+    # pyarrow does not check nested nullability: a span's label is a string, "" for none
+    spans = [s for a in tables["annotations"].to_pylist() for s in a["spans"]]
+    assert spans and all(isinstance(s["label"], str) for s in spans)
+    assert {s["label"] for s in spans} == {"missing carry", ""}

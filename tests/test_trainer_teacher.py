@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from trace_rl.trainer.checkpoint import read_teacher_meta
 from trace_rl.trainer.config import TrainConfig
 from trace_rl.trainer.round import train_round
-from trace_rl.trainer.testing import make_round_tables, make_tokenizer, save_tiny_checkpoint
+from tiny import make_round_tables, make_tokenizer, save_tiny_checkpoint
 
 
 def _cfg(**kw):

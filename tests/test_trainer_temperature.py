@@ -14,7 +14,7 @@ from trace_rl.trainer.batch import build_examples, pad_sequences
 from trace_rl.trainer.config import TrainConfig
 from trace_rl.trainer.lean import KLSpec, LeanCausalLM, dense_policy_outputs
 from trace_rl.trainer.round import rollout_temperature, train_round
-from trace_rl.trainer.testing import (
+from tiny import (
     make_model,
     make_round_tables,
     make_tokenizer,
