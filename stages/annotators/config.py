@@ -72,6 +72,12 @@ class ApiOptions(BaseModel):
         "'json_object'}}); part of the cache key",
     )
 
+    @field_validator("structured_output", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: object) -> object:
+        # YAML reads a bare `off` (and `no`) as false: `structured_output=off` must still mean off.
+        return "off" if v is False else v
+
     @field_validator("api_key_env")
     @classmethod
     def _env_name(cls, v: str) -> str:
