@@ -64,7 +64,8 @@ def test_prepare_named_source_reads_math_levels_3_to_5(tmp_path, hub_mirror):
     table = open_store(cfg).read("prompts", PROMPTS).to_pylist()
     assert m.rows == 21 and m.extra["dropped"] == {} and m.extra["data_id"]
     assert {json.loads(r["meta"])["level"] for r in table} == {"Level 3", "Level 4", "Level 5"}
-    assert all(r["solution"] is None and r["source"] == "math_train_lvl3to5" for r in table)
+    # The worked solution travels as the teacher's privileged context (METHOD.md).
+    assert all(r["solution"] and r["source"] == "math_train_lvl3to5" for r in table)
     assert table[0]["answer"] == "\\frac{2}{1}"
     assert table[0]["problem"].endswith("put your final answer within \\boxed{}.")
     # Catalog fields can be overridden: GSM8K's train split with a limit.
