@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--rounds", type=int, default=5, help="policies 0..rounds (the last has no rollouts)")
+    ap.add_argument("--only", type=int, nargs="+", default=None, help="only these policies (rounds)")
     ap.add_argument("--rollouts", type=int, default=128)
     ap.add_argument("--teacher-eval", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
@@ -250,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         method, seed = run.name.rsplit("-s", 1)
         if (a.methods and method not in a.methods) or (a.seeds and int(seed) not in a.seeds):
             continue
-        todo = [k for k in range(a.rounds + 1) if (method, int(seed), k) not in done]
+        todo = [k for k in range(a.rounds + 1) if (method, int(seed), k) not in done
+                and (a.only is None or k in a.only)]
         for row in diagnose_run(str(run), method, int(seed), todo, a.rollouts, a.teacher_eval):
             with open(path, "a") as f:
                 f.write(json.dumps(row) + "\n")

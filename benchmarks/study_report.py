@@ -3,6 +3,7 @@
     python benchmarks/study_report.py runs/study-a runs/study-b --labels "old testbed" "new testbed" \
         --png docs/testbed_curves.png > /tmp/tables.md
 
+The figure: per folder, on-policy train reward by round and the final paired Δ vs grpo.
 Per folder: the summary table of benchmarks/testbed_study.py (round-R accuracy, paired Δ vs grpo
 with a 95% t-interval) and, when `<folder>/diagnostics.jsonl` exists (benchmarks/study_diagnostics.py),
 a per-method, per-round table of the diagnostics (means over the seeds measured).
@@ -109,8 +110,9 @@ def diagnostics_table(folder: Path, methods: list[str] | None = None) -> str:
 
 
 def plot_studies(folders: list[Path], labels: list[str], path: str, methods: list[str] | None) -> None:
-    """Held-out accuracy by round, one panel per study, mean over seeds with a min-max band,
-    plus each study's paired Δ vs grpo by round (mean and 95% t-interval)."""
+    """Per study: the on-policy train reward by policy (mean over seeds, min-max band) on top, and
+    each method's paired Δ vs grpo in final-round held-out accuracy (mean, 95% t-interval, and
+    every seed's difference as a dot) below."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,29 +124,35 @@ def plot_studies(folders: list[Path], labels: list[str], path: str, methods: lis
     fig, axes = plt.subplots(2, len(folders), figsize=(6.5 * len(folders), 8), squeeze=False)
     for j, (folder, label) in enumerate(zip(folders, labels, strict=True)):
         df = pd.DataFrame(load_jsonl(folder / "rows.jsonl"))
+        last = df.groupby(["method", "seed"])["round"].transform("max")
+        df = df[last == df["round"].max()]  # complete runs only
         order = [m for m in (methods or list(dict.fromkeys(df["method"]))) if m in set(df["method"])]
-        base = df[df["method"] == "grpo"].set_index(["seed", "round"])["heldout_acc"]
-        for method in order:
-            g = df[df["method"] == method]
-            st = g.groupby("round")["heldout_acc"].agg(["mean", "min", "max"])
-            line, = axes[0, j].plot(st.index, 100 * st["mean"], marker="o", ms=3,
+        final = df[df["round"] == df["round"].max()].set_index(["method", "seed"])["heldout_acc"]
+        for i, method in enumerate(order):
+            g = df[(df["method"] == method) & (df["round"] > 0)]
+            st = g.groupby("round")["train_reward"].agg(["mean", "min", "max"])
+            x = st.index - 1  # row k+1 holds the rollouts of policy k
+            line, = axes[0, j].plot(x, 100 * st["mean"], marker="o", ms=3,
                                     label=f"{method} ({g['seed'].nunique()} seeds)")
-            axes[0, j].fill_between(st.index, 100 * st["min"], 100 * st["max"], alpha=0.15,
+            axes[0, j].fill_between(x, 100 * st["min"], 100 * st["max"], alpha=0.12,
                                     color=line.get_color())
             if method == "grpo":
                 continue
-            diff = (g.set_index(["seed", "round"])["heldout_acc"] - base).dropna().reset_index()
-            ci = diff.groupby("round")["heldout_acc"].agg(["mean", "std", "count"])
-            half = [t95(int(n) - 1) * s / np.sqrt(n) if n > 1 else 0.0
-                    for s, n in zip(ci["std"], ci["count"], strict=True)]
-            axes[1, j].errorbar(ci.index, 100 * ci["mean"], yerr=100 * np.array(half), marker="o",
-                                ms=3, capsize=3, label=method, color=line.get_color())
-        axes[0, j].set_title(f"{label}: held-out accuracy (%)")
-        axes[1, j].axhline(0, color="k", lw=0.8)
-        axes[1, j].set_title(f"{label}: Δ vs grpo, paired (points, 95% CI)")
-        for ax in axes[:, j]:
-            ax.set_xlabel("round")
+            d = [100 * float(final[(method, s)] - final[("grpo", s)])
+                 for s in sorted(g["seed"].unique()) if ("grpo", s) in final.index]
+            if not d:
+                continue
+            half = t95(len(d) - 1) * float(np.std(d, ddof=1)) / np.sqrt(len(d)) if len(d) > 1 else 0
+            axes[1, j].errorbar([i], [np.mean(d)], yerr=[half], fmt="o", capsize=4,
+                                color=line.get_color())
+            axes[1, j].scatter([i + 0.12] * len(d), d, s=10, color=line.get_color(), alpha=0.6)
+        axes[0, j].set_title(f"{label}: on-policy train reward (%)")
+        axes[0, j].set_xlabel("policy (round)")
         axes[0, j].legend(fontsize=7)
+        axes[1, j].axhline(0, color="k", lw=0.8)
+        axes[1, j].set_xticks(range(len(order)), order, rotation=20, fontsize=7)
+        axes[1, j].set_title(f"{label}: final held-out acc, Δ vs grpo (points; mean, 95% CI, seeds)",
+                            fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
