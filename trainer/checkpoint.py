@@ -6,6 +6,10 @@ Layout of a round's output checkpoint:
     <ckpt>/trainer_state/state.json                           the human-readable part
     <ckpt>/trainer_state/teacher/                             teacher weights for the next round
                                                               (only when it does not re-sync)
+Under FSDP the parameters and the optimizer moments are sharded across processes: saves gather
+them into full, CPU, name-keyed dicts (torch.distributed.checkpoint's state_dict API; the save
+records `state_layout: full_fqn`) and a resume scatters them back into the shards after
+`accelerate.prepare`. Other backends save the plain (id-keyed) state dicts, restored before it.
 In-round progress lives in <work_dir>/progress.pt (and the teacher snapshot in
 <work_dir>/progress-teacher-step<k>/), written to a temporary name and renamed.
 """
@@ -82,6 +86,50 @@ def save_hf_checkpoint(hf_model: torch.nn.Module, tokenizer: Any, path: str | Pa
     tokenizer.save_pretrained(path)
     if getattr(hf_model.config, "tie_word_embeddings", False):
         _materialise_tied_head(path, hf_model.get_output_embeddings().weight)
+
+
+FULL_FQN = "full_fqn"  # state_layout of saves gathered from FSDP shards
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `model` was prepared for FSDP: FSDP2 turns parameters into DTensors, FSDP1 wraps
+    modules. Read off the model, since accelerate's distributed_type can say MULTI_CPU for a
+    model it sharded."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        return True
+    return any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules())
+
+
+def train_state_dicts(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
+    """{"model", "optimizer", "state_layout"} to save. Collective under FSDP (every process must
+    call it): the shards are gathered, and only the main process receives the full dicts."""
+    if not is_sharded(model):
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "state_layout": None}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_sd, optim_sd = get_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {"model": model_sd, "optimizer": optim_sd, "state_layout": FULL_FQN}
+
+
+def restore_sharded(model: torch.nn.Module, optimizer: Any, state: dict[str, Any],
+                    with_model: bool) -> None:
+    """Scatter a `full_fqn` save (model weights too when `with_model`) into the prepared,
+    sharded model and optimizer. Collective; the main process's copy is broadcast."""
+    if not is_sharded(model):
+        raise RuntimeError("this trainer state was gathered from FSDP shards (state_layout "
+                           "full_fqn) and can only be resumed under FSDP; resume with the same "
+                           "accelerate config")
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    if with_model:
+        set_model_state_dict(model, state["model"], options=opts)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
 
 
 def save_trainer_state(path: str | Path, state: dict[str, Any]) -> None:

@@ -26,14 +26,17 @@ import torch
 
 from trace_rl.trainer.batch import Example, MicroBatch, build_examples, collate, to_bt
 from trace_rl.trainer.checkpoint import (
+    FULL_FQN,
     PROGRESS_FILE,
     atomic_torch_save,
     load_progress,
     load_trainer_state,
+    restore_sharded,
     rng_state,
     save_hf_checkpoint,
     save_trainer_state,
     set_rng_state,
+    train_state_dicts,
 )
 from trace_rl.trainer.config import TrainConfig
 from trace_rl.trainer.lean import KLSpec, LeanCausalLM, SpanGroup
@@ -264,7 +267,8 @@ def train_round(
     state = load_trainer_state(init_checkpoint)
     global_step = 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if state.get("state_layout") != FULL_FQN:  # FSDP saves are restored after prepare
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         global_step = state["global_step"]
     model.to(acc.device)
@@ -282,13 +286,19 @@ def train_round(
                             cfg.logprob_chunk)
     cursor, rows = 0, []
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        if saved.get("state_layout") != FULL_FQN:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         global_step, cursor, rows = saved["global_step"], saved["cursor"], saved["rows"]
         teacher.restore(saved["teacher"])
         set_rng_state(saved["rng"])
     wrapped, optimizer = acc.prepare(model, optimizer)
+    # sharded states can only be scattered into the prepared (sharded) model and optimizer
+    if saved is not None and saved.get("state_layout") == FULL_FQN:
+        restore_sharded(wrapped, optimizer, saved, with_model=True)
+    elif saved is None and state is not None and state.get("state_layout") == FULL_FQN:
+        restore_sharded(wrapped, optimizer, state, with_model=False)
     r = _Step(cfg, get_method(cfg.method), wrapped, acc.unwrap_model(wrapped), teacher, acc,
               temperature)
     logger = Logger(acc, str(work / "tensorboard"), cfg.tensorboard, f"round-{round_index:04d}")
@@ -334,10 +344,10 @@ def train_round(
 def _save_progress(acc, unwrapped, optimizer, scheduler, teacher, work, fp, global_step,
                    cursor, rows) -> None:
     acc.wait_for_everyone()
+    model_and_optimizer = train_state_dicts(unwrapped, optimizer)  # collective under FSDP
     if acc.is_main_process:
         atomic_torch_save({
-            "fingerprint": fp, "model": unwrapped.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "fingerprint": fp, **model_and_optimizer, "scheduler": scheduler.state_dict(),
             "global_step": global_step, "cursor": cursor, "rows": rows,
             "teacher": teacher.state(), "rng": rng_state(),
         }, work / PROGRESS_FILE)
@@ -348,12 +358,14 @@ def _save_output(acc, unwrapped, tokenizer, optimizer, scheduler, path, global_s
                  round_index, teacher: TeacherHandle | None) -> None:
     acc.wait_for_everyone()
     state_dict = acc.get_state_dict(unwrapped.hf) if acc.num_processes > 1 else None
+    optim = train_state_dicts(unwrapped, optimizer)  # collective under FSDP
     if acc.is_main_process:
         save_hf_checkpoint(unwrapped.hf, tokenizer, path, state_dict=state_dict)
         if teacher is not None:
             teacher.hand_over(global_step, path)
         save_trainer_state(path, {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "optimizer": optim["optimizer"], "state_layout": optim["state_layout"],
+            "scheduler": scheduler.state_dict(),
             "global_step": global_step, "round": round_index, "rng": rng_state(),
         })
     acc.wait_for_everyone()
