@@ -103,11 +103,21 @@ class TrainConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0
     save_every: int = 0  # in-round progress save every N optimizer steps; 0 = never
+    # Per-step metrics go to these trackers through accelerate (offline by default: wandb runs
+    # with WANDB_MODE=offline and mlflow writes a local file store unless the environment says
+    # otherwise). `tensorboard: false` is shorthand for dropping tensorboard from the list.
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = ["tensorboard"]
     tensorboard: bool = True
     # Multi-process training: the train stage runs `accelerate launch` with this config file
     # (configs/accelerate/*.yaml) and process count; null / 1 = train in the stage's process.
     accelerate_config: str | None = None
     num_processes: int = 1
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers this run reports to, `tensorboard: false` applied."""
+        names = list(dict.fromkeys(self.report_to))
+        return names if self.tensorboard else [n for n in names if n != "tensorboard"]
 
     @field_validator("kl_term_clip", mode="before")
     @classmethod

@@ -81,23 +81,59 @@ def peak_memory_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+_TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def missing_tracker_packages(names: list[str]) -> list[str]:
+    """The trackers in `names` whose package is not installed (checked before any work starts)."""
+    import importlib.util
+
+    return [n for n in names if importlib.util.find_spec(_TRACKER_PACKAGES[n]) is None]
+
+
+def _make_tracker(name: str, log_dir: str, run_name: str) -> Any:
+    """One of accelerate's trackers, offline by default: results stay under `log_dir` unless
+    the user's own environment (WANDB_MODE, MLFLOW_TRACKING_URI) points elsewhere."""
+    import os
+
+    from accelerate import tracking
+
+    if name == "tensorboard":
+        return tracking.TensorBoardTracker(run_name, os.path.join(log_dir, "tensorboard"))
+    if name == "wandb":
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_DIR", log_dir)
+        return tracking.WandBTracker(run_name, dir=log_dir)
+    if name == "mlflow":
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or "file:" + os.path.join(os.path.abspath(log_dir), "mlruns")
+        return tracking.MLflowTracker(experiment_name="trace-rl", logging_dir=uri, run_name=run_name)
+    raise ValueError(f"unknown tracker {name!r}; valid: {list(TRACKERS)}")
+
+
 class Logger:
-    """TensorBoard through accelerate's tracker (main process only)."""
+    """Per-step metrics to the trackers named in `train.report_to`, through accelerate's tracker
+    classes (main process only)."""
 
-    def __init__(self, accelerator: Any, log_dir: str, enabled: bool, run_name: str):
-        self.tracker = None
-        if enabled and accelerator.is_main_process:
-            from accelerate.tracking import TensorBoardTracker
-
-            self.tracker = TensorBoardTracker(run_name, log_dir)
-            self.tracker.start()
+    def __init__(self, accelerator: Any, log_dir: str, report_to: list[str], run_name: str):
+        self.trackers: list[Any] = []
+        if not accelerator.is_main_process:
+            return
+        missing = missing_tracker_packages(report_to)
+        if missing:
+            raise RuntimeError(f"train.report_to names {missing}, not installed here: pip install "
+                               f"{' '.join(_TRACKER_PACKAGES[m] for m in missing)} (or drop them)")
+        for name in report_to:
+            tracker = _make_tracker(name, log_dir, run_name)
+            tracker.start()
+            self.trackers.append(tracker)
 
     def log(self, row: dict[str, Any], step: int) -> None:
-        if self.tracker is None:
-            return
-        values = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
-        self.tracker.log(values, step=step)
+        values = {k: v for k, v in row.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        for tracker in self.trackers:
+            tracker.log(values, step=step)
 
     def close(self) -> None:
-        if self.tracker is not None:
-            self.tracker.finish()
+        for tracker in self.trackers:
+            tracker.finish()

@@ -301,7 +301,7 @@ def train_round(
         restore_sharded(wrapped, optimizer, state, with_model=False)
     r = _Step(cfg, get_method(cfg.method), wrapped, acc.unwrap_model(wrapped), teacher, acc,
               temperature)
-    logger = Logger(acc, str(work / "tensorboard"), cfg.tensorboard, f"round-{round_index:04d}")
+    logger = Logger(acc, str(work), cfg.trackers, f"round-{round_index:04d}")
     bar = progress_bar(len(plan), cursor, enabled=progress and acc.is_main_process)
 
     for step_i in range(cursor, len(plan)):
