@@ -1,6 +1,7 @@
 """One optimizer update per mini-batch under every accelerate backend, however it is split.
 
-Runs here on CPU: DDP (gloo) and FSDP2 with 2 processes under `accelerate launch`, each splitting
+Runs here on CPU: DDP (gloo) and FSDP2 with 2 processes under `accelerate launch` (FSDP2 forced
+in the launched script: accelerate 1.15 silently falls back to DDP on CPU), each splitting
 the same mini-batches into 1, 2 or 4 micro-batches per process, against the single-process round.
 DeepSpeed is not installed here: its path is exercised through accelerate's own
 DeepSpeedEngineWrapper in front of a recording engine (what `Accelerator.backward` does under
@@ -42,6 +43,17 @@ from trace_rl.trainer.round import train_round
 
 args = json.loads(Path(sys.argv[1]).read_text())
 acc = Accelerator()
+if args["fsdp2"]:
+    # accelerate ignores --use_fsdp on CPU (MULTI_CPU, DDP-wrapped): mark the state FSDP with an
+    # FSDP2 plugin so its own fsdp2 preparation (fully_shard, DTensor parameters) runs on gloo
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    acc.state.distributed_type = DistributedType.FSDP
+    acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["Qwen3DecoderLayer"], reshard_after_forward=True,
+        state_dict_type="FULL_STATE_DICT")
 tables = {k: pq.read_table(v) for k, v in args["tables"].items()}
 for micro in args["micro"]:
     cfg = TrainConfig(**{**args["config"], "micro_batch_size": micro,
@@ -53,14 +65,16 @@ for micro in args["micro"]:
                        accelerator=acc, progress=False)
     if acc.is_main_process:
         (Path(args["out"]) / f"metrics-{tag}.json").write_text(json.dumps(rows))
+    # forget this round's model: under FSDP, clip_grad_norm_ compares the parameters with every
+    # prepared model's, and a previous round's (same shapes) makes that comparison ambiguous
+    acc.free_memory()
 """
 
 BACKENDS = {
     # --cpu alone selects accelerate's MPI launcher; torchrun + ACCELERATE_USE_CPU gives gloo
     "ddp": ["--multi_gpu"],
-    "fsdp": ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy",
-             "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap", "Qwen3DecoderLayer",
-             "--fsdp_state_dict_type", "FULL_STATE_DICT", "--fsdp_reshard_after_forward", "true"],
+    # the script itself turns FSDP2 on (accelerate would fall back to DDP on CPU)
+    "fsdp": ["--multi_gpu"],
 }
 
 
@@ -87,7 +101,7 @@ def _launch(reference, backend: str, micro: list[int], tensorboard: bool) -> Non
     script, args_file = tmp / "multi_micro.py", tmp / f"args-{backend}.json"
     script.write_text(SCRIPT)
     args_file.write_text(json.dumps({"config": CONFIG, "tables": paths, "init": init,
-                                     "out": str(tmp), "micro": micro, "tag": backend,
+                                     "out": str(tmp), "micro": micro, "tag": backend, "fsdp2": backend == "fsdp",
                                      "tensorboard": tensorboard}))
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "ACCELERATE_USE_CPU": "true"}
@@ -129,6 +143,10 @@ def test_fsdp2_cpu_one_update_per_mini_batch_however_split(reference):
     _launch(reference, "fsdp", [4, 1], tensorboard=False)
     for micro in (4, 1):
         _assert_same_update(reference, f"fsdp-micro{micro}")
+        # the optimizer state was gathered from shards: the model really was sharded
+        state = torch.load(reference[0] / f"out-fsdp-micro{micro}/trainer_state/state.pt",
+                           weights_only=False)
+        assert state["state_layout"] == "full_fqn"
 
 
 class _RecordingEngine:
