@@ -1,6 +1,7 @@
 """train_round on a tiny random Qwen3: micro-batch invariance, checkpoints, cross-round state."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,6 +71,13 @@ def test_checkpoint_loadable_and_state_continues_across_rounds(base, tmp_path):
     AutoTokenizer.from_pretrained(tmp_path / "ck1")
     torch.testing.assert_close(model.model.embed_tokens.weight, on_disk["model.embed_tokens.weight"])
     assert json.loads((tmp_path / "ck1/trainer_state/state.json").read_text())["global_step"] == 4
+    # The checkpoint carries the config its readers generate with, not the trainer's cache-off one
+    # (a run-scoped engine compares configs before loading new weights in place).
+    init_config = json.loads((Path(init) / "config.json").read_text())
+    saved_config = json.loads((tmp_path / "ck1/config.json").read_text())
+    assert saved_config.get("use_cache", True) is True
+    assert {k: v for k, v in saved_config.items() if k not in ("_name_or_path", "transformers_version")} \
+        == {k: v for k, v in init_config.items() if k not in ("_name_or_path", "transformers_version")}
     # round 1 continues the global step (and so the λ schedule) and the optimizer state
     cfg1 = _cfg(mini_batch_size=4, micro_batch_size=2, schedule={"hold_steps": 5, "zero_step": 7})
     rows1 = _train(cfg1, tables, tmp_path / "ck1", tmp_path / "ck2", tmp_path / "w1", 1)

@@ -16,6 +16,8 @@ In-round progress lives in <work_dir>/progress.pt (and the teacher snapshot in
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import random
@@ -77,12 +79,27 @@ def _materialise_tied_head(ckpt: Path, head_weight: torch.Tensor) -> None:
         save_file(tensors, single, metadata={"format": "pt"})
 
 
+@contextlib.contextmanager
+def _inference_config(hf_model: torch.nn.Module):
+    """Save the config a checkpoint is used with: the trainer turns the KV cache off for its own
+    forwards, but a checkpoint's readers (rollout engines, evaluation) generate with it, and a
+    run-scoped engine compares configs to decide whether new weights can load in place."""
+    config = hf_model.config
+    saved = getattr(config, "use_cache", None)
+    config.use_cache = True
+    try:
+        yield
+    finally:
+        config.use_cache = saved
+
+
 def save_hf_checkpoint(hf_model: torch.nn.Module, tokenizer: Any, path: str | Path,
                        state_dict: dict | None = None) -> None:
     """save_pretrained of model and tokenizer, with lm_head.weight always present on disk."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    hf_model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+    with _inference_config(hf_model):
+        hf_model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(path)
     if getattr(hf_model.config, "tie_word_embeddings", False):
         _materialise_tied_head(path, hf_model.get_output_embeddings().weight)
@@ -180,7 +197,8 @@ def save_weights(acc: Any, hf_model: torch.nn.Module, path: str | Path) -> None:
     if acc.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
-        hf_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        with _inference_config(hf_model):
+            hf_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         _replace_dir(tmp, path)
     acc.wait_for_everyone()
 
