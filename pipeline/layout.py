@@ -8,7 +8,7 @@
                                             initial model, which lives outside the run
     <run>/scratch/round-000k/train-<attempt>/   the trainer's resume state while round k trains
     <run>/eval/<checkpoint>/<benchmark>/samples.parquet, eval/<checkpoint>/summary.json
-    <run>/cache/annotations/, <run>/plots/curves.png
+    <run>/cache/annotations/, <run>/plots/ (curves.png, accuracy.png, summary.md)
 
 "Policy k" is the model that samples round k, i.e. round k's start checkpoint; its eval name is
 `initial` for k = 0 and `round-000k` after, the name of its checkpoint directory.
