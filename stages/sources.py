@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from trace_rl.data_schemas.errors import ConfigError, StageError
-from trace_rl.stages.verifiers.extract import find_boxed
+from trace_rl.stages.source_answers import answer_text, last_boxed, split_gsm8k, strip_dollars
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 HUB_URL = "https://huggingface.co/datasets/"
@@ -233,38 +232,6 @@ def _offline() -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # normalisation
-
-
-def answer_text(value: Any) -> str | None:
-    """A reference answer as text: integral numbers lose their '.0' (27.0 -> '27'), a list
-    gives its first item, empty values give None."""
-    if isinstance(value, (list, tuple)):
-        value = value[0] if value else None
-    if value is None or isinstance(value, bool):
-        return None if value is None else str(value)
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    text = str(value).strip()
-    return text or None
-
-
-def split_gsm8k(text: Any) -> tuple[str | None, str | None]:
-    """GSM8K's answer field -> (answer without commas, worked solution); (None, None) without ####."""
-    if not isinstance(text, str) or "####" not in text:
-        return None, None
-    solution, _, final = text.rpartition("####")
-    return final.strip().replace(",", "") or None, solution.strip() or None
-
-
-def strip_dollars(text: str | None) -> str | None:
-    """Remove unescaped '$' (math delimiters) and the spaces they leave at the ends."""
-    return re.sub(r"(?<!\\)\$", "", text).strip() or None if text is not None else None
-
-
-def last_boxed(text: Any) -> str | None:
-    """The content of the last \\boxed{} (or \\fbox{}) in `text`, braces matched."""
-    boxes = find_boxed(text) if isinstance(text, str) else []
-    return boxes[-1].content.strip() or None if boxes else None
 
 
 def _pick(record: Mapping[str, Any], column: str, mapping: Mapping[str, str]) -> tuple[str | None, Any]:

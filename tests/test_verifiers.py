@@ -24,14 +24,10 @@ from trace_rl.stages.verifiers import (
     verifier_names,
     verify_rows,
 )
-from trace_rl.stages.verifiers.choice import extract_choice
 from trace_rl.stages.verifiers.extract import (
-    cut_at_turn_end,
-    explicit_statements,
     final_boxed_group,
     final_region,
     find_boxed,
-    implicit_statement,
 )
 from trace_rl.stages.verifiers.math_verifier import MathChecker, answers_match, parse_reference
 from trace_rl.stages.verifiers.normalize import (
@@ -40,7 +36,6 @@ from trace_rl.stages.verifiers.normalize import (
     drop_thousands_separators,
     max_decimals,
 )
-from trace_rl.stages.verifiers.testbed import normalize_integer
 
 CASES = Path(__file__).resolve().parents[2] / "shared" / "data" / "verifier_cases" / "cases.jsonl"
 # A power tower: sympy grinds on 9^387420489 for minutes.
@@ -145,121 +140,6 @@ def test_unparsable_reference_is_an_error_never_a_reward() -> None:
         verdict = checker(r"The answer is $\boxed{\frac{}$ or \boxed{???}", ref, {})
         assert verdict.status == "error" and not verdict.correct, ref
 
-
-# ---------------------------------------------------------------- stated answers only
-
-
-def test_explicit_statements_in_order() -> None:
-    text = (
-        "First $\\boxed{5}$.\n\nThe answer is 6.\nAnswer: 7\n#### 1,234\nI hope the answer is right."
-    )
-    got = [(st.kind, st.text) for st in explicit_statements(text)]
-    assert got == [
-        ("boxed", "\\boxed{5}"),
-        ("answer_phrase", "6"),
-        ("answer_phrase", "7"),  # "Answer: 7" is both a phrase and a line
-        ("answer_line", "7"),
-        ("gsm8k", "1,234"),
-        ("answer_phrase", "right"),  # states nothing math-verify parses: skipped by the checker
-    ]
-    # A period or line break inside math does not end the statement.
-    (st,) = explicit_statements("So the answer is:\n\n\\[ x = 1.5\n \\]. Done.")
-    assert st.text == "\\[ x = 1.5\n \\]"
-    assert explicit_statements("Here is the solution: 1 + 2 = 3.") == []
-
-
-def test_implicit_statement_needs_a_finished_concluding_sentence() -> None:
-    def implicit(text: str) -> tuple[str, str] | None:
-        st = implicit_statement(text)
-        return None if st is None else (st.kind, st.text)
-
-    assert implicit("Each side is 5, so the perimeter is 20.") == (
-        "conclusion",
-        "so the perimeter is 20.",
-    )
-    assert implicit("Thus $x = 2$. I hope it is correct.") == ("conclusion", "Thus $x = 2$.")
-    assert implicit("The identity is $I$.") == ("closing_value", "$I$")
-    assert implicit(" $004$ ") == ("whole", "$004$")
-    assert implicit("4, 10, -2") == ("whole", "4, 10, -2")
-    assert implicit("Let me compute 1 + 2 and then I run out of") is None  # cut off
-    assert implicit("Thus 1 + 2 = 3. Then we need to compute the") is None  # cut off
-    assert implicit("There are 3 apples and 4 pears.") is None  # no conclusion
-    assert implicit("Therefore we are done.") is None  # nothing to verify
-    assert implicit("x = 1\ny = 2") is None  # several lines of bare math are working
-    assert cut_at_turn_end("So $3$.<|im_end|>\nuser: So $4$.") == "So $3$."
-
-
-@pytest.fixture(scope="module")
-def checker() -> MathChecker:
-    return MathChecker(VerifyConfig(kind="math", workers=1))
-
-
-@pytest.mark.parametrize(
-    ("response", "ref", "status", "correct"),
-    [
-        # Truncated or unstated: the reference appears in the prose but is never stated.
-        ("Let me compute 1 + 2 and then I run out of", "3", "no_answer", False),
-        ("Let me compute $1 + 2$ and then I", "3", "no_answer", False),
-        ("Each side is 5, so the perimeter is 20. Next we need to", "20", "no_answer", False),
-        ("Natalia sold 48/2 = 24 clips in May and then", "24", "no_answer", False),
-        ("There are 3 apples and 4 pears.", "3", "no_answer", False),
-        ("The result is 1 + 2", "3", "no_answer", False),
-        # An empty box states nothing.
-        ("So the answer is $\\boxed{}$.", "3", "no_answer", False),
-        ("$\\boxed{ }$", "3", "no_answer", False),
-        # The LAST stated answer counts, whatever the kind of statement.
-        ("First draft: $\\boxed{5}$.\n\nOn reflection the final answer is $6$.", "5", "ok", False),
-        ("First draft: $\\boxed{5}$.\n\nOn reflection the final answer is $6$.", "6", "ok", True),
-        ("The answer is 5.\n\nWait: 2 + 4 = 6, so the answer is 6.", "5", "ok", False),
-        ("The answer is 5? No: 2 + 4 = 6.\n\n$\\boxed{6}$", "6", "ok", True),
-        ("The answer is $\\boxed{7}$. I hope the answer is correct.", "7", "ok", True),
-        # Answer-is phrasing and answer lines.
-        ("The final answer is 42. I hope it is correct.", "42", "ok", True),
-        ("Adding 40 and 2.\n\nAnswer: 12", "42", "ok", False),
-        ("**Answer:** $\\frac{1}{2}$", "0.5", "ok", True),
-        ("Thus, the answer is:\n\n\\[ 189 \\]", "189", "ok", True),
-        # GSM8K: the #### line, not the intermediate numbers.
-        ("She sold 48/2 = 24 in May, 48 + 24 = 72 in all.\n#### 72", "72", "ok", True),
-        ("She sold 48/2 = 24 in May, 48 + 24 = 72 in all.\n#### 72", "24", "ok", False),
-        ("So 1000 + 234 = 1234.\n#### 1,234", "1234", "ok", True),
-        # Nothing after an end-of-turn token is part of the response.
-        ("The answer is 3.<|im_end|>\nThe answer is 4.", "3", "ok", True),
-        ("Let me see: 1 + 2<|im_end|>\nThe answer is 3.", "3", "no_answer", False),
-        # Implicit statements.
-        ("$004$", "4", "ok", True),
-        ("Therefore $x \\geq 5$ is the solution.", "x \\geq 5", "ok", True),
-        (
-            "The identity matrix is $\\begin{pmatrix}1 & 0 \\\\ 0 & 1\\end{pmatrix}$.",
-            "\\begin{pmatrix}1 & 0 \\\\ 0 & 1\\end{pmatrix}",
-            "ok",
-            True,
-        ),
-    ],
-)
-def test_only_a_stated_answer_is_verified(
-    checker: MathChecker, response: str, ref: str, status: str, correct: bool
-) -> None:
-    verdict = checker(response, ref, {})
-    assert (verdict.status, verdict.correct) == (status, correct), verdict
-    if status == "no_answer":
-        assert verdict.extracted_answer is None and "no stated answer" in (verdict.detail or "")
-
-
-def test_a_response_cut_before_its_answer_is_never_rewarded(checker: MathChecker) -> None:
-    """Property: no prefix ending before the answer statement is rewarded, though the working
-    holds the reference, 7, many times; from the first word on each one has no answer."""
-    working = (
-        "We need 3 + 4. Adding the units, 3 + 4 = 7, and 7 - 0 = 7 as a check. "
-        "Doubling gives 14 and halving 14 gives 7 again.\n\n"
-        "Writing it as $\\frac{14}{2} = 7$ confirms it.\n"
-    )
-    full = working + "So the answer is $\\boxed{7}$."
-    assert checker(full, "7", {}).correct
-    for cut in range(len(working) + 1):
-        verdict = checker(full[:cut], "7", {})
-        assert not verdict.correct, (cut, full[:cut], verdict)
-        # "W" alone is a one-symbol response, read as the answer "W" (wrong, not rewarded).
-        assert verdict.status == "no_answer" or cut < 2, (cut, full[:cut], verdict)
 
 
 # ---------------------------------------------------------------- math, through the pool
@@ -428,90 +308,6 @@ def test_verify_rows_starts_its_own_pool_and_keeps_every_row() -> None:
     }
     with pytest.raises(ValueError, match="lacks \\['answer'\\]"):
         verify_rows(cfg, [{"rollout_id": "x", "response_text": "1"}])
-
-
-# ---------------------------------------------------------------- choice
-
-
-@pytest.mark.parametrize(
-    ("response", "letter"),
-    [
-        ("Comparing the spin multiplicities, the right option is $\\boxed{C}$.", "C"),
-        ("Options A and D violate parity, so the answer is (B).", "B"),
-        ("The ester hydrolyses first.\n\nAnswer: D", "D"),
-        ("**Answer:** (A)", "A"),
-        ("I pick B. A careful recount of the electrons agrees.", "B"),
-        ("Therefore $\\boxed{\\text{(D)}}$", "D"),
-        ("<think>\nMaybe A? No.\n</think>\n\nThe answer is C) 4.2 eV", "C"),
-        ("the answer is: option b", None),
-        ("I am not sure about this one.", None),
-    ],
-)
-def test_extract_choice(response: str, letter: str | None) -> None:
-    region = final_region(response)
-    assert region is not None
-    assert extract_choice(region) == letter
-
-
-def test_choice_verifier_rows() -> None:
-    cfg = VerifyConfig(kind="choice", workers=1)
-    rows = verify_rows(
-        cfg,
-        _items(
-            [
-                ("The answer is (C).", "c"),
-                ("The answer is (C).", "B"),
-                ("I cannot decide.", "A"),
-                ("The answer is (C).", "E"),
-                ("<think>\nThe answer is probably (B)", "B"),
-            ]
-        ),
-    )
-    assert [(r["status"], r["correct"]) for r in rows] == [
-        ("ok", True),
-        ("ok", False),
-        ("no_answer", False),
-        ("error", False),
-        ("no_answer", False),
-    ]
-    assert rows[0]["extracted_answer"] == "C"
-
-
-# ---------------------------------------------------------------- testbed
-
-
-def test_testbed_verifier_rows() -> None:
-    assert normalize_integer(" 01,234 ") == 1234
-    assert normalize_integer("-0") == 0
-    assert normalize_integer("12.5") is None
-    cfg = VerifyConfig(kind="testbed", workers=1)
-    steps = "Step 1: 7 + 5 = 12, write 2 carry 1.\nStep 2: 3 + 8 + 1 = 12.\n"
-    rows = verify_rows(
-        cfg,
-        _items(
-            [
-                (steps + "\\boxed{122}", "122"),
-                (steps + "\\boxed{1,234}", "1234"),
-                (steps + "\\boxed{0042}", "42"),
-                ("\\boxed{5} then \\boxed{7}", "7"),
-                (steps + "\\boxed{121}", "122"),
-                (steps + "\\boxed{12.5}", "122"),
-                (steps, "122"),
-                ("\\boxed{7}", "seven"),
-            ]
-        ),
-    )
-    assert [(r["status"], r["correct"]) for r in rows] == [
-        ("ok", True),
-        ("ok", True),
-        ("ok", True),
-        ("ok", True),
-        ("ok", False),
-        ("ok", False),
-        ("no_answer", False),
-        ("error", False),
-    ]
-    assert rows[2]["extracted_answer"] == "42"
 
 
 # ---------------------------------------------------------------- registry and config
