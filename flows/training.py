@@ -3,7 +3,8 @@
 Tasks pass config paths, round numbers and manifest fingerprints, never tables. Each stage skips
 itself when its output is current, so rerunning `trace_training` continues from the first
 incomplete stage of the first incomplete round. `trace_training` holds one run-scoped vLLM engine
-(stages/engines/session.py) across its rounds; a round or stage flow run alone starts cold.
+(stages/engines/session.py) and one resident trainer (trainer/resident.py) across its rounds; a
+round or stage flow run alone starts cold.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from trace_rl.pipeline.layout import ROUND_STAGES
 from trace_rl.stages.config import load_config
 from trace_rl.stages.engines.session import engine_session
+from trace_rl.trainer.resident import active_resident, trainer_session
 
 from .stage_task import run_stage, write_resolved_config
 
@@ -45,6 +47,27 @@ def _rollout_task(stage: str, config_path: str, round_index: Optional[int], forc
             "counts": manifest.counts}
 
 
+def _train_task(stage: str, config_path: str, round_index: Optional[int], force: bool = False) -> dict:
+    """The train stage; in this process when the flow keeps the trainer resident (a single
+    process trainer: `accelerate launch` starts its own processes every round)."""
+    cfg = load_config(config_path)
+    multi = cfg.train.accelerate_config or cfg.train.num_processes > 1
+    if active_resident() is None or multi or not cfg.train.persistent:
+        return _stage_task(stage, config_path, round_index, force)
+    from trace_rl.stages import get_stage
+
+    manifest = get_stage(stage)(cfg, round_index, force=force, progress=True)
+    return {"dataset": manifest.dataset, "fingerprint": manifest.fingerprint, "rows": manifest.rows,
+            "counts": manifest.counts}
+
+
+def _release_trainer() -> None:
+    """Before the rollout engine takes the accelerator: the resident trainer moves to CPU."""
+    resident = active_resident()
+    if resident is not None:
+        logging.getLogger("trace_rl.flows").info("resident trainer: %s", resident.offload())
+
+
 def _release_engine() -> None:
     """Before a stage that takes the accelerator: the run's engine sleeps (or stops) meanwhile."""
     from trace_rl.stages.engines.session import active_session
@@ -60,7 +83,7 @@ stage_prepare = task(name="prepare", **_TASK_OPTS)(_stage_task)
 stage_rollout = task(name="rollout", **_TASK_OPTS)(_rollout_task)
 stage_verify = task(name="verify", **_TASK_OPTS)(_stage_task)
 stage_annotate = task(name="annotate", retries=2, retry_delay_seconds=30, **_TASK_OPTS)(_stage_task)
-stage_train = task(name="train", **_TASK_OPTS)(_stage_task)
+stage_train = task(name="train", **_TASK_OPTS)(_train_task)
 stage_evaluate = task(name="evaluate", **_TASK_OPTS)(_stage_task)
 TASKS = {"prepare": stage_prepare, "rollout": stage_rollout, "verify": stage_verify,
          "annotate": stage_annotate, "train": stage_train, "evaluate": stage_evaluate}
@@ -97,6 +120,8 @@ def trace_round(config_path: str, round_index: int, force_from: Optional[str] = 
         logger.info("round %d: %s", round_index, stage)
         if stage == "train":
             _release_engine()
+        elif stage == "rollout":
+            _release_trainer()
         results[stage] = TASKS[stage](stage, config_path, round_index, force=forcing)
     _publish_round_artifacts(config_path, round_index)
     return results
@@ -111,12 +136,14 @@ def trace_training(config: str = "demo", overrides: Optional[list[str]] = None,
     total = rounds or cfg.run.rounds
     stage_prepare("prepare", config_path, None)
     out = {}
-    # One vLLM engine for all rounds (started by the first rollout, closed however the flow ends).
-    with engine_session():
+    # One vLLM engine for all rounds (started by the first rollout, closed however the flow ends)
+    # and one resident trainer (its optimizer state is written to the last checkpoint at the end).
+    with engine_session(), trainer_session():
         for k in range(total):
             out[k] = trace_round(config_path, k)
             if cfg.eval.benchmarks and (cfg.eval.every_round or k == total - 1):
                 _release_engine()
+                _release_trainer()
                 # Evaluates checkpoints/round-(k+1); skipped when its samples are current.
                 stage_evaluate("evaluate", config_path, k)
     return {"run": cfg.run.run_root, "rounds": total, "last": out.get(total - 1)}

@@ -2,10 +2,17 @@
 verdicts and annotations (read through the run store in this process or in every process of an
 `accelerate launch`).
 
-Writes round k+1's start checkpoint, `checkpoints/round-(k+1)/` (HF save_pretrained +
-trainer_state), and then `round-k/train/metrics.parquet` with its manifest, which is what marks
-the checkpoint complete. A killed run resumes inside the round from the trainer's own progress
-saves in `scratch/round-k/train-<attempt>/`.
+Writes round k+1's start checkpoint, `checkpoints/round-(k+1)/` (HF save_pretrained; the full
+trainer state in `trainer_state/` only every `train.state_every` rounds and at the run's last
+round), and then `round-k/train/metrics.parquet` with its manifest, which is what marks the
+checkpoint complete. A killed run resumes inside the round from the trainer's own progress saves
+in `scratch/round-k/train-<attempt>/`.
+
+Inside a flow (`trace_training`) the trainer stays resident between rounds
+(trainer/resident.py): round k+1 starts from the model and optimizer round k left in memory. A
+round that starts cold from a weights-only checkpoint first replays the rounds since the last
+full state from their recorded datasets, which gives back exactly the optimizer state the
+uninterrupted run had (the replayed weights are checked against the checkpoint on disk).
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from trace_rl.pipeline.fingerprint import fingerprint
 from trace_rl.pipeline.layout import start_checkpoint_dir, train_scratch_dir
 from trace_rl.pipeline.store import Manifest
 from trace_rl.stages.config import TraceConfig
+from trace_rl.trainer.checkpoint import PROGRESS_FILE, has_trainer_state
 from trace_rl.trainer.launch import read_round_inputs, round_input_names
+from trace_rl.trainer.resident import Resident, active_resident
 
 from .common import StageDecision, decide, open_store, start_checkpoint
 
@@ -30,14 +39,15 @@ log = logging.getLogger("trace_rl.stages.train")
 
 
 def _launch_accelerate(cfg: TraceConfig, p: StageDecision, init_dir: str, out_dir, work_dir,
-                       round_index: int) -> list[dict]:
+                       round_index: int, replay: list[dict]) -> list[dict]:
     """Train under `accelerate launch` (DDP / FSDP / DeepSpeed from configs/accelerate/); each
     process reads the round's datasets through the run store and checks they are the ones this
     stage recorded as inputs; the main process writes the metrics rows as JSON lines."""
     args = {"config": cfg.train.model_dump(mode="json"), "run_root": p.store.root,
             "round_index": round_index, "inputs": p.inputs, "init_checkpoint": init_dir,
             "output_checkpoint": str(out_dir), "work_dir": str(work_dir),
-            "metrics_out": str(work_dir / "metrics.jsonl"), "progress": True}
+            "metrics_out": str(work_dir / "metrics.jsonl"), "progress": True,
+            "save_state": saves_state(cfg, round_index), "replay": replay}
     args_file = work_dir / "launch_args.json"
     args_file.write_text(json.dumps(args, indent=2))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(cfg.train.num_processes)]
@@ -59,6 +69,62 @@ def _drop_progress(work_dir) -> None:
             f.unlink(missing_ok=True)
 
 
+def saves_state(cfg: TraceConfig, round_index: int) -> bool:
+    """Whether round k's checkpoint gets the full trainer state: every `state_every` rounds and
+    at the run's last round (other checkpoints hold weights only)."""
+    k = round_index + 1
+    return k % cfg.train.state_every == 0 or k >= cfg.run.rounds
+
+
+def _checkpoint_dir(cfg: TraceConfig, store, round_index: int) -> str:
+    return start_checkpoint(cfg, store, round_index)[0]
+
+
+def replay_plan(cfg: TraceConfig, store, round_index: int, work_dir) -> list[dict]:
+    """The earlier rounds to retrain (in memory, from their recorded datasets) before round k,
+    when its start checkpoint holds weights only: from the last checkpoint with a full trainer
+    state (or the initial model) up to round k-1. Empty when nothing needs replaying."""
+    if round_index == 0 or (work_dir / PROGRESS_FILE).exists():  # a progress save has it all
+        return []
+    if has_trainer_state(_checkpoint_dir(cfg, store, round_index)):
+        return []
+    start = round_index - 1
+    while start > 0 and not has_trainer_state(_checkpoint_dir(cfg, store, start)):
+        start -= 1
+    plan = []
+    for i in range(start, round_index):
+        names = round_input_names(i)
+        inputs = {}
+        for name in names.values():
+            m = store.manifest(name)
+            if m is None:
+                raise StageError(f"round {round_index} starts from a weights-only checkpoint and "
+                                 f"its optimizer state must be replayed from round {start}, but "
+                                 f"{name} is missing; rerun from round {i}")
+            inputs[name] = m.fingerprint
+        plan.append({"round_index": i, "inputs": inputs,
+                     "init_checkpoint": _checkpoint_dir(cfg, store, i),
+                     "output_checkpoint": str(store.local_path(start_checkpoint_dir(i + 1))),
+                     "work_dir": str(store.local_path(train_scratch_dir(i, "replay")))})
+    return plan
+
+
+def _replay_in_process(cfg: TraceConfig, store, plan: list[dict], resident: Resident,
+                       progress: bool) -> None:
+    from trace_rl.trainer.round import check_replayed, train_round
+
+    for step in plan:
+        i = step["round_index"]
+        log.info("train: replaying round %d from its datasets (checkpoint %s holds weights only)",
+                 i, step["output_checkpoint"])
+        tables = read_round_inputs(store, i, step["inputs"])
+        train_round(cfg.train, **tables, init_checkpoint=step["init_checkpoint"],
+                    output_checkpoint=step["output_checkpoint"], work_dir=step["work_dir"],
+                    round_index=i, progress=progress, resident=resident, write_output=False)
+        shutil.rmtree(step["work_dir"], ignore_errors=True)
+        check_replayed(resident)
+
+
 def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progress: bool = True) -> Manifest:
     round_index = 0 if round_index is None else round_index
     init_dir, init_fp = start_checkpoint(cfg, open_store(cfg), round_index)
@@ -73,22 +139,32 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     attempt = fingerprint([p.config_fingerprint, p.inputs])
     work_dir = p.store.local_path(train_scratch_dir(round_index, attempt))
     work_dir.mkdir(parents=True, exist_ok=True)
+    session = active_resident()
+    resident = session if session is not None else Resident()
+    if resident.held is not None and resident.tag not in set(init_fp.values()):
+        resident.clear()  # it holds another round's state (or one whose stage did not finish)
+    replay = [] if resident.held is not None else replay_plan(cfg, p.store, round_index, work_dir)
     if cfg.train.accelerate_config or cfg.train.num_processes > 1:
-        metrics = _launch_accelerate(cfg, p, init_dir, out_dir, work_dir, round_index)
+        metrics = _launch_accelerate(cfg, p, init_dir, out_dir, work_dir, round_index, replay)
     else:
         from trace_rl.trainer.round import train_round
 
+        _replay_in_process(cfg, p.store, replay, resident, progress)
         tables = read_round_inputs(p.store, round_index, p.inputs)
         metrics = train_round(cfg.train, **tables, init_checkpoint=init_dir, output_checkpoint=str(out_dir),
-                              work_dir=str(work_dir), round_index=round_index, progress=progress)
+                              work_dir=str(work_dir), round_index=round_index, progress=progress,
+                              resident=resident, save_state=saves_state(cfg, round_index))
     extras = sorted({k for row in metrics for k in row if k not in TRAIN_METRICS.names})
     schema = extend_metrics(extras)
     table = rows_to_table([{**{k: None for k in extras}, **row} for row in metrics], schema,
                           where=f"{p.name} metrics")
     with p.writer(TRAIN_METRICS, "train", allow_extra=True) as w:
         w.write_table(table, part="metrics.parquet")
-        w.extra = {"checkpoint": str(out_dir), "steps": len(metrics)}
+        w.extra = {"checkpoint": str(out_dir), "steps": len(metrics),
+                   "trainer_state": saves_state(cfg, round_index), "replayed_rounds": len(replay)}
     _drop_progress(work_dir)
+    if session is not None and resident.held is not None:
+        resident.tag = w.manifest.fingerprint  # round k+1 may start from what is in memory
     if metrics:
         last = metrics[-1]
         log.info("train round %d: %d steps, loss %.4f, kl_weight %.3f -> %s", round_index, len(metrics),

@@ -17,7 +17,6 @@ In-round progress lives in <work_dir>/progress.pt (and the teacher snapshot in
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 import random
@@ -141,7 +140,10 @@ def restore_sharded(model: torch.nn.Module, optimizer: Any, state: dict[str, Any
                            "full_fqn) and can only be resumed under FSDP; resume with the same "
                            "accelerate config")
     from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     if with_model:
@@ -155,6 +157,30 @@ def save_trainer_state(path: str | Path, state: dict[str, Any]) -> None:
     atomic_torch_save(state, d / "state.pt")
     summary = {k: state[k] for k in ("global_step", "round") if k in state}
     (d / "state.json").write_text(json.dumps(summary, indent=2))
+
+
+def write_full_state(acc: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+                     path: str | Path, global_step: int, round_index: int) -> None:
+    """The full trainer state of `model` (optimizer, scheduler, step, RNG) into checkpoint
+    `path`. Collective: every process calls it (FSDP gathers its shards)."""
+    optim = train_state_dicts(model, optimizer)
+    if acc.is_main_process:
+        save_trainer_state(path, {
+            "optimizer": optim["optimizer"], "state_layout": optim["state_layout"],
+            "scheduler": scheduler.state_dict(),
+            "global_step": global_step, "round": round_index, "rng": rng_state(),
+        })
+    acc.wait_for_everyone()
+
+
+def has_trainer_state(path: str | Path) -> bool:
+    return (Path(path) / STATE_DIR / "state.pt").exists()
+
+
+def clear_trainer_state(path: str | Path) -> None:
+    """Remove a checkpoint's trainer state (optimizer and teacher), before the round that writes
+    the checkpoint saves anew: a rerun must not leave another update's state beside new weights."""
+    shutil.rmtree(Path(path) / STATE_DIR, ignore_errors=True)
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any] | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
-
 from trace_rl.trainer.teacher_prompt import DEFAULT_TEACHER_TEMPLATE
 
 METHODS = ("grpo", "self_opd", "trace")
@@ -103,6 +102,12 @@ class TrainConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0
     save_every: int = 0  # in-round progress save every N optimizer steps; 0 = never
+    # The full trainer state (optimizer, scheduler, step, RNG) goes into a round's checkpoint
+    # every `state_every` rounds and at the run's last round; the others hold weights only (what
+    # the rollout engine reads). Inside a flow the trainer stays in memory between rounds; a cold
+    # start from a weights-only checkpoint replays the rounds since the last full state.
+    state_every: int = 5
+    persistent: bool = True  # keep the trainer in memory between a flow's rounds
     # Per-step metrics go to these trackers through accelerate (offline by default: wandb runs
     # with WANDB_MODE=offline and mlflow writes a local file store unless the environment says
     # otherwise). `tensorboard: false` is shorthand for dropping tensorboard from the list.
@@ -165,6 +170,8 @@ class TrainConfig(BaseModel):
             )
         if self.num_processes < 1:
             raise ValueError(f"num_processes={self.num_processes} must be >= 1 (1 = no accelerate launch)")
+        if self.state_every < 1:
+            raise ValueError("state_every must be >= 1 (1 = the full trainer state every round)")
         if self.teacher_sync_every < 0 or self.save_every < 0 or self.warmup_steps < 0:
             raise ValueError("teacher_sync_every, save_every and warmup_steps must be >= 0")
         return self

@@ -5,7 +5,10 @@
 A.json: {"config": {...TrainConfig fields...}, "run_root": the run directory, "round_index": k,
 "inputs": {dataset name: manifest fingerprint} as the train stage recorded them,
 "init_checkpoint": path, "output_checkpoint": path, "work_dir": path,
-"metrics_out": path | null (JSON lines, main process), "progress": bool}.
+"metrics_out": path | null (JSON lines, main process), "progress": bool,
+"save_state": bool (write the full trainer state with the checkpoint; default true),
+"replay": [{"round_index", "inputs", "init_checkpoint", "output_checkpoint", "work_dir"}, ...]
+(earlier rounds retrained in memory first, when the start checkpoint holds weights only)}.
 
 Every process reads the round's datasets through the run store, as the single-process stage does:
 only the parts a manifest lists, checked against the schemas, and only if each manifest is still
@@ -19,7 +22,6 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
-
 from trace_rl.data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, VERDICTS
 from trace_rl.data_schemas.errors import StageError
 from trace_rl.pipeline.layout import dataset_name
@@ -57,18 +59,34 @@ def read_round_inputs(store: RunStore, round_index: int,
 
 
 def run_from_args(args: dict) -> list[dict]:
-    from accelerate import Accelerator
+    import shutil
 
-    from trace_rl.trainer.round import train_round
+    from accelerate import Accelerator
+    from trace_rl.trainer.resident import Resident
+    from trace_rl.trainer.round import check_replayed, train_round
 
     cfg = TrainConfig.model_validate(args.get("config", {}))
-    round_index = int(args.get("round_index", 0))
-    tables = read_round_inputs(RunStore(args["run_root"]), round_index, args.get("inputs"))
+    store = RunStore(args["run_root"])
     accelerator = Accelerator()
+    resident = Resident()
+    for step in args.get("replay", []):
+        tables = read_round_inputs(store, step["round_index"], step["inputs"])
+        train_round(cfg, **tables, init_checkpoint=step["init_checkpoint"],
+                    output_checkpoint=step["output_checkpoint"], work_dir=step["work_dir"],
+                    round_index=step["round_index"], accelerator=accelerator, progress=False,
+                    resident=resident, write_output=False)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(step["work_dir"], ignore_errors=True)
+        if accelerator.num_processes == 1:  # the full weights are only whole on one process
+            check_replayed(resident)
+    round_index = int(args.get("round_index", 0))
+    tables = read_round_inputs(store, round_index, args.get("inputs"))
     rows = train_round(
         cfg, **tables, init_checkpoint=args["init_checkpoint"],
         output_checkpoint=args["output_checkpoint"], work_dir=args["work_dir"],
         round_index=round_index, accelerator=accelerator, progress=bool(args.get("progress", False)),
+        resident=resident, save_state=bool(args.get("save_state", True)),
     )
     out = args.get("metrics_out")
     if out and accelerator.is_main_process:

@@ -27,16 +27,11 @@ import torch
 from trace_rl.trainer.batch import Example, MicroBatch, build_examples, collate, to_bt
 from trace_rl.trainer.checkpoint import (
     FULL_FQN,
-    PROGRESS_FILE,
     atomic_torch_save,
     load_progress,
     load_trainer_state,
     restore_sharded,
-    rng_state,
-    save_hf_checkpoint,
-    save_trainer_state,
     set_rng_state,
-    train_state_dicts,
 )
 from trace_rl.trainer.config import TrainConfig
 from trace_rl.trainer.lean import KLSpec, LeanCausalLM, SpanGroup
@@ -44,6 +39,8 @@ from trace_rl.trainer.losses import clipped_pg_loss, grpo_advantages
 from trace_rl.trainer.methods import LossInputs, Method, get_method
 from trace_rl.trainer.metrics import Logger, StepStats, peak_memory_bytes, step_row
 from trace_rl.trainer.progress import progress_bar
+from trace_rl.trainer.resident import Held, Resident, config_json
+from trace_rl.trainer.round_io import Clock, save_output, save_progress
 from trace_rl.trainer.teacher import TeacherHandle, eval_mode
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -244,16 +241,37 @@ def train_round(
     round_index: int,
     accelerator: Any = None,
     progress: bool = True,
+    resident: Resident | None = None,
+    write_output: bool = True,
+    save_state: bool = True,
+    timings: dict[str, float] | None = None,
 ) -> list[dict]:
-    """Train one round on the given tables; returns one metrics dict per optimizer step."""
+    """Train one round on the given tables; returns one metrics dict per optimizer step.
+
+    With a `resident`, the round starts from the model and optimizer it holds when they are the
+    state at `init_checkpoint` (else from disk), and leaves its own end state there for the next
+    round. `write_output=False` (a replay) writes no checkpoint: the resident then stands for
+    `output_checkpoint` as it already is on disk. `save_state=False` writes weights only.
+    `timings`, when given, receives seconds spent on fixed costs: `model_load_s` (model and
+    tokenizer from disk), `state_load_s`, `teacher_s` (teacher snapshots written and loaded),
+    `checkpoint_save_s` (weights), `state_save_s` (optimizer state)."""
     from accelerate import Accelerator
 
+    if accelerator is None and resident is not None and resident.held is not None:
+        accelerator = resident.held.accelerator  # the process group the held state lives in
     acc = accelerator or Accelerator()
     _check_accelerator(acc)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed + round_index)
-    tokenizer, model = _load_model(cfg, init_checkpoint)
+    cfg_json = config_json(cfg)
+    clock = Clock(timings)
+    held = resident.take(init_checkpoint, cfg_json, acc) if resident is not None else None
+    if held is not None:
+        tokenizer, model = held.tokenizer, held.unwrapped
+    else:
+        with clock("model_load_s"):
+            tokenizer, model = _load_model(cfg, init_checkpoint)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     examples = build_examples(cfg, tokenizer, prompts, rollouts, verdicts, annotations)
     temperature = rollout_temperature(cfg, examples)
@@ -263,9 +281,12 @@ def train_round(
     order = np.random.default_rng([cfg.seed, round_index]).permutation(len(examples))
     plan = _shards(cfg, order, acc.process_index, acc.num_processes)
 
-    optimizer, scheduler = _make_optimizer(cfg, model)
-    state = load_trainer_state(init_checkpoint)
-    global_step = 0
+    if held is not None:
+        optimizer, scheduler, state, global_step = held.optimizer, held.scheduler, None, held.global_step
+    else:
+        optimizer, scheduler = _make_optimizer(cfg, model)
+        with clock("state_load_s"):
+            state, global_step = load_trainer_state(init_checkpoint), 0
     if state is not None:
         if state.get("state_layout") != FULL_FQN:  # FSDP saves are restored after prepare
             optimizer.load_state_dict(state["optimizer"])
@@ -293,7 +314,10 @@ def train_round(
         global_step, cursor, rows = saved["global_step"], saved["cursor"], saved["rows"]
         teacher.restore(saved["teacher"])
         set_rng_state(saved["rng"])
-    wrapped, optimizer = acc.prepare(model, optimizer)
+    if held is not None:
+        wrapped = held.wrapped
+    else:
+        wrapped, optimizer = acc.prepare(model, optimizer)
     # sharded states can only be scattered into the prepared (sharded) model and optimizer
     if saved is not None and saved.get("state_layout") == FULL_FQN:
         restore_sharded(wrapped, optimizer, saved, with_model=True)
@@ -309,7 +333,8 @@ def train_round(
         lam = r.method.kl_weight(cfg, global_step)
         with_teacher = r.method.needs_teacher(cfg, lam)
         if with_teacher:
-            teacher.ensure(global_step, r.unwrapped, acc)
+            with clock("teacher_s"):
+                teacher.ensure(global_step, r.unwrapped, acc)
         else:
             teacher.release()  # λ only decreases: from here on this round needs none
         mini = order[step_i * cfg.mini_batch_size : (step_i + 1) * cfg.mini_batch_size]
@@ -331,41 +356,17 @@ def train_round(
         global_step += 1
         bar.update(row)
         if cfg.save_every and (step_i + 1) % cfg.save_every == 0 and step_i + 1 < len(plan):
-            _save_progress(acc, r.unwrapped, optimizer, scheduler, teacher, work, fp,
+            save_progress(acc, r.unwrapped, optimizer, scheduler, teacher, work, fp,
                            global_step, step_i + 1, rows)
     bar.close()
     logger.close()
     keep_teacher = r.method.needs_teacher(cfg, r.method.kl_weight(cfg, global_step))
-    _save_output(acc, r.unwrapped, tokenizer, optimizer, scheduler, output_checkpoint,
-                 global_step, round_index, teacher if keep_teacher else None)
+    teacher.release()
+    if write_output:
+        save_output(acc, r.unwrapped, tokenizer, optimizer, scheduler, output_checkpoint,
+                     global_step, round_index, teacher if keep_teacher else None, save_state, clock)
+    if resident is not None:
+        resident.keep(Held(tokenizer, wrapped, r.unwrapped, optimizer, scheduler, global_step,
+                           str(output_checkpoint), round_index, cfg_json, acc,
+                           state_on_disk=write_output and save_state))
     return rows
-
-
-def _save_progress(acc, unwrapped, optimizer, scheduler, teacher, work, fp, global_step,
-                   cursor, rows) -> None:
-    acc.wait_for_everyone()
-    model_and_optimizer = train_state_dicts(unwrapped, optimizer)  # collective under FSDP
-    if acc.is_main_process:
-        atomic_torch_save({
-            "fingerprint": fp, **model_and_optimizer, "scheduler": scheduler.state_dict(),
-            "global_step": global_step, "cursor": cursor, "rows": rows,
-            "teacher": teacher.state(), "rng": rng_state(),
-        }, work / PROGRESS_FILE)
-    acc.wait_for_everyone()
-
-
-def _save_output(acc, unwrapped, tokenizer, optimizer, scheduler, path, global_step,
-                 round_index, teacher: TeacherHandle | None) -> None:
-    acc.wait_for_everyone()
-    state_dict = acc.get_state_dict(unwrapped.hf) if acc.num_processes > 1 else None
-    optim = train_state_dicts(unwrapped, optimizer)  # collective under FSDP
-    if acc.is_main_process:
-        save_hf_checkpoint(unwrapped.hf, tokenizer, path, state_dict=state_dict)
-        if teacher is not None:
-            teacher.hand_over(global_step, path)
-        save_trainer_state(path, {
-            "optimizer": optim["optimizer"], "state_layout": optim["state_layout"],
-            "scheduler": scheduler.state_dict(),
-            "global_step": global_step, "round": round_index, "rng": rng_state(),
-        })
-    acc.wait_for_everyone()

@@ -1,0 +1,150 @@
+"""A run-scoped trainer: policy, optimizer and scheduler kept in memory from one round to the next.
+
+The cold path of `train_round` loads checkpoint k (weights and, when present, the full trainer
+state) and ends by writing checkpoint k+1. A `Resident` lets consecutive rounds in one process
+skip the load: after round k it holds the prepared model, optimizer and scheduler, labelled with
+the checkpoint they equal, and round k+1 takes them when its start checkpoint is that one.
+Checkpoints then need only weights (for the rollout engine); the full trainer state goes to disk
+every `train.state_every` rounds, at the run's last round and when the session closes, and a cold
+start from a weights-only checkpoint replays the rounds since the last full state
+(stages/train.py). Persistence is an optimisation: whatever the resident cannot vouch for (another
+checkpoint, another config, a rewritten round) is dropped and the round starts cold.
+
+On an accelerator the resident is moved to CPU memory while the rollout engine holds the device
+(`offload`), and back when the next round takes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from trace_rl.trainer.checkpoint import write_full_state
+
+log = logging.getLogger("trace_rl.trainer.resident")
+
+
+def _move_optimizer_state(optimizer: Any, device: torch.device | str) -> None:
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value) and key != "step":
+                state[key] = value.to(device, non_blocking=True)
+
+
+@dataclass
+class Held:
+    """What one round hands the next: the prepared model and optimizer, not yet on disk."""
+
+    tokenizer: Any
+    wrapped: torch.nn.Module  # as returned by accelerator.prepare
+    unwrapped: torch.nn.Module  # the LeanCausalLM inside it
+    optimizer: Any
+    scheduler: Any
+    global_step: int
+    checkpoint: str  # the checkpoint directory these weights equal
+    round_index: int  # the round whose update produced them
+    config: str  # the TrainConfig (JSON) they were trained under
+    accelerator: Any  # the process group they were prepared in
+    state_on_disk: bool  # whether `checkpoint` also holds this optimizer state
+
+
+class Resident:
+    """Holds at most one `Held`; `tag` is set by the caller (the train stage's manifest
+    fingerprint) to tie it to the round that wrote `checkpoint`."""
+
+    def __init__(self) -> None:
+        self.held: Held | None = None
+        self.tag: str | None = None
+        self.rounds_reused = 0
+
+    def take(self, checkpoint: str, config_json: str, accelerator: Any) -> Held | None:
+        """The held state if it is the state at `checkpoint` under `config_json`, else None (and
+        whatever was held is dropped)."""
+        held = self.held
+        if held is None:
+            return None
+        reason = None
+        if held.checkpoint != str(checkpoint):
+            reason = f"it holds {held.checkpoint}, not {checkpoint}"
+        elif held.config != config_json:
+            reason = "the train config changed"
+        elif held.accelerator is not accelerator:
+            reason = "another accelerator (process group)"
+        if reason:
+            log.info("resident trainer not reused (%s): starting from disk", reason)
+            self.clear()
+            return None
+        self._to(held, held.accelerator.device)
+        self.rounds_reused += 1
+        return held
+
+    def keep(self, held: Held) -> None:
+        self.held, self.tag = held, None
+
+    def clear(self) -> None:
+        self.held, self.tag = None, None
+
+    def offload(self) -> str:
+        """Move the held state to CPU memory (frees an accelerator for the rollout engine)."""
+        held = self.held
+        if held is None:
+            return "nothing held"
+        if torch.device(held.accelerator.device).type == "cpu":
+            return "held in CPU memory already"
+        self._to(held, "cpu")
+        return "moved to CPU memory"
+
+    @staticmethod
+    def _to(held: Held, device) -> None:
+        held.unwrapped.to(device)
+        _move_optimizer_state(held.optimizer, device)
+
+    def save_state(self) -> str | None:
+        """Write the held optimizer state into its checkpoint, if it is not there yet."""
+        held = self.held
+        if held is None or held.state_on_disk:
+            return None
+        write_full_state(held.accelerator, held.unwrapped, held.optimizer, held.scheduler,
+                         held.checkpoint, held.global_step, held.round_index)
+        held.state_on_disk = True
+        return held.checkpoint
+
+
+def config_json(cfg: Any) -> str:
+    return json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+
+
+_ACTIVE: Resident | None = None
+
+
+def active_resident() -> Resident | None:
+    """The resident of the enclosing `trainer_session`, if any."""
+    return _ACTIVE
+
+
+@contextmanager
+def trainer_session() -> Iterator[Resident]:
+    """Keep the trainer resident across the rounds run inside the block; on exit (however it
+    ends) its optimizer state is written into the last checkpoint, so a later cold start has no
+    rounds to replay."""
+    global _ACTIVE
+    if _ACTIVE is not None:
+        raise RuntimeError("a trainer session is already active in this process")
+    resident = Resident()
+    _ACTIVE = resident
+    try:
+        yield resident
+    finally:
+        _ACTIVE = None
+        try:
+            path = resident.save_state()
+            if path:
+                log.info("trainer state written to %s", path)
+        finally:
+            resident.clear()

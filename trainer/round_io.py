@@ -1,0 +1,105 @@
+"""What a round writes and reads besides its training: the checkpoint it ends with, in-round
+progress saves, the check of a replayed round against its checkpoint, and timings of those
+fixed costs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from trace_rl.trainer.checkpoint import (
+    PROGRESS_FILE,
+    atomic_torch_save,
+    clear_trainer_state,
+    rng_state,
+    save_hf_checkpoint,
+    train_state_dicts,
+    write_full_state,
+)
+from trace_rl.trainer.resident import Resident
+from trace_rl.trainer.teacher import TeacherHandle
+
+log = logging.getLogger("trace_rl.trainer.round")
+
+
+class Clock:
+    """Adds the wall time of `with clock(key):` blocks to a dict (or does nothing without one)."""
+
+    def __init__(self, into: dict[str, float] | None):
+        self.into = into
+
+    @contextmanager
+    def __call__(self, key: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.into is not None:
+                self.into[key] = self.into.get(key, 0.0) + time.perf_counter() - t0
+
+
+def save_progress(acc, unwrapped, optimizer, scheduler, teacher, work, fp, global_step,
+                   cursor, rows) -> None:
+    acc.wait_for_everyone()
+    model_and_optimizer = train_state_dicts(unwrapped, optimizer)  # collective under FSDP
+    if acc.is_main_process:
+        atomic_torch_save({
+            "fingerprint": fp, **model_and_optimizer, "scheduler": scheduler.state_dict(),
+            "global_step": global_step, "cursor": cursor, "rows": rows,
+            "teacher": teacher.state(), "rng": rng_state(),
+        }, work / PROGRESS_FILE)
+    acc.wait_for_everyone()
+
+
+def save_output(acc, unwrapped, tokenizer, optimizer, scheduler, path, global_step,
+                 round_index, teacher: TeacherHandle | None, save_state: bool = True,
+                 clock: Clock | None = None) -> None:
+    """The next round's start checkpoint: weights (+ the teacher it inherits) always, the full
+    trainer state (optimizer, scheduler, step, RNG) when `save_state`."""
+    clock = clock or Clock(None)
+    acc.wait_for_everyone()
+    state_dict = acc.get_state_dict(unwrapped.hf) if acc.num_processes > 1 else None
+    if acc.is_main_process:
+        with clock("checkpoint_save_s"):
+            clear_trainer_state(path)  # a rerun must not leave another update's state beside it
+            save_hf_checkpoint(unwrapped.hf, tokenizer, path, state_dict=state_dict)
+            if teacher is not None:
+                teacher.hand_over(global_step, path)
+    acc.wait_for_everyone()
+    if save_state:
+        with clock("state_save_s"):
+            write_full_state(acc, unwrapped, optimizer, scheduler, path, global_step, round_index)
+
+
+def check_replayed(resident: Resident) -> float:
+    """After a replayed round: compare the resident's weights with the checkpoint that round
+    wrote when it first ran. They must agree (replay is deterministic on the same hardware and
+    kernels); where they do not, the checkpoint's weights (those the next rollouts came from)
+    are copied into the model and the difference is logged. Returns the max |difference|."""
+    from safetensors import safe_open
+
+    held = resident.held
+    assert held is not None
+    params = dict(held.unwrapped.hf.state_dict())
+    worst = 0.0
+    with torch.no_grad():
+        for f in sorted(Path(held.checkpoint).glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():  # noqa: SIM118 -- safe_open is not iterable
+                    if name not in params:
+                        continue
+                    disk = st.get_tensor(name)
+                    live = params[name]
+                    if not torch.equal(disk.to(live.dtype), live.detach().cpu()):
+                        worst = max(worst, float((disk.float() - live.detach().float().cpu()).abs().max()))
+                        live.copy_(disk.to(live.device, live.dtype))
+    if worst > 0:
+        log.warning(
+            "replayed weights differ from %s by up to %.3g (non-deterministic kernels?); "
+            "continuing from the checkpoint's weights with the replayed optimizer state",
+            held.checkpoint, worst)
+    return worst
