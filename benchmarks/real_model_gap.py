@@ -9,8 +9,8 @@ prompt (trainer/teacher_prompt.py: the same prompt plus the reference solution).
 responses per problem with the config's rollout sampling; the math verifier grades them.
 
 The student side runs through the pipeline's own stages in a run root (prepare -> rollout ->
-verify, then annotate with the config's annotator), so its rollouts and verdicts are the
-Parquet datasets a training round would use. The teacher's rollouts use the same engine call.
+verify), so its rollouts and verdicts are the Parquet datasets a training round would use. The
+teacher's rollouts use the same engine call.
 
 Disagreement: per-token KL between the teacher's and the student's next-token distributions on
 the student's rollouts (full vocabulary, the trainer's lean path: stages/annotators/surprise.py's
@@ -18,7 +18,8 @@ batch_divergence), forward KL(teacher || student) on correct and reverse KL(stud
 on incorrect rollouts, as the routes distil. Compared on three kinds of tokens:
   - arithmetic errors: segments of incorrect rollouts holding an equation "a op b = c" whose
     result is wrong (an annotator-independent mark of where the error is);
-  - the annotator's spans (for `surprise` these are chosen by this KL, so high by construction);
+  - the teacher-surprise annotator's spans (stages/annotators/surprise.py's selection applied to
+    the same KL, up to annotate.coverage_cap: high by construction, shown for scale);
   - every other token of the same rollouts.
 Accuracies get 95% bootstrap intervals over problems; the paired difference too.
 Results go to <out>/gap.json and a markdown table on stdout; rollouts stay in <out>.
@@ -87,39 +88,44 @@ def grade(cfg, rows: list[dict], answers: dict[str, str]) -> dict[str, bool]:
             for r in rows}
 
 
-def token_kinds(item: dict, tokenizer, spans: list[dict]) -> list[str]:
-    """Per response token: 'arith' (in a wrong-equation segment), 'span' (annotated) or 'rest'."""
-    from trace_rl.stages.annotators.align import char_span_to_tokens, token_offsets
-    from trace_rl.stages.annotators.segments import segment_response
+def token_kinds(job, kl: list[float], cap: float) -> list[str]:
+    """Per response token: 'span' (the surprise annotator's choice), 'arith' (in a wrong-equation
+    segment of an incorrect rollout), both ('span+arith') or 'rest'."""
+    from trace_rl.stages.annotators.align import char_span_to_tokens
+    from trace_rl.stages.annotators.surprise import choose_segments, segment_scores
 
+    item = job.item
     n = len(item["response_token_ids"])
     kinds = ["rest"] * n
-    for s in spans:
-        for t in range(s["token_start"], min(s["token_end"], n)):
-            kinds[t] = "span"
+    text = item["response_text"]
+    offsets = job.offsets()
+    chosen = set(choose_segments(segment_scores(job, kl), n, cap))
+
+    def mark(seg, kind):
+        tok = char_span_to_tokens(offsets.offsets_T2, text, seg.char_start, seg.char_end,
+                                  offsets.index)
+        if tok is not None:
+            for t in range(tok[0], min(tok[1], n)):
+                kinds[t] = kind if kinds[t] == "rest" else kinds[t] + "+" + kind
+
+    for seg in job.segments:
+        if seg.segment_id in chosen:
+            mark(seg, "span")
     if item["route"] == "error":
-        text = item["response_text"]
-        offsets = token_offsets(tokenizer, item["response_token_ids"], text)
-        for seg in segment_response(text):
-            if not wrong_equation(seg.text):
-                continue
-            tok = char_span_to_tokens(offsets.offsets_T2, text, seg.char_start, seg.char_end,
-                                      offsets.index)
-            if tok is not None:
-                for t in range(tok[0], min(tok[1], n)):
-                    kinds[t] = "arith" if kinds[t] == "rest" else kinds[t] + "+arith"
+        for seg in job.segments:
+            if wrong_equation(seg.text):
+                mark(seg, "arith")
     return kinds
 
 
 def disagreement(cfg, model_dir: str, items: list[dict], batch: int = 8) -> dict:
     """Mean per-token KL by route and token kind over the given student rollouts."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from trace_rl.stages.annotators.base import Job
     from trace_rl.stages.annotators.segments import segment_response
     from trace_rl.stages.annotators.surprise import batch_divergence
     from trace_rl.trainer.lean import LeanCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -131,8 +137,9 @@ def disagreement(cfg, model_dir: str, items: list[dict], batch: int = 8) -> dict
         jobs = [Job(index=j, item=it, tokenizer=tok, segments=segment_response(it["response_text"]))
                 for j, it in enumerate(chunk)]
         kls = batch_divergence(lean, tok, jobs, cfg.train.teacher_template)
-        for it, kl in zip(chunk, kls):
-            for kind, v in zip(token_kinds(it, tok, it["spans"]), kl):
+        for job, kl in zip(jobs, kls):
+            it = job.item
+            for kind, v in zip(token_kinds(job, kl, cfg.annotate.coverage_cap), kl):
                 for k in {kind.split("+")[0], *kind.split("+")} | {"all"}:
                     sums.setdefault((it["route"], k), []).append(v)
         print(f"  KL: {min(i + batch, len(items))}/{len(items)} rollouts ({time.time() - t0:.0f} s)",
@@ -151,11 +158,11 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--engine", default="vllm", choices=["vllm", "hf"])
     ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--kl-rollouts", type=int, default=256, help="student rollouts scored for KL")
+    ap.add_argument("--kl-rollouts", type=int, default=128, help="student rollouts scored for KL")
     ap.add_argument("--out", default="runs/gap-smollm2")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
-    from trace_rl.data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, VERDICTS
+    from trace_rl.data_schemas import PROMPTS, ROLLOUTS, VERDICTS
     from trace_rl.stages import get_stage
     from trace_rl.stages.common import dataset_name, initial_model_dir, open_store
     from trace_rl.stages.config import load_config
@@ -165,7 +172,7 @@ def main() -> int:
         f"rollout.prompts_per_round={a.limit}", f"rollout.n={a.k}", f"rollout.engine={a.engine}",
         f"rollout.max_tokens={a.max_tokens}", "rollout.vllm.persistent=false", *a.overrides])
     t0 = time.time()
-    for stage in ("prepare", "rollout", "verify", "annotate"):
+    for stage in ("prepare", "rollout", "verify"):
         print(f"[gap] student: {stage} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
         get_stage(stage)(cfg, None if stage == "prepare" else 0, progress=True)
     store = open_store(cfg)
@@ -191,14 +198,9 @@ def main() -> int:
            "student_mean_tokens": sum(len(r["response_token_ids"]) for r in student) / len(student),
            "teacher_mean_tokens": sum(len(r["response_token_ids"]) for r in teacher) / len(teacher),
            "student_length_cut": sum(r["finish_reason"] == "length" for r in student) / len(student)}
-    notes = {n["rollout_id"]: n for n in store.read(dataset_name("annotate", 0), ANNOTATIONS).to_pylist()}
-    items = []
-    for r in student:
-        route = "key" if s_correct[r["rollout_id"]] else "error"
-        prompt = next(p for p in prompts if p["prompt_id"] == r["prompt_id"])
-        note = notes.get(r["rollout_id"], {})
-        items.append({**r, "route": route, "prompt": prompt,
-                      "spans": note.get("spans") or [] if note.get("route") == route else []})
+    by_id = {p["prompt_id"]: p for p in prompts}
+    items = [{**r, "route": "key" if s_correct[r["rollout_id"]] else "error",
+              "prompt": by_id[r["prompt_id"]]} for r in student if r["response_token_ids"]]
     rng = random.Random(0)
     errors = [i for i in items if i["route"] == "error"]
     keys = [i for i in items if i["route"] == "key"]

@@ -110,7 +110,8 @@ def diagnostics_table(folder: Path, methods: list[str] | None = None) -> str:
 
 
 def plot_studies(folders: list[Path], labels: list[str], path: str, methods: list[str] | None) -> None:
-    """Per study: the on-policy train reward by policy (mean over seeds, min-max band) on top, and
+    """Per study: held-out accuracy (or, when not every round was evaluated, the on-policy train
+    reward) by policy (mean over seeds, min-max band) on top, and
     each method's paired Δ vs grpo in final-round held-out accuracy (mean, 95% t-interval, and
     every seed's difference as a dot) below."""
     import matplotlib
@@ -128,10 +129,14 @@ def plot_studies(folders: list[Path], labels: list[str], path: str, methods: lis
         df = df[last == df["round"].max()]  # complete runs only
         order = [m for m in (methods or list(dict.fromkeys(df["method"]))) if m in set(df["method"])]
         final = df[df["round"] == df["round"].max()].set_index(["method", "seed"])["heldout_acc"]
+        # Held-out accuracy of every policy when every round was evaluated, else the on-policy
+        # train reward (row k+1 holds the rollouts of policy k).
+        heldout = bool(df.groupby("round")["heldout_acc"].count().min() > 0)
         for i, method in enumerate(order):
-            g = df[(df["method"] == method) & (df["round"] > 0)]
-            st = g.groupby("round")["train_reward"].agg(["mean", "min", "max"])
-            x = st.index - 1  # row k+1 holds the rollouts of policy k
+            g = df[(df["method"] == method) & (df["round"] >= (0 if heldout else 1))]
+            st = g.groupby("round")["heldout_acc" if heldout else "train_reward"].agg(
+                ["mean", "min", "max"])
+            x = st.index if heldout else st.index - 1
             line, = axes[0, j].plot(x, 100 * st["mean"], marker="o", ms=3,
                                     label=f"{method} ({g['seed'].nunique()} seeds)")
             axes[0, j].fill_between(x, 100 * st["min"], 100 * st["max"], alpha=0.12,
@@ -146,7 +151,8 @@ def plot_studies(folders: list[Path], labels: list[str], path: str, methods: lis
             axes[1, j].errorbar([i], [np.mean(d)], yerr=[half], fmt="o", capsize=4,
                                 color=line.get_color())
             axes[1, j].scatter([i + 0.12] * len(d), d, s=10, color=line.get_color(), alpha=0.6)
-        axes[0, j].set_title(f"{label}: on-policy train reward (%)")
+        axes[0, j].set_title(f"{label}: " + ("held-out accuracy (%)" if heldout
+                                             else "on-policy train reward (%)"))
         axes[0, j].set_xlabel("policy (round)")
         axes[0, j].legend(fontsize=7)
         axes[1, j].axhline(0, color="k", lw=0.8)

@@ -111,7 +111,8 @@ def replay_plan(cfg: TraceConfig, store, round_index: int, work_dir) -> list[dic
 
 def _replay_in_process(cfg: TraceConfig, store, plan: list[dict], resident: Resident,
                        progress: bool) -> None:
-    from trace_rl.trainer.round import check_replayed, train_round
+    from trace_rl.trainer.round import train_round
+    from trace_rl.trainer.round_io import check_replayed
 
     for step in plan:
         i = step["round_index"]

@@ -45,12 +45,12 @@ from trace_rl.trainer.config import TrainConfig
 
 a = json.loads(Path(sys.argv[1]).read_text())
 stop_at = int(os.environ.get("STOP_AT", "-1"))
-original = R._save_progress
+original = R.save_progress
 def save_then_stop(*args, **kwargs):
     original(*args, **kwargs)  # ends with a barrier: the save is on disk for every process
     if args[8] == stop_at:  # cursor = optimizer steps completed in this round
         os._exit(0)
-R._save_progress = save_then_stop
+R.save_progress = save_then_stop
 from accelerate import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 acc = Accelerator()

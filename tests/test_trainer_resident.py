@@ -23,8 +23,6 @@ from trace_rl.stages.config import load_config
 from trace_rl.trainer.checkpoint import has_trainer_state
 from trace_rl.trainer.resident import trainer_session
 
-pytestmark = pytest.mark.slow
-
 ROUNDS = 3
 
 
@@ -63,6 +61,7 @@ def _metrics(cfg) -> list[list]:
     return out
 
 
+@pytest.mark.slow
 def test_resident_cold_and_replayed_rounds_are_bitwise_equal(tmp_path, tiny_testbed_dir):
     resident, reused = _run(tmp_path / "resident", tiny_testbed_dir, 5, resident=True)
     full, _ = _run(tmp_path / "full", tiny_testbed_dir, 1, resident=False)
@@ -92,6 +91,7 @@ def test_resident_cold_and_replayed_rounds_are_bitwise_equal(tmp_path, tiny_test
             for k in range(ROUNDS)] == [0, 0, 0]
 
 
+@pytest.mark.slow
 def test_session_close_writes_the_state_a_cold_round_then_starts_from(tmp_path, tiny_testbed_dir):
     """A flow that stops after round 1 of 3 (rounds=2 here, run.rounds=3): on leaving the
     session the resident's optimizer goes into checkpoint 2, so round 2 run alone replays
@@ -115,3 +115,46 @@ def test_session_close_writes_the_state_a_cold_round_then_starts_from(tmp_path, 
     ref, got = _final(full), _final(cfg)
     for name in ref:
         assert torch.equal(ref[name], got[name]), name
+
+
+def test_resident_is_reused_only_for_its_checkpoint_and_config(tmp_path):
+    """train_round with a Resident: the next round reuses what is held only when it starts from
+    the checkpoint the held state equals and under the same config; the reused round's update
+    equals the cold one from that checkpoint's full state on disk."""
+    from tiny import make_round_tables, make_tokenizer, save_tiny_checkpoint
+    from trace_rl.trainer.config import TrainConfig
+    from trace_rl.trainer.resident import Resident
+    from trace_rl.trainer.round import train_round
+
+    tables = make_round_tables(make_tokenizer(), n_prompts=2, samples=4, seed=1)
+    init = save_tiny_checkpoint(tmp_path / "ckpt0", seed=0)
+    base = dict(method="trace", route={"key_forward": True, "error_reverse": True},
+                mini_batch_size=4, micro_batch_size=2, lr=1e-3, logprob_chunk=8,
+                tensorboard=False, report_to=[])
+    cfg, other = TrainConfig(**base), TrainConfig(**{**base, "lr": 5e-4})
+
+    def step(c, src, dst, k, resident):
+        train_round(c, **tables, init_checkpoint=str(src), output_checkpoint=str(tmp_path / dst),
+                    work_dir=str(tmp_path / f"work-{dst}"), round_index=k, progress=False,
+                    resident=resident)
+        return tmp_path / dst
+
+    res = Resident()
+    c1 = step(cfg, init, "c1", 0, res)
+    step(other, init, "elsewhere", 0, res)  # another start checkpoint: nothing to reuse
+    assert res.rounds_reused == 0 and res.held.checkpoint == str(tmp_path / "elsewhere")
+    step(cfg, tmp_path / "elsewhere", "c2-other-config", 1, res)  # same checkpoint, other config
+    assert res.rounds_reused == 0
+    res = Resident()
+    step(cfg, init, "c1-again", 0, res)
+    warm = step(cfg, tmp_path / "c1-again", "c2-warm", 1, res)
+    assert res.rounds_reused == 1
+    cold = step(cfg, c1, "c2-cold", 1, None)
+    a, b = load_file(str(warm / "model.safetensors")), load_file(str(cold / "model.safetensors"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    sa = torch.load(warm / "trainer_state" / "state.pt", weights_only=False)
+    sb = torch.load(cold / "trainer_state" / "state.pt", weights_only=False)
+    assert sa["global_step"] == sb["global_step"] == 4  # 2 steps a round
+    for i, st in sb["optimizer"]["state"].items():
+        assert torch.equal(st["exp_avg"], sa["optimizer"]["state"][i]["exp_avg"])

@@ -26,12 +26,12 @@ import pyarrow.parquet as pq
 import trace_rl.trainer.round as R
 from trace_rl.trainer.config import TrainConfig
 kill_at = int(os.environ.get("KILL_AT", "-1"))
-original = R._save_progress
+original = R.save_progress
 def save_then_die(*args, **kwargs):
     original(*args, **kwargs)
     if args[8] == kill_at:  # cursor = optimizer steps completed in this round
         os.kill(os.getpid(), signal.SIGKILL)
-R._save_progress = save_then_die
+R.save_progress = save_then_die
 a = json.loads(open(sys.argv[1]).read())
 tables = {k: pq.read_table(a[k]) for k in ("prompts", "rollouts", "verdicts", "annotations")}
 rows = R.train_round(TrainConfig(**a["config"]), **tables, init_checkpoint=a["init_checkpoint"],

@@ -63,7 +63,8 @@ def run_from_args(args: dict) -> list[dict]:
 
     from accelerate import Accelerator
     from trace_rl.trainer.resident import Resident
-    from trace_rl.trainer.round import check_replayed, train_round
+    from trace_rl.trainer.round import train_round
+    from trace_rl.trainer.round_io import check_replayed
 
     cfg = TrainConfig.model_validate(args.get("config", {}))
     store = RunStore(args["run_root"])

@@ -98,6 +98,8 @@ class Resident:
         if torch.device(held.accelerator.device).type == "cpu":
             return "held in CPU memory already"
         self._to(held, "cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand the cached blocks back for the engine to use
         return "moved to CPU memory"
 
     @staticmethod
