@@ -11,11 +11,10 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pydantic
 import pytest
-
+from conftest import SHARED_DATA
 from trace_rl.stages.verifiers import (
     Verdict,
     VerifierPool,
@@ -37,7 +36,7 @@ from trace_rl.stages.verifiers.normalize import (
     max_decimals,
 )
 
-CASES = Path(__file__).resolve().parents[2] / "shared" / "data" / "verifier_cases" / "cases.jsonl"
+CASES = SHARED_DATA / "verifier_cases" / "cases.jsonl"  # $TRACE_SHARED_DATA, as for every data test
 # A power tower: sympy grinds on 9^387420489 for minutes.
 POWER_TOWER = r"The answer is $\boxed{9^{9^{9}}}$."
 # Pure-Python sympy work far beyond any per-item timeout here: ~14 s on this 2-core machine
