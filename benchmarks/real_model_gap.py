@@ -53,12 +53,15 @@ def wrong_equation(text: str) -> bool:
     return False
 
 
-def bootstrap(per_problem: list[float], reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean and its 95% percentile-bootstrap interval over problems (in %)."""
-    rng = random.Random(seed)
-    n = len(per_problem)
-    means = sorted(sum(per_problem[rng.randrange(n)] for _ in range(n)) / n for _ in range(reps))
-    return (100 * sum(per_problem) / n, 100 * means[int(0.025 * reps)], 100 * means[int(0.975 * reps)])
+def mean_ci(per_problem: list[float], reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and its 95% bootstrap interval over problems (in %), as evaluation reports avg@k."""
+    import numpy as np
+
+    from trace_rl.stages.eval_summary import bootstrap_means, percentile_ci
+
+    acc = np.asarray(per_problem, dtype=float)
+    lo, hi = percentile_ci(bootstrap_means(acc, reps, seed))
+    return (100 * float(acc.mean()), 100 * lo, 100 * hi)
 
 
 def per_problem_acc(rows: list[dict], correct: dict[str, bool]) -> dict[str, float]:
@@ -193,8 +196,8 @@ def main() -> int:
     ps, pt = per_problem_acc(student, s_correct), per_problem_acc(teacher, t_correct)
     ids = sorted(ps)
     res = {"problems": len(ids), "k": a.k, "data": a.data, "model": model_dir,
-           "student": bootstrap([ps[i] for i in ids]), "teacher": bootstrap([pt[i] for i in ids]),
-           "teacher_minus_student": bootstrap([pt[i] - ps[i] for i in ids]),
+           "student": mean_ci([ps[i] for i in ids]), "teacher": mean_ci([pt[i] for i in ids]),
+           "teacher_minus_student": mean_ci([pt[i] - ps[i] for i in ids]),
            "student_mean_tokens": sum(len(r["response_token_ids"]) for r in student) / len(student),
            "teacher_mean_tokens": sum(len(r["response_token_ids"]) for r in teacher) / len(teacher),
            "student_length_cut": sum(r["finish_reason"] == "length" for r in student) / len(student)}
