@@ -117,15 +117,44 @@ def test_jsd_symmetric_beta_half():
 
 
 def test_topk_support_with_tail_bucket():
-    # 3 tokens, student p = (.5, .3, .2), teacher q = (.2, .3, .5); k = 1 keeps token 0 and a tail:
-    # p' = (.5, .5), q' = (.2, .8); forward = .2 ln(.2/.5) + .8 ln(.8/.5)
+    # 3 tokens, student p = (.5, .3, .2), teacher q = (.2, .3, .5); k = 1 keeps the student's top
+    # id 0 and the teacher's top id 2, and the tail bucket is token 1 alone: the whole vocabulary
     s = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
     t = torch.log(torch.tensor([[0.2, 0.3, 0.5]]))
-    got = token_kl(s, t, "forward", support="topk", topk=1).item()
-    assert got == pytest.approx(0.2 * LN(0.4) + 0.8 * LN(1.6), abs=1e-5)
-    # with k = V - 1 the tail is the last token and the support is the whole vocabulary
-    full = token_kl(s, t, "reverse").item()
-    assert token_kl(s, t, "reverse", support="topk", topk=2).item() == pytest.approx(full, abs=1e-5)
+    for direction in ("forward", "reverse", "jsd"):
+        full = token_kl(s, t, direction).item()
+        assert token_kl(s, t, direction, support="topk", topk=1).item() == pytest.approx(full, abs=1e-5)
+    # the same top id for both: support {0} + tail, p' = (.5, .5), q' = (.6, .4)
+    t_same = torch.log(torch.tensor([[0.6, 0.3, 0.1]]))
+    got = token_kl(s, t_same, "forward", support="topk", topk=1).item()
+    assert got == pytest.approx(0.6 * LN(0.6 / 0.5) + 0.4 * LN(0.4 / 0.5), abs=1e-5)
+
+
+def test_topk_forward_kl_sees_teacher_mass_outside_student_topk():
+    # V = 1000: the student ranks ids 0..19; the teacher puts 90% of its mass on ids 500..509,
+    # which the student gives little. Student-only top-k would fold that mass into the tail.
+    V, k = 1000, 20
+    gen = torch.Generator().manual_seed(0)
+    s_logits = torch.randn(4, V, generator=gen) * 0.1
+    s_logits[:, :k] += 6.0
+    t_logits = torch.randn(4, V, generator=gen) * 0.1
+    t_logits[:, 500:510] += 9.0
+    full = token_kl(s_logits, t_logits, "forward")
+    union = token_kl(s_logits, t_logits, "forward", support="topk", topk=k)
+    assert torch.allclose(union, full, rtol=0.05), (union, full)
+    # what the student's top-k plus tail alone measures: the teacher's 10 ids share one bucket
+    # with 970 others, a far smaller divergence than the full one
+    s_lp, t_lp = s_logits.log_softmax(-1), t_logits.log_softmax(-1)
+    top = s_lp.topk(k, -1).indices
+    tail = lambda lp: torch.log1p(-lp.gather(-1, top).exp().sum(-1, keepdim=True))
+    s_b = torch.cat([s_lp.gather(-1, top), tail(s_lp)], -1)
+    t_b = torch.cat([t_lp.gather(-1, top), tail(t_lp)], -1)
+    student_only = (t_b.exp() * (t_b - s_b)).sum(-1)
+    assert (student_only < 0.5 * full).all(), (student_only, full)
+    # gradients flow to the student's logits at the teacher's ids
+    s_req = s_logits.clone().requires_grad_(True)
+    token_kl(s_req, t_logits, "forward", support="topk", topk=k).sum().backward()
+    assert (s_req.grad[:, 500:510] < 0).all()  # descent raises the teacher's tokens
 
 
 def test_unknown_direction_lists_valid():

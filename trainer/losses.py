@@ -40,23 +40,33 @@ def bound_token_kl(kl_N: Tensor, c: float) -> Tensor:
 def topk_bucket_logprobs(
     student_logits_NV: Tensor, teacher_logits_NV: Tensor, k: int
 ) -> tuple[Tensor, Tensor]:
-    """Restrict both distributions to the student's top-k ids plus one tail bucket.
+    """Restrict both distributions to the union of the student's and the teacher's top-k ids
+    plus one tail bucket holding the rest of each distribution's mass.
 
-    Returns log-probs [N, k+1] for student and teacher; column k holds log(1 - Σ top-k mass).
-    The ids are chosen without gradient (a selection, not a function to differentiate).
+    Returns log-probs [N, 2k+1] for student and teacher: 2k candidate columns (the student's top-k,
+    then the teacher's), of which a teacher id already among the student's is a dead column
+    (log-prob -1e4 in both, so it adds nothing to any divergence or mass), and last
+    log(1 - Σ union mass). The teacher's ids matter for forward KL, whose weight is the teacher's:
+    with the student's ids alone, teacher mass the student does not rank would fall into the tail
+    and go unseen. The ids are chosen without gradient (a selection, not a function to
+    differentiate).
     """
     s_logp_NV = student_logits_NV.float().log_softmax(-1)
     t_logp_NV = teacher_logits_NV.float().log_softmax(-1)
     k = min(k, s_logp_NV.shape[-1] - 1)
     with torch.no_grad():
-        ids_NK = s_logp_NV.topk(k, dim=-1).indices
+        s_ids_NK = s_logp_NV.topk(k, dim=-1).indices
+        t_ids_NK = t_logp_NV.topk(k, dim=-1).indices
+        dup_NK = (t_ids_NK[:, :, None] == s_ids_NK[:, None, :]).any(-1)
+        ids_N2K = torch.cat([s_ids_NK, t_ids_NK], dim=-1)
+        dead_N2K = torch.cat([torch.zeros_like(dup_NK), dup_NK], dim=-1)
 
     def with_tail(logp_NV: Tensor) -> Tensor:
-        top_NK = logp_NV.gather(-1, ids_NK)
-        mass_N1 = top_NK.logsumexp(-1, keepdim=True)
-        # log(1 - exp(m)) computed stably; clamp keeps the tail finite when top-k holds all mass
+        top_N2K = logp_NV.gather(-1, ids_N2K).masked_fill(dead_N2K, -1e4)
+        mass_N1 = top_N2K.logsumexp(-1, keepdim=True)
+        # log(1 - exp(m)) computed stably; clamp keeps the tail finite when the union holds all mass
         tail_N1 = torch.log(-torch.expm1(mass_N1.clamp(max=-1e-7)))
-        return torch.cat([top_NK, tail_N1], dim=-1)
+        return torch.cat([top_N2K, tail_N1], dim=-1)
 
     return with_tail(s_logp_NV), with_tail(t_logp_NV)
 
@@ -136,7 +146,8 @@ def token_kl(
 ) -> Tensor:
     """Per-token divergence [N] from logits [N, V] (computed in float32), bounded by `bound`.
 
-    `support="topk"` replaces the vocabulary by the student's top-k ids plus one tail bucket.
+    `support="topk"` replaces the vocabulary by the union of the student's and the teacher's
+    top-k ids plus one tail bucket.
     `bound` (one of KL_BOUNDS) with its constant `c`: "token_scale" caps each token's value at c
     keeping the gradient's direction; "per_term_clip" clamps each vocabulary term at c
     (gradient-reversing, faithfulness experiments only); "none" leaves D_t alone.
