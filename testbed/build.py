@@ -1,8 +1,11 @@
 """Build (or reuse) the testbed checkpoint: tokenizer + tiny Qwen3 warm-started by SFT.
 
-The build is deterministic (seeded, deterministic torch kernels on CPU; bit-identical given the
-same torch version and thread count) and cached: a complete build is a directory holding
-`testbed_manifest.json`, and a build with the same config fingerprint is returned at once.
+The build is deterministic (seeded, deterministic torch kernels on CPU, always BUILD_THREADS torch
+threads) and cached: a complete build is a directory holding `testbed_manifest.json`, and a build
+with the same fingerprint is returned at once. The fingerprint covers the config and the build
+environment (library versions, CPU kernel set, thread count: `build_environment`), so equal
+fingerprints give byte-identical weights, tokenizer and manifest (bar its timing fields) on any
+machine, and a changed environment builds afresh instead of reusing weights it would not produce.
 Everything is written to a temporary sibling directory, the manifest last, then renamed into
 place, so a crash never leaves a directory that looks complete.
 """
@@ -18,10 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
-
-from trace_rl.testbed.config import TestbedConfig
 from trace_rl.testbed.accuracy import accuracy_of
+from trace_rl.testbed.config import BUILD_THREADS, TestbedConfig, build_environment
 from trace_rl.testbed.model import build_model
 from trace_rl.testbed.sft import run_sft
 from trace_rl.testbed.task import make_prompts
@@ -118,22 +119,25 @@ def build_testbed(
     t0 = time.perf_counter()
     tmp_dir = tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     deterministic = torch.are_deterministic_algorithms_enabled()
+    threads = torch.get_num_threads()
     try:
         torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(BUILD_THREADS)
         measured = _train_and_save(cfg, tmp_dir, log)
         manifest = {
             "fingerprint": cfg.fingerprint(),
+            "config_fingerprint": cfg.config_fingerprint(),
+            "environment": build_environment(),
             "config": cfg.model_dump(mode="json"),
             **measured,
             "wall_s": time.perf_counter() - t0,
-            "torch_threads": torch.get_num_threads(),
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
             "created_unix": time.time(),
         }
         (Path(tmp_dir) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         _replace_dir(tmp_dir, out)
     finally:
         torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
         shutil.rmtree(tmp_dir, ignore_errors=True)
     log(f"built {out_dir} in {time.perf_counter() - t0:.1f}s")
     return str(out)

@@ -6,7 +6,6 @@ import hashlib
 import json
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
 from trace_rl.trainer.teacher_prompt import DEFAULT_TEACHER_TEMPLATE
 
 
@@ -97,7 +96,38 @@ class TestbedConfig(BaseModel):
             )
         return self
 
-    def fingerprint(self) -> str:
-        """Stable hex digest of every field; equal configs give equal builds."""
+    def config_fingerprint(self) -> str:
+        """Stable hex digest of every field (the config alone, whatever the environment)."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def fingerprint(self, environment: dict[str, str] | None = None) -> str:
+        """Hex digest of every field and of what else the weights depend on (`build_environment`:
+        library versions, the CPU kernels in use, the build's thread count); it keys the build
+        cache. Equal fingerprints give byte-identical builds (docs/testbed_results.md)."""
+        env = build_environment() if environment is None else environment
+        blob = json.dumps({"config": self.model_dump(mode="json"), "environment": env},
+                          sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# The build runs on this many torch threads, whatever the caller set: CPU matmuls split across
+# threads sum in a different order, so the same config on 1 and on 2 threads trains different weights.
+BUILD_THREADS = 1
+# Libraries whose version can change a build's bytes: torch (kernels, init, optimizer), transformers
+# (the model code, its init and save format), tokenizers (BPE training), safetensors (the file).
+BUILD_LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors")
+
+
+def build_environment() -> dict[str, str]:
+    """What besides the config a build's bytes depend on: the versions of BUILD_LIBRARIES, the CPU
+    instruction set torch dispatches its kernels to (AVX2 and AVX-512 kernels round differently)
+    and the build's fixed thread count."""
+    from importlib.metadata import version
+
+    import torch
+
+    env = {name: version(name) for name in BUILD_LIBRARIES}
+    env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    env["build_threads"] = str(BUILD_THREADS)
+    return env
