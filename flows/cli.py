@@ -110,12 +110,13 @@ def inspect(path: str = typer.Argument(..., help="a Parquet file, a dataset dire
 
 
 @app.command()
-def status(config: str = typer.Argument("demo"), overrides: Optional[list[str]] = OverridesArg) -> None:
-    """Show which stages of which rounds are complete, stale or missing, and why a stage is stale."""
-    cfg = _load(config, overrides)
-    from trace_rl.stages.status import print_status
+def status(config: str = typer.Argument("demo", help="config name/file or a run directory"),
+           overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Show which stages of which rounds are complete, stale or missing, and why a stage is stale,
+    and every evaluation (current or stale). Judged against the run's own resolved config."""
+    from trace_rl.stages.status import print_status, run_config
 
-    print_status(cfg)
+    print_status(run_config(config, overrides))
 
 
 @testbed_app.command("init")

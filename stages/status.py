@@ -3,22 +3,39 @@
 A complete stage is stale when its manifest no longer matches what the stage would be run with
 now: the config fingerprint it recorded differs from the current config's (`stage_config`, the
 same fields the stage itself fingerprints, so a runtime-only change such as `train.tensorboard`
-never makes a stage stale), or an input it recorded has since been rewritten or has gone.
+never makes a stage stale), or an input it recorded has since been rewritten or has gone, or an
+input is itself stale. The last rule makes staleness transitive: re-annotating round 0 makes
+round 0's train stale, hence round 1's rollout (sampled from that checkpoint), and so on through
+every later round and every evaluation of a later checkpoint.
+
+`status` of a run reads the run's own resolved config (`<run>/config.yaml`), so the rounds shown
+are the ones the run was launched with, never the packaged default's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 
 from rich.console import Console
 from rich.table import Table
-
 from trace_rl.pipeline.fingerprint import fingerprint
-from trace_rl.pipeline.layout import INITIAL_MODEL_INPUT, ROUND_STAGES, dataset_name
+from trace_rl.pipeline.layout import (
+    EVAL,
+    EVAL_SUMMARY,
+    INITIAL_MODEL_INPUT,
+    RESOLVED_CONFIG,
+    ROUND_GLOB,
+    ROUND_STAGES,
+    STAGES,
+    dataset_name,
+    parse_round,
+    policy_index,
+)
 from trace_rl.pipeline.store import Manifest, RunStore
-from trace_rl.stages.config import TraceConfig
+from trace_rl.stages.config import TraceConfig, load_config
 
-from .common import initial_model_inputs, stage_config
+from .common import initial_model_inputs, section_fingerprint_part, stage_config
 
 
 @dataclass(frozen=True)
@@ -27,49 +44,151 @@ class StageState:
     reason: str | None = None
 
 
+@dataclass(frozen=True)
+class EvalState:
+    """One benchmark's stored samples of one checkpoint."""
+
+    checkpoint: str
+    benchmark: str
+    state: str  # "complete" (current) | "stale"
+    reason: str | None = None
+    avg: float | None = None
+    ci95: list[float] | None = None
+
+
+@dataclass
+class _Checker:
+    """Memoised states of the run's datasets: each manifest is read and judged once."""
+
+    cfg: TraceConfig
+    store: RunStore
+    memo: dict[str, StageState] = field(default_factory=dict)
+
+    def dataset(self, name: str) -> StageState:
+        if name not in self.memo:
+            self.memo[name] = StageState("stale", "its inputs form a cycle")  # guard, never expected
+            self.memo[name] = self._judge(name)
+        return self.memo[name]
+
+    def _judge(self, name: str) -> StageState:
+        m = self.store.manifest(name)
+        if m is None:
+            return StageState("missing")
+        stage = m.stage
+        if stage in STAGES and STAGES[stage].dataset is not None:
+            k = parse_round(name.split("/", 1)[0]) if STAGES[stage].per_round else None
+            if m.config_fingerprint != fingerprint(stage_config(self.cfg, stage, k)):
+                return StageState("stale", f"the {stage} config changed since it ran")
+        reason = self.stale_input(m)
+        return StageState("stale", reason) if reason else StageState("complete")
+
+    def stale_input(self, m: Manifest) -> str | None:
+        """Why one of the inputs `m` recorded is no longer current, or None. Inputs that are not
+        run datasets (a benchmark's identity, an external model dir) are not judged here."""
+        for name, fp in m.inputs.items():
+            if name == INITIAL_MODEL_INPUT:
+                if initial_model_inputs(self.cfg)[name] != fp:
+                    return "the model config (the initial policy) changed"
+                continue
+            if not _is_run_dataset(name):
+                continue
+            upstream = self.store.manifest(name)
+            if upstream is None:
+                return f"its input {name} is missing or incomplete"
+            if upstream.fingerprint != fp:
+                return f"its input {name} was rewritten"
+            if self.dataset(name).state != "complete":
+                return f"its input {name} is stale"
+        return None
+
+
+def _is_run_dataset(name: str) -> bool:
+    head = name.split("/", 1)[0]
+    return parse_round(head) is not None or head in {s.dataset for s in STAGES.values() if s.dataset}
+
+
+def run_rounds(cfg: TraceConfig, store: RunStore) -> int:
+    """The rounds to show: the config's, or more where the run went further (`--rounds`)."""
+    found = [parse_round(p) for p in store.fs.glob(store.path(ROUND_GLOB))]
+    return max([cfg.run.rounds] + [k + 1 for k in found if k is not None])
+
+
 def stage_states(cfg: TraceConfig, store: RunStore | None = None) -> dict[str, dict[int | None, StageState]]:
     """{stage: {round: StageState}} for prepare (round None) and each round stage."""
     store = store or RunStore(cfg.run.run_root)
-    states = {"prepare": {None: stage_state(cfg, store, "prepare", None)}}
+    check = _Checker(cfg, store)
+    states: dict[str, dict[int | None, StageState]] = {"prepare": {None: check.dataset("prompts")}}
+    rounds = run_rounds(cfg, store)
     for stage in ROUND_STAGES:
-        states[stage] = {k: stage_state(cfg, store, stage, k) for k in range(cfg.run.rounds)}
+        states[stage] = {k: check.dataset(dataset_name(stage, k)) for k in range(rounds)}
     return states
 
 
 def stage_state(cfg: TraceConfig, store: RunStore, stage: str, round_index: int | None) -> StageState:
-    m = store.manifest(dataset_name(stage, round_index))
-    if m is None:
-        return StageState("missing")
-    if m.config_fingerprint != fingerprint(stage_config(cfg, stage, round_index)):
-        return StageState("stale", f"the {stage} config changed since it ran")
-    reason = _stale_input(cfg, store, m)
-    return StageState("stale", reason) if reason else StageState("complete")
+    return _Checker(cfg, store).dataset(dataset_name(stage, round_index))
 
 
-def _stale_input(cfg: TraceConfig, store: RunStore, m: Manifest) -> str | None:
-    """Why one of the inputs `m` recorded is no longer the one it was made from, or None."""
-    for name, fp in m.inputs.items():
-        if name == INITIAL_MODEL_INPUT:
-            if initial_model_inputs(cfg)[name] != fp:
-                return "the model config (the initial policy) changed"
-            continue
-        upstream = store.manifest(name)
-        if upstream is None:
-            return f"its input {name} is missing or incomplete"
-        if upstream.fingerprint != fp:
-            return f"its input {name} was rewritten"
-    return None
+def eval_states(cfg: TraceConfig, store: RunStore | None = None) -> list[EvalState]:
+    """Every evaluated benchmark of every checkpoint under eval/, current or stale, in policy
+    order (initial, round-0001, ...; external models last)."""
+    from .evaluate import eval_rollout_config
+
+    store = store or RunStore(cfg.run.run_root)
+    check = _Checker(cfg, store)
+    rollout_fp = eval_rollout_config(cfg).model_dump(mode="json")
+    out = []
+    ckpts = sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.glob(store.path(EVAL, "*"))
+                    if store.fs.isdir(p)), key=lambda c: (policy_index(c) is None, policy_index(c) or 0, c))
+    for ckpt in ckpts:
+        summary_path = store.path(EVAL, ckpt, EVAL_SUMMARY)
+        summary = json.loads(store.read_text(summary_path)) if store.fs.exists(summary_path) else {}
+        for bench, entry in summary.get("benchmarks", {}).items():
+            m = store.manifest(entry["dataset"])
+            if m is None:
+                out.append(EvalState(ckpt, bench, "stale", "its samples are missing or incomplete"))
+                continue
+            parts = {"rollout": rollout_fp,
+                     "verify": {**section_fingerprint_part(cfg, "verify"), "kind": m.extra.get("verifier")}}
+            reason = None
+            if m.fingerprint != entry.get("dataset_fingerprint"):
+                reason = "its samples were rewritten after the summary"
+            elif m.config_fingerprint != fingerprint(parts):
+                reason = "the eval sampling or verify config changed since it ran"
+            else:
+                reason = check.stale_input(m)
+                reason = reason and reason.replace("its input", "its checkpoint's input")
+            out.append(EvalState(ckpt, bench, "stale" if reason else "complete", reason,
+                                 entry.get("avg@k"), entry.get("ci95")))
+    return out
+
+
+def run_config(config: str, overrides: list[str] | None = None) -> TraceConfig:
+    """The config `status` judges by: the run's own resolved `<run>/config.yaml` when the run has
+    one (so overrides given at launch hold), else the named config. `config` may also be a run
+    directory."""
+    from pathlib import Path
+
+    own = Path(config) / RESOLVED_CONFIG
+    if own.is_file():
+        return load_config(own, overrides or [])
+    cfg = load_config(config, overrides or [])
+    store = RunStore(cfg.run.run_root)
+    path = store.path(RESOLVED_CONFIG)
+    if store.fs.exists(path):
+        return load_config(path, overrides or []) if store.is_local else cfg
+    return cfg
 
 
 def print_status(cfg: TraceConfig) -> None:
-    states = stage_states(cfg)
+    store = RunStore(cfg.run.run_root)
+    states = stage_states(cfg, store)
     table = Table(title=f"run {cfg.run.name} ({cfg.run.run_root})")
     table.add_column("round")
     for stage in ROUND_STAGES:
         table.add_column(stage)
     colour = {"complete": "green", "stale": "yellow", "missing": "dim"}
     reasons = []
-    for k in range(cfg.run.rounds):
+    for k in range(run_rounds(cfg, store)):
         cells = []
         for s in ROUND_STAGES:
             st = states[s][k]
@@ -83,3 +202,19 @@ def print_status(cfg: TraceConfig) -> None:
     console.print(table)
     for line in reasons:
         console.print(f"[yellow]stale[/] {line}")
+    evals = eval_states(cfg, store)
+    if not evals:
+        console.print("evaluations: none yet")
+        return
+    etable = Table(title="evaluations (avg@k, %)")
+    for col in ("checkpoint", "benchmark", "avg@k", "95% CI", "state"):
+        etable.add_column(col)
+    for e in evals:
+        ci = f"[{100 * e.ci95[0]:.1f}, {100 * e.ci95[1]:.1f}]" if e.ci95 else "-"
+        avg = "-" if e.avg is None else f"{100 * e.avg:.1f}"
+        etable.add_row(e.checkpoint, e.benchmark, avg, ci,
+                       f"[{colour[e.state]}]{'current' if e.state == 'complete' else 'stale'}[/]")
+    console.print(etable)
+    for e in evals:
+        if e.reason:
+            console.print(f"[yellow]stale[/] eval {e.checkpoint} {e.benchmark}: {e.reason}")
