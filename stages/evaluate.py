@@ -167,7 +167,8 @@ def verify_samples(cfg: TraceConfig, bench: Benchmark, samples: list[dict[str, A
     by_id = {r["prompt_id"]: r for r in bench.rows}
     items = [{"rollout_id": f"{s['prompt_id']}#{s['sample_index']}", "response_text": s["response_text"],
               "answer": by_id[s["prompt_id"]]["answer"],
-              "meta": json.loads(by_id[s["prompt_id"]]["meta"] or "{}")} for s in samples]
+              "meta": json.loads(by_id[s["prompt_id"]]["meta"] or "{}"),
+              "finish_reason": s["finish_reason"]} for s in samples]
     pool = pools.get(bench.verifier) if pools is not None else None
     verdicts = verify_rows(eval_verify_config(cfg, bench.verifier), items, pool=pool)
     rows = [{"benchmark": bench.name, "problem_id": s["prompt_id"], "sample_index": s["sample_index"],

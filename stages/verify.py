@@ -22,12 +22,13 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     if p.skip:
         return p.existing
     prompts = {r["prompt_id"]: r for r in p.store.read("prompts", PROMPTS).to_pylist()}
-    rollouts = p.store.read(rollouts_name, ROLLOUTS).select(["rollout_id", "prompt_id", "response_text"]).to_pylist()
+    rollouts = p.store.read(rollouts_name, ROLLOUTS).select(["rollout_id", "prompt_id", "response_text", "finish_reason"]).to_pylist()
     items = []
     for r in rollouts:
         prompt = prompts[r["prompt_id"]]
         items.append({"rollout_id": r["rollout_id"], "response_text": r["response_text"],
-                      "answer": prompt["answer"], "meta": json.loads(prompt["meta"] or "{}")})
+                      "answer": prompt["answer"], "meta": json.loads(prompt["meta"] or "{}"),
+                      "finish_reason": r["finish_reason"]})
     from trace_rl.stages.verifiers import verify_rows
 
     verdicts = verify_rows(cfg.verify, items)

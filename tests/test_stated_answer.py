@@ -108,7 +108,9 @@ def test_only_a_stated_answer_is_verified(
 
 def test_a_response_cut_before_its_answer_is_never_rewarded(checker: MathChecker) -> None:
     """Property: no prefix ending before the answer statement is rewarded, though the working
-    holds the reference, 7, many times; from the first word on each one has no answer."""
+    holds the reference, 7, many times; from the first word on each one has no answer. (A
+    response that *ended* on "... 3 + 4 = 7, and 7 - 0 = 7 as a check." states 7 by its
+    result sentence; one cut there by the token limit does not.)"""
     working = (
         "We need 3 + 4. Adding the units, 3 + 4 = 7, and 7 - 0 = 7 as a check. "
         "Doubling gives 14 and halving 14 gives 7 again.\n\n"
@@ -116,8 +118,81 @@ def test_a_response_cut_before_its_answer_is_never_rewarded(checker: MathChecker
     )
     full = working + "So the answer is $\\boxed{7}$."
     assert checker(full, "7", {}).correct
+    cut_off = {"finish_reason": "length"}  # what the rollout says about a response cut short
     for cut in range(len(working) + 1):
-        verdict = checker(full[:cut], "7", {})
+        verdict = checker(full[:cut], "7", cut_off)
         assert not verdict.correct, (cut, full[:cut], verdict)
         # "W" alone is a one-symbol response, read as the answer "W" (wrong, not rewarded).
         assert verdict.status == "no_answer" or cut < 2, (cut, full[:cut], verdict)
+
+
+# Issue 20: an "answer is" statement is graded by the first complete value it states. Each
+# response is checked against the value it states (rewarded) and a decoy from its own text
+# (not rewarded); hedges are rewarded for no value.
+@pytest.mark.parametrize(
+    ("response", "stated", "decoy"),
+    [
+        ("The answer is 40 (from 8 x 5).", "40", "5"),
+        ("The answer is 15 dollars for 2 hours.", "15", "2"),
+        ("The answer is 4, not 5.", "4", "5"),
+        ("The final answer is 9 because 3 + 4 = 7.", "9", "7"),
+        ("The answer is $1,200 a month for 3 months.", "1200", "3"),
+        ("The answer is 25% of the 80 apples.", "25", "80"),
+        ("Answer: 8 x 5 = 40 stickers", "40", "5"),
+        ("The answer is 18 - 6 = 12 marbles, 2 more than Tom.", "12", "2"),
+        ("The answer is $40$ (from $8 \\times 5$).", "40", "5"),
+        ("The answer is $16,\\!386.20$ after 5 years.", "16386.20", "5"),
+        ("The answer is about 12 kilometres in 3 hours.", "12", "3"),
+        # The last statement counts.
+        ("The answer is 5.\nWait, 2 + 4 = 6. The answer is 6 (2 + 4).", "6", "5"),
+        # A plain-text result sentence: what small models write instead of "The answer is N".
+        ("Sam had 18 marbles and gave 6 away. Sam has 18 - 6 = 12 marbles now.", "12", "6"),
+        ("Anna buys 3 * 4 = 12 cookies, then 12 + 5 = 17 cookies in all.", "17", "12"),
+    ],
+)
+def test_a_statement_is_graded_by_the_value_it_states(
+    checker: MathChecker, response: str, stated: str, decoy: str
+) -> None:
+    good, bad = checker(response, stated, {}), checker(response, decoy, {})
+    assert (good.status, good.correct) == ("ok", True), good
+    assert (bad.status, bad.correct) == ("ok", False), bad
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        "The answer is 12 or maybe 13 or 14 or 15.",
+        "The answer is 12 or 13.",
+        "The answer is either 6 or 7.",
+        "The answer is between 2 and 3 hours.",
+        "The answer is 2 to 3.",
+        "The answer is 2-3.",
+        "The answer is $5$ or $6$.",
+        "The answer is 7.\nHmm, the answer is 6 or 7.",  # a hedge last withdraws the firm 7
+    ],
+)
+def test_a_hedge_earns_nothing(checker: MathChecker, response: str) -> None:
+    """A hedge states no single value: ``no_answer`` for every value it names (module
+    docstring of stated.py says why not ``wrong``)."""
+    for value in ("2", "3", "5", "6", "7", "12", "13", "15"):
+        verdict = checker(response, value, {})
+        assert verdict.status == "no_answer" and not verdict.correct, (value, verdict)
+        assert "hedges between values" in (verdict.detail or "")
+
+
+def test_non_numeric_statements_keep_the_whole_statement(checker: MathChecker) -> None:
+    """What does not open with a plain number is read by math-verify as before."""
+    assert checker("The answer is 3x + 2.", "3x+2", {}).correct
+    assert checker("The answer is $\\frac{1}{2}$ of the pie.", "0.5", {}).correct
+    assert checker("The answer is $2\\sqrt{3}$.", "2\\sqrt{3}", {}).correct
+    assert checker("The answer is 4,5.", "4.5", {}).correct  # decimal comma, not a list
+    assert checker("The answer is 1,234.", "1234", {}).correct
+
+
+def test_a_result_sentence_counts_only_when_the_response_ended(checker: MathChecker) -> None:
+    text = "Sam has 18 - 6 = 12 marbles now."
+    assert checker(text, "12", {"finish_reason": "stop"}).correct
+    cut = checker(text, "12", {"finish_reason": "length"})
+    assert cut.status == "no_answer", cut
+    # Two numbers and no arithmetic: still no statement.
+    assert checker("There are 3 apples and 4 pears.", "4", {}).status == "no_answer"

@@ -12,8 +12,11 @@ Explicit statements, of which the LAST one that states something counts:
 - ``\\boxed{...}`` / ``\\fbox{...}``: the last box, with the boxes right before it that form one
   multi-part answer (``\\boxed{1} and \\boxed{2}``);
 - "the (final) answer is ...", "answer: ...", "the solution is ...", "answer would/should be
-  ...": the text after the phrase up to the end of its sentence or line;
-- a line starting with "Answer" / "Final answer" (``**Answer:** 9``, ``Answer $$ 9 $$``);
+  ...": the text after the phrase up to the end of its sentence or line, of which the first
+  complete value is the answer (stated.py: units, currency signs, thousands separators, a
+  justification or parenthetical after it are not part of it; a hedge "12 or 13" states none);
+- a line starting with "Answer" / "Final answer" (``**Answer:** 9``, ``Answer $$ 9 $$``), read
+  the same way;
 - GSM8K's ``#### ...``: the rest of that line.
 
 A statement states nothing when its text is empty or math-verify finds nothing in it (an empty
@@ -26,7 +29,12 @@ counts. Only without any explicit statement does an implicit one count:
   so / consequently / in conclusion / finally / we find (get, obtain, conclude, see)" (only the
   text from that marker on is verified), or saying "... is the (our) answer / solution";
 - a closing value: the last sentence ends with "is / are / equals / = / :" and a math span
-  (``The identity matrix is $I$.``); only that span is verified.
+  (``The identity matrix is $I$.``); only that span is verified;
+- a result sentence: the last sentence works out plain-text arithmetic, "Sam has 18 - 6 = 9
+  marbles now."; the result of its last equation (9) is verified. Word-problem answers from
+  small models end this way when they skip the requested "The answer is N". Not for a
+  response cut by its token limit (``finish_reason: length``), whose last complete sentence
+  is working that happened to end, not a conclusion.
 
 Sign-off sentences after the last one ("I hope it is correct.") are skipped.
 
@@ -176,8 +184,16 @@ _SIGN_OFF_RE = re.compile(
     r"\b(?:hope|thank|let\s+me\s+know|feel\s+free|questions?|helps?|good\s+luck)\b", re.IGNORECASE
 )
 _WORD_RE = re.compile(r"(?<!\\)\b[A-Za-z]{2,}")
+# Plain-text arithmetic with its result, "18 - 6 = 9" / "3 x 4 = 12 + 1 = 13": the last result.
+_PLAIN_NUMBER = r"\d[\d,]*(?:\.\d+)?"
+_RESULT_EQ_RE = re.compile(
+    rf"(?<![\w.]){_PLAIN_NUMBER}(?:\s*(?:[-+*/×÷x]|\\times|\\cdot)\s*{_PLAIN_NUMBER})+"
+    rf"(?:\s*=\s*{_PLAIN_NUMBER}(?:\s*(?:[-+*/×÷x])\s*{_PLAIN_NUMBER})*)*"
+    rf"\s*=\s*(?P<value>-?{_PLAIN_NUMBER})(?![\w,]*\d)"
+)
 StatementKind = Literal[
-    "boxed", "answer_phrase", "answer_line", "gsm8k", "whole", "conclusion", "closing_value"
+    "boxed", "answer_phrase", "answer_line", "gsm8k", "whole", "conclusion", "closing_value",
+    "result",
 ]
 
 
@@ -257,8 +273,11 @@ def _sentences(masked: str) -> list[tuple[int, int, bool]]:
     return spans
 
 
-def implicit_statement(region: str, masked: str | None = None) -> Statement | None:
-    """The answer a response states without an explicit statement, or None (module docstring)."""
+def implicit_statement(
+    region: str, masked: str | None = None, *, results: bool = True
+) -> Statement | None:
+    """The answer a response states without an explicit statement, or None (module docstring);
+    ``results=False`` leaves result sentences out (for a response cut by its token limit)."""
     masked = mask_math(region) if masked is None else masked
     bare = masked.strip()
     if bare and "\n" not in bare and _WORD_RE.search(bare.replace(_INLINE_FILL, " ")) is None:
@@ -288,6 +307,10 @@ def implicit_statement(region: str, masked: str | None = None) -> Statement | No
             region[s + value.start("value") : s + value.end("value")],
             s + value.start("value"),
         )
+    elif results and (eqs := list(_RESULT_EQ_RE.finditer(sentence))):
+        v = eqs[-1]
+        text = region[s + v.start("value") : s + v.end("value")].rstrip(".,")
+        return Statement("result", text, s + v.start("value"))
     else:
         return None
     return Statement("conclusion", region[start:e].strip(), start)

@@ -24,6 +24,7 @@ from trace_rl.stages.verifiers.extract import (
     implicit_statement,
     mask_math,
 )
+from trace_rl.stages.verifiers.stated import stated_value
 from trace_rl.stages.verifiers.normalize import (
     clean_answer,
     decimal_comma_variant,
@@ -93,27 +94,39 @@ _STATEMENT_DETAILS = {
     "whole": "the whole response is the answer",
     "conclusion": "answer from the concluding sentence",
     "closing_value": "answer from the value closing the last sentence",
+    "result": "answer from the result of the equation in the last sentence",
 }
+# Statements whose first complete value is the answer (stated.py).
+_VALUE_KINDS = ("answer_phrase", "answer_line")
 NO_ANSWER_DETAIL = (
     "no stated answer (no \\boxed{}, 'the answer is', 'Answer:', '####' or complete "
     "concluding sentence with something math-verify parses)"
 )
+HEDGE_DETAIL = "no stated answer: the last statement hedges between values ({})"
 
 
-def parse_prediction(region: str) -> tuple[Parsed, str | None, str | None]:
+def parse_prediction(region: str, *, cut: bool = False) -> tuple[Parsed, str | None, str | None]:
     """The answer stated in ``region`` (response text after thinking); see extract.py.
 
     Returns (parsed, extracted_answer, detail); parsed is [] when no answer is stated. The
-    last explicit statement that parses wins; a concluding sentence or an all-math response
-    counts only when there is no explicit statement.
+    last explicit statement that parses wins, unless it hedges between values (stated.py: then
+    there is no answer); a concluding sentence or an all-math response counts only when there
+    is no explicit statement, and a result sentence only when the response was not ``cut`` by
+    its token limit.
     """
     region = cut_at_turn_end(region)
     masked = mask_math(region)
     for statement in reversed(explicit_statements(region, masked)):
+        if statement.kind in _VALUE_KINDS and (stated := stated_value(statement.text)) is not None:
+            if stated.kind == "hedge":
+                return [], None, HEDGE_DETAIL.format(repr(stated.text[:60]))
+            parsed, extracted = _parse_boxes((stated.text,))
+            if parsed:
+                return parsed, extracted, _STATEMENT_DETAILS[statement.kind]
         parsed, extracted = _parse_statement(statement)
         if parsed:
             return parsed, extracted, _STATEMENT_DETAILS.get(statement.kind)
-    statement = implicit_statement(region, masked)
+    statement = implicit_statement(region, masked, results=not cut)
     if statement is not None:
         parsed, extracted = _parse_statement(statement)
         if parsed:
@@ -216,7 +229,7 @@ class MathChecker:
         region = final_region(response_text)
         if region is None:
             return Verdict("no_answer", detail="thinking never closed (response cut off?)")
-        pred, extracted, detail = parse_prediction(region)
+        pred, extracted, detail = parse_prediction(region, cut=meta.get("finish_reason") == "length")
         if not pred:
             return Verdict("no_answer", detail=detail)
         correct = answers_match(gold, pred, extracted, self.rounded_min_decimals)

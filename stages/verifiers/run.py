@@ -42,7 +42,10 @@ def _to_items(items: Sequence[Mapping[str, Any]]) -> tuple[list[Item], dict[int,
         answer = row["answer"]
         if answer is None or not str(answer).strip():
             decided[i] = Verdict("error", detail="reference answer is missing or empty")
-        work.append((i, row["response_text"] or "", str(answer or ""), _meta(row.get("meta"))))
+        meta = _meta(row.get("meta"))
+        if row.get("finish_reason"):  # the checker may read it: a response cut by length
+            meta = {**meta, "finish_reason": row["finish_reason"]}
+        work.append((i, row["response_text"] or "", str(answer or ""), meta))
     return work, decided
 
 
