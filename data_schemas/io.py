@@ -76,10 +76,31 @@ def rows_to_table(rows: Iterable[dict[str, Any]], schema: pa.Schema, where: str 
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+# ASCII control characters (NUL, newline, escape, ...): an id holding one prints as something
+# else, splits a log line, or ends a C string early in a downstream tool.
+_CONTROL_RE = r"[\x00-\x1f\x7f]"
+
+
+def check_ids(table: pa.Table, where: str) -> None:
+    """Raise SchemaError when a string `*_id` column holds a control character, naming the row."""
+    import pyarrow.compute as pc
+
+    for name in table.column_names:
+        col = table.column(name)
+        if not name.endswith("_id") or not pa.types.is_string(col.type):
+            continue
+        bad = pc.match_substring_regex(col, _CONTROL_RE)
+        if pc.any(bad).as_py():
+            i = pc.index(bad, True).as_py()
+            raise SchemaError(f"{where}: column {name!r} row {i} holds a control character "
+                              f"({col[i].as_py()!r}); ids must be printable text")
+
+
 def conform(table: pa.Table, schema: pa.Schema, where: str, allow_extra: bool = False) -> pa.Table:
     """Check `table` against `schema` and return it carrying the schema's metadata, columns in
     contract order (namespaced extras, when allowed, after them)."""
     check_schema(table.schema, schema, where, allow_extra)
+    check_ids(table, where)
     if allow_extra:
         names = schema.names + sorted(n for n in table.schema.names if n not in schema.names)
         fields = [table.schema.field(n) for n in names]
@@ -104,6 +125,14 @@ def read_parquet(
     except (pa.ArrowInvalid, OSError) as exc:
         raise SchemaError(f"{path}: not a readable Parquet file (truncated or corrupt?): {exc}") from None
     meta = table.schema.metadata or {}
+    holds = meta.get(b"schema_name", b"").decode() or None
+    expected = (schema.metadata or {}).get(b"schema_name", b"").decode() or None
+    if expected and holds != expected:
+        found = f"{holds} rows" if holds else "rows of no trace-rl schema"
+        raise SchemaError(
+            f"{path}: this file holds {found} where {expected} rows belong (copied or moved into "
+            "the wrong dataset?); rerun the stage that writes this dataset with --force"
+        )
     version = meta.get(b"schema_version", b"").decode() or None
     if version != SCHEMA_VERSION:
         raise SchemaError(

@@ -41,9 +41,21 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug log
 
 
 def _load(config: Optional[str], overrides: Optional[list[str]]):
+    """Load and validate the config, and check what it names on disk (model path, data file
+    columns, benchmark names): every refusal happens here, before any work."""
     from trace_rl.stages.config import load_config
+    from trace_rl.stages.preflight import check_config
 
-    return load_config(config, overrides or [])
+    cfg = load_config(config, overrides or [])
+    check_config(cfg)
+    return cfg
+
+
+def _locked(cfg):
+    """The run's lock (pipeline/runlock.py) for a command that writes the run."""
+    from trace_rl.pipeline.runlock import run_lock
+
+    return run_lock(cfg.run.run_root)
 
 
 @app.command()
@@ -52,35 +64,48 @@ def run(config: str = typer.Argument("demo", help="config file or packaged name"
         rounds: Optional[int] = typer.Option(None, help="number of rounds (default: run.rounds)")) -> None:
     """Run the training flow in-process (Prefect ephemeral mode): rounds of rollout, verify,
     annotate, train; continues from the first incomplete stage."""
+    if rounds is not None and rounds < 1:
+        raise TraceError(f"--rounds {rounds}: a run has at least 1 round")
+    if rounds is not None:  # the same as run.rounds=N: the config (and `status`) shows N rounds
+        overrides = [*(overrides or []), f"run.rounds={rounds}"]
     cfg = _load(config, overrides)
-    from trace_rl.flows.training import run_training_local
+    with _locked(cfg):  # before the (slow) Prefect imports: a second run refuses at once
+        from trace_rl.flows.interrupts import isolate_prefect_server
+        from trace_rl.flows.training import run_training_local
 
-    run_training_local(cfg, rounds=rounds)
+        isolate_prefect_server()
+        run_training_local(cfg)
 
 
 @app.command()
 def demo(overrides: Optional[list[str]] = OverridesArg) -> None:
     """The testbed end to end on CPU: build it, a few TRACE rounds, evaluation, where to look."""
     cfg = _load("demo", overrides)
-    from trace_rl.flows.demo import run_demo
+    with _locked(cfg):
+        from trace_rl.flows.demo import run_demo
+        from trace_rl.flows.interrupts import isolate_prefect_server
 
-    run_demo(cfg)
+        isolate_prefect_server()
+        run_demo(cfg)
 
 
 @app.command()
 def stage(name: str = typer.Argument(..., help=f"one of {list(STAGE_NAMES)}"),
           config: str = typer.Argument(..., help="config file or packaged name"),
           overrides: Optional[list[str]] = OverridesArg,
-          round: Optional[int] = typer.Option(None, "--round", "-r", help="round index K"),
+          round: Optional[int] = typer.Option(None, "--round", "-r", help="round index K (0, 1, ...)"),
           force: bool = typer.Option(False, help="redo it even if its output is current")) -> None:
     """Run one stage (without Prefect). Its output is rewritten atomically; downstream stages
     of the same round become stale."""
     if name not in STAGE_NAMES:
         raise TraceError(f"unknown stage {name!r}; valid: {list(STAGE_NAMES)}")
+    if round is not None and round < 0:
+        raise TraceError(f"--round {round}: rounds are numbered 0, 1, 2, ...")
     cfg = _load(config, overrides)
     from trace_rl.stages import get_stage
 
-    manifest = get_stage(name)(cfg, round, force=force, progress=True)
+    with _locked(cfg):
+        manifest = get_stage(name)(cfg, round, force=force, progress=True)
     console.print(f"[green]{name}[/]: {manifest.rows} rows {manifest.counts} in "
                   f"{manifest.seconds:.1f}s -> {cfg.run.run_root}/{manifest.dataset}")
 
@@ -94,9 +119,14 @@ def eval_cmd(config: str = typer.Argument(..., help="config file or packaged nam
     """Evaluate a checkpoint on benchmarks: avg@k with bootstrap 95% CIs and the 5-column mean."""
     cfg = _load(config, overrides)
     from trace_rl.stages.evaluate import run_eval
+    from trace_rl.stages.preflight import check_benchmarks, check_checkpoint_arg
 
     names = benchmarks.split(",") if benchmarks else None
-    run_eval(cfg, checkpoint=checkpoint, benchmarks=names, force=force, progress=True)
+    check_checkpoint_arg(checkpoint)
+    if names:
+        check_benchmarks(cfg, names)
+    with _locked(cfg):
+        run_eval(cfg, checkpoint=checkpoint, benchmarks=names, force=force, progress=True)
 
 
 @app.command()
@@ -162,6 +192,9 @@ def config_show(config: str = typer.Argument("demo"), overrides: Optional[list[s
 
 
 def main() -> None:
+    from trace_rl.flows import interrupts
+
+    interrupts.install()  # SIGTERM and SIGHUP end a command the way Ctrl-C does
     try:
         app(standalone_mode=False)
     except TraceError as exc:
@@ -170,8 +203,8 @@ def main() -> None:
     except (typer.Exit, SystemExit) as exc:
         sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
     except (typer.Abort, KeyboardInterrupt):
-        console.print("aborted")
-        sys.exit(130)
+        console.print(interrupts.interrupted_message(interrupts.argv_command()))
+        sys.exit(interrupts.exit_code())
     except Exception as exc:  # click usage errors arrive here in non-standalone mode
         import click
 

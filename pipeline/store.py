@@ -9,6 +9,7 @@ process killed mid-write can never leave a dataset that looks complete or mixes 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections import Counter
@@ -24,6 +25,7 @@ from trace_rl.data_schemas.errors import StageError
 from trace_rl.data_schemas.schemas import STATUS_COLUMN
 
 from .fingerprint import code_version, fingerprint
+from .integrity import file_digest, manifest_digest, verify_dataset
 
 MANIFEST = "_manifest.json"
 
@@ -46,6 +48,8 @@ class Manifest:
     finished_at: float
     fingerprint: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # sha256 of the other fields (pipeline/integrity.py): an edited manifest is detected.
+    digest: str = ""
 
     @property
     def seconds(self) -> float:
@@ -95,7 +99,8 @@ class DatasetWriter:
         tmp = self.store.path(self.name, f".{part}.{uuid.uuid4().hex[:8]}.tmp")
         write_parquet(table, tmp, self.schema, filesystem=self.store.fs, allow_extra=self.allow_extra)
         self.store.fs.mv(tmp, final)
-        self.files.append({"name": part, "rows": table.num_rows})
+        # Size and content hash of the committed bytes: `status` and `run` verify against them.
+        self.files.append({"name": part, "rows": table.num_rows, **file_digest(self.store.fs, final)})
         if STATUS_COLUMN in table.column_names:
             self.counts.update(table.column(STATUS_COLUMN).to_pylist())
 
@@ -111,6 +116,7 @@ class DatasetWriter:
         # A fresh nonce: a forced rerun always yields a new fingerprint, so downstream stages
         # that recorded the old one become stale even when the content happens to be identical.
         manifest.fingerprint = fingerprint([self.config_fingerprint, self.inputs, self.files, uuid.uuid4().hex])
+        manifest.digest = manifest_digest(asdict(manifest))
         self.store.write_text(self.store.path(self.name, MANIFEST), manifest.to_json())
         self.manifest = manifest
         return manifest
@@ -168,7 +174,15 @@ class RunStore:
     def is_current(self, name: str, config_fingerprint: str, inputs: dict[str, str]) -> bool:
         """True when `name` is complete and was made from this config and these inputs."""
         m = self.manifest(name)
-        return m is not None and m.config_fingerprint == config_fingerprint and m.inputs == inputs
+        if m is None or m.config_fingerprint != config_fingerprint or m.inputs != inputs:
+            return False
+        # A complete dataset whose files no longer match their record is never skipped as current
+        # (sizes only: cheap on every stage; `trace-rl status --verify` hashes every byte).
+        damage = verify_dataset(self, name, m)
+        if damage:
+            logging.getLogger("trace_rl.store").warning(
+                "%s is damaged (%s); recomputing it", self.path(name), "; ".join(map(str, damage)))
+        return not damage
 
     def _begin_rewrite(self, name: str) -> None:
         # Manifest first: from this moment the dataset reads as incomplete, whatever happens.

@@ -14,6 +14,7 @@ from typing import Any
 
 from trace_rl.data_schemas.errors import StageError
 from trace_rl.pipeline.fingerprint import fingerprint, result_fields
+from trace_rl.pipeline.integrity import verify_dataset
 from trace_rl.pipeline.layout import (
     INITIAL_MODEL_INPUT,
     ROUND_STAGES,
@@ -150,5 +151,12 @@ def start_checkpoint(cfg: TraceConfig, store: RunStore, round_index: int) -> tup
         raise StageError(
             f"round {round_index} needs the checkpoint of round {round_index - 1}'s train stage, "
             "which has not finished; run it first"
+        )
+    damage = verify_dataset(store, name, train)
+    if damage:  # never train from (or replay against) a checkpoint that is not the one recorded
+        raise StageError(
+            f"round {round_index}'s start checkpoint is damaged ({'; '.join(map(str, damage))}); "
+            f"recreate it with `trace-rl stage train CONFIG --round {round_index - 1} --force` "
+            "(or `trace-rl run CONFIG`, which recomputes damaged stages)"
         )
     return str(store.local_path(start_checkpoint_dir(round_index))), {name: train.fingerprint}

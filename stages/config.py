@@ -150,11 +150,28 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
     raise ConfigError(f"config file {str(path)!r} not found; packaged configs: {known}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses a key given twice in one mapping: plain YAML keeps the last
+    value silently, so a setting written twice would be half-ignored."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"key {key!r} appears twice (first at line {seen[key].line + 1}); keep one",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base:' chain loops back on itself")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -162,8 +179,13 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = data.pop("base", None)
     if base is None:
         return data
-    parent = _read_yaml(resolve_config_path(path.parent / base if not Path(base).is_absolute() else base),
-                        seen + (path.resolve(),))
+    target = Path(base) if Path(str(base)).is_absolute() else path.parent / str(base)
+    try:
+        resolved = resolve_config_path(target)
+    except ConfigError:
+        raise ConfigError(f"{path}: its 'base: {base}' names {target}, which does not exist "
+                          "(a path relative to this file)") from None
+    parent = _read_yaml(resolved, seen + (path.resolve(),))
     return _merge(parent, data)
 
 
