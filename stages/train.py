@@ -22,10 +22,12 @@ import logging
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from trace_rl.data_schemas import TRAIN_METRICS, extend_metrics, rows_to_table
 from trace_rl.data_schemas.errors import StageError
 from trace_rl.pipeline.fingerprint import fingerprint
+from trace_rl.pipeline.integrity import checkpoint_record
 from trace_rl.pipeline.layout import start_checkpoint_dir, train_scratch_dir
 from trace_rl.pipeline.store import Manifest
 from trace_rl.stages.config import TraceConfig
@@ -123,6 +125,10 @@ def _replay_in_process(cfg: TraceConfig, store, plan: list[dict], resident: Resi
                     output_checkpoint=step["output_checkpoint"], work_dir=step["work_dir"],
                     round_index=i, progress=progress, resident=resident, write_output=False)
         shutil.rmtree(step["work_dir"], ignore_errors=True)
+        if not any(Path(step["output_checkpoint"]).glob("*.safetensors")):
+            raise StageError(f"replaying round {i}: {step['output_checkpoint']} holds no weights to "
+                             f"compare the replay against; recreate it with `trace-rl stage train "
+                             f"CONFIG --round {i} --force`")
         check_replayed(resident)
 
 
@@ -162,7 +168,9 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     with p.writer(TRAIN_METRICS, "train", allow_extra=True) as w:
         w.write_table(table, part="metrics.parquet")
         w.extra = {"checkpoint": str(out_dir), "steps": len(metrics),
-                   "trainer_state": saves_state(cfg, round_index), "replayed_rounds": len(replay)}
+                   "trainer_state": saves_state(cfg, round_index), "replayed_rounds": len(replay),
+                   # the checkpoint's manifest: what `status` and the next round verify
+                   "checkpoint_files": checkpoint_record(p.store, start_checkpoint_dir(round_index + 1))}
     _drop_progress(work_dir)
     if session is not None and resident.held is not None:
         resident.tag = w.manifest.fingerprint  # round k+1 may start from what is in memory
