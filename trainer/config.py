@@ -175,3 +175,18 @@ class TrainConfig(BaseModel):
         if self.teacher_sync_every < 0 or self.save_every < 0 or self.warmup_steps < 0:
             raise ValueError("teacher_sync_every, save_every and warmup_steps must be >= 0")
         return self
+
+    @model_validator(mode="after")
+    def _optimizer_ranges(self) -> TrainConfig:
+        # Refused at config load: torch would refuse a negative lr only once round 0 is underway.
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0 (the paper's runs use 1e-6 to 1e-5)")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas={list(self.betas)} must each lie in [0, 1)")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip={self.grad_clip} must be > 0 (null turns clipping off)")
+        if self.eps_low <= 0 or self.eps_high <= 0:
+            raise ValueError(f"eps_low={self.eps_low} and eps_high={self.eps_high} must be > 0")
+        return self
