@@ -10,7 +10,8 @@ Results and the settings under which GRPO learns: docs/testbed_results.md.
 Every (method, seed) is a full pipeline run through the stage functions (prepare, rollout, verify,
 annotate, train, evaluate) in its own run root `<out>/<method>-s<seed>`, all sharing ONE testbed
 build (model.testbed_dir). Stages skip themselves when current, so rerunning the same command
-continues where it stopped. After every round a row of measurements is appended to
+continues where it stopped (runs already complete in rows.jsonl are skipped; round 0, the warm
+start, is evaluated once per seed and shared by the methods). After every round a row of measurements is appended to
 `<out>/rows.jsonl` (nothing is lost when the study is cut short); at the end (and after each run)
 `<out>/study.parquet`, `<out>/curves.png` and a markdown table `<out>/table.md` are written.
 
@@ -146,7 +147,14 @@ def run_one(method: str, seed: int, rounds: int, out: str, testbed_dir: str, ext
     store.write_text(store.path("config.yaml"), dump_config(cfg))
     get_stage("prepare")(cfg, None, progress=False)
     base = {"method": method, "seed": seed}
-    rows = [{**base, "round": 0, **_eval_row(cfg, "initial"), "wall_s": 0.0}]
+    # Round 0 is the warm start itself, the same checkpoint, problems and sampling seed for every
+    # method of a seed: evaluate it once per seed and copy it into the other methods' rows.
+    initial = next((r for r in load_rows(out) if r["seed"] == seed and r["round"] == 0
+                    and r.get("heldout_acc") is not None), None)
+    initial_eval = ({k: initial[k] for k in ("heldout_acc", "heldout_tokens", "heldout_n")}
+                    | {"heldout_from": initial.get("heldout_from", initial["method"])}
+                    if initial else _eval_row(cfg, "initial"))
+    rows = [{**base, "round": 0, **initial_eval, "wall_s": 0.0}]
     _append(out, rows[-1])
     for k in range(rounds):
         t0 = time.time()
@@ -158,6 +166,12 @@ def run_one(method: str, seed: int, rounds: int, out: str, testbed_dir: str, ext
         rows.append(row)
         _append(out, row)
     return rows
+
+
+def is_done(out: str, method: str, seed: int, rounds: int) -> bool:
+    """True when rows.jsonl holds the run's last round with its held-out accuracy."""
+    return any(r["method"] == method and r["seed"] == seed and r["round"] == rounds
+               and r.get("heldout_acc") is not None for r in load_rows(out))
 
 
 def _append(out: str, row: dict[str, Any]) -> None:
@@ -340,8 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     build_testbed(cfg0.model.testbed, a.testbed_dir, progress=True)
     threads = a.threads or max(1, (os.cpu_count() or 1) // a.jobs)
     # Seed-major order: a study cut short still has every method on the first seeds.
+    # A rerun of the same command continues: runs whose last round is in rows.jsonl are skipped.
     jobs = [(m, s, a.rounds, a.out, a.testbed_dir, a.overrides, threads, a.eval_rounds)
-            for s in a.seeds for m in a.methods]
+            for s in a.seeds for m in a.methods if not is_done(a.out, m, s, a.rounds)]
+    print(f"[study] {len(jobs)} runs to do, {len(a.seeds) * len(a.methods) - len(jobs)} done",
+          flush=True)
     failures = 0
     with ProcessPoolExecutor(max_workers=a.jobs) as pool:
         futs = [pool.submit(_worker, j) for j in jobs]
