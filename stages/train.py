@@ -33,7 +33,7 @@ from trace_rl.pipeline.store import Manifest
 from trace_rl.stages.config import TraceConfig
 from trace_rl.trainer.checkpoint import PROGRESS_FILE, has_trainer_state
 from trace_rl.trainer.launch import read_round_inputs, round_input_names
-from trace_rl.trainer.resident import Resident, active_resident
+from trace_rl.trainer.resident import Resident, active_resident, config_json
 
 from .common import StageDecision, decide, open_store, start_checkpoint
 
@@ -150,6 +150,11 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     resident = session if session is not None else Resident()
     if resident.held is not None and resident.tag not in set(init_fp.values()):
         resident.clear()  # it holds another round's state (or one whose stage did not finish)
+    reason = resident.mismatch(init_dir, config_json(cfg.train))
+    if reason:  # decided here, not inside the round, so that the replay below can stand in
+        log.warning("train round %d: the resident trainer state is rejected (%s); the round "
+                    "starts from disk", round_index, reason)
+        resident.clear()
     replay = [] if resident.held is not None else replay_plan(cfg, p.store, round_index, work_dir)
     if cfg.train.accelerate_config or cfg.train.num_processes > 1:
         metrics = _launch_accelerate(cfg, p, init_dir, out_dir, work_dir, round_index, replay)

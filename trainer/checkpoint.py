@@ -93,13 +93,21 @@ def _inference_config(hf_model: torch.nn.Module):
 
 
 def save_hf_checkpoint(hf_model: torch.nn.Module, tokenizer: Any, path: str | Path,
-                       state_dict: dict | None = None) -> None:
-    """save_pretrained of model and tokenizer, with lm_head.weight always present on disk."""
+                       state_dict: dict | None = None, config_dtype: str | None = None) -> None:
+    """save_pretrained of model and tokenizer, with lm_head.weight always present on disk.
+    `config_dtype` (e.g. "bfloat16") is written as config.json's dtype: the dtype the weights
+    are meant to be run in, which readers that load with dtype "auto" (vLLM) pick up, while the
+    tensors keep the trainer's float32 master values."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     with _inference_config(hf_model):
         hf_model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(path)
+    if config_dtype is not None:
+        config_file = path / "config.json"
+        config = json.loads(config_file.read_text())
+        config["dtype"] = config_dtype
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if getattr(hf_model.config, "tie_word_embeddings", False):
         _materialise_tied_head(path, hf_model.get_output_embeddings().weight)
 
@@ -208,9 +216,42 @@ TEACHER_DIR = "teacher"  # under STATE_DIR: weights of the teacher the next roun
 
 
 def _replace_dir(tmp: Path, path: Path) -> None:
+    """Put the finished directory `tmp` at `path`: the old one is renamed aside first, so `path`
+    is at every moment either the old or the new directory, or absent with the new one complete
+    at `tmp` (a `.tmp` leftover that `clean_tmp_dirs` removes)."""
+    old = None
     if path.exists():
-        shutil.rmtree(path)
+        old = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-old-", dir=path.parent))
+        os.rmdir(old)
+        os.replace(path, old)
     os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def commit_dir(path: str | Path) -> Path:
+    """The temporary directory a checkpoint `path` is written into before `commit_checkpoint`
+    renames it into place; the same name on every process."""
+    path = Path(path)
+    return path.with_name(path.name + ".tmp-commit")
+
+
+def commit_checkpoint(path: str | Path) -> None:
+    _replace_dir(commit_dir(path), Path(path))
+
+
+def clean_tmp_dirs(path: str | Path) -> list[Path]:
+    """Remove what an interrupted save of checkpoint `path` left beside it (`<name>.tmp*`)."""
+    path = Path(path)
+    gone = []
+    if path.parent.is_dir():
+        for leftover in path.parent.glob(path.name + ".tmp*"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+            gone.append(leftover)
+    return gone
 
 
 def save_weights(acc: Any, hf_model: torch.nn.Module, path: str | Path) -> None:

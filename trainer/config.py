@@ -108,6 +108,11 @@ class TrainConfig(BaseModel):
     # start from a weights-only checkpoint replays the rounds since the last full state.
     state_every: int = 5
     persistent: bool = True  # keep the trainer in memory between a flow's rounds
+    # Round 0 starts a fresh optimizer at global step 0 (λ at its schedule's start) whatever
+    # model.path holds. true: continue the trainer state saved in model.path (another run's final
+    # checkpoint): its AdamW moments, scheduler position, global step and teacher snapshot, with
+    # this config's lr, betas and weight decay; the round logs what it restored.
+    continue_trainer_state: bool = False
     # Per-step metrics go to these trackers through accelerate (offline by default: wandb runs
     # with WANDB_MODE=offline and mlflow writes a local file store unless the environment says
     # otherwise). `tensorboard: false` is shorthand for dropping tensorboard from the list.

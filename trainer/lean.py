@@ -139,11 +139,16 @@ class LeanCausalLM(nn.Module):
     mode="hidden": input_ids_BL, attention_mask_BL, pos_S -> final hidden states [S, H].
     """
 
-    def __init__(self, hf_model: nn.Module, chunk: int = 1024, kl_spec: KLSpec | None = None):
+    def __init__(self, hf_model: nn.Module, chunk: int = 1024, kl_spec: KLSpec | None = None,
+                 compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.hf = hf_model
         self.chunk = chunk
         self.kl_spec = kl_spec or KLSpec()
+        # Mixed precision: parameters (the master weights the optimizer steps) stay in their own
+        # dtype, float32 in the trainer; forwards run under autocast in `compute_dtype` (bf16 /
+        # fp16), so matmuls are low-precision while small updates still land on fp32 weights.
+        self.compute_dtype = compute_dtype
 
     def head_weight(self) -> Tensor:
         return _body_and_head(self.hf)[1].weight
@@ -154,6 +159,13 @@ class LeanCausalLM(nn.Module):
         return out.last_hidden_state
 
     def forward(self, mode: str = "policy", **kw) -> dict[str, Tensor] | Tensor:
+        dtype = self.compute_dtype
+        if dtype is None or dtype == torch.float32:
+            return self._forward(mode, **kw)
+        with torch.autocast(kw["input_ids_BL"].device.type, dtype=dtype):
+            return self._forward(mode, **kw)
+
+    def _forward(self, mode: str, **kw) -> dict[str, Tensor] | Tensor:
         if mode == "hidden":
             h_BLH = self.hidden(kw["input_ids_BL"], kw["attention_mask_BL"])
             return h_BLH.flatten(0, 1)[kw["pos_S"]]

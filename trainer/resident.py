@@ -63,31 +63,48 @@ class Resident:
         self.tag: str | None = None
         self.rounds_reused = 0
 
-    def take(self, checkpoint: str, config_json: str, accelerator: Any) -> Held | None:
-        """The held state if it is the state at `checkpoint` under `config_json`, else None (and
-        whatever was held is dropped)."""
+    def mismatch(self, checkpoint: str, config_json: str, accelerator: Any = None) -> str | None:
+        """Why the held state is not the state at `checkpoint` under `config_json` (None: it is,
+        or nothing is held)."""
         held = self.held
         if held is None:
             return None
-        reason = None
         if held.checkpoint != str(checkpoint):
-            reason = f"it holds {held.checkpoint}, not {checkpoint}"
-        elif held.config != config_json:
-            reason = "the train config changed"
-        elif held.accelerator is not accelerator:
-            reason = "another accelerator (process group)"
+            return f"it holds {held.checkpoint}, not {checkpoint}"
+        if held.config != config_json:
+            return "the train config changed"
+        if accelerator is not None and held.accelerator is not accelerator:
+            return "another accelerator (process group)"
+        return None
+
+    def take(self, checkpoint: str, config_json: str, accelerator: Any) -> Held | None:
+        """The held state if it is the state at `checkpoint` under `config_json`, else None (and
+        whatever was held is dropped, with a warning). Taking unregisters it: until the round
+        that took it hands its end state back (`keep`), nothing is held, so a round that raises
+        leaves nothing behind for the session's exit to write into any checkpoint."""
+        held = self.held
+        if held is None:
+            return None
+        reason = self.mismatch(checkpoint, config_json, accelerator)
         if reason:
-            log.info("resident trainer not reused (%s): starting from disk", reason)
+            log.warning("resident trainer state rejected (%s): dropped; the round starts from "
+                        "%s on disk", reason, checkpoint)
             self.clear()
             return None
+        self.held, self.tag = None, None
         self._to(held, held.accelerator.device)
         self.rounds_reused += 1
         return held
 
     def keep(self, held: Held) -> None:
+        """Hold a round's end state; it counts as committed once the caller sets `tag`."""
+        if self.held is not None and self.held is not held:
+            release(self.held.accelerator, self.held.wrapped, self.held.optimizer)
         self.held, self.tag = held, None
 
     def clear(self) -> None:
+        if self.held is not None:
+            release(self.held.accelerator, self.held.wrapped, self.held.optimizer)
         self.held, self.tag = None, None
 
     def offload(self) -> str:
@@ -118,6 +135,15 @@ class Resident:
         return held.checkpoint
 
 
+def release(accelerator: Any, *objects: Any) -> None:
+    """Drop prepared models / optimizers from the accelerator's registries (accelerate keeps a
+    reference to everything `prepare` returned, so a round's model would otherwise outlive it)."""
+    for registry in ("_models", "_optimizers", "_schedulers"):
+        items = getattr(accelerator, registry, None)
+        if isinstance(items, list):
+            items[:] = [x for x in items if not any(x is o for o in objects)]
+
+
 def config_json(cfg: Any) -> str:
     return json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
 
@@ -132,9 +158,11 @@ def active_resident() -> Resident | None:
 
 @contextmanager
 def trainer_session() -> Iterator[Resident]:
-    """Keep the trainer resident across the rounds run inside the block; on exit (however it
-    ends) its optimizer state is written into the last checkpoint, so a later cold start has no
-    rounds to replay."""
+    """Keep the trainer resident across the rounds run inside the block. On exit, however it
+    ends, the optimizer state of the last COMMITTED round (the train stage sets `tag` once its
+    manifest is written) goes into that round's checkpoint, so a later cold start has no rounds
+    to replay. A round that raised, or whose stage did not commit, writes nothing: its start
+    checkpoint stays byte-identical and the rerun replays what it needs."""
     global _ACTIVE
     if _ACTIVE is not None:
         raise RuntimeError("a trainer session is already active in this process")
@@ -145,8 +173,12 @@ def trainer_session() -> Iterator[Resident]:
     finally:
         _ACTIVE = None
         try:
-            path = resident.save_state()
-            if path:
-                log.info("trainer state written to %s", path)
+            if resident.held is not None and resident.tag is None:
+                log.warning("trainer session closed with an uncommitted round's state in memory "
+                            "(%s): not written", resident.held.checkpoint)
+            else:
+                path = resident.save_state()
+                if path:
+                    log.info("trainer state written to %s", path)
         finally:
             resident.clear()

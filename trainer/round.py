@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from contextlib import nullcontext
@@ -27,6 +28,7 @@ import torch
 from trace_rl.trainer.batch import Example, MicroBatch, build_examples, collate, to_bt
 from trace_rl.trainer.checkpoint import (
     FULL_FQN,
+    clean_tmp_dirs,
     atomic_torch_save,
     load_progress,
     load_trainer_state,
@@ -39,9 +41,11 @@ from trace_rl.trainer.losses import clipped_pg_loss, grpo_advantages
 from trace_rl.trainer.methods import LossInputs, Method, get_method
 from trace_rl.trainer.metrics import Logger, StepStats, peak_memory_bytes, step_row
 from trace_rl.trainer.progress import progress_bar
-from trace_rl.trainer.resident import Held, Resident, config_json
+from trace_rl.trainer.resident import Held, Resident, config_json, release
 from trace_rl.trainer.round_io import Clock, save_output, save_progress
 from trace_rl.trainer.teacher import TeacherHandle, eval_mode
+
+log = logging.getLogger("trace_rl.trainer.round")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,16 +56,21 @@ def _fingerprint(cfg: TrainConfig, init_checkpoint: str, round_index: int, ids: 
 
 
 def _load_model(cfg: TrainConfig, path: str):
+    """Tokenizer and policy. The weights are loaded in float32 whatever `train.dtype` says: they
+    are the master copy AdamW steps (its moments are float32 too); `train.dtype` is the compute
+    dtype of the forwards (autocast, LeanCausalLM). Stepping bf16 weights directly loses every
+    update below half a bf16 ulp: at lr 1e-6 most weights never move (benchmarks/bf16_update.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype])
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if cfg.gradient_checkpointing:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hf.config.use_cache = False
     # from_pretrained returns eval mode, and transformers checkpoints layers only while training
     hf.train()
-    return tokenizer, LeanCausalLM(hf, chunk=cfg.logprob_chunk, kl_spec=KLSpec.of(cfg))
+    return tokenizer, LeanCausalLM(hf, chunk=cfg.logprob_chunk, kl_spec=KLSpec.of(cfg),
+                                   compute_dtype=_DTYPES[cfg.dtype])
 
 
 def rollout_temperature(cfg: TrainConfig, examples: list[Example]) -> float:
@@ -193,6 +202,21 @@ def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
     return opt, sched
 
 
+def _continue_from(cfg: TrainConfig, optimizer, scheduler, path: str, global_step: int) -> None:
+    """Round 0 under `train.continue_trainer_state`: keep the restored moments, scheduler position
+    and global step, but train with this config's lr, betas and weight decay; say what it did."""
+    warm = cfg.warmup_steps
+    factor = 1.0 if warm == 0 else min(1.0, (scheduler.last_epoch + 1) / warm)
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group.update(initial_lr=cfg.lr, lr=cfg.lr * factor, betas=tuple(cfg.betas),
+                     weight_decay=cfg.weight_decay)
+    log.warning("train.continue_trainer_state: round 0 continues the trainer state in %s: "
+                "global step %d (λ schedule and teacher syncs from there), AdamW moments, "
+                "scheduler position, teacher snapshot if any; lr %.3g, betas and weight decay "
+                "are this config's", path, global_step, cfg.lr)
+
+
 def _normaliser(cfg: TrainConfig, examples: list[Example], mini: np.ndarray) -> float:
     """The whole mini-batch's token (token_mean) or sequence count, whatever the micro-batch."""
     if cfg.loss_agg == "token_mean":
@@ -261,6 +285,27 @@ def train_round(
         accelerator = resident.held.accelerator  # the process group the held state lives in
     acc = accelerator or Accelerator()
     _check_accelerator(acc)
+    if acc.is_main_process:
+        for leftover in clean_tmp_dirs(output_checkpoint):
+            log.warning("removed %s, left by an interrupted checkpoint save", leftover)
+    try:
+        return _train_round(cfg, prompts=prompts, rollouts=rollouts, verdicts=verdicts,
+                            annotations=annotations, init_checkpoint=init_checkpoint,
+                            output_checkpoint=output_checkpoint, work_dir=work_dir,
+                            round_index=round_index, acc=acc, progress=progress,
+                            resident=resident, write_output=write_output,
+                            save_state=save_state, timings=timings)
+    finally:
+        # No model or optimizer outlives its round in the accelerator, except the resident's.
+        held = resident.held if resident is not None else None
+        keep = (held.wrapped, held.optimizer) if held is not None else ()
+        release(acc, *[x for reg in (acc._models, acc._optimizers) for x in reg
+                       if not any(x is k for k in keep)])
+
+
+def _train_round(cfg: TrainConfig, *, prompts, rollouts, verdicts, annotations, init_checkpoint,
+                 output_checkpoint, work_dir, round_index, acc, progress, resident, write_output,
+                 save_state, timings) -> list[dict]:
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed + round_index)
@@ -281,20 +326,30 @@ def train_round(
     order = np.random.default_rng([cfg.seed, round_index]).permutation(len(examples))
     plan = _shards(cfg, order, acc.process_index, acc.num_processes)
 
+    saved = load_progress(work, fp)
+    inherit = round_index > 0 or cfg.continue_trainer_state
     if held is not None:
         optimizer, scheduler, state, global_step = held.optimizer, held.scheduler, None, held.global_step
     else:
         optimizer, scheduler = _make_optimizer(cfg, model)
         with clock("state_load_s"):
-            state, global_step = load_trainer_state(init_checkpoint), 0
+            state, global_step = load_trainer_state(init_checkpoint) if inherit else None, 0
+        if state is None and saved is None and round_index > 0:
+            raise RuntimeError(
+                f"round {round_index} would start from {init_checkpoint}, which holds weights "
+                "only: no trainer state (optimizer, scheduler, global step) there and none in "
+                "memory, and training on would silently restart at step 0 (fresh Adam, the λ "
+                "schedule back at its start). Run the train stage, which first replays the "
+                "rounds since the last full trainer state, or rerun from that round")
     if state is not None:
         if state.get("state_layout") != FULL_FQN:  # FSDP saves are restored after prepare
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         global_step = state["global_step"]
+        if round_index == 0:
+            _continue_from(cfg, optimizer, scheduler, init_checkpoint, global_step)
     model.to(acc.device)
     my_idx = sorted({i for step in plan for micro in step for i in micro})
-    saved = load_progress(work, fp)
     # The first step of a fresh round runs on the round's initial weights, so its old log-probs
     # are its own forward's, detached: recomputing them would cost a whole extra forward pass
     # (with one step per round, the only recomputation there is).
@@ -304,7 +359,7 @@ def train_round(
                              live)
 
     teacher = TeacherHandle(cfg.teacher_sync_every, work, init_checkpoint, _DTYPES[cfg.dtype],
-                            cfg.logprob_chunk)
+                            cfg.logprob_chunk, inherit=inherit)
     cursor, rows = 0, []
     if saved is not None:
         if saved.get("state_layout") != FULL_FQN:

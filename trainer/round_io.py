@@ -5,6 +5,7 @@ fixed costs."""
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +15,8 @@ import torch
 from trace_rl.trainer.checkpoint import (
     PROGRESS_FILE,
     atomic_torch_save,
-    clear_trainer_state,
+    commit_checkpoint,
+    commit_dir,
     rng_state,
     save_hf_checkpoint,
     train_state_dicts,
@@ -59,20 +61,32 @@ def save_output(acc, unwrapped, tokenizer, optimizer, scheduler, path, global_st
                  round_index, teacher: TeacherHandle | None, save_state: bool = True,
                  clock: Clock | None = None) -> None:
     """The next round's start checkpoint: weights (+ the teacher it inherits) always, the full
-    trainer state (optimizer, scheduler, step, RNG) when `save_state`."""
+    trainer state (optimizer, scheduler, step, RNG) when `save_state`. Everything is written into
+    `<path>.tmp-commit` and renamed into place at the end, so `path` never holds a mix of two
+    updates or a half-written save (a leftover `.tmp*` is removed when a round next starts)."""
     clock = clock or Clock(None)
+    tmp = commit_dir(path)
     acc.wait_for_everyone()
     state_dict = acc.get_state_dict(unwrapped.hf) if acc.num_processes > 1 else None
     if acc.is_main_process:
         with clock("checkpoint_save_s"):
-            clear_trainer_state(path)  # a rerun must not leave another update's state beside it
-            save_hf_checkpoint(unwrapped.hf, tokenizer, path, state_dict=state_dict)
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_hf_checkpoint(unwrapped.hf, tokenizer, tmp, state_dict=state_dict,
+                               config_dtype=_dtype_name(unwrapped))
             if teacher is not None:
-                teacher.hand_over(global_step, path)
+                teacher.hand_over(global_step, tmp)
     acc.wait_for_everyone()
     if save_state:
         with clock("state_save_s"):
-            write_full_state(acc, unwrapped, optimizer, scheduler, path, global_step, round_index)
+            write_full_state(acc, unwrapped, optimizer, scheduler, tmp, global_step, round_index)
+    if acc.is_main_process:
+        commit_checkpoint(path)
+    acc.wait_for_everyone()
+
+
+def _dtype_name(unwrapped) -> str | None:
+    dtype = getattr(unwrapped, "compute_dtype", None)
+    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def check_replayed(resident: Resident) -> float:

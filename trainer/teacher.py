@@ -73,7 +73,7 @@ class TeacherHandle:
     """
 
     def __init__(self, sync_every: int, work_dir: Path, init_checkpoint: str, dtype: torch.dtype,
-                 chunk: int):
+                 chunk: int, inherit: bool = True):
         self.sync_every = sync_every
         self.work_dir = Path(work_dir)
         self.dtype, self.chunk = dtype, chunk
@@ -81,7 +81,8 @@ class TeacherHandle:
         self.step: int | None = None  # the sync step this teacher stands for
         self.source_step: int | None = None  # the policy step its weights were taken at
         self.path: Path | None = None
-        self._inherited = read_teacher_meta(init_checkpoint)
+        # a run's round 0 takes no teacher from its initial model (state from another run)
+        self._inherited = read_teacher_meta(init_checkpoint) if inherit else None
 
     def ensure(self, step: int, unwrapped: nn.Module, acc: Any) -> None:
         """Make the teacher the one global step `step` needs (called only while it is needed)."""
