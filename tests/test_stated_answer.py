@@ -148,6 +148,8 @@ def test_a_response_cut_before_its_answer_is_never_rewarded(checker: MathChecker
         # A plain-text result sentence: what small models write instead of "The answer is N".
         ("Sam had 18 marbles and gave 6 away. Sam has 18 - 6 = 12 marbles now.", "12", "6"),
         ("Anna buys 3 * 4 = 12 cookies, then 12 + 5 = 17 cookies in all.", "17", "12"),
+        ("Tom buys 4 bags of cookies * 4 cookies per bag = 16 cookies.", "16", "4"),
+        ("Yuki has 13 + 7 = 20 apples. Yuki now has 20 apples.", "20", "13"),
     ],
 )
 def test_a_statement_is_graded_by_the_value_it_states(
@@ -194,5 +196,9 @@ def test_a_result_sentence_counts_only_when_the_response_ended(checker: MathChec
     assert checker(text, "12", {"finish_reason": "stop"}).correct
     cut = checker(text, "12", {"finish_reason": "length"})
     assert cut.status == "no_answer", cut
+    single = "Yuki now has 20 apples."
+    assert checker(single, "20", {"finish_reason": "stop"}).correct
+    assert checker(single, "20", {"finish_reason": "length"}).status == "no_answer"
     # Two numbers and no arithmetic: still no statement.
     assert checker("There are 3 apples and 4 pears.", "4", {}).status == "no_answer"
+    assert checker("Maria gives 10 apples away, and 5 of them are left.", "5", {}).status == "no_answer"

@@ -32,9 +32,13 @@ counts. Only without any explicit statement does an implicit one count:
   (``The identity matrix is $I$.``); only that span is verified;
 - a result sentence: the last sentence works out plain-text arithmetic, "Sam has 18 - 6 = 9
   marbles now."; the result of its last equation (9) is verified. Word-problem answers from
-  small models end this way when they skip the requested "The answer is N". Not for a
-  response cut by its token limit (``finish_reason: length``), whose last complete sentence
-  is working that happened to end, not a conclusion.
+  small models end this way when they skip the requested "The answer is N"; operands may
+  carry units ("4 bags * 4 cookies per bag = 16");
+- a single-value sentence: the last sentence is plain text holding exactly one number, "Yuki
+  now has 20 apples."; that number is verified.
+
+The last two are not read in a response cut by its token limit (``finish_reason: length``),
+whose last complete sentence is working that happened to end, not a conclusion.
 
 Sign-off sentences after the last one ("I hope it is correct.") are skipped.
 
@@ -186,14 +190,17 @@ _SIGN_OFF_RE = re.compile(
 _WORD_RE = re.compile(r"(?<!\\)\b[A-Za-z]{2,}")
 # Plain-text arithmetic with its result, "18 - 6 = 9" / "3 x 4 = 12 + 1 = 13": the last result.
 _PLAIN_NUMBER = r"\d[\d,]*(?:\.\d+)?"
+# An operand may carry its unit: "4 bags of cookies * 4 cookies per bag = 16".
+_OPERAND = rf"{_PLAIN_NUMBER}(?:\s+[A-Za-z][A-Za-z/']*){{0,3}}"
 _RESULT_EQ_RE = re.compile(
-    rf"(?<![\w.]){_PLAIN_NUMBER}(?:\s*(?:[-+*/×÷x]|\\times|\\cdot)\s*{_PLAIN_NUMBER})+"
-    rf"(?:\s*=\s*{_PLAIN_NUMBER}(?:\s*(?:[-+*/×÷x])\s*{_PLAIN_NUMBER})*)*"
+    rf"(?<![\w.]){_OPERAND}(?:\s*(?:[-+*/×÷x]|\\times|\\cdot)\s*{_OPERAND})+"
+    rf"(?:\s*=\s*{_OPERAND}(?:\s*(?:[-+*/×÷x])\s*{_OPERAND})*)*"
     rf"\s*=\s*(?P<value>-?{_PLAIN_NUMBER})(?![\w,]*\d)"
 )
+_NUMBER_TOKEN_RE = re.compile(rf"(?<![\w.]){_PLAIN_NUMBER}(?![\w])")
 StatementKind = Literal[
     "boxed", "answer_phrase", "answer_line", "gsm8k", "whole", "conclusion", "closing_value",
-    "result",
+    "result", "single_value",
 ]
 
 
@@ -311,9 +318,26 @@ def implicit_statement(
         v = eqs[-1]
         text = region[s + v.start("value") : s + v.end("value")].rstrip(".,")
         return Statement("result", text, s + v.start("value"))
+    elif results and (single := _single_number(sentence)) is not None:
+        return Statement("single_value", region[s + single[0] : s + single[1]], s + single[0])
     else:
         return None
     return Statement("conclusion", region[start:e].strip(), start)
+
+
+def _single_number(masked_sentence: str) -> tuple[int, int] | None:
+    """The span of the one number of a plain-text sentence (no math, no other digit)."""
+    if _INLINE_FILL in masked_sentence or _DISPLAY_FILL in masked_sentence:
+        return None
+    numbers = list(_NUMBER_TOKEN_RE.finditer(masked_sentence))
+    if len(numbers) != 1 or sum(ch.isdigit() for ch in masked_sentence) != len(
+        [ch for ch in numbers[0].group(0) if ch.isdigit()]
+    ):
+        return None
+    end = numbers[0].end()
+    while masked_sentence[end - 1] in ",.":
+        end -= 1
+    return numbers[0].start(), end
 
 
 def _has_content(masked_sentence: str) -> bool:

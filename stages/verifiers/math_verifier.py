@@ -95,6 +95,7 @@ _STATEMENT_DETAILS = {
     "conclusion": "answer from the concluding sentence",
     "closing_value": "answer from the value closing the last sentence",
     "result": "answer from the result of the equation in the last sentence",
+    "single_value": "answer from the only number in the last sentence",
 }
 # Statements whose first complete value is the answer (stated.py).
 _VALUE_KINDS = ("answer_phrase", "answer_line")
