@@ -8,24 +8,67 @@ the GPU stages of the registry iff CUDA is available); "never" / "always" force 
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+from typing import Any
 
-from trace_rl.data_schemas.errors import StageError
-from trace_rl.pipeline.layout import RESOLVED_CONFIG, stage_spec
+import yaml
+from trace_rl.data_schemas.errors import ConfigError, StageError
+from trace_rl.pipeline.layout import RESOLVED_CONFIG, checkpoint_name, stage_spec
 from trace_rl.pipeline.store import Manifest
 from trace_rl.stages.config import TraceConfig, dump_config, load_config
 
+log = logging.getLogger("trace_rl.flows")
 
-def write_resolved_config(cfg: TraceConfig) -> str:
-    """The run's resolved config at `<run>/config.yaml`: what every stage of the run reads."""
+
+def config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """`section.key: old -> new` for every leaf that differs between two config dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            path = f"{prefix}.{key}" if prefix else str(key)
+            out += config_changes(old.get(key, "<unset>"), new.get(key, "<unset>"), path)
+        return out
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+
+
+def write_resolved_config(cfg: TraceConfig, *, update: bool = False) -> str:
+    """The run's resolved config at `<run>/config.yaml`: what every stage of the run reads.
+
+    Written when the run has none. An existing one is never changed behind the user's back: a
+    config that differs raises ConfigError listing what would change, unless `update` (an explicit
+    `trace-rl run`, or a deployment's `update_config=true`), which rewrites it and logs each change.
+    """
     from trace_rl.stages.common import open_store
 
     store = open_store(cfg)
     path = store.path(RESOLVED_CONFIG)
-    store.write_text(path, dump_config(cfg))
+    text = dump_config(cfg)
+    if not store.fs.exists(path):
+        store.write_text(path, text)
+        return path
+    changes = config_changes(yaml.safe_load(store.read_text(path)), yaml.safe_load(text))
+    if not changes:
+        return path
+    if not update:
+        raise ConfigError(
+            f"{path} would change: {'; '.join(changes)}. A run's config changes only on request: "
+            f"pass the run directory ({cfg.run.run_root}) as the config to use it as it is, or "
+            "`trace-rl run <config> [overrides]` / update_config=true to change it")
+    store.write_text(path, text)
+    for change in changes:
+        log.warning("run %s: config.yaml changed: %s", cfg.run.name, change)
     return path
+
+
+def run_config_path(config: str, overrides: list[str] | None = None, *, update: bool = False) -> str:
+    """The path of the run's config.yaml for a config name/file or a run directory (+ overrides),
+    written only when the run has none yet (see write_resolved_config)."""
+    own = os.path.join(config, RESOLVED_CONFIG)
+    cfg = load_config(own if os.path.isfile(own) else config, overrides or [])
+    return write_resolved_config(cfg, update=update)
 
 
 def _want_isolation(stage: str) -> bool:
@@ -53,8 +96,12 @@ def run_stage(stage: str, config_path: str, round_index: int | None, *, force: b
         return get_stage(stage)(load_config(config_path), round_index, force=force, progress=progress)
     # The child is `trace-rl stage`, which runs the stage in its own process; it inherits this
     # process's working directory, so a relative run root means the same directory there.
-    cmd = [sys.executable, "-m", "trace_rl.flows.cli", "stage", stage, config_path]
-    cmd += [] if round_index is None else ["--round", str(round_index)]
+    cmd = [sys.executable, "-m", "trace_rl.flows.cli"]
+    if stage == "evaluate":  # round K -> policy K+1 (round -1: the initial policy), as evaluate.run
+        ckpt = "latest" if round_index is None else checkpoint_name(round_index + 1)
+        cmd += ["eval", config_path, "--checkpoint", ckpt]
+    else:
+        cmd += ["stage", stage, config_path] + ([] if round_index is None else ["--round", str(round_index)])
     cmd += ["--force"] if force else []
     proc = subprocess.run(cmd, check=False)
     if proc.returncode != 0:

@@ -10,26 +10,30 @@ round or stage flow run alone starts cold.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-
-from trace_rl.pipeline.layout import ROUND_STAGES
+from trace_rl.data_schemas.errors import ConfigError
+from trace_rl.pipeline.layout import ROUND_STAGES, STAGES
 from trace_rl.stages.config import load_config
 from trace_rl.stages.engines.session import engine_session
 from trace_rl.trainer.resident import active_resident, trainer_session
 
-from .stage_task import run_stage, write_resolved_config
+from . import reporting
+from .stage_task import run_config_path, run_stage, write_resolved_config
+
+# The stage deployment's choice (the UI shows a drop-down); checked against the registry below.
+StageName = Literal["prepare", "rollout", "verify", "annotate", "train", "evaluate"]
 
 
-def _stage_task(stage: str, config_path: str, round_index: Optional[int], force: bool = False) -> dict:
+def _stage_task(stage: str, config_path: str, round_index: int | None, force: bool = False) -> dict:
     manifest = run_stage(stage, config_path, round_index, force=force)
     return {"dataset": manifest.dataset, "fingerprint": manifest.fingerprint, "rows": manifest.rows,
             "counts": manifest.counts}
 
 
-def _rollout_task(stage: str, config_path: str, round_index: Optional[int], force: bool = False) -> dict:
+def _rollout_task(stage: str, config_path: str, round_index: int | None, force: bool = False) -> dict:
     """The rollout stage; with the run's engine session when the flow has one.
 
     The session's engine runs in its own worker process, so this process only tokenizes: the
@@ -47,7 +51,7 @@ def _rollout_task(stage: str, config_path: str, round_index: Optional[int], forc
             "counts": manifest.counts}
 
 
-def _train_task(stage: str, config_path: str, round_index: Optional[int], force: bool = False) -> dict:
+def _train_task(stage: str, config_path: str, round_index: int | None, force: bool = False) -> dict:
     """The train stage; in this process when the flow keeps the trainer resident (a single
     process trainer: `accelerate launch` starts its own processes every round)."""
     cfg = load_config(config_path)
@@ -78,99 +82,152 @@ def _release_engine() -> None:
 
 
 # Retries only where a failure is plausibly transient: the annotate stage talks to an API.
-_TASK_OPTS = dict(cache_policy=NO_CACHE, log_prints=True)
-stage_prepare = task(name="prepare", **_TASK_OPTS)(_stage_task)
-stage_rollout = task(name="rollout", **_TASK_OPTS)(_rollout_task)
-stage_verify = task(name="verify", **_TASK_OPTS)(_stage_task)
-stage_annotate = task(name="annotate", retries=2, retry_delay_seconds=30, **_TASK_OPTS)(_stage_task)
-stage_train = task(name="train", **_TASK_OPTS)(_train_task)
-stage_evaluate = task(name="evaluate", **_TASK_OPTS)(_stage_task)
+_TASK_OPTS = {"cache_policy": NO_CACHE, "log_prints": True, "task_run_name": reporting.task_run_name}
+
+
+def _reported(fn):
+    """The stage, then its figures (counts, accuracy, coverage, loss parts, λ, KL, avg@k) to the
+    run's Prefect log."""
+    def run(stage: str, config_path: str, round_index: int | None, force: bool = False) -> dict:
+        out = fn(stage, config_path, round_index, force)
+        reporting.log_stage(config_path, stage, round_index)
+        return out
+
+    run.__name__ = fn.__name__
+    return run
+
+
+stage_prepare = task(name="prepare", **_TASK_OPTS)(_reported(_stage_task))
+stage_rollout = task(name="rollout", **_TASK_OPTS)(_reported(_rollout_task))
+stage_verify = task(name="verify", **_TASK_OPTS)(_reported(_stage_task))
+stage_annotate = task(name="annotate", retries=2, retry_delay_seconds=30, **_TASK_OPTS)(_reported(_stage_task))
+stage_train = task(name="train", **_TASK_OPTS)(_reported(_train_task))
+stage_evaluate = task(name="evaluate", **_TASK_OPTS)(_reported(_stage_task))
 TASKS = {"prepare": stage_prepare, "rollout": stage_rollout, "verify": stage_verify,
          "annotate": stage_annotate, "train": stage_train, "evaluate": stage_evaluate}
+assert set(TASKS) == set(STAGES) == set(StageName.__args__), "StageName must list the registry's stages"
 
 
-def _publish_round_artifacts(config_path: str, round_index: int) -> None:
-    """A markdown table of the run's metrics so far, and a link to its plot."""
-    try:
-        from prefect.artifacts import create_link_artifact, create_markdown_artifact
+@flow(name="trace-round", log_prints=True, flow_run_name=reporting.round_run_name)
+def trace_round(config: str, round_index: int, force_from: StageName | None = None) -> dict:
+    """rollout -> verify -> annotate -> train for one round of a run.
 
-        from trace_rl.pipeline.plots import metrics_markdown, plot_run
-
-        cfg = load_config(config_path)
-        root = cfg.run.run_root
-        create_markdown_artifact(key=f"{cfg.run.name}-metrics".lower().replace("_", "-"),
-                                 markdown=metrics_markdown(root),
-                                 description=f"metrics after round {round_index}")
-        png = plot_run(root)[0]  # curves.png; accuracy.png and summary.md sit beside it
-        create_link_artifact(key=f"{cfg.run.name}-plot".lower().replace("_", "-"), link=f"file://{png}",
-                             description="training curves per optimizer step (plots/)")
-    except Exception as exc:  # artifacts are a convenience; never fail a finished round for them
-        logging.getLogger("trace_rl.flows").warning("could not publish artifacts: %s", exc)
-
-
-@flow(name="trace-round", log_prints=True)
-def trace_round(config_path: str, round_index: int, force_from: Optional[str] = None) -> dict:
-    """rollout -> verify -> annotate -> train for one round. `force_from` redoes that stage and
-    everything after it."""
+    Args:
+        config: the run directory (or its config.yaml), or a config name/file whose run has
+            the same resolved config; the run's config.yaml is never rewritten here.
+        round_index: the round K to run (0, 1, ...).
+        force_from: redo this stage and everything after it in the round.
+    """
+    config_path = run_config_path(config)
+    if round_index < 0:
+        raise ConfigError(f"round_index={round_index}: use 0, 1, ...")
     logger = get_run_logger()
     results = {}
     forcing = False
-    for stage in ROUND_STAGES:
-        forcing = forcing or stage == force_from
-        logger.info("round %d: %s", round_index, stage)
-        if stage == "train":
-            _release_engine()
-        elif stage == "rollout":
-            _release_trainer()
-        results[stage] = TASKS[stage](stage, config_path, round_index, force=forcing)
-    _publish_round_artifacts(config_path, round_index)
+    with reporting.forward_trace_logs():
+        for stage in ROUND_STAGES:
+            forcing = forcing or stage == force_from
+            logger.info("round %d: %s", round_index, stage)
+            if stage == "train":
+                _release_engine()
+            elif stage == "rollout":
+                _release_trainer()
+            results[stage] = TASKS[stage](stage, config_path, round_index, force=forcing)
+    reporting.publish_run_artifacts(config_path, f"after round {round_index}")
     return results
 
 
-@flow(name="trace-training", log_prints=True)
-def trace_training(config: str = "demo", overrides: Optional[list[str]] = None,
-                   rounds: Optional[int] = None) -> dict:
-    """The whole run: prepare, then `rounds` on-policy rounds; continues where a run stopped."""
-    cfg = load_config(config, overrides or [])
-    config_path = write_resolved_config(cfg)
-    total = rounds or cfg.run.rounds
-    stage_prepare("prepare", config_path, None)
+def _evaluate_in_flow(config_path: str, round_index: int | None) -> None:
+    _release_engine()
+    _release_trainer()
+    stage_evaluate("evaluate", config_path, round_index)  # skipped when its samples are current
+
+
+@flow(name="trace-training", log_prints=True, flow_run_name=reporting.training_run_name)
+def trace_training(config: str = "demo", overrides: list[str] | None = None,
+                   rounds: int | None = None, update_config: bool = False) -> dict:
+    """The whole run: prepare, then `rounds` on-policy rounds; continues where a run stopped.
+
+    Args:
+        config: a config name/file (+ overrides) for a new run, or a run directory to continue.
+        overrides: section.key=value items applied to the config.
+        rounds: the number of rounds (default: run.rounds).
+        update_config: allow the run's existing config.yaml to change (each change is logged);
+            without it a differing config is refused.
+    """
+    if rounds is not None:
+        overrides = [*(overrides or []), f"run.rounds={rounds}"]
+    config_path = run_config_path(config, overrides, update=update_config)
+    cfg = load_config(config_path)
+    total = cfg.run.rounds
     out = {}
-    # One vLLM engine for all rounds (started by the first rollout, closed however the flow ends)
-    # and one resident trainer (its optimizer state is written to the last checkpoint at the end).
-    with engine_session(), trainer_session():
-        for k in range(total):
-            out[k] = trace_round(config_path, k)
-            if cfg.eval.benchmarks and (cfg.eval.every_round or k == total - 1):
-                _release_engine()
-                _release_trainer()
-                # Evaluates checkpoints/round-(k+1); skipped when its samples are current.
-                stage_evaluate("evaluate", config_path, k)
+    with reporting.forward_trace_logs():
+        stage_prepare("prepare", config_path, None)
+        if cfg.eval.benchmarks and cfg.eval.initial:
+            _evaluate_in_flow(config_path, -1)
+            reporting.publish_run_artifacts(config_path, "initial policy evaluated")
+        # One vLLM engine for all rounds (started by the first rollout, closed however the flow
+        # ends) and one resident trainer (its optimizer state is written to the last checkpoint).
+        with engine_session(), trainer_session():
+            for k in range(total):
+                out[k] = trace_round(config_path, k)
+                if cfg.eval.benchmarks and (cfg.eval.every_round or k == total - 1):
+                    _evaluate_in_flow(config_path, k)  # policy k+1: checkpoints/round-(k+1)
+                reporting.publish_run_artifacts(config_path, f"after round {k}")
     return {"run": cfg.run.run_root, "rounds": total, "last": out.get(total - 1)}
 
 
-@flow(name="trace-stage", log_prints=True)
-def trace_stage(stage: str, config: str, round_index: Optional[int] = None,
-                overrides: Optional[list[str]] = None, force: bool = False) -> dict:
-    """One stage of one round, e.g. to redo an annotation with another annotator."""
-    cfg = load_config(config, overrides or [])
-    config_path = write_resolved_config(cfg)
+@flow(name="trace-stage", log_prints=True, flow_run_name=reporting.stage_run_name)
+def trace_stage(stage: StageName, config: str, round_index: int | None, force: bool = False) -> dict:
+    """One stage of one round of a run, e.g. to redo an annotation with force=true.
+
+    Args:
+        stage: which stage to run.
+        config: the run directory (or its config.yaml), or a config name/file for a new run;
+            an existing run's config.yaml is never rewritten here.
+        round_index: the round K (0, 1, ...); null only for prepare. For evaluate, the policy
+            that round K's train stage wrote (-1: the initial policy).
+        force: redo the stage even if its output is current (later stages become stale).
+    """
     if stage not in TASKS:
-        raise ValueError(f"unknown stage {stage!r}; valid: {sorted(TASKS)}")
-    return TASKS[stage](stage, config_path, round_index, force=force)
+        raise ConfigError(f"unknown stage {stage!r}; valid: {sorted(TASKS)}")
+    if STAGES[stage].per_round and (round_index is None or round_index < 0):
+        raise ConfigError(f"stage {stage!r} needs round_index 0, 1, ... (got {round_index})")
+    config_path = run_config_path(config)
+    with reporting.forward_trace_logs():
+        out = TASKS[stage](stage, config_path, round_index, force=force)
+    if stage in ("train", "evaluate"):
+        reporting.publish_run_artifacts(config_path, f"after {reporting.stage_label(stage, round_index)}")
+    return out
 
 
-@flow(name="trace-evaluate", log_prints=True)
-def evaluate(config: str, checkpoint: str = "latest", benchmarks: Optional[list[str]] = None,
-             overrides: Optional[list[str]] = None) -> dict:
-    """Evaluate a checkpoint: avg@k with bootstrap CIs per benchmark and the 5-column mean."""
-    cfg = load_config(config, overrides or [])
+@flow(name="trace-evaluate", log_prints=True, flow_run_name=reporting.evaluate_run_name)
+def evaluate(config: str, checkpoint: str = "latest", benchmarks: list[str] | None = None,
+             force: bool = False) -> dict:
+    """Evaluate a checkpoint: avg@k with bootstrap CIs per benchmark and the 5-column mean;
+    then the run's plots and summary are redrawn.
+
+    Args:
+        config: the run directory (or its config.yaml), or a config name/file of the run.
+        checkpoint: 'latest', 'initial', 'round-K' or a model directory.
+        benchmarks: benchmark names (default: eval.benchmarks).
+        force: resample even if the samples are current.
+    """
     from trace_rl.stages.evaluate import run_eval
 
-    return run_eval(cfg, checkpoint=checkpoint, benchmarks=benchmarks, progress=True)
+    config_path = run_config_path(config)
+    with reporting.forward_trace_logs():
+        summary = run_eval(load_config(config_path), checkpoint=checkpoint, benchmarks=benchmarks,
+                           force=force, progress=True)
+        get_run_logger().info(reporting._eval_line(summary))
+    reporting.publish_run_artifacts(config_path, f"evaluated {summary['checkpoint']}")
+    return summary
 
 
-def run_training_local(cfg, rounds: Optional[int] = None) -> dict:
-    """What `trace-rl run` does: the training flow in this process (Prefect's ephemeral mode)."""
-    config_path = write_resolved_config(cfg)
-    return trace_training(config_path, [], rounds)
+def run_training_local(cfg, rounds: int | None = None) -> dict:
+    """What `trace-rl run` does: the training flow in this process (Prefect ephemeral mode). An
+    explicit command: the run's config.yaml takes this config, each change logged."""
+    if rounds is not None:
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"rounds": rounds})})
+    config_path = write_resolved_config(cfg, update=True)
+    return trace_training(config_path)

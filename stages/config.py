@@ -90,6 +90,8 @@ class EvalConfig(_Strict):
     limit: int | None = Field(None, ge=1, description="problems per benchmark (None = all)")
     bootstrap: int = Field(1000, ge=0)
     every_round: bool = Field(False, description="evaluate each round's checkpoint in the training flow")
+    initial: bool = Field(True, description="evaluate the initial policy too (the baseline every "
+                                           "later policy is compared with), before round 0")
     sources: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="benchmarks by name: {source, split, configs, revision, columns, answer_format, "

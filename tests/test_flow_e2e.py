@@ -92,3 +92,42 @@ def test_forced_stage_rewrites_only_its_dataset_and_marks_train_stale(finished_r
     get_stage("train")(cfg, 1, progress=False)
     assert stage_states(cfg)["train"][1].state == "complete"
     assert store.manifest(names["verify"]).finished_at == before["verify"].finished_at
+
+
+def test_the_prefect_run_reads_like_the_experiment(finished_run):
+    """Run names carry run and round, each stage's figures are in the run's Prefect log, and the
+    parent run holds a per-round table and the summary with the plots embedded (not a path)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, LogFilter
+
+    cfg, _, _ = finished_run
+    store = open_store(cfg)
+    name = cfg.run.name
+    # the initial policy is evaluated too, and the plots were redrawn after the last evaluation
+    assert store.exists("eval", "initial", "summary.json")
+    assert store.exists("plots", "accuracy.png")
+    summary_md = store.read_text(store.path("plots", "summary.md"))
+    assert "| initial |" in summary_md and "| round-0002 |" in summary_md
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name={"like_": name}))
+        by_name = {r.name: r for r in runs}
+        assert {f"{name} · training", f"{name} · round 0", f"{name} · round 1"} <= set(by_name)
+        parent = by_name[f"{name} · training"]
+        ids = [r.id for r in runs if r.parent_task_run_id or r.id == parent.id]
+        tasks = {t.name for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": ids}))}
+        assert {"prepare", "rollout r0", "verify r1", "annotate r1", "train r1",
+                "evaluate initial", "evaluate round-0002"} <= tasks, tasks
+        logs = "\n".join(x.message for x in client.read_logs(
+            log_filter=LogFilter(flow_run_id={"any_": ids}), limit=200))
+        assert "verify r1: " in logs and "accuracy (reward rate) " in logs
+        assert "coverage of annotated rows " in logs
+        assert "train r0: " in logs and "λ " in logs and "pg_loss " in logs
+        assert "eval round-0002: testbed avg@" in logs and "95% CI" in logs
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id={"any_": [parent.id]}))
+    kinds = {a.type for a in arts}
+    assert {"table", "markdown"} <= kinds, kinds
+    table = max((a for a in arts if a.type == "table"), key=lambda a: a.created)
+    assert "reward_rate" in str(table.data) and "coverage" in str(table.data)
+    md = max((a for a in arts if a.type == "markdown"), key=lambda a: a.created)
+    assert "data:image/png;base64," in md.data and "accuracy.png" in md.data
+    assert "file://" not in md.data
