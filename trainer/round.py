@@ -211,6 +211,7 @@ def _continue_from(cfg: TrainConfig, optimizer, scheduler, path: str, global_ste
     for group in optimizer.param_groups:
         group.update(initial_lr=cfg.lr, lr=cfg.lr * factor, betas=tuple(cfg.betas),
                      weight_decay=cfg.weight_decay)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     log.warning("train.continue_trainer_state: round 0 continues the trainer state in %s: "
                 "global step %d (λ schedule and teacher syncs from there), AdamW moments, "
                 "scheduler position, teacher snapshot if any; lr %.3g, betas and weight decay "
@@ -288,6 +289,8 @@ def train_round(
     if acc.is_main_process:
         for leftover in clean_tmp_dirs(output_checkpoint):
             log.warning("removed %s, left by an interrupted checkpoint save", leftover)
+    before = [*acc._models, *acc._optimizers]
+    prior = resident.held if resident is not None else None
     try:
         return _train_round(cfg, prompts=prompts, rollouts=rollouts, verdicts=verdicts,
                             annotations=annotations, init_checkpoint=init_checkpoint,
@@ -296,11 +299,13 @@ def train_round(
                             resident=resident, write_output=write_output,
                             save_state=save_state, timings=timings)
     finally:
-        # No model or optimizer outlives its round in the accelerator, except the resident's.
+        # No model or optimizer outlives its round in the accelerator: what the round prepared
+        # or took from the resident is released unless the resident holds it now.
         held = resident.held if resident is not None else None
         keep = (held.wrapped, held.optimizer) if held is not None else ()
-        release(acc, *[x for reg in (acc._models, acc._optimizers) for x in reg
-                       if not any(x is k for k in keep)])
+        drop = [x for x in (*acc._models, *acc._optimizers) if not any(x is b for b in before)]
+        drop += [prior.wrapped, prior.optimizer] if prior is not None else []
+        release(acc, *[x for x in drop if not any(x is k for k in keep)])
 
 
 def _train_round(cfg: TrainConfig, *, prompts, rollouts, verdicts, annotations, init_checkpoint,
@@ -346,8 +351,6 @@ def _train_round(cfg: TrainConfig, *, prompts, rollouts, verdicts, annotations, 
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         global_step = state["global_step"]
-        if round_index == 0:
-            _continue_from(cfg, optimizer, scheduler, init_checkpoint, global_step)
     model.to(acc.device)
     my_idx = sorted({i for step in plan for micro in step for i in micro})
     # The first step of a fresh round runs on the round's initial weights, so its old log-probs
@@ -378,6 +381,8 @@ def _train_round(cfg: TrainConfig, *, prompts, rollouts, verdicts, annotations, 
         restore_sharded(wrapped, optimizer, saved, with_model=True)
     elif saved is None and state is not None and state.get("state_layout") == FULL_FQN:
         restore_sharded(wrapped, optimizer, state, with_model=False)
+    if saved is None and state is not None and round_index == 0:
+        _continue_from(cfg, optimizer, scheduler, init_checkpoint, global_step)
     r = _Step(cfg, get_method(cfg.method), wrapped, acc.unwrap_model(wrapped), teacher, acc,
               temperature)
     logger = Logger(acc, str(work), cfg.trackers, f"round-{round_index:04d}")
