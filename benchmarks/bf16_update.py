@@ -26,7 +26,6 @@ def train(dtype: str, lr: float, steps: int, hidden: int, root: Path):
     import torch
     from safetensors.torch import load_file
     from tiny import make_round_tables, make_tokenizer, save_tiny_checkpoint
-
     from trace_rl.trainer.config import TrainConfig
     from trace_rl.trainer.round import train_round
 

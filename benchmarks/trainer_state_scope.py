@@ -33,9 +33,8 @@ def _tree_sha(path: Path) -> str:
 
 def main() -> None:
     import torch
-    from tiny import make_round_tables, make_tokenizer, save_tiny_checkpoint
-
     import trace_rl.trainer.round as round_mod
+    from tiny import make_round_tables, make_tokenizer, save_tiny_checkpoint
     from trace_rl.trainer.config import TrainConfig
     from trace_rl.trainer.resident import trainer_session
     from trace_rl.trainer.round import train_round

@@ -5,7 +5,6 @@ import json
 
 import torch
 from safetensors.torch import load_file
-
 from tiny import make_round_tables, make_tokenizer, save_tiny_checkpoint
 from trace_rl.trainer.config import TrainConfig
 from trace_rl.trainer.lean import LeanCausalLM

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 import trace_rl.trainer.round as round_mod
-import trace_rl.trainer.round_io as round_io
+from safetensors.torch import load_file
 from tiny import make_round_tables, make_tokenizer, save_tiny_checkpoint
+from trace_rl.trainer import round_io
 from trace_rl.trainer.checkpoint import has_trainer_state
 from trace_rl.trainer.config import TrainConfig
 from trace_rl.trainer.resident import Resident, trainer_session
@@ -29,9 +28,9 @@ from trace_rl.trainer.round import train_round
 
 
 def _cfg(**kw):
-    base = dict(method="trace", route={"key_forward": True, "error_reverse": True},
-                mini_batch_size=4, micro_batch_size=2, lr=1e-3, logprob_chunk=8,
-                tensorboard=False, report_to=[], teacher_sync_every=3)
+    base = {"method": "trace", "route": {"key_forward": True, "error_reverse": True},
+            "mini_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3, "logprob_chunk": 8,
+            "tensorboard": False, "report_to": [], "teacher_sync_every": 3}
     return TrainConfig(**{**base, **kw})
 
 
