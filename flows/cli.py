@@ -141,12 +141,13 @@ def inspect(path: str = typer.Argument(..., help="a Parquet file, a dataset dire
 
 @app.command()
 def status(config: str = typer.Argument("demo", help="config name/file or a run directory"),
-           overrides: Optional[list[str]] = OverridesArg) -> None:
-    """Show which stages of which rounds are complete, stale or missing, and why a stage is stale,
-    and every evaluation (current or stale). Judged against the run's own resolved config."""
+           overrides: Optional[list[str]] = OverridesArg,
+           verify: bool = typer.Option(False, "--verify", help="hash every file (default: sizes)")) -> None:
+    """Show which stages of which rounds are complete, stale, damaged or missing, and why, and
+    every evaluation (current or stale). Judged against the run's own resolved config."""
     from trace_rl.stages.status import print_status, run_config
 
-    print_status(run_config(config, overrides))
+    print_status(run_config(config, overrides), verify=verify)
 
 
 @testbed_app.command("init")

@@ -8,6 +8,10 @@ input is itself stale. The last rule makes staleness transitive: re-annotating r
 round 0's train stale, hence round 1's rollout (sampled from that checkpoint), and so on through
 every later round and every evaluation of a later checkpoint.
 
+A complete stage is damaged when its files no longer match the sizes (`--verify`: the sha256)
+its manifest recorded, or the manifest itself was edited, or (a train stage) the checkpoint it
+wrote lost or changed a file (stages/damage.py); the line under the table says what to do.
+
 `status` of a run reads the run's own resolved config (`<run>/config.yaml`), so the rounds shown
 are the ones the run was launched with, never the packaged default's.
 """
@@ -36,11 +40,12 @@ from trace_rl.pipeline.store import Manifest, RunStore
 from trace_rl.stages.config import TraceConfig, load_config
 
 from .common import initial_model_inputs, section_fingerprint_part, stage_config
+from .damage import damage_reason
 
 
 @dataclass(frozen=True)
 class StageState:
-    state: str  # "complete" | "stale" | "missing"
+    state: str  # "complete" | "stale" | "missing" | "damaged"
     reason: str | None = None
 
 
@@ -63,6 +68,7 @@ class _Checker:
     cfg: TraceConfig
     store: RunStore
     memo: dict[str, StageState] = field(default_factory=dict)
+    deep: bool = False  # damage check (stages/damage.py): sizes, or every byte's hash
 
     def dataset(self, name: str) -> StageState:
         if name not in self.memo:
@@ -74,6 +80,9 @@ class _Checker:
         m = self.store.manifest(name)
         if m is None:
             return StageState("missing")
+        damaged = damage_reason(self.store, name, m, self.deep)  # files vs their recorded size/hash
+        if damaged:
+            return StageState("damaged", damaged)
         stage = m.stage
         if stage in STAGES and STAGES[stage].dataset is not None:
             k = parse_round(name.split("/", 1)[0]) if STAGES[stage].per_round else None
@@ -98,7 +107,7 @@ class _Checker:
             if upstream.fingerprint != fp:
                 return f"its input {name} was rewritten"
             if self.dataset(name).state != "complete":
-                return f"its input {name} is stale"
+                return f"its input {name} is {self.dataset(name).state}"
         return None
 
 
@@ -113,10 +122,12 @@ def run_rounds(cfg: TraceConfig, store: RunStore) -> int:
     return max([cfg.run.rounds] + [k + 1 for k in found if k is not None])
 
 
-def stage_states(cfg: TraceConfig, store: RunStore | None = None) -> dict[str, dict[int | None, StageState]]:
-    """{stage: {round: StageState}} for prepare (round None) and each round stage."""
+def stage_states(cfg: TraceConfig, store: RunStore | None = None,
+                 deep: bool = False) -> dict[str, dict[int | None, StageState]]:
+    """{stage: {round: StageState}} for prepare (round None) and each round stage; `deep`
+    verifies every file's hash, not only its size."""
     store = store or RunStore(cfg.run.run_root)
-    check = _Checker(cfg, store)
+    check = _Checker(cfg, store, deep=deep)
     states: dict[str, dict[int | None, StageState]] = {"prepare": {None: check.dataset("prompts")}}
     rounds = run_rounds(cfg, store)
     for stage in ROUND_STAGES:
@@ -128,13 +139,13 @@ def stage_state(cfg: TraceConfig, store: RunStore, stage: str, round_index: int 
     return _Checker(cfg, store).dataset(dataset_name(stage, round_index))
 
 
-def eval_states(cfg: TraceConfig, store: RunStore | None = None) -> list[EvalState]:
+def eval_states(cfg: TraceConfig, store: RunStore | None = None, deep: bool = False) -> list[EvalState]:
     """Every evaluated benchmark of every checkpoint under eval/, current or stale, in policy
     order (initial, round-0001, ...; external models last)."""
     from .evaluate import eval_rollout_config
 
     store = store or RunStore(cfg.run.run_root)
-    check = _Checker(cfg, store)
+    check = _Checker(cfg, store, deep=deep)
     rollout_fp = eval_rollout_config(cfg).model_dump(mode="json")
     out = []
     ckpts = sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.glob(store.path(EVAL, "*"))
@@ -149,8 +160,10 @@ def eval_states(cfg: TraceConfig, store: RunStore | None = None) -> list[EvalSta
                 continue
             parts = {"rollout": rollout_fp,
                      "verify": {**section_fingerprint_part(cfg, "verify"), "kind": m.extra.get("verifier")}}
-            reason = None
-            if m.fingerprint != entry.get("dataset_fingerprint"):
+            reason = damage_reason(store, entry["dataset"], m, deep)
+            if reason:
+                reason = f"its samples are damaged: {reason}"
+            elif m.fingerprint != entry.get("dataset_fingerprint"):
                 reason = "its samples were rewritten after the summary"
             elif m.config_fingerprint != fingerprint(parts):
                 reason = "the eval sampling or verify config changed since it ran"
@@ -179,14 +192,14 @@ def run_config(config: str, overrides: list[str] | None = None) -> TraceConfig:
     return cfg
 
 
-def print_status(cfg: TraceConfig) -> None:
+def print_status(cfg: TraceConfig, verify: bool = False) -> None:
     store = RunStore(cfg.run.run_root)
-    states = stage_states(cfg, store)
+    states = stage_states(cfg, store, deep=verify)
     table = Table(title=f"run {cfg.run.name} ({cfg.run.run_root})")
     table.add_column("round")
     for stage in ROUND_STAGES:
         table.add_column(stage)
-    colour = {"complete": "green", "stale": "yellow", "missing": "dim"}
+    colour = {"complete": "green", "stale": "yellow", "missing": "dim", "damaged": "red"}
     reasons = []
     for k in range(run_rounds(cfg, store)):
         cells = []
@@ -194,15 +207,17 @@ def print_status(cfg: TraceConfig) -> None:
             st = states[s][k]
             cells.append(f"[{colour[st.state]}]{st.state}[/]")
             if st.reason:
-                reasons.append(f"round {k} {s}: {st.reason}")
+                reasons.append((st.state, f"round {k} {s}: {st.reason}"))
         table.add_row(str(k), *cells)
     console = Console()
     prepare = states["prepare"][None]
     console.print(f"prepare: {prepare.state}" + (f" ({prepare.reason})" if prepare.reason else ""))
     console.print(table)
-    for line in reasons:
-        console.print(f"[yellow]stale[/] {line}")
-    evals = eval_states(cfg, store)
+    for state, line in reasons:
+        console.print(f"[{colour[state]}]{state}[/] {line}")
+    console.print("files checked: " + ("every byte (sha256)" if verify else
+                                       "sizes (`--verify` hashes every byte)"))
+    evals = eval_states(cfg, store, deep=verify)
     if not evals:
         console.print("evaluations: none yet")
         return
