@@ -6,8 +6,11 @@ reason in `error`, before anything is paid for), ask the backend for segment ids
 validate them (parse.py), map them to token spans under the coverage cap (spans.py).
 
 Backends: "api" and "self" produce reply text (through the reply cache), "rule" and
-"surprise" (the teacher's divergence, surprise.py) return ids directly.
-Row statuses: ok | no_spans | parse_error | api_error | timeout | skipped.
+"surprise" (the teacher's divergence, surprise.py) return ids directly, "equations"
+(equations.py) character spans.
+Row statuses: ok | no_spans | too_broad | parse_error | api_error | timeout | skipped;
+`too_broad`: the annotation chose something, but not even its most specific part fits the
+coverage cap, so it is kept as no selection (the trainer uses only `ok` rows' spans).
 """
 
 from __future__ import annotations
@@ -247,6 +250,8 @@ def annotator_name(cfg: AnnotateConfig, model_path: str | None) -> str:
         return f"self:{cfg.self_host.mode}:{model_path}"
     if cfg.backend == "surprise":
         return f"surprise:{model_path}"
+    if cfg.backend == "equations":
+        return "equations"
     return f"rule:{cfg.rule_fn}"
 
 

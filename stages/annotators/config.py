@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-BACKEND_NAMES = ("api", "self", "rule", "surprise")
+BACKEND_NAMES = ("api", "self", "rule", "surprise", "equations")
 SELF_MODES = ("vllm_server", "inprocess")
 TEMPLATE_NAMES = ("system", "key", "error")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -178,11 +178,12 @@ class AnnotateConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
-    backend: Literal["api", "self", "rule", "surprise"] = Field(
+    backend: Literal["api", "self", "rule", "surprise", "equations"] = Field(
         default="api",
         description="api (a strong model), self (the round's policy as annotator), rule (a "
-        "programmatic rule, rule_fn), surprise (segments where the privileged teacher's KL to "
-        "the student is largest)",
+        "programmatic rule, rule_fn), surprise (token windows where the privileged teacher's KL "
+        "to the student is largest), equations (the arithmetic written in the response checked: "
+        "first wrong equation / the equations producing the answer)",
     )
     coverage_cap: float = Field(
         default=0.25, description="max fraction of response tokens inside spans (METHOD.md)"

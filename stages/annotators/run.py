@@ -22,6 +22,7 @@ from trace_rl.stages.annotators.config import BACKEND_NAMES, AnnotateConfig
 from trace_rl.stages.annotators.replies import api_rows, llm_rows
 from trace_rl.stages.annotators.schema import uses_schema
 from trace_rl.stages.annotators.selfhost import generate_inprocess, served
+from trace_rl.stages.annotators.equations import equation_rows
 from trace_rl.stages.annotators.surprise import surprise_rows
 from trace_rl.trainer.teacher_prompt import DEFAULT_TEACHER_TEMPLATE
 
@@ -169,6 +170,8 @@ def annotate_rows(
             ready = prepare_jobs(cfg, jobs, annotator, rows, tick)  # batch backends: up front
             if ready and cfg.backend == "rule":
                 _place(ready, rule_rows(cfg, ready, annotator, tick), rows)
+            elif ready and cfg.backend == "equations":
+                _place(ready, equation_rows(cfg, ready, annotator, tick), rows)
             elif ready and cfg.backend == "surprise":
                 template = teacher_template or DEFAULT_TEACHER_TEMPLATE
                 done = surprise_rows(cfg, ready, annotator, tokenizer, ckpt, template, tick)

@@ -1,0 +1,248 @@
+"""The `equations` annotator: checks the arithmetic a response writes out, deterministically,
+with no model, prompt or API (annotate.backend: equations).
+
+It reads every plain-text equation "a op b = c" of a response, chained forms included
+("3 x 4 = 12 + 1 = 13", "2 books + 4 books = 6"): operands are numbers (thousands separators,
+decimals), optionally followed by up to three unit words before the next operator or "="; the
+operators are + - * / x × ÷ \\times \\cdot \\div, with the usual precedence. Each "=" joins two
+expressions, and the equation is wrong when any joined pair differs in value (exact rationals),
+except that a side going on from the value before it is a running total ("12 + 1 = 13").
+
+- **error route** (incorrect rollout): the first wrong equation is the error span, labelled with
+  what it should say ("14 - 11 = 2 is wrong: 14 - 11 = 3"). A response with no wrong equation
+  gets `no_spans` (its error is in the setup or the answer, which this annotator cannot see).
+- **key route** (correct rollout): the equations that produce the final answer: the last
+  equation whose result is the reference answer, then, latest first, the earlier equations whose
+  results it (or one of them) uses as an operand. None -> `no_spans`.
+
+Spans are character ranges mapped to tokens like every annotator's (align.py). Under the coverage
+cap each equation is admitted whole, in the order above, while it fits; one that does not fit is
+cut down to its most specific part, the result it writes after its (first wrong) "=", never to
+its opening tokens; when not even that fits, the row is `too_broad` (no spans; the trainer
+treats it as unannotated).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+
+from trace_rl.stages.annotators.align import char_span_to_tokens
+from trace_rl.stages.annotators.base import Job, make_row
+from trace_rl.stages.annotators.config import AnnotateConfig
+
+_NUM = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"
+_OP = r"[-+*/×÷]|x(?=\s*\d)|\\times|\\cdot|\\div"
+_UNITS = r"(?:\s+(?!x\s*\d)[A-Za-z][A-Za-z/']*){1,3}"
+_EXPR = rf"(?:{_NUM})(?:(?:{_UNITS})?\s*(?:{_OP})\s*(?:{_NUM}))*"
+_EQ_RE = re.compile(rf"(?<![\w.,])(?:{_EXPR})(?:(?:{_UNITS})?\s*(?:=|\bequals\b)\s*-?(?:{_EXPR}))+")
+_SIDE_SPLIT_RE = re.compile(r"=|\bequals\b")
+# Unit words ("stickers/bag") are read as words so that their letters are never operators.
+_TOKEN_RE = re.compile(
+    rf"(?P<num>{_NUM})|(?P<op>\\times|\\cdot|\\div|x(?=\s*\d)|[-+*/×÷])|[A-Za-z][A-Za-z/']*"
+)
+
+
+@dataclass(frozen=True)
+class Equation:
+    """One equation chain: its char span, the value of each side, and, when wrong, where the
+    first wrong side is written (``wrong_start``/``wrong_end``) and what it should be."""
+
+    start: int
+    end: int
+    text: str
+    values: tuple[Fraction, ...]
+    operands: tuple[Fraction, ...]  # the numbers written in its first side
+    wrong_at: int | None  # index of the first side that differs from the one before it
+    wrong_start: int = 0
+    wrong_end: int = 0
+    result_start: int = 0  # char span of the number after the last "="
+    result_end: int = 0
+
+    @property
+    def result(self) -> Fraction:
+        return self.values[-1]
+
+
+def _number(text: str) -> Fraction:
+    return Fraction(text.replace(",", ""))
+
+
+def evaluate(side: str) -> tuple[Fraction | None, list[Fraction]]:
+    """Value of one side ("4 bags * 4 cookies per bag") and its numbers; None when it divides
+    by zero or has no number."""
+    nums: list[Fraction] = []
+    ops: list[str] = []
+    for m in _TOKEN_RE.finditer(side):
+        if m.group("num") is not None:
+            nums.append(_number(m.group("num")))
+        elif m.group("op") is not None and len(ops) < len(nums):
+            ops.append({"×": "*", "x": "*", "\\times": "*", "\\cdot": "*", "÷": "/",
+                        "\\div": "/"}.get(m.group("op"), m.group("op")))
+    if not nums or len(ops) != len(nums) - 1:
+        return None, nums
+    if side.lstrip().startswith("-"):  # "= -15": a negative result
+        nums[0] = -nums[0]
+    terms, signs = [nums[0]], []
+    for op, n in zip(ops, nums[1:], strict=True):
+        if op in "*/":
+            if op == "/" and n == 0:
+                return None, nums
+            terms[-1] = terms[-1] * n if op == "*" else terms[-1] / n
+        else:
+            signs.append(op)
+            terms.append(n)
+    total = terms[0]
+    for sign, t in zip(signs, terms[1:], strict=True):
+        total = total + t if sign == "+" else total - t
+    return total, nums
+
+
+def find_equations(text: str) -> list[Equation]:
+    """Every equation chain with at least one operator, in text order."""
+    found = []
+    for m in _EQ_RE.finditer(text):
+        eq = m.group(0)
+        if not any(t.group("op") for t in _TOKEN_RE.finditer(eq)):
+            continue
+        pieces, pos = [], 0
+        for sep in _SIDE_SPLIT_RE.finditer(eq):
+            pieces.append((pos, sep.start()))
+            pos = sep.end()
+        pieces.append((pos, len(eq)))
+        values, wrong_at, spans = [], None, []
+        first_nums: list[Fraction] = []
+        for k, (a, b) in enumerate(pieces):
+            value, nums = evaluate(eq[a:b])
+            if value is None:
+                break
+            if k == 0:
+                first_nums = nums
+            values.append(value)
+            spans.append((a, b))
+            # "3 x 4 = 12 + 1 = 13" is a running total: a side that goes on from the value
+            # before it (its first number) is a new step, not a claim that 12 + 1 = 12.
+            running = k > 0 and len(nums) > 1 and nums[0] == values[k - 1]
+            if wrong_at is None and k > 0 and value != values[k - 1] and not running:
+                wrong_at = k
+        if len(values) != len(pieces):
+            continue
+        ws, we = spans[wrong_at] if wrong_at is not None else (0, 0)
+        rs, re_ = spans[-1]
+        base = m.start()
+        found.append(Equation(
+            base, m.end(), eq, tuple(values), tuple(first_nums), wrong_at,
+            base + _lstrip(eq, ws), base + len(eq[:we].rstrip()),
+            base + _lstrip(eq, rs), base + len(eq[:re_].rstrip()),
+        ))
+    return found
+
+
+def _lstrip(s: str, i: int) -> int:
+    while i < len(s) and s[i].isspace():
+        i += 1
+    return i
+
+
+def _answer_value(answer: str | None) -> Fraction | None:
+    m = re.fullmatch(rf"\s*\$?\s*(-?(?:{_NUM}))\s*\$?\s*", answer or "")
+    return _number(m.group(1)) if m else None
+
+
+def key_equations(equations: list[Equation], answer: Fraction) -> list[Equation]:
+    """The last correct equation whose result is `answer`, then the earlier correct equations
+    whose results feed it (latest first); [] when no equation produces the answer."""
+    ok = [e for e in equations if e.wrong_at is None]
+    finals = [e for e in ok if e.result == answer]
+    if not finals:
+        return []
+    chosen = [finals[-1]]
+    needed = set(finals[-1].operands)
+    for e in reversed(ok[: ok.index(finals[-1])]):
+        if e.result in needed:
+            chosen.append(e)
+            needed |= set(e.operands)
+    return chosen
+
+
+def plan_spans(job: Job, equations: list[tuple[Equation, int, int, str]], cap: float) -> tuple[list[dict], str]:
+    """Token spans for (equation, preferred char span, fallback char span, label) in priority
+    order, under the cap; returns the spans and a status (ok | too_broad | no_spans)."""
+    offsets = job.offsets()
+    text = job.item["response_text"]
+    n_tokens = len(offsets.offsets_T2)
+    budget = math.floor(cap * n_tokens + 1e-9)
+    spans: list[dict] = []
+    covered: set[int] = set()
+    for eq, fb_start, fb_end, label in equations:
+        for c0, c1 in ((eq.start, eq.end), (fb_start, fb_end)):
+            tok = char_span_to_tokens(offsets.offsets_T2, text, c0, c1, offsets.index)
+            if tok is None or tok[1] <= tok[0]:
+                continue
+            new = set(range(*tok)) - covered
+            if len(covered) + len(new) > budget:
+                continue
+            covered |= new
+            spans.append(_span(job, c0, c1, tok, label))
+            break
+    if spans:
+        return sorted(spans, key=lambda s: s["token_start"]), "ok"
+    return [], "too_broad" if equations else "no_spans"
+
+
+def _span(job: Job, c0: int, c1: int, tok: tuple[int, int], label: str) -> dict:
+    seg_ids = [s.segment_id for s in job.segments if s.char_start < c1 and c0 < s.char_end]
+    return {"segment_ids": seg_ids, "char_start": c0, "char_end": c1,
+            "token_start": tok[0], "token_end": tok[1], "label": label}
+
+
+def _fmt(v: Fraction) -> str:
+    return str(v.numerator) if v.denominator == 1 else f"{float(v):g}"
+
+
+def choose(job: Job) -> tuple[list[tuple[Equation, int, int, str]], str | None]:
+    """The equations to mark for a job, with their fallback spans and labels, and a note when
+    there are none."""
+    text = job.item["response_text"]
+    equations = find_equations(text)
+    if job.item["route"] == "error":
+        wrong = [e for e in equations if e.wrong_at is not None]
+        if not wrong:
+            return [], f"no wrong equation among {len(equations)}"
+        e = wrong[0]
+        k = e.wrong_at or 0
+        label = (f"{text[e.start:e.end]} is wrong: {_fmt(e.values[k - 1])}, "
+                 f"not {_fmt(e.values[k])}")
+        return [(e, e.wrong_start, e.wrong_end, label[:120])], None
+    answer = _answer_value(job.item.get("answer"))
+    if answer is None:
+        return [], "the reference answer is not a plain number"
+    chosen = key_equations(equations, answer)
+    if not chosen:
+        return [], f"no equation among {len(equations)} produces the answer"
+    return [(e, e.result_start, e.result_end, "key step") for e in chosen], None
+
+
+def equation_rows(cfg: AnnotateConfig, jobs: list[Job], annotator: str,
+                  tick: Callable[[], None]) -> list[dict]:
+    """Rows of prepared jobs (key or error route)."""
+    rows = []
+    for job in jobs:
+        chosen, note = choose(job)
+        if not chosen:
+            rows.append(make_row(job.item, annotator, "no_spans", error=note))
+        else:
+            spans, status = plan_spans(job, chosen, cfg.coverage_cap)
+            n = len(job.offsets().offsets_T2)
+            covered = sum(s["token_end"] - s["token_start"] for s in spans)
+            err = None if status == "ok" else (
+                f"too_broad: the smallest part of the first equation exceeds coverage_cap "
+                f"{cfg.coverage_cap} x {n} tokens")
+            rows.append(make_row(job.item, annotator, status, spans=spans,
+                                 coverage=covered / n if n else 0.0,
+                                 raw=" | ".join(c[3] for c in chosen), error=err))
+        tick()
+    return rows
