@@ -59,6 +59,8 @@ def _process_start(pid: int) -> float | None:
 def alive(holder: Holder) -> bool:
     """Whether the holder still runs. A lock from another host is presumed alive: its process
     cannot be looked up from here."""
+    if holder.pid <= 0:  # a half-written lock; and kill(0 or -1) would address whole groups
+        return False
     if holder.host != socket.gethostname():
         return True
     try:
