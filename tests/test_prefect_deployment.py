@@ -10,7 +10,6 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import ROOT
 from prefect_server import background, prefect_env, prefect_server
 
@@ -18,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def _prefect(args: list[str], env: dict, timeout: int = 180) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "prefect", *args], env=env, cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "prefect", *args], env=env, cwd=ROOT, capture_output=True, check=False,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, f"prefect {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -39,19 +38,70 @@ def test_deploy_and_run_stage_deployment(tmp_path):
         listed = _prefect(["deployment", "ls"], env).stdout
         for name in ("trace-training/training", "trace-round/round", "trace-stage/stage", "trace-evaluate/evaluate"):
             assert name in listed, listed
-        params = {"stage": "prepare", "config": "demo",
-                  "overrides": [f"run.root={run_root}", f"data.source={source}",
-                                "data.limit=40"]}
+        schema = _api(env, "/deployments/filter", {})
+        stage_dep = next(d for d in schema if d["name"] == "stage")
+        props = stage_dep["parameter_openapi_schema"]
+        assert props["properties"]["stage"]["enum"] == ["prepare", "rollout", "verify", "annotate",
+                                                        "train", "evaluate"]
+        assert props["properties"]["stage"]["description"]
+        assert set(props["required"]) == {"stage", "config", "round_index"}
+        overrides = [f"run.root={run_root}", f"data.source={source}", "data.limit=40"]
+        params = {"stage": "prepare", "config": "demo", "round_index": None, "overrides": overrides}
         with background([sys.executable, "-m", "prefect", "worker", "start", "--pool", "trace-pool",
                          "--limit", "1"], env, tmp_path / "worker.log", ROOT):
-            out = _prefect(["deployment", "run", "trace-stage/stage", "--params", json.dumps(params)], env).stdout
-            run_id = next(line.split()[-1] for line in out.splitlines() if "UUID" in line)
+            run_id = _run_deployment("trace-stage/stage", params, env)
             state = _wait_for_final_state(run_id, env)
-        assert state == "COMPLETED", (state, (tmp_path / "worker.log").read_text()[-4000:])
+            assert state == "COMPLETED", (state, (tmp_path / "worker.log").read_text()[-4000:])
+            written = (run_root / "config.yaml").read_bytes()
+            flow_run = _api(env, f"/flow_runs/{run_id}")
+            assert flow_run["name"] == "demo · prepare"
+            logs = _logs_until(env, run_id, "prepare: 40 rows")
+            assert "prepare: 40 rows" in logs, logs
+            # A misspelt stage and a missing round_index are refused before any run is made.
+            for bad in ({**params, "stage": "verfy"},
+                        {"stage": "verify", "config": str(run_root)}):
+                proc = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "trace-stage/stage",
+                                       "--params", json.dumps(bad)], env=env, cwd=ROOT, capture_output=True,
+                                      text=True, timeout=180, check=False)
+                assert proc.returncode != 0 or "UUID" not in proc.stdout, proc.stdout
+            # A config that would change the run's config.yaml fails the run and writes nothing.
+            changed = {**params, "overrides": [*overrides[:2], "data.limit=30"]}
+            run_id = _run_deployment("trace-stage/stage", changed, env)
+            assert _wait_for_final_state(run_id, env) == "FAILED"
+            logs = _logs_until(env, run_id, "data.limit: 40 -> 30")
+            assert "data.limit: 40 -> 30" in logs, logs[-3000:]
+        assert (run_root / "config.yaml").read_bytes() == written
     table = pq.read_table(run_root / "prompts" / "part-00000.parquet")
     assert table.num_rows == 40
     manifest = json.loads((run_root / "prompts" / "_manifest.json").read_text())
     assert manifest["rows"] == 40 and manifest["stage"] == "prepare"
+
+
+def _logs_until(env: dict, run_id: str, needle: str, timeout: float = 30) -> str:
+    """The flow run's log (the run's process ships its records a moment after it ends)."""
+    deadline = time.time() + timeout
+    while True:
+        logs = "\n".join(x["message"] for x in _api(env, "/logs/filter",
+                                                     {"logs": {"flow_run_id": {"any_": [run_id]}}}))
+        if needle in logs or time.time() > deadline:
+            return logs
+        time.sleep(1)
+
+
+def _run_deployment(name: str, params: dict, env: dict) -> str:
+    out = _prefect(["deployment", "run", name, "--params", json.dumps(params)], env).stdout
+    return next(line.split()[-1] for line in out.splitlines() if "UUID" in line)
+
+
+def _api(env: dict, path: str, body: dict | None = None):
+    """GET (or POST `body`) one REST endpoint of the test's server."""
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"{env['PREFECT_API_URL']}{path}", data=data,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=20) as r:
+        return json.loads(r.read())
 
 
 def _wait_for_final_state(run_id: str, env: dict, timeout: float = 240) -> str:
