@@ -224,10 +224,12 @@ SIMPLE = "one two three\nfour five\nsix\nseven eight nine ten"  # 13 Qwen tokens
     ("ids", "cap", "spans", "coverage", "cut"),
     [
         ([3], 0.25, [([3], 7, 8)], 1 / 13, False),
-        ([4, 1], 0.25, [([4], 9, 12)], 3 / 13, True),  # budget floor(3.25)=3: [4] cut, [1] dropped
+        # budget floor(3.25)=3: [4] (4 tokens) is dropped whole, never cut; [1] fits
+        ([4, 1], 0.25, [([1], 0, 3)], 3 / 13, True),
         ([2, 3], 0.5, [([2, 3], 4, 8)], 4 / 13, False),  # adjacent ids: one span
         ([3, 1], 0.5, [([1], 0, 3), ([3], 7, 8)], 4 / 13, False),
-        ([1, 4], 0.5, [([1], 0, 3), ([4], 9, 12)], 6 / 13, True),
+        ([1, 4], 0.5, [([1], 0, 3)], 3 / 13, True),
+        ([4], 0.25, [], 0.0, True),  # nothing fits: too_broad, not the opening of [4]
     ],
 )
 def test_coverage_cap_hand_computed(qwen3, ids, cap, spans, coverage, cut):
@@ -241,10 +243,13 @@ def test_coverage_cap_hand_computed(qwen3, ids, cap, spans, coverage, cut):
     for s in plan.spans:
         assert s["label"] == "lbl"
         assert SIMPLE[s["char_start"] : s["char_end"]].strip()
+    assert plan.too_broad == (not spans)
+    segs = {s.segment_id: s for s in segment_response(SIMPLE)}
+    for s in plan.spans:  # whole segments only
+        assert (s["char_start"], s["char_end"]) == (
+            segs[s["segment_ids"][0]].char_start, segs[s["segment_ids"][-1]].char_end)
     if cut:
-        assert plan.note.startswith("coverage_cap: kept")
-        truncated = next(s for s in plan.spans if s["segment_ids"] == [4])
-        assert SIMPLE[truncated["char_start"] : truncated["char_end"]] == "seven eight nine"
+        assert plan.note.startswith("coverage_cap: kept") and "whole" in plan.note
 
 
 def test_group_ids_orders_by_annotator_preference():

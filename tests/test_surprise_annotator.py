@@ -1,15 +1,14 @@
-"""The teacher-surprise annotator on the testbed, judged against the rule annotator.
+"""The teacher-surprise annotator: token windows of highest divergence within the cap.
 
-Responses are the testbed's reference solutions (correct: key route) and solutions with one
-injected error (error route). The rule annotator marks the carry steps and the first wrong step;
-the surprise annotator only sees the checkpoint. Its best segment must be one of the rule's more
-often than a uniformly drawn segment is. (On this barely trained tiny testbed the teacher's
-divergence peaks at the first step's format tokens, so the best segment is mostly the first:
-docs/real_model.md reports that baseline next to the measured precision.)
+The window choice is a property test and the issue's case (a surprising tail is chosen, not the
+opening). End to end on the testbed (reference solutions: key route; solutions with one injected
+error: error route), the spans must be exactly the windows of the divergence the trainer's KL
+gives; their overlap with the rule annotator's choice is printed for docs/real_model.md.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 
@@ -17,33 +16,48 @@ import pytest
 
 from trace_rl.pipeline.chat import encode_chat_prompt
 from trace_rl.stages.annotators import AnnotateConfig, annotate_rows
-from trace_rl.stages.annotators.surprise import choose_segments
+from trace_rl.stages.annotators.surprise import choose_windows
 from trace_rl.testbed.config import TestbedConfig
 from trace_rl.testbed.task import corrupt_steps, make_prompt_row, render_solution, sample_pairs
 
 CAP = 0.4
 
 
-def test_choose_segments_best_first_within_the_cap():
-    """Property: the chosen segments are the best-scoring that fit, in score order; their
-    tokens stay within floor(cap * T) unless the single best one alone exceeds it."""
+def test_choose_windows_takes_the_most_surprising_tokens_within_the_cap():
+    """Property: windows never overlap, stay within floor(cap * T) tokens, include the best
+    window of their length, and each other window is more surprising than the response's
+    mean; merged windows never touch."""
     rng = random.Random(0)
     for _ in range(500):
-        n = rng.randint(1, 12)
-        scores = [(i + 1, rng.random(), rng.randint(1, 20)) for i in range(n)]
-        total = sum(s[2] for s in scores)
+        n = rng.randint(1, 60)
+        kl = [rng.random() ** 3 for _ in range(n)]
         cap = rng.choice([0.1, 0.25, 0.4, 1.0])
-        chosen = choose_segments(scores, total, cap)
-        by_id = {s[0]: s for s in scores}
-        budget = int(cap * total + 1e-9)
-        used = sum(by_id[i][2] for i in chosen)
-        assert chosen and chosen[0] == max(scores, key=lambda s: (s[1], -s[0]))[0]
-        assert used <= budget or len(chosen) == 1
-        assert [by_id[i][1] for i in chosen] == sorted((by_id[i][1] for i in chosen), reverse=True)
-        # Nothing left out would still have fitted.
-        for seg_id, _, n_tok in scores:
-            if seg_id not in chosen:
-                assert used + n_tok > budget
+        window = rng.randint(1, 10)
+        got = choose_windows(kl, cap, window)
+        budget = int(cap * n + 1e-9)
+        if budget == 0:
+            assert got == []
+            continue
+        tokens = [t for t0, t1 in got for t in range(t0, t1)]
+        assert len(tokens) == len(set(tokens)) <= budget and all(0 <= t < n for t in tokens)
+        assert all(a[1] < b[0] for a, b in itertools.pairwise(got)), got  # sorted, apart
+        size = min(window, budget)
+        best = max(range(n - size + 1), key=lambda t: (sum(kl[t:t + size]), -t))
+        assert set(range(best, best + size)) <= set(tokens)
+
+
+def test_a_surprising_tail_is_chosen_not_the_opening():
+    """The issue's case: a one-line response whose last 8 of 32 tokens carry the divergence.
+    The old segment rule distilled tokens 0-7 (the cap's share of the one segment)."""
+    kl = [0.01] * 24 + [3.0] * 8
+    assert choose_windows(kl, 0.25, 8) == [(24, 32)]
+    # Two surprising places: both, as two spans, within the cap.
+    kl = [0.01] * 40
+    kl[5:9] = [2.0] * 4
+    kl[30:34] = [1.5] * 4
+    assert choose_windows(kl, 0.25, 4) == [(5, 9), (30, 34)]
+    # Unremarkable tokens are not taken to fill the budget.
+    assert choose_windows([0.1] * 10 + [5.0] * 2 + [0.1] * 28, 0.5, 2) == [(10, 12)]
 
 
 def _items(tok, n: int, route: str, seed: int) -> list[dict]:
@@ -67,32 +81,55 @@ def _items(tok, n: int, route: str, seed: int) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("route", ["key", "error"])
-def test_surprise_spans_overlap_the_rule_annotator(tiny_testbed_dir, route):
-    from transformers import AutoTokenizer
+def test_surprise_spans_are_the_most_divergent_tokens(tiny_testbed_dir, route):
+    """End to end: the spans are exactly the windows chosen from the divergence the trainer's
+    KL gives (recomputed here), so the distilled tokens carry more of it than the rest. Their
+    overlap with the rule annotator's choice is printed (docs/real_model.md): on this barely
+    trained testbed the divergence says little about where the carry steps or errors are."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trace_rl.stages.annotators.base import prepare
+    from trace_rl.stages.annotators.run import DEFAULT_TEACHER_TEMPLATE
+    from trace_rl.stages.annotators.surprise import batch_divergence
+    from trace_rl.trainer.lean import LeanCausalLM
 
     tok = AutoTokenizer.from_pretrained(tiny_testbed_dir)
     items = _items(tok, 48, route, seed=5 if route == "key" else 4)
-    rule = annotate_rows(AnnotateConfig(backend="rule", coverage_cap=CAP), items, tok,
-                         progress=False)
-    surprise = annotate_rows(AnnotateConfig(backend="surprise", coverage_cap=CAP), items, tok,
-                             progress=False, model_path=tiny_testbed_dir)
+    cfg = AnnotateConfig(backend="surprise", coverage_cap=CAP)
+    surprise = annotate_rows(cfg, items, tok, progress=False, model_path=tiny_testbed_dir)
     assert [r["rollout_id"] for r in surprise] == [it["rollout_id"] for it in items]
     assert all(r["annotator"] == f"surprise:{tiny_testbed_dir}" for r in surprise)
     assert all(r["status"] == "ok" and r["coverage"] <= CAP + 1e-9 for r in surprise)
-    direction = json.loads(surprise[0]["raw_response"])["direction"]
-    assert direction == {"key": "forward", "error": "reverse"}[route]
+    raw = json.loads(surprise[0]["raw_response"])
+    assert raw["direction"] == {"key": "forward", "error": "reverse"}[route]
+    assert raw["teacher"] == "the checkpoint itself"  # no lagged snapshot stored with it
 
-    # The best-scored segment against the rule's: precision vs a uniformly drawn segment.
+    _, jobs = prepare(cfg, items, tok, "surprise")
+    lean = LeanCausalLM(AutoModelForCausalLM.from_pretrained(tiny_testbed_dir).eval())
+    kls = batch_divergence(lean, tok, jobs, DEFAULT_TEACHER_TEMPLATE)
+    inside, outside = [], []
+    for kl, row in zip(kls, surprise, strict=True):
+        spans = [(s["token_start"], s["token_end"]) for s in row["spans"]]
+        assert spans == choose_windows(kl, CAP, cfg.surprise.window_tokens)
+        chosen = {t for t0, t1 in spans for t in range(t0, t1)}
+        inside += [v for t, v in enumerate(kl) if t in chosen]
+        outside += [v for t, v in enumerate(kl) if t not in chosen]
+    assert sum(inside) / len(inside) > 2 * sum(outside) / len(outside)
+
+    # Against the rule annotator's whole choice (cap 1): printed, not asserted (see docstring).
+    rule = annotate_rows(AnnotateConfig(backend="rule", coverage_cap=1.0), items, tok,
+                         progress=False)
     hit, chance, compared = 0, 0.0, 0
     for item, r_row, s_row in zip(items, rule, surprise, strict=True):
         if r_row["status"] != "ok":
-            continue  # no carry step (key route): nothing to compare with
-        truth = {sid for sp in r_row["spans"] for sid in sp["segment_ids"]}
-        scores = json.loads(s_row["raw_response"])["segment_scores"]
-        best = max(scores, key=lambda sid: (scores[sid], -int(sid)))
-        assert int(best) in {sid for sp in s_row["spans"] for sid in sp["segment_ids"]}, item
-        hit += int(best) in truth
-        chance += len(truth) / len(scores)
+            continue
+        truth = {t for sp in r_row["spans"] for t in range(sp["token_start"], sp["token_end"])}
+        t0, t1, _ = max(json.loads(s_row["raw_response"])["windows"], key=lambda w: w[2])
+        n, size = len(item["response_token_ids"]), t1 - t0
+        hit += any(t in truth for t in range(t0, t1))
+        starts = range(n - size + 1)
+        chance += sum(any(t in truth for t in range(a, a + size)) for a in starts) / len(starts)
         compared += 1
-    assert compared >= 25
-    assert hit / compared > chance / compared + 0.1, (hit / compared, chance / compared)
+    print(f"\n{route}: mean divergence on spans {sum(inside) / len(inside):.4f} vs rest "
+          f"{sum(outside) / len(outside):.4f}; best window on a rule span "
+          f"{hit / max(compared, 1):.2f} vs chance {chance / max(compared, 1):.2f} ({compared})")

@@ -190,7 +190,7 @@ def finish(
         cfg.coverage_cap,
         offsets.index,
     )
-    status = "ok" if plan.spans else "no_spans"
+    status = "ok" if plan.spans else "too_broad" if plan.too_broad else "no_spans"
     return make_row(
         job.item,
         annotator,

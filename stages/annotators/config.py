@@ -160,12 +160,15 @@ class SurpriseOptions(BaseModel):
 
     batch_size: int = Field(default=8, description="rollouts per forward")
     device: str = "cpu"
+    window_tokens: int = Field(
+        default=8, description="length of the token windows chosen by divergence (fewer when "
+        "the coverage cap allows fewer)")
 
-    @field_validator("batch_size")
+    @field_validator("batch_size", "window_tokens")
     @classmethod
-    def _positive(cls, v: int) -> int:
+    def _positive(cls, v: int, info) -> int:
         if v < 1:
-            raise ValueError(f"surprise.batch_size={v}: use a positive integer")
+            raise ValueError(f"surprise.{info.field_name}={v}: use a positive integer")
         return v
 
 

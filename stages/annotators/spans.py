@@ -5,11 +5,13 @@ segments never become two spans that share a boundary token). Each span keeps th
 
 Cap order: spans are admitted in the annotator's order of preference: a span's rank is the
 earliest position of any of its ids in the annotator's list (for [7, 3, 4]: span [7] first,
-then [3, 4]). While admitting, the union of span tokens may not exceed
-floor(coverage_cap * n_tokens); the span that crosses the budget is cut at its end (keeping
-its first tokens) and later spans are dropped. The cut is recorded in the row's `error`
-field as a note ("coverage_cap: ..."), the status stays "ok". The returned spans are sorted
-by position.
+then [3, 4]). A span is admitted whole when its tokens fit what is left of
+floor(coverage_cap * n_tokens), and dropped otherwise: it is never cut, since cutting keeps
+its opening tokens, which an annotator that chose whole segments did not single out (a reply
+marking every segment would become "the first quarter of the response"). Later spans that fit
+are still admitted. Drops are recorded in the row's `error` field ("coverage_cap: ...").
+When spans were chosen but none fits, `too_broad` is set and the row's status is `too_broad`
+(no spans; the trainer treats it as unannotated). The returned spans are sorted by position.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class SpanPlan:
     spans: list[dict]
     coverage: float
     note: str | None
+    too_broad: bool = False
 
 
 def group_ids(ids: Sequence[int]) -> list[list[int]]:
@@ -81,16 +84,13 @@ def build_spans(
         if tok is None:
             continue
         t0, t1 = tok
-        wanted += sum(1 for t in range(t0, t1) if not covered[t])
-        end, taken = _take_uncovered(covered, t0, t1, budget - used)
-        used += taken
-        if end <= t0:
+        new = sum(1 for t in range(t0, t1) if not covered[t])
+        wanted += new
+        if used + new > budget:
             dropped.extend(run)
             continue
-        if end < t1:
-            c1 = max(c0, min(c1, int(offsets[end - 1][1])))
-            dropped.extend(i for i in run if by_id[i].char_start >= c1)
-            run = [i for i in run if by_id[i].char_start < c1]
+        end, taken = _take_uncovered(covered, t0, t1, new)
+        used += taken
         spans.append(
             {
                 "segment_ids": list(run),
@@ -106,6 +106,7 @@ def build_spans(
     if used < wanted:
         note = (
             f"coverage_cap: kept {used} of {wanted} span tokens (cap {coverage_cap} x "
-            f"{n_tokens} tokens = {budget}); dropped segments {sorted(dropped)}"
+            f"{n_tokens} tokens = {budget}); dropped segments {sorted(dropped)} whole"
         )
-    return SpanPlan(spans, used / n_tokens if n_tokens else 0.0, note)
+    too_broad = not spans and wanted > 0
+    return SpanPlan(spans, used / n_tokens if n_tokens else 0.0, note, too_broad)
