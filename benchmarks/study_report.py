@@ -4,7 +4,9 @@
         --png docs/testbed_curves.png > /tmp/tables.md
 
 The figure: per folder, on-policy train reward by round and the final paired Δ vs grpo.
-Per folder: the summary table of benchmarks/testbed_study.py (round-R accuracy, paired Δ vs grpo
+With --across-builds (the folders are one study on several testbed builds): first the paired Δ vs
+grpo pooled over builds with a two-level bootstrap interval (builds, then seeds within them) and a
+table of the builds. Per folder: the summary table of benchmarks/testbed_study.py (round-R accuracy, paired Δ vs grpo
 with a 95% t-interval) and, when `<folder>/diagnostics.jsonl` exists (benchmarks/study_diagnostics.py),
 a per-method, per-round table of the diagnostics (means over the seeds measured).
 """
@@ -164,6 +166,87 @@ def plot_studies(folders: list[Path], labels: list[str], path: str, methods: lis
     plt.close(fig)
 
 
+def two_level_bootstrap(groups: list[list[float]], resamples: int = 10_000, seed: int = 0,
+                        level: float = 0.95) -> tuple[float, float, float]:
+    """(estimate, lo, hi): the mean over groups (builds) of each group's mean (seeds), and the
+    central `level` percentile interval of a two-level bootstrap: draw as many groups as there
+    are with replacement, then, independently for every drawn group, its values with replacement.
+    The interval so carries the spread between groups as well as within them."""
+    import numpy as np
+
+    if not groups or any(len(g) == 0 for g in groups):
+        raise ValueError("every group needs at least one value")
+    rng = np.random.default_rng(seed)
+    n_groups = len(groups)
+    pick = rng.integers(0, n_groups, size=(resamples, n_groups))  # which group fills each slot
+    # inner[g][r, j]: a resampled mean of group g, for draw r and slot j (used where pick == g)
+    inner = [np.asarray(g, dtype=float)[rng.integers(0, len(g), size=(resamples, n_groups, len(g)))]
+             .mean(axis=2) for g in groups]
+    slot_means = np.choose(pick, inner)
+    means = slot_means.mean(axis=1)
+    tail = (1.0 - level) / 2
+    lo, hi = np.quantile(means, [tail, 1.0 - tail])
+    estimate = float(np.mean([np.mean(g) for g in groups]))
+    return estimate, float(lo), float(hi)
+
+
+def paired_final(df, method: str, base: str = "grpo") -> list[float]:
+    """Per seed, `method` − `base` in held-out accuracy at the folder's last round (seeds where
+    both reached it)."""
+    final = df[df["round"] == df["round"].max()].dropna(subset=["heldout_acc"])
+    acc = final.set_index(["method", "seed"])["heldout_acc"]
+    return [float(acc[(method, s)] - acc[(base, s)]) for s in sorted(set(final["seed"]))
+            if (method, s) in acc.index and (base, s) in acc.index]
+
+
+def across_builds_table(frames: list, labels: list[str], methods: list[str]) -> str:
+    """Markdown: per method, the paired Δ vs grpo pooled over builds (equal weight per build)
+    with its two-level bootstrap interval, the between-build and within-build spread, and
+    each build's own paired mean."""
+    import numpy as np
+    from testbed_study import paired_ci
+
+    head = ("| comparison | builds × seeds | Δ (points), two-level bootstrap 95% CI | pairs > 0 | "
+            "sd of build means | sd within build | " + " | ".join(labels) + " |")
+    lines = [head, "|" + "---|" * (6 + len(labels))]
+    for method in methods:
+        if method == "grpo":
+            continue
+        groups = [paired_final(df, method) for df in frames]
+        if any(not g for g in groups):
+            continue
+        est, lo, hi = two_level_bootstrap(groups)
+        pairs = [d for g in groups for d in g]
+        between = float(np.std([np.mean(g) for g in groups], ddof=1)) if len(groups) > 1 else 0.0
+        within = float(np.sqrt(np.mean([np.var(g, ddof=1) for g in groups if len(g) > 1] or [0])))
+        per_build = [paired_ci(g) for g in groups]
+        lines.append(f"| {method} − grpo | {len(groups)} × {'/'.join(str(len(g)) for g in groups)} | "
+                     f"**{100 * est:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]** | "
+                     f"{sum(d > 0 for d in pairs)} / {len(pairs)} | {100 * between:.1f} | "
+                     f"{100 * within:.1f} | " + " | ".join(per_build) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def build_table(frames: list, labels: list[str], folders: list[Path]) -> str:
+    """Markdown: each build's fingerprint and its own accuracies (manifest), and the study's
+    round-0 eval, found through a run's config.yaml (model.testbed_dir)."""
+    import yaml
+
+    lines = ["| build | build seed | fingerprint | student | privileged teacher | study eval, round 0 |",
+             "|---|---|---|---|---|---|"]
+    for df, label, folder in zip(frames, labels, folders, strict=True):
+        cfgs = sorted(folder.glob("*/config.yaml"))
+        if not cfgs:
+            continue
+        tb = yaml.safe_load(cfgs[0].read_text())["model"]["testbed_dir"]
+        m = json.loads((Path(tb) / "testbed_manifest.json").read_text())
+        r0 = df[df["round"] == 0]["heldout_acc"].mean()
+        lines.append(f"| {label} | {m['config']['seed']} | `{m['fingerprint']}` | "
+                     f"{m['accuracy']['student']:.1%} | {m['accuracy']['privileged']:.1%} | "
+                     f"{r0:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     import pandas as pd
     from testbed_study import summary_table
@@ -173,9 +256,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labels", nargs="+", default=None)
     ap.add_argument("--methods", nargs="+", default=None)
     ap.add_argument("--png", default=None)
+    ap.add_argument("--across-builds", action="store_true",
+                    help="the folders are one study on several testbed builds: first the paired "
+                         "Δ vs grpo pooled over builds with a two-level bootstrap interval")
     a = ap.parse_args(argv)
     folders = [Path(f) for f in a.folders]
     labels = a.labels or [f.name for f in folders]
+    if a.across_builds:
+        frames = [pd.DataFrame(load_jsonl(f / "rows.jsonl")) for f in folders]
+        methods = a.methods or list(dict.fromkeys(frames[0]["method"]))
+        print(f"### Across builds\n\n{across_builds_table(frames, labels, methods)}\n"
+              f"{build_table(frames, labels, folders)}")
     for folder, label in zip(folders, labels, strict=True):
         rows = load_jsonl(folder / "rows.jsonl")
         if not rows:
