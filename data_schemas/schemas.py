@@ -7,6 +7,8 @@ happens to be all-null in one shard would otherwise change type between shards a
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
 
 SCHEMA_VERSION = "1"
@@ -134,6 +136,28 @@ SCHEMAS: dict[str, pa.Schema] = {
 
 # Datasets whose rows carry a `status` column; the manifest counts rows by it.
 STATUS_COLUMN = "status"
+
+# Keys unique by contract: one row per rollout in each of these datasets. A repeated rollout_id
+# would give one copy the other's reward and spans (and double its GRPO group), so the store
+# refuses to write it (refuse_repeated_keys).
+UNIQUE_KEYS: dict[str, str] = {"rollouts": "rollout_id", "verdicts": "rollout_id",
+                               "annotations": "rollout_id"}
+
+
+def refuse_repeated_keys(table: pa.Table, schema: pa.Schema, seen: set[Any]) -> None:
+    """Raise SchemaError when `table` repeats a unique key of its schema, within itself or
+    against `seen` (the keys of the dataset's earlier parts, updated in place)."""
+    from trace_rl.data_schemas.errors import SchemaError
+
+    name = (schema.metadata or {}).get(b"schema_name", b"").decode()
+    key = UNIQUE_KEYS.get(name)
+    if key is None or key not in table.column_names:
+        return
+    for value in table.column(key).to_pylist():
+        if value in seen:
+            raise SchemaError(f"{name}: repeated {key} {value!r}; {key}s are unique by contract "
+                              "(a round must not draw a prompt twice)")
+        seen.add(value)
 
 
 def get_schema(name: str) -> pa.Schema:

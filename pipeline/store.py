@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from trace_rl.data_schemas import SCHEMA_VERSION, read_parquet, rows_to_table, write_parquet
 from trace_rl.data_schemas.errors import StageError
-from trace_rl.data_schemas.schemas import STATUS_COLUMN
+from trace_rl.data_schemas.schemas import STATUS_COLUMN, refuse_repeated_keys
 
 from .fingerprint import code_version, fingerprint
 from .integrity import file_digest, manifest_digest, verify_dataset
@@ -94,6 +94,7 @@ class DatasetWriter:
 
     def write_table(self, table: pa.Table, part: str | None = None) -> None:
         """Write one part; `part` names it (default `part-NNNNN.parquet`)."""
+        refuse_repeated_keys(table, self.schema, self.__dict__.setdefault("_keys_seen", set()))
         part = part or f"part-{len(self.files):05d}.parquet"
         final = self.store.path(self.name, part)
         tmp = self.store.path(self.name, f".{part}.{uuid.uuid4().hex[:8]}.tmp")

@@ -2,7 +2,9 @@
 
 Prompts are drawn without repeats within an epoch: each epoch is a seeded permutation of all
 prompts, and round k takes the next `prompts_per_round` of the concatenated epochs, so rerunning a
-round (or resuming a run) draws exactly the same prompts.
+round (or resuming a run) draws exactly the same prompts. Nor does a round draw a prompt twice
+where it straddles two epochs (`select_prompt_ids`): its rollout_ids are unique, as the store
+requires.
 """
 
 from __future__ import annotations
@@ -22,17 +24,36 @@ log = logging.getLogger("trace_rl.stages.rollout")
 
 
 def select_prompt_ids(prompt_ids: list[str], round_index: int, per_round: int, seed: int) -> list[str]:
-    """The prompt ids of round `round_index`: a slice of seeded per-epoch permutations."""
+    """The prompt ids of round `round_index`: a slice of seeded per-epoch permutations, with no
+    prompt twice in a round. A round that straddles an epoch boundary takes, from the new epoch,
+    the first ids it has not drawn yet; the ids it skipped come right after them in that epoch,
+    so every epoch still draws every prompt exactly once."""
     ids = sorted(prompt_ids)
     n = len(ids)
+    if per_round > n:
+        raise ValueError(f"rollout.prompts_per_round={per_round} exceeds the {n} prompts: a round "
+                         "would draw a prompt twice (and its rollout_ids would collide)")
     start = round_index * per_round
-    out: list[str] = []
-    while len(out) < per_round and n:
-        epoch, offset = divmod(start + len(out), n)
+    orders = _epoch_orders(ids, per_round, seed, (start + per_round - 1) // n if n else 0)
+    return [orders[pos // n][pos % n] for pos in range(start, start + per_round)] if n else []
+
+
+def _epoch_orders(ids: list[str], per_round: int, seed: int, last_epoch: int) -> list[list[str]]:
+    """The draw order of epochs 0..last_epoch (select_prompt_ids' docstring)."""
+    n = len(ids)
+    orders: list[list[str]] = []
+    for epoch in range(last_epoch + 1):
         perm = ids[:]
         random.Random(f"{seed}:{epoch}").shuffle(perm)
-        out.extend(perm[offset:offset + per_round - len(out)])
-    return out
+        begin = epoch * n  # global draw position of this epoch's first prompt
+        round_begin = begin - begin % per_round
+        if epoch and round_begin < begin:  # a round straddles the boundary
+            drawn = set(orders[-1][round_begin - (epoch - 1) * n:])
+            head = [i for i in perm if i not in drawn][: round_begin + per_round - begin]
+            chosen = set(head)
+            perm = head + [i for i in perm if i not in chosen]
+        orders.append(perm)
+    return orders
 
 
 def rollout_id(round_index: int, prompt_id: str, sample_index: int) -> str:
