@@ -68,6 +68,20 @@ def _view(rollout: dict, verdict: dict | None, annotation: dict | None) -> Rollo
     )
 
 
+def overlong_rule(
+    cfg: TrainConfig, rollout: dict, reward: float, group: str, plan: Plan
+) -> tuple[float, str, Plan]:
+    """(reward, GRPO group, plan) of a rollout under `train.overlong` (trainer/config.py). A
+    masked rollout gets a group of its own: a group of one has advantage 0 and stays out of
+    its prompt's baseline; with nothing distilled either, it adds no gradient."""
+    if cfg.overlong == "none" or rollout.get("finish_reason") != "length":
+        return reward, group, plan
+    empty = Plan.empty(len(plan.mask_R))
+    if cfg.overlong == "penalize":
+        return reward - cfg.overlong_penalty, group, empty
+    return reward, f"{group}#overlong:{rollout['rollout_id']}", empty
+
+
 def build_examples(
     cfg: TrainConfig,
     tokenizer: Any,
@@ -100,12 +114,16 @@ def build_examples(
             thinking = enable_thinking_of(rollout.get("sampling"))
             t_ids = teacher_prompt_ids(tokenizer, cfg.teacher_template, prompt, labels, thinking)
         temperature, truncated = sampling_of(rollout.get("sampling"))
+        reward, group, plan = overlong_rule(cfg, rollout, float(verdict["reward"]),
+                                            rollout["prompt_id"], plan)
+        if plan.direction is None:
+            t_ids = None
         examples.append(Example(
             rollout_id=rid,
-            group=rollout["prompt_id"],
+            group=group,
             prompt_ids=list(rollout["prompt_token_ids"]),
             response_ids=list(rollout["response_token_ids"]),
-            reward=float(verdict["reward"]),
+            reward=reward,
             plan=plan,
             teacher_prompt_ids=t_ids,
             engine_logprobs=list(rollout.get("response_logprobs") or []),

@@ -84,6 +84,13 @@ class TrainConfig(BaseModel):
     span_fraction: float = 0.25  # token budget of the random / inverted ablations
     loss_agg: Literal["token_mean", "seq_mean_token_mean"] = "token_mean"
     adv_norm_std: bool = True
+    # Responses cut by the token limit (finish_reason "length"): mask = no loss at all (no
+    # policy gradient, no distillation, left out of their group's baseline; DAPO's overlong
+    # filtering, TRL's mask_truncated_completions); penalize = reward - overlong_penalty, no
+    # distillation; none = trained like any wrong answer. Default mask: a cut response says the
+    # budget ran out, not that its working was wrong (trainer/batch.py `overlong_rule`).
+    overlong: Literal["mask", "penalize", "none"] = "mask"
+    overlong_penalty: float = 1.0
     eps_low: float = 0.2
     eps_high: float = 0.28
 

@@ -1,0 +1,80 @@
+"""`train.overlong`: responses cut by the token limit (finish_reason "length") are masked out of
+the loss (default), penalised, or trained like any wrong answer."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+import torch
+
+from tiny import make_round_tables, make_tokenizer
+from trace_rl.trainer.batch import build_examples
+from trace_rl.trainer.config import TrainConfig
+from trace_rl.trainer.losses import clipped_pg_loss, grpo_advantages
+
+CUT = {"r0-1", "r1-0", "r2-2"}  # one cut response in three of the four groups
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = make_tokenizer()
+    t = make_round_tables(tok, n_prompts=4, samples=4)
+    rows = t["rollouts"].to_pylist()
+    for r in rows:
+        if r["rollout_id"] in CUT:
+            r["finish_reason"] = "length"
+    t["rollouts"] = pa.Table.from_pylist(rows, schema=t["rollouts"].schema)
+    return tok, t
+
+
+def _examples(setup, overlong: str):
+    tok, t = setup
+    cfg = TrainConfig(overlong=overlong, route={"key_forward": True, "error_reverse": True})
+    return cfg, build_examples(cfg, tok, t["prompts"], t["rollouts"], t["verdicts"],
+                               t["annotations"])
+
+
+def test_default_is_mask() -> None:
+    assert TrainConfig().overlong == "mask"
+    with pytest.raises(ValueError):
+        TrainConfig(overlong="drop")
+
+
+def test_none_keeps_todays_behaviour(setup) -> None:
+    _, plain = _examples(setup, "none")
+    _, t = setup
+    rewards = {v["rollout_id"]: v["reward"] for v in t["verdicts"].to_pylist()}
+    assert [e.reward for e in plain] == [rewards[e.rollout_id] for e in plain]
+    assert any(e.plan.mask_R.any() for e in plain if e.rollout_id in CUT)  # distilled today
+
+
+def test_mask_takes_cut_responses_out_of_the_loss_and_the_baseline(setup) -> None:
+    cfg, ex = _examples(setup, "mask")
+    _, plain = _examples(setup, "none")
+    adv = grpo_advantages([e.reward for e in ex], [e.group for e in ex], cfg.adv_norm_std)
+    kept = [e for e in plain if e.rollout_id not in CUT]
+    adv_kept = grpo_advantages([e.reward for e in kept], [e.group for e in kept], cfg.adv_norm_std)
+    expected = dict(zip([e.rollout_id for e in kept], adv_kept.tolist(), strict=True))
+    for e, a in zip(ex, adv.tolist(), strict=True):
+        if e.rollout_id in CUT:
+            assert a == 0.0 and not e.plan.mask_R.any() and e.plan.direction is None
+            assert e.teacher_prompt_ids is None
+        else:  # the others' advantages as if the cut responses had never been sampled
+            assert a == pytest.approx(expected[e.rollout_id], abs=1e-6)
+    # No gradient reaches a cut response's tokens through the policy-gradient term.
+    logp = torch.zeros(len(ex), 5, requires_grad=True)
+    loss_BT, _ = clipped_pg_loss(logp, torch.zeros(len(ex), 5), adv)
+    loss_BT.sum().backward()
+    for e, g in zip(ex, logp.grad, strict=True):
+        assert (g.abs().sum() == 0) == (e.rollout_id in CUT or adv[ex.index(e)] == 0)
+
+
+def test_penalize_lowers_the_reward_and_distils_nothing(setup) -> None:
+    _, ex = _examples(setup, "penalize")
+    _, plain = _examples(setup, "none")
+    for e, p in zip(ex, plain, strict=True):
+        assert e.group == p.group
+        if e.rollout_id in CUT:
+            assert e.reward == p.reward - 1.0 and not e.plan.mask_R.any()
+        else:
+            assert e.reward == p.reward and (e.plan.mask_R == p.plan.mask_R).all()
