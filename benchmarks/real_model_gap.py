@@ -16,10 +16,11 @@ Disagreement: per-token KL between the teacher's and the student's next-token di
 the student's rollouts (full vocabulary, the trainer's lean path: stages/annotators/surprise.py's
 batch_divergence), forward KL(teacher || student) on correct and reverse KL(student || teacher)
 on incorrect rollouts, as the routes distil. Compared on three kinds of tokens:
-  - arithmetic errors: segments of incorrect rollouts holding an equation "a op b = c" whose
-    result is wrong (an annotator-independent mark of where the error is);
-  - the teacher-surprise annotator's spans (stages/annotators/surprise.py's selection applied to
-    the same KL, up to annotate.coverage_cap: high by construction, shown for scale);
+  - arithmetic errors: the tokens of the first wrong equation of an incorrect rollout, as the
+    equations annotator finds it (stages/annotators/equations.py; its error span);
+  - the teacher-surprise annotator's spans: exactly the tokens the trainer distils
+    (stages/annotators/surprise.py's `choose_windows` on the same KL within
+    annotate.coverage_cap: high by construction, shown for scale);
   - every other token of the same rollouts.
 Accuracies get 95% bootstrap intervals over problems; the paired difference too.
 Results go to <out>/gap.json and a markdown table on stdout; rollouts stay in <out>.
@@ -30,28 +31,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import sys
 import time
 from pathlib import Path
-
-_NUM = r"-?\d[\d,]*(?:\.\d+)?"
-EQUATION = re.compile(rf"({_NUM})\s*([-+*/x×÷])\s*({_NUM})\s*=\s*\$?\s*({_NUM})")
-
-
-def wrong_equation(text: str) -> bool:
-    """Whether `text` states an equation `a op b = c` whose result is wrong."""
-    for a, op, b, c in EQUATION.findall(text):
-        try:
-            x, y, z = (float(v.replace(",", "")) for v in (a, b, c))
-        except ValueError:
-            continue
-        val = {"+": x + y, "-": x - y, "*": x * y, "x": x * y, "×": x * y,
-               "/": x / y if y else None, "÷": x / y if y else None}[op]
-        if val is not None and abs(val - z) > 1e-6 * max(1.0, abs(val)):
-            return True
-    return False
-
 
 def mean_ci(per_problem: list[float], reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """Mean and its 95% bootstrap interval over problems (in %), as evaluation reports avg@k."""
@@ -91,33 +73,30 @@ def grade(cfg, rows: list[dict], answers: dict[str, str]) -> dict[str, bool]:
             for r in rows}
 
 
-def token_kinds(job, kl: list[float], cap: float) -> list[str]:
-    """Per response token: 'span' (the surprise annotator's choice), 'arith' (in a wrong-equation
-    segment of an incorrect rollout), both ('span+arith') or 'rest'."""
+def token_kinds(job, kl: list[float], cap: float, window: int) -> list[str]:
+    """Per response token: 'span' (what the trainer distils from the surprise annotator),
+    'arith' (the first wrong equation of an incorrect rollout), both ('span+arith') or 'rest'."""
     from trace_rl.stages.annotators.align import char_span_to_tokens
-    from trace_rl.stages.annotators.surprise import choose_segments, segment_scores
+    from trace_rl.stages.annotators.equations import find_equations
+    from trace_rl.stages.annotators.surprise import choose_windows
 
     item = job.item
     n = len(item["response_token_ids"])
     kinds = ["rest"] * n
-    text = item["response_text"]
-    offsets = job.offsets()
-    chosen = set(choose_segments(segment_scores(job, kl), n, cap))
 
-    def mark(seg, kind):
-        tok = char_span_to_tokens(offsets.offsets_T2, text, seg.char_start, seg.char_end,
-                                  offsets.index)
+    def mark(t0: int, t1: int, kind: str) -> None:
+        for t in range(t0, min(t1, n)):
+            kinds[t] = kind if kinds[t] == "rest" else kinds[t] + "+" + kind
+
+    for t0, t1 in choose_windows(kl, cap, window):
+        mark(t0, t1, "span")
+    wrong = [e for e in find_equations(item["response_text"]) if e.wrong_at is not None]
+    if item["route"] == "error" and wrong:
+        offsets = job.offsets()
+        tok = char_span_to_tokens(offsets.offsets_T2, item["response_text"], wrong[0].start,
+                                  wrong[0].end, offsets.index)
         if tok is not None:
-            for t in range(tok[0], min(tok[1], n)):
-                kinds[t] = kind if kinds[t] == "rest" else kinds[t] + "+" + kind
-
-    for seg in job.segments:
-        if seg.segment_id in chosen:
-            mark(seg, "span")
-    if item["route"] == "error":
-        for seg in job.segments:
-            if wrong_equation(seg.text):
-                mark(seg, "arith")
+            mark(*tok, "arith")
     return kinds
 
 
@@ -142,7 +121,9 @@ def disagreement(cfg, model_dir: str, items: list[dict], batch: int = 8) -> dict
         kls = batch_divergence(lean, tok, jobs, cfg.train.teacher_template)
         for job, kl in zip(jobs, kls):
             it = job.item
-            for kind, v in zip(token_kinds(job, kl, cfg.annotate.coverage_cap), kl):
+            kinds = token_kinds(job, kl, cfg.annotate.coverage_cap,
+                                cfg.annotate.surprise.window_tokens)
+            for kind, v in zip(kinds, kl):
                 for k in {kind.split("+")[0], *kind.split("+")} | {"all"}:
                     sums.setdefault((it["route"], k), []).append(v)
         print(f"  KL: {min(i + batch, len(items))}/{len(items)} rollouts ({time.time() - t0:.0f} s)",
