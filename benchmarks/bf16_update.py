@@ -4,8 +4,8 @@
 
 Trains a tiny random Qwen3 (tests/tiny.py) for `--steps` optimizer steps at `--lr`, once with
 `train.dtype: float32` and once with `train.dtype: bfloat16`, through the trainer's own path, and
-prints, per run, the fraction of weight entries that differ from the initial weights (as the
-checkpoint stores them), plus how far the bf16 run's update is from the float32 run's. Stepping
+prints, per run, the fraction of weight entries that differ from the initial weights (the weights
+the optimizer steps: the checkpoint's, or the float32 master copy in its trainer state), plus how far the bf16 run's update is from the float32 run's. Stepping
 bf16 parameters directly (the trainer before fp32 master weights) loses every update smaller than
 half a bf16 ulp of the weight, which at lr 1e-6 is most of them.
 """
@@ -41,11 +41,17 @@ def train(dtype: str, lr: float, steps: int, hidden: int, root: Path):
                        work_dir=str(root / f"work-{dtype}"), round_index=0, progress=False)
     before = load_file(str(init / "model.safetensors"))
     after = load_file(str(out / "model.safetensors"))
+    state = out / "trainer_state" / "state.pt"
+    master = torch.load(state, weights_only=False).get("master") if state.exists() else None
+    if master is not None:  # mixed precision: the float32 weights AdamW steps
+        after = {k.removeprefix("hf."): v for k, v in master.items()}
     names = [n for n in before if n != "lm_head.weight"]  # tied to the embedding
     moved = sum(int((after[n] != before[n].to(after[n].dtype)).sum()) for n in names)
     total = sum(before[n].numel() for n in names)
     delta = {n: after[n].double() - before[n].double() for n in names}
-    return {"steps": len(rows), "stored_dtype": str(after[names[0]].dtype).removeprefix("torch."),
+    disk = load_file(str(out / "model.safetensors"))
+    return {"steps": len(rows), "stepped_dtype": str(after[names[0]].dtype).removeprefix("torch."),
+            "checkpoint_dtype": str(disk[names[0]].dtype).removeprefix("torch."),
             "moved_frac": moved / total}, delta, torch
 
 

@@ -22,6 +22,15 @@ def _train(dtype, tables, init, root):
     return out
 
 
+def _master(out):
+    """The float32 weights AdamW stepped: the trainer state's master copy under mixed precision,
+    the checkpoint's own weights in float32."""
+    state = torch.load(out / "trainer_state" / "state.pt", weights_only=False)
+    if "master" not in state:
+        return load_file(str(out / "model.safetensors"))
+    return {k.removeprefix("hf."): v for k, v in state["master"].items()}
+
+
 def test_bf16_config_moves_the_weights_and_tracks_fp32(tmp_path):
     init = save_tiny_checkpoint(tmp_path / "init", seed=0)
     tables = make_round_tables(make_tokenizer(), n_prompts=10, samples=4, seed=1)  # 10 steps
@@ -30,14 +39,17 @@ def test_bf16_config_moves_the_weights_and_tracks_fp32(tmp_path):
     updates = {}
     for dtype in ("float32", "bfloat16"):
         out = _train(dtype, tables, init, tmp_path)
-        after = load_file(str(out / "model.safetensors"))
-        assert all(after[n].dtype == torch.float32 for n in names)  # the master weights
+        after = _master(out)
+        assert all(after[n].dtype == torch.float32 for n in names)
         moved = sum(int((after[n] != before[n]).sum()) for n in names)
         total = sum(before[n].numel() for n in names)
         assert moved / total >= 0.99, (dtype, moved / total)
         updates[dtype] = torch.cat([(after[n] - before[n]).double().flatten() for n in names])
-        # readers that load with dtype "auto" (vLLM) run the checkpoint in the compute dtype
+        # the checkpoint the rollout engine reads: the master weights rounded to the compute dtype
+        disk = load_file(str(out / "model.safetensors"))
         assert json.loads((out / "config.json").read_text())["dtype"] == dtype
+        for n in names:
+            assert torch.equal(disk[n], after[n].to(getattr(torch, dtype))), n
     u32, u16 = updates["float32"], updates["bfloat16"]
     rel = float((u16 - u32).norm() / u32.norm())
     # bf16 compute: not the float32 run (autocast was on), but its update within bf16 noise
@@ -61,3 +73,39 @@ def test_bf16_compute_runs_under_autocast_on_float32_parameters(tmp_path):
     assert out["logp_N"].dtype == torch.float32  # log-softmax in float32
     out["logp_N"].sum().backward()
     assert layer.weight.grad.dtype == torch.float32
+
+
+def test_bf16_resident_cold_and_replayed_rounds_continue_the_same_master(tmp_path):
+    """Round 1 of a bf16 run ends bitwise the same whether it starts from memory, cold from
+    checkpoint 1's full state (float32 master restored, not its bf16 weights) or after replaying
+    round 0 in memory (checked against the bf16 checkpoint at zero difference)."""
+    from trace_rl.trainer.resident import Resident
+    from trace_rl.trainer.round_io import check_replayed
+
+    init = save_tiny_checkpoint(tmp_path / "init", seed=0)
+    tables = make_round_tables(make_tokenizer(), n_prompts=2, samples=4, seed=1)
+    cfg = TrainConfig(method="trace", route={"key_forward": True, "error_reverse": True},
+                      mini_batch_size=4, micro_batch_size=2, lr=1e-3, logprob_chunk=16,
+                      dtype="bfloat16", tensorboard=False, report_to=[], teacher_sync_every=3)
+
+    def step(src, dst, k, resident=None, **kw):
+        train_round(cfg, **tables, init_checkpoint=str(src), output_checkpoint=str(tmp_path / dst),
+                    work_dir=str(tmp_path / f"w-{dst}-{k}"), round_index=k, progress=False,
+                    resident=resident, **kw)
+        return tmp_path / dst
+
+    res = Resident()
+    a1 = step(init, "a1", 0, res, save_state=False)
+    warm = step(a1, "a2", 1, res)
+    cold = step(step(init, "b1", 0), "b2", 1)
+    res = Resident()
+    step(init, "a1", 0, res, write_output=False)
+    assert check_replayed(res) == 0.0
+    replayed = step(a1, "c2", 1, res)
+    ref_master, ref_disk = _master(warm), load_file(str(warm / "model.safetensors"))
+    for other in (cold, replayed):
+        master, disk = _master(other), load_file(str(other / "model.safetensors"))
+        for n in ref_master:
+            assert torch.equal(master[n], ref_master[n]), (other.name, n)
+        for n in ref_disk:
+            assert torch.equal(disk[n], ref_disk[n]), (other.name, n)

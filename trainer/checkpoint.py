@@ -92,24 +92,33 @@ def _inference_config(hf_model: torch.nn.Module):
         config.use_cache = saved
 
 
+def _cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict:
+    if dtype is None:
+        return state_dict
+    return {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in state_dict.items()}
+
+
 def save_hf_checkpoint(hf_model: torch.nn.Module, tokenizer: Any, path: str | Path,
-                       state_dict: dict | None = None, config_dtype: str | None = None) -> None:
+                       state_dict: dict | None = None, dtype: torch.dtype | None = None) -> None:
     """save_pretrained of model and tokenizer, with lm_head.weight always present on disk.
-    `config_dtype` (e.g. "bfloat16") is written as config.json's dtype: the dtype the weights
-    are meant to be run in, which readers that load with dtype "auto" (vLLM) pick up, while the
-    tensors keep the trainer's float32 master values."""
+    `dtype` (e.g. bfloat16): the weights are written in it, and config.json says so, whatever
+    dtype the model's (float32 master) parameters have: what the rollout engines read."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    if dtype is not None and state_dict is None:
+        state_dict = hf_model.state_dict()
     with _inference_config(hf_model):
-        hf_model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+        hf_model.save_pretrained(path, state_dict=_cast(state_dict, dtype) if state_dict else None,
+                                 safe_serialization=True)
     tokenizer.save_pretrained(path)
-    if config_dtype is not None:
+    if dtype is not None:
         config_file = path / "config.json"
         config = json.loads(config_file.read_text())
-        config["dtype"] = config_dtype
+        config["dtype"] = str(dtype).removeprefix("torch.")
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if getattr(hf_model.config, "tie_word_embeddings", False):
-        _materialise_tied_head(path, hf_model.get_output_embeddings().weight)
+        head = hf_model.get_output_embeddings().weight
+        _materialise_tied_head(path, head if dtype is None else head.to(dtype))
 
 
 FULL_FQN = "full_fqn"  # state_layout of saves gathered from FSDP shards
@@ -170,15 +179,29 @@ def save_trainer_state(path: str | Path, state: dict[str, Any]) -> None:
 def write_full_state(acc: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any,
                      path: str | Path, global_step: int, round_index: int) -> None:
     """The full trainer state of `model` (optimizer, scheduler, step, RNG) into checkpoint
-    `path`. Collective: every process calls it (FSDP gathers its shards)."""
+    `path`. Collective: every process calls it (FSDP gathers its shards). Under mixed precision
+    (the checkpoint's weights are in the compute dtype) it also holds the float32 master
+    weights ("master"), which a cold start resumes from."""
     optim = train_state_dicts(model, optimizer)
     if acc.is_main_process:
-        save_trainer_state(path, {
+        state = {
             "optimizer": optim["optimizer"], "state_layout": optim["state_layout"],
             "scheduler": scheduler.state_dict(),
             "global_step": global_step, "round": round_index, "rng": rng_state(),
-        })
+        }
+        if checkpoint_dtype(model) is not None:
+            state["master"] = optim["model"]
+        save_trainer_state(path, state)
     acc.wait_for_everyone()
+
+
+def checkpoint_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype a checkpoint's weights are written in when it is not the parameters' own: the
+    compute dtype of a mixed-precision LeanCausalLM (None otherwise)."""
+    dtype = getattr(model, "compute_dtype", None)
+    if dtype is None or dtype == next(model.parameters()).dtype:
+        return None
+    return dtype
 
 
 def has_trainer_state(path: str | Path) -> bool:
@@ -254,13 +277,16 @@ def clean_tmp_dirs(path: str | Path) -> list[Path]:
     return gone
 
 
-def save_weights(acc: Any, hf_model: torch.nn.Module, path: str | Path) -> None:
-    """Weights-only save_pretrained (config + safetensors, no tokenizer) of the policy, written to
-    a temporary directory and renamed. Collective: every process must call it (FSDP / ZeRO-3
-    gather the full state dict); the main process writes."""
+def save_weights(acc: Any, hf_model: torch.nn.Module, path: str | Path,
+                 dtype: torch.dtype | None = None) -> None:
+    """Weights-only save_pretrained (config + safetensors, no tokenizer) of the policy (in
+    `dtype` when given), written to a temporary directory and renamed. Collective: every process
+    must call it (FSDP gathers the full state dict); the main process writes."""
     path = Path(path)
     acc.wait_for_everyone()
     state_dict = acc.get_state_dict(hf_model) if acc.num_processes > 1 else None
+    if dtype is not None:
+        state_dict = _cast(state_dict if state_dict is not None else hf_model.state_dict(), dtype)
     if acc.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))

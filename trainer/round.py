@@ -349,6 +349,8 @@ def _train_round(cfg: TrainConfig, *, prompts, rollouts, verdicts, annotations, 
     if state is not None:
         if state.get("state_layout") != FULL_FQN:  # FSDP saves are restored after prepare
             optimizer.load_state_dict(state["optimizer"])
+            if "master" in state:  # float32 master weights (the checkpoint's are rounded)
+                model.load_state_dict(state["master"])
         scheduler.load_state_dict(state["scheduler"])
         global_step = state["global_step"]
     model.to(acc.device)
@@ -380,7 +382,8 @@ def _train_round(cfg: TrainConfig, *, prompts, rollouts, verdicts, annotations, 
     if saved is not None and saved.get("state_layout") == FULL_FQN:
         restore_sharded(wrapped, optimizer, saved, with_model=True)
     elif saved is None and state is not None and state.get("state_layout") == FULL_FQN:
-        restore_sharded(wrapped, optimizer, state, with_model=False)
+        restore_sharded(wrapped, optimizer, {**state, "model": state.get("master")},
+                        with_model="master" in state)
     if saved is None and state is not None and round_index == 0:
         _continue_from(cfg, optimizer, scheduler, init_checkpoint, global_step)
     r = _Step(cfg, get_method(cfg.method), wrapped, acc.unwrap_model(wrapped), teacher, acc,

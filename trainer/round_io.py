@@ -15,6 +15,7 @@ import torch
 from trace_rl.trainer.checkpoint import (
     PROGRESS_FILE,
     atomic_torch_save,
+    checkpoint_dtype,
     commit_checkpoint,
     commit_dir,
     rng_state,
@@ -72,7 +73,7 @@ def save_output(acc, unwrapped, tokenizer, optimizer, scheduler, path, global_st
         with clock("checkpoint_save_s"):
             shutil.rmtree(tmp, ignore_errors=True)
             save_hf_checkpoint(unwrapped.hf, tokenizer, tmp, state_dict=state_dict,
-                               config_dtype=_dtype_name(unwrapped))
+                               dtype=checkpoint_dtype(unwrapped))
             if teacher is not None:
                 teacher.hand_over(global_step, tmp)
     acc.wait_for_everyone()
@@ -82,11 +83,6 @@ def save_output(acc, unwrapped, tokenizer, optimizer, scheduler, path, global_st
     if acc.is_main_process:
         commit_checkpoint(path)
     acc.wait_for_everyone()
-
-
-def _dtype_name(unwrapped) -> str | None:
-    dtype = getattr(unwrapped, "compute_dtype", None)
-    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def check_replayed(resident: Resident) -> float:
@@ -108,7 +104,9 @@ def check_replayed(resident: Resident) -> float:
                         continue
                     disk = st.get_tensor(name)
                     live = params[name]
-                    if not torch.equal(disk.to(live.dtype), live.detach().cpu()):
+                    # at the checkpoint's dtype: a mixed-precision checkpoint holds the float32
+                    # master weights rounded to the compute dtype
+                    if not torch.equal(disk, live.detach().cpu().to(disk.dtype)):
                         worst = max(worst, float((disk.float() - live.detach().float().cpu()).abs().max()))
                         live.copy_(disk.to(live.device, live.dtype))
     if worst > 0:

@@ -20,7 +20,12 @@ import torch
 from torch import nn
 
 from trace_rl.pipeline.chat import encode_chat_prompt
-from trace_rl.trainer.checkpoint import read_teacher_meta, save_weights, write_teacher
+from trace_rl.trainer.checkpoint import (
+    checkpoint_dtype,
+    read_teacher_meta,
+    save_weights,
+    write_teacher,
+)
 from trace_rl.trainer.lean import LeanCausalLM
 
 log = logging.getLogger("trace_rl.trainer.teacher")
@@ -104,7 +109,7 @@ class TeacherHandle:
             log.warning("no teacher snapshot of step %d on disk (checkpoint written before "
                         "teacher snapshots?): using the policy of step %d", want, step)
         self.path = self.work_dir / f"progress-teacher-step{want:08d}"
-        save_weights(acc, unwrapped.hf, self.path)
+        save_weights(acc, unwrapped.hf, self.path, dtype=checkpoint_dtype(unwrapped))
         self._drop_older(keep=self.path)
         self.step, self.source_step = want, source
         self._load(acc)
