@@ -30,6 +30,9 @@ ROUND = [
     f"rollout.prompts_per_round={PROMPTS}", f"rollout.n={N}", f"rollout.max_tokens={TOKENS}",
     f"train.mini_batch_size={PROMPTS * N}", "train.micro_batch_size=8", "data.limit=64",
     "eval.limit=8", "eval.k=1", f"eval.max_tokens={TOKENS}",
+    # The config's default is the equations annotator (no model); this round exercises the
+    # surprise annotator's teacher forwards on the real tokenizer.
+    "annotate.backend=surprise",
 ]
 
 
