@@ -1,6 +1,6 @@
 """`trace-rl inspect PATH`: what a run wrote, at a glance, in the terminal (and as HTML).
 
-PATH may be one Parquet file, a dataset directory (`part-*.parquet` + `_manifest.json`), a round
+PATH may be one Parquet file, a dataset directory (`part-*.parquet` + `.manifest.json`), a round
 directory (`round-0003/`) or a run directory; every dataset found is summarised, by round. The
 kind of each dataset comes from the `schema_name` in its Parquet metadata, never from its path,
 so a renamed or copied shard is still read against the right contract.
@@ -28,7 +28,7 @@ from .inspect_terminal import print_report
 from .layout import CHECKPOINTS, ROUND_RE, SCHEMA_ORDER, STAGES
 from .store import MANIFEST, read_manifest
 
-MAX_DEPTH = 4  # run/eval/round-0004/<benchmark>/samples.parquet/ is the deepest dataset of a run
+MAX_DEPTH = 4  # run/eval/round-0004/<benchmark>/ is the deepest dataset of a run
 SKIP_DIRS = {CHECKPOINTS}
 
 

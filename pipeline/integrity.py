@@ -97,10 +97,10 @@ def verify_manifest(manifest) -> list[Damage]:
     if not record.get("digest"):
         return []
     if manifest_digest(record) != record["digest"]:
-        return [Damage("_manifest.json", "edited after it was written (its digest does not match)")]
+        return [Damage(".manifest.json", "edited after it was written (its digest does not match)")]
     rows = sum(int(f.get("rows", 0)) for f in record["files"])
     if rows != record["rows"]:
-        return [Damage("_manifest.json", f"says {record['rows']} rows, its files {rows}")]
+        return [Damage(".manifest.json", f"says {record['rows']} rows, its files {rows}")]
     return []
 
 

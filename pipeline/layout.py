@@ -7,7 +7,7 @@
                                             round k-1's train stage; round 0 starts from the
                                             initial model, which lives outside the run
     <run>/scratch/round-000k/train-<attempt>/   the trainer's resume state while round k trains
-    <run>/eval/<checkpoint>/<benchmark>/samples.parquet, eval/<checkpoint>/summary.json
+    <run>/eval/<checkpoint>/<benchmark>/samples.parquet (one file), eval/<checkpoint>/summary.json
     <run>/cache/annotations/, <run>/plots/ (curves.png, accuracy.png, summary.md)
 
 "Policy k" is the model that samples round k, i.e. round k's start checkpoint; its eval name is
@@ -128,8 +128,9 @@ def eval_dir(checkpoint: str) -> str:
 
 
 def eval_samples_dataset(checkpoint: str, benchmark: str) -> str:
-    """`eval/<ckpt>/<benchmark>/samples.parquet`: the store dataset of one benchmark's samples."""
-    return f"{EVAL}/{checkpoint}/{benchmark}/{SAMPLES_DATASET}"
+    """`eval/<ckpt>/<benchmark>`: the store dataset of one benchmark's samples, whose one part is
+    the file `samples.parquet` (SAMPLES_DATASET) beside its manifest."""
+    return f"{EVAL}/{checkpoint}/{benchmark}"
 
 
 def eval_summary(checkpoint: str) -> str:

@@ -1,6 +1,6 @@
 """The run store: every dataset of a run, on a local path or any fsspec URL.
 
-A dataset is a directory of `part-NNNNN.parquet` files plus `_manifest.json`. The manifest is
+A dataset is a directory of `part-NNNNN.parquet` files plus `.manifest.json`. The manifest is
 written last (through a temporary name and a rename where the filesystem has one), so its
 presence means the dataset is complete; readers trust only the parts the manifest lists, so a
 process killed mid-write can never leave a dataset that looks complete or mixes old and new parts.
@@ -27,7 +27,10 @@ from trace_rl.data_schemas.schemas import STATUS_COLUMN, refuse_repeated_keys
 from .fingerprint import code_version, fingerprint
 from .integrity import file_digest, manifest_digest, verify_dataset
 
-MANIFEST = "_manifest.json"
+# A hidden name: tools that read a directory of Parquet files (datasets' `data_dir`, pyarrow
+# datasets, duckdb globs) skip it, so every dataset directory reads as plain Parquet.
+MANIFEST = ".manifest.json"
+LEGACY_MANIFEST = "_manifest.json"  # runs written before the rename; read, never written
 
 
 @dataclass
@@ -65,10 +68,12 @@ class Manifest:
 
 def read_manifest(fs, directory: str) -> Manifest | None:
     """The manifest of the dataset in `directory` on `fs`, or None while it is missing (the
-    dataset is incomplete). The one reader of `_manifest.json`: the store and `inspect` use it."""
+    dataset is incomplete). The one reader of `.manifest.json`: the store and `inspect` use it."""
     path = f"{directory.rstrip('/')}/{MANIFEST}"
     if not fs.exists(path):
-        return None
+        path = f"{directory.rstrip('/')}/{LEGACY_MANIFEST}"
+        if not fs.exists(path):
+            return None
     with fs.open(path, "r") as fh:
         return Manifest.from_json(fh.read())
 
@@ -188,8 +193,9 @@ class RunStore:
     def _begin_rewrite(self, name: str) -> None:
         # Manifest first: from this moment the dataset reads as incomplete, whatever happens.
         directory = self.path(name)
-        if self.fs.exists(self.path(name, MANIFEST)):
-            self.fs.rm(self.path(name, MANIFEST))
+        for manifest in (MANIFEST, LEGACY_MANIFEST):
+            if self.fs.exists(self.path(name, manifest)):
+                self.fs.rm(self.path(name, manifest))
         if self.fs.exists(directory):
             for entry in self.fs.ls(directory, detail=False):
                 self.fs.rm(entry, recursive=True)
@@ -219,8 +225,9 @@ class RunStore:
 
     def invalidate(self, name: str) -> bool:
         """Remove a dataset's manifest so it reads as incomplete; True if there was one."""
-        path = self.path(name, MANIFEST)
-        if self.fs.exists(path):
-            self.fs.rm(path)
-            return True
-        return False
+        found = False
+        for manifest in (MANIFEST, LEGACY_MANIFEST):
+            if self.fs.exists(self.path(name, manifest)):
+                self.fs.rm(self.path(name, manifest))
+                found = True
+        return found

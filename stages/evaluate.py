@@ -2,8 +2,8 @@
 
 For each benchmark, k responses per problem are sampled with the eval sampling settings (thinking
 mode, temperature 0.6, top-p 0.95, top-k 20 by default), verified, and written to
-`eval/<ckpt>/<benchmark>/samples.parquet` (a store dataset: a directory of parts plus a
-manifest, readable as one table by `pyarrow.parquet.read_table`). A benchmark whose samples are
+`eval/<ckpt>/<benchmark>/samples.parquet` (one Parquet file; its directory is a store dataset with
+the file and a manifest). A benchmark whose samples are
 current (same checkpoint, data, sampling and verifier) is not sampled again unless forced.
 `eval/<ckpt>/summary.json` is then computed from the stored samples: avg@k (= pass@1 estimated
 from k samples) per benchmark with a CI from resampling problems, and the paper's headline, the
@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from trace_rl.data_schemas import EVAL_SAMPLES
+from trace_rl.data_schemas import EVAL_SAMPLES, rows_to_table
 from trace_rl.data_schemas.errors import ConfigError
 from trace_rl.pipeline.fingerprint import fingerprint, model_dir_fingerprint
 from trace_rl.pipeline.layout import (
     ROUND_GLOB,
+    SAMPLES_DATASET,
     checkpoint_name,
     dataset_name,
     eval_samples_dataset,
@@ -204,7 +205,8 @@ def write_samples(store: RunStore, job: SamplesJob, ckpt: Checkpoint, rows: list
     """Write one benchmark's samples (manifest last); verdict statuses become the counts."""
     with store.writer(job.name, EVAL_SAMPLES, stage="evaluate",
                       config_fingerprint=job.config_fingerprint, inputs=job.inputs) as w:
-        w.write_rows(rows)
+        # One file, `samples.parquet`, that any Parquet reader opens (duckdb, pandas, pyarrow).
+        w.write_table(rows_to_table(rows, EVAL_SAMPLES, where=f"{job.name} (rows)"), part=SAMPLES_DATASET)
         w.counts.update(counts["verdict_status"])
         w.extra = {**counts, "model_dir": ckpt.model_dir, "benchmark": job.bench.name,
                    "verifier": job.bench.verifier, "problems": len(job.bench.rows), "k": k}

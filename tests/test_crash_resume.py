@@ -52,12 +52,12 @@ def _in_stage(root: Path, stage: str, k: int) -> bool:
     rd = root / f"round-{k:04d}"
     upstream = {"rollout": root / "prompts", "annotate": rd / "verdicts", "train": rd / "annotations"}[stage]
     own = {"rollout": rd / "rollouts", "annotate": rd / "annotations", "train": rd / "train"}[stage]
-    return (upstream / "_manifest.json").exists() and not (own / "_manifest.json").exists()
+    return (upstream / ".manifest.json").exists() and not (own / ".manifest.json").exists()
 
 
 def _manifests(root: Path) -> dict[str, float]:
     return {str(p.parent.relative_to(root)): json.loads(p.read_text())["finished_at"]
-            for p in root.rglob("_manifest.json")}
+            for p in root.rglob(".manifest.json")}
 
 
 def _check_datasets(root: Path) -> None:

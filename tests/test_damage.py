@@ -99,7 +99,7 @@ def _damage(store, case: str) -> str:
         os.remove(part("round-0000/verdicts"))
         return "round-0000/verdicts"
     if case == "rows_edited":
-        path = Path(store.path("round-0001/rollouts", "_manifest.json"))
+        path = Path(store.path("round-0001/rollouts", ".manifest.json"))
         m = json.loads(path.read_text())
         m["rows"] += 1
         path.write_text(json.dumps(m))

@@ -110,8 +110,9 @@ def test_end_to_end_eval_writes_samples_and_summary(tmp_path, model_dir) -> None
     cfg = _cfg(tmp_path / "run", model_dir)
     summary = run_eval(cfg, checkpoint="initial", progress=False)
 
-    samples_dir = tmp_path / "run" / "eval" / "initial" / "math500" / "samples.parquet"
-    table = pq.read_table(samples_dir)  # the dataset directory reads as one table
+    samples = tmp_path / "run" / "eval" / "initial" / "math500" / "samples.parquet"
+    assert samples.is_file()  # one Parquet file any reader opens
+    table = pq.read_table(samples)
     assert table.num_rows == 3 * 2
     assert set(EVAL_SAMPLES.names) <= set(table.column_names)
     rows = table.to_pylist()
@@ -149,12 +150,12 @@ def test_end_to_end_eval_writes_samples_and_summary(tmp_path, model_dir) -> None
 
     # Current samples are not redone: the manifest (and its fingerprint) stays the same.
     store = RunStore(str(tmp_path / "run"))
-    fp = store.manifest("eval/initial/math500/samples.parquet").fingerprint
+    fp = store.manifest("eval/initial/math500").fingerprint
     run_eval(cfg, checkpoint="initial", progress=False)
-    assert store.manifest("eval/initial/math500/samples.parquet").fingerprint == fp
+    assert store.manifest("eval/initial/math500").fingerprint == fp
     # A sampling change makes them stale.
     run_eval(_cfg(tmp_path / "run", model_dir, max_tokens=8), checkpoint="initial", progress=False)
-    again = store.read("eval/initial/math500/samples.parquet", EVAL_SAMPLES).to_pylist()
+    again = store.read("eval/initial/math500", EVAL_SAMPLES).to_pylist()
     assert all(r["num_tokens"] <= 8 for r in again)
     # Other benchmarks later (the testbed and choice verifiers): the summary keeps math500 (its
     # samples are unchanged) and adds them.
@@ -197,7 +198,7 @@ def test_checkpoint_resolution_and_stage_entry(tmp_path, model_dir) -> None:
     (tmp_path / "run" / "checkpoints" / "round-0001").symlink_to(model_dir)
     assert resolve_checkpoint(cfg, store, "latest").name == "round-0001"
     manifest = run(_cfg(tmp_path / "run", model_dir, benchmarks=["testbed"]), 0, progress=False)
-    assert manifest.dataset == "eval/round-0001/testbed/samples.parquet" and manifest.rows == 6
+    assert manifest.dataset == "eval/round-0001/testbed" and manifest.rows == 6
     assert manifest.inputs["round-0000/train"] == store.manifest("round-0000/train").fingerprint
     rcfg = eval_rollout_config(cfg)
     assert (rcfg.n, rcfg.temperature, rcfg.top_p, rcfg.top_k, rcfg.engine) == (

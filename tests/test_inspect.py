@@ -158,9 +158,9 @@ def test_run_summary_values(run_dir: Path, capsys) -> None:
 
 
 def test_eval_samples_of_a_run_are_found_and_summarised(tmp_path: Path, capsys) -> None:
-    # evaluate writes eval/<ckpt>/<benchmark>/samples.parquet as a store dataset: a directory
-    # named like a file, one level below the benchmark folder.
-    from trace_rl.data_schemas import EVAL_SAMPLES
+    # evaluate writes eval/<ckpt>/<benchmark>/ as a store dataset whose one part is the file
+    # samples.parquet.
+    from trace_rl.data_schemas import EVAL_SAMPLES, rows_to_table
     from trace_rl.pipeline.layout import eval_samples_dataset
 
     root = tmp_path / "run"
@@ -169,9 +169,10 @@ def test_eval_samples_of_a_run_are_found_and_summarised(tmp_path: Path, capsys) 
              "extracted_answer": None, "correct": i < 3, "num_tokens": 10 + i} for i in range(4)]
     with RunStore(str(root)).writer(eval_samples_dataset("initial", "math500"), EVAL_SAMPLES,
                                     stage="evaluate", config_fingerprint="c") as w:
-        w.write_rows(rows)
+        w.write_table(rows_to_table(rows, EVAL_SAMPLES), part="samples.parquet")
+    assert (root / "eval" / "initial" / "math500" / "samples.parquet").is_file()
     out = inspect_path(str(root), examples=0)
-    got = out["datasets"]["eval/initial/math500/samples.parquet"]
+    got = out["datasets"]["eval/initial/math500"]
     assert got["benchmarks"]["math500"] == {"samples": 4, "accuracy": 0.75, "mean_tokens": 11.5}
     assert got["complete"] is True
 

@@ -73,7 +73,7 @@ def test_deploy_and_run_stage_deployment(tmp_path):
         assert (run_root / "config.yaml").read_bytes() == written
     table = pq.read_table(run_root / "prompts" / "part-00000.parquet")
     assert table.num_rows == 40
-    manifest = json.loads((run_root / "prompts" / "_manifest.json").read_text())
+    manifest = json.loads((run_root / "prompts" / ".manifest.json").read_text())
     assert manifest["rows"] == 40 and manifest["stage"] == "prepare"
 
 

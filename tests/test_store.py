@@ -146,7 +146,7 @@ def test_sigkill_mid_write_leaves_no_complete_dataset(tmp_path, kill_after):
         w.write_rows([{"prompt_id": str(i), "problem": "x", "answer": "1", "solution": None,
                        "source": "t", "meta": "{}"} for i in range(3)])
     assert store.read("prompts", PROMPTS).num_rows == 3
-    assert sorted(os.listdir(tmp_path / "run" / "prompts")) == ["_manifest.json", "part-00000.parquet"]
+    assert sorted(os.listdir(tmp_path / "run" / "prompts")) == [".manifest.json", "part-00000.parquet"]
 
 
 def test_fsspec_memory_filesystem(tmp_path):

@@ -75,7 +75,7 @@ def in_stage(root: Path, stage: str, k: int) -> bool:
                 "train": rd / "annotations"}[stage]
     own = {"rollout": rd / "rollouts", "verify": rd / "verdicts", "annotate": rd / "annotations",
            "train": rd / "train"}[stage]
-    return (upstream / "_manifest.json").exists() and not (own / "_manifest.json").exists()
+    return (upstream / ".manifest.json").exists() and not (own / ".manifest.json").exists()
 
 
 def sha256(path: Path) -> str:
@@ -86,7 +86,7 @@ def committed(root: Path) -> dict[str, str]:
     """{relative path: sha256} of every committed file: the parts of each complete dataset and
     the checkpoint files its train manifest recorded (what the manifests vouch for)."""
     out = {}
-    for man in root.rglob("_manifest.json"):
+    for man in root.rglob(".manifest.json"):
         m = json.loads(man.read_text())
         for f in m["files"]:
             p = man.parent / f["name"]
