@@ -42,7 +42,7 @@ log = logging.getLogger("trace_rl.stages.train")
 
 def _launch_accelerate(cfg: TraceConfig, p: StageDecision, init_dir: str, out_dir, work_dir,
                        round_index: int, replay: list[dict]) -> list[dict]:
-    """Train under `accelerate launch` (DDP / FSDP / DeepSpeed from configs/accelerate/); each
+    """Train under `accelerate launch` (DDP / FSDP2 from configs/accelerate/); each
     process reads the round's datasets through the run store and checks they are the ones this
     stage recorded as inputs; the main process writes the metrics rows as JSON lines."""
     args = {"config": cfg.train.model_dump(mode="json"), "run_root": p.store.root,
