@@ -139,7 +139,8 @@ def build_testbed(
         torch.use_deterministic_algorithms(deterministic)
         torch.set_num_threads(threads)
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    log(f"built {out_dir} in {time.perf_counter() - t0:.1f}s")
+    log(f"built {out_dir} in {time.perf_counter() - t0:.1f}s: fingerprint {cfg.fingerprint()} "
+        f"(config {cfg.config_fingerprint()}, environment {build_environment()})")
     return str(out)
 
 
