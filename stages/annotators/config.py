@@ -7,6 +7,7 @@ that holds it.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -117,8 +118,9 @@ class SelfOptions(BaseModel):
 
     mode: Literal["vllm_server", "inprocess"] = "vllm_server"
     python: str = Field(
-        default_factory=lambda: sys.executable,
-        description="interpreter with vllm installed (vllm_server mode)",
+        default_factory=lambda: os.environ.get("TRACE_VLLM_PYTHON", sys.executable),
+        description="interpreter with vllm installed (vllm_server mode); default: "
+        "$TRACE_VLLM_PYTHON (as the rollout engine's vllm.python), else the current interpreter",
     )
     server_module: str = Field(
         default="vllm.entrypoints.openai.api_server",
