@@ -168,7 +168,9 @@ def key_equations(equations: list[Equation], answer: Fraction) -> list[Equation]
     return chosen
 
 
-def plan_spans(job: Job, equations: list[tuple[Equation, int, int, str]], cap: float) -> tuple[list[dict], str]:
+def plan_spans(
+    job: Job, equations: list[tuple[Equation, int, int, str]], cap: float
+) -> tuple[list[dict], str]:
     """Token spans for (equation, preferred char span, fallback char span, label) in priority
     order, under the cap; returns the spans and a status (ok | too_broad | no_spans)."""
     offsets = job.offsets()
