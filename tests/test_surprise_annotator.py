@@ -133,3 +133,33 @@ def test_surprise_spans_are_the_most_divergent_tokens(tiny_testbed_dir, route):
     print(f"\n{route}: mean divergence on spans {sum(inside) / len(inside):.4f} vs rest "
           f"{sum(outside) / len(outside):.4f}; best window on a rule span "
           f"{hit / max(compared, 1):.2f} vs chance {chance / max(compared, 1):.2f} ({compared})")
+
+
+def test_scores_with_the_lagged_teacher_stored_with_the_checkpoint(tiny_testbed_dir, tmp_path):
+    """The trainer's teacher at the next round's start is the snapshot stored with the
+    checkpoint (trainer_state/teacher); the annotator scores with it, not with the student."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trace_rl.trainer.checkpoint import read_teacher_meta, write_teacher
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_testbed_dir, ckpt)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    items = _items(tok, 4, "error", seed=4)
+    cfg = AnnotateConfig(backend="surprise", coverage_cap=CAP)
+    alone = annotate_rows(cfg, items, tok, progress=False, model_path=str(ckpt))
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    with torch.no_grad():  # an older policy: other weights than the student's
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "older")
+    write_teacher(ckpt, step=10, source_step=10, weights=tmp_path / "older")
+    lagged = annotate_rows(cfg, items, tok, progress=False, model_path=str(ckpt))
+    stored = str(read_teacher_meta(ckpt)[2])
+    for a, b in zip(alone, lagged, strict=True):
+        ra, rb = json.loads(a["raw_response"]), json.loads(b["raw_response"])
+        assert ra["teacher"] == "the checkpoint itself" and rb["teacher"] == stored
+        assert ra["mean_kl"] != rb["mean_kl"]
