@@ -197,8 +197,16 @@ def main() -> None:
 
     interrupts.install()  # SIGTERM and SIGHUP end a command the way Ctrl-C does
     try:
-        app(standalone_mode=False)
+        # Typer turns a KeyboardInterrupt into a returned 130 here, not an exception.
+        rc = app(standalone_mode=False)
+        if interrupts.received():
+            raise KeyboardInterrupt
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except TraceError as exc:
+        if interrupts.received():  # a stage that failed because it was interrupted
+            console.print(interrupts.interrupted_message(interrupts.argv_command()))
+            sys.exit(interrupts.exit_code())
         console.print(f"[red]error:[/] {exc}")
         sys.exit(2)
     except (typer.Exit, SystemExit) as exc:

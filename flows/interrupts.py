@@ -38,6 +38,11 @@ def install() -> None:
         signal.signal(sig, _on_signal)
 
 
+def received() -> bool:
+    """Whether a signal arrived (the command was interrupted, however it unwound)."""
+    return bool(_received)
+
+
 def exit_code() -> int:
     """128 + the first signal received (130 for Ctrl-C, 143 for SIGTERM)."""
     return 128 + (_received[0] if _received else signal.SIGINT)

@@ -131,14 +131,20 @@ def assert_same_bytes(got: Path, reference: Path, require_all: bool = False) -> 
                 f"{name} differs from the uninterrupted run"
 
 
+_REFERENCES: dict[str, Path] = {}
+
+
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory, tiny_testbed_dir) -> Path:
-    """The uninterrupted run every reliability test compares against (built once)."""
-    root = tmp_path_factory.mktemp("reference") / "run"
-    proc = cli(root, tiny_testbed_dir, root.parent / "prefect")
-    out = finish(proc)
-    assert proc.returncode == 0, out[-3000:]
-    return root
+    """The uninterrupted run every reliability test compares against: built once a session
+    (each test module imports this fixture, so the cache lives here, not in pytest's)."""
+    if tiny_testbed_dir not in _REFERENCES:
+        root = tmp_path_factory.mktemp("reference") / "run"
+        proc = cli(root, tiny_testbed_dir, root.parent / "prefect")
+        out = finish(proc)
+        assert proc.returncode == 0, out[-3000:]
+        _REFERENCES[tiny_testbed_dir] = root
+    return _REFERENCES[tiny_testbed_dir]
 
 
 def copy_run(reference: Path, dest: Path) -> Path:
