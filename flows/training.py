@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from trace_rl.data_schemas.errors import ConfigError
 from trace_rl.pipeline.layout import ROUND_STAGES, STAGES
+from trace_rl.pipeline.runlock import run_lock
 from trace_rl.stages.config import load_config
 from trace_rl.stages.engines.session import engine_session
 from trace_rl.trainer.resident import active_resident, trainer_session
@@ -161,7 +162,8 @@ def trace_training(config: str = "demo", overrides: list[str] | None = None,
     cfg = load_config(config_path)
     total = cfg.run.rounds
     out = {}
-    with reporting.forward_trace_logs():
+    # One writer per run (pipeline/runlock.py); `trace-rl run` already holds it (passes through).
+    with run_lock(cfg.run.run_root), reporting.forward_trace_logs():
         stage_prepare("prepare", config_path, None)
         if cfg.eval.benchmarks and cfg.eval.initial:
             _evaluate_in_flow(config_path, -1)
@@ -197,7 +199,7 @@ def trace_stage(stage: StageName, config: str, round_index: int | None,
     if STAGES[stage].per_round and (round_index is None or round_index < 0):
         raise ConfigError(f"stage {stage!r} needs round_index 0, 1, ... (got {round_index})")
     config_path = run_config_path(config, overrides)
-    with reporting.forward_trace_logs():
+    with run_lock(load_config(config_path).run.run_root), reporting.forward_trace_logs():
         out = TASKS[stage](stage, config_path, round_index, force=force)
     if stage in ("train", "evaluate"):
         reporting.publish_run_artifacts(config_path, f"after {reporting.stage_label(stage, round_index)}")

@@ -155,3 +155,35 @@ def collect_run(run_root: str) -> RunStats:
         if cols is not None:
             per_round.append(cols)
     return RunStats(rounds, _concat_steps(per_round), eval_stats(store))
+
+
+def rollout_stats(store: RunStore, k: int) -> dict[str, float] | None:
+    """What round k's samples say about the policy that drew them (TRL logs the same): reward
+    mean and std over rollouts, accuracy, the fraction of prompt groups whose rewards are all
+    equal (GRPO's advantage is zero there: no gradient), and the truncation rate (stopped at
+    max_tokens). None until the round is verified."""
+    import statistics
+    from collections import defaultdict
+
+    from trace_rl.data_schemas import ROLLOUTS
+
+    if store.manifest(dataset_name("verify", k)) is None or store.manifest(dataset_name("rollout", k)) is None:
+        return None
+    verdicts = store.read(dataset_name("verify", k), VERDICTS).select(["rollout_id", "reward", "correct"])
+    rollouts = store.read(dataset_name("rollout", k), ROLLOUTS).select(["rollout_id", "prompt_id", "finish_reason"])
+    by_id = {r["rollout_id"]: r for r in verdicts.to_pylist()}
+    groups: dict[str, list[float]] = defaultdict(list)
+    truncated = 0
+    for r in rollouts.to_pylist():
+        groups[r["prompt_id"]].append(float(by_id[r["rollout_id"]]["reward"]))
+        truncated += r["finish_reason"] == "length"
+    rewards = [float(v["reward"]) for v in by_id.values()]
+    if not rewards:
+        return None
+    return {
+        "reward_mean": sum(rewards) / len(rewards),
+        "reward_std": statistics.pstdev(rewards),
+        "accuracy": sum(bool(v["correct"]) for v in by_id.values()) / len(rewards),
+        "zero_variance_group_frac": sum(len(set(g)) == 1 for g in groups.values()) / len(groups),
+        "truncation_rate": truncated / len(rewards),
+    }

@@ -177,6 +177,10 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
                    # the checkpoint's manifest: what `status` and the next round verify
                    "checkpoint_files": checkpoint_record(p.store, start_checkpoint_dir(round_index + 1))}
     _drop_progress(work_dir)
+    if "tensorboard" in cfg.train.trackers:  # the rounds this call (re)wrote in the TensorBoard run
+        from trace_rl.pipeline.tracking import log_rollout_scalars
+
+        log_rollout_scalars(p.store, range(replay[0]["round_index"] if replay else round_index, round_index + 1))
     if session is not None and resident.held is not None:
         resident.tag = w.manifest.fingerprint  # round k+1 may start from what is in memory
     if metrics:

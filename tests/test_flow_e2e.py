@@ -131,3 +131,26 @@ def test_the_prefect_run_reads_like_the_experiment(finished_run):
     md = max((a for a in arts if a.type == "markdown"), key=lambda a: a.created)
     assert "data:image/png;base64," in md.data and "accuracy.png" in md.data
     assert "file://" not in md.data
+
+
+def test_one_continuous_tensorboard_run_with_rollout_figures(finished_run):
+    """After two rounds and a forced retrain of round 1 (the test above): one TensorBoard run,
+    each optimizer step once, and each round's rollout figures at its first step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, _, _ = finished_run
+    store = open_store(cfg)
+    root = store.local_path("tensorboard")
+    assert {p.parent for p in store.local_path("").rglob("events.out.tfevents*")} == {root / "train"}
+    acc = EventAccumulator(str(root / "train"))
+    acc.Reload()
+    per_round = cfg.rollout.prompts_per_round * cfg.rollout.n // cfg.train.mini_batch_size
+    assert [e.step for e in acc.Scalars("kl_weight")] == list(range(2 * per_round))
+    tags = set(acc.Tags()["scalars"])
+    for name in ("reward_mean", "reward_std", "accuracy", "zero_variance_group_frac", "truncation_rate"):
+        assert f"rollout/{name}" in tags, tags
+        assert [e.step for e in acc.Scalars(f"rollout/{name}")] == [0, per_round], name
+    rewards = store.read(dataset_name("verify", 0), VERDICTS).column("reward").to_pylist()
+    assert acc.Scalars("rollout/reward_mean")[0].value == pytest.approx(sum(rewards) / len(rewards))
+    finish = store.read(dataset_name("rollout", 0), ROLLOUTS).column("finish_reason").to_pylist()
+    assert acc.Scalars("rollout/truncation_rate")[0].value == pytest.approx(finish.count("length") / len(finish))

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from trace_rl.pipeline.tracking import TENSORBOARD_DIR, TENSORBOARD_RUN
 from trace_rl.trainer.batch import MicroBatch
 
 # Sums collected over micro-batches and processes, then turned into the per-step row.
@@ -92,15 +93,32 @@ def missing_tracker_packages(names: list[str]) -> list[str]:
     return [n for n in names if importlib.util.find_spec(_TRACKER_PACKAGES[n]) is None]
 
 
-def _make_tracker(name: str, log_dir: str, run_name: str) -> Any:
+# TensorBoard: one continuous run per training run, `<run>/tensorboard/train/` (pipeline/tracking.py),
+# whatever the round; steps are global, so rounds follow each other on one axis.
+
+
+def tensorboard_dir(log_dir: str) -> str:
+    """`<run>/tensorboard` for a trainer work dir `<run>/scratch/round-K/train-<attempt>` (the
+    stage's layout), else `<log_dir>/tensorboard`."""
+    from pathlib import Path
+
+    work = Path(log_dir)
+    if len(work.parents) >= 3 and work.parent.parent.name == "scratch":
+        return str(work.parents[2] / TENSORBOARD_DIR)
+    return str(work / TENSORBOARD_DIR)
+
+
+def _make_tracker(name: str, log_dir: str, run_name: str, first_step: int = 0) -> Any:
     """One of accelerate's trackers, offline by default: results stay under `log_dir` unless
-    the user's own environment (WANDB_MODE, MLFLOW_TRACKING_URI) points elsewhere."""
+    the user's own environment (WANDB_MODE, MLFLOW_TRACKING_URI) points elsewhere. TensorBoard
+    writes the run's one event stream; `purge_step` drops what an earlier attempt at these
+    steps wrote (a forced retrain), so the curve never doubles back."""
     import os
 
     from accelerate import tracking
 
     if name == "tensorboard":
-        return tracking.TensorBoardTracker(run_name, os.path.join(log_dir, "tensorboard"))
+        return tracking.TensorBoardTracker(TENSORBOARD_RUN, tensorboard_dir(log_dir), purge_step=first_step)
     if name == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_DIR", log_dir)
@@ -117,20 +135,24 @@ class Logger:
 
     def __init__(self, accelerator: Any, log_dir: str, report_to: list[str], run_name: str):
         self.trackers: list[Any] = []
+        self._pending: list[str] = []
+        self.log_dir, self.run_name = log_dir, run_name
         if not accelerator.is_main_process:
             return
         missing = missing_tracker_packages(report_to)
         if missing:
             raise RuntimeError(f"train.report_to names {missing}, not installed here: pip install "
                                f"{' '.join(_TRACKER_PACKAGES[m] for m in missing)} (or drop them)")
-        for name in report_to:
-            tracker = _make_tracker(name, log_dir, run_name)
-            tracker.start()
-            self.trackers.append(tracker)
+        self._pending = list(report_to)  # started at the first logged step (TensorBoard's purge)
 
     def log(self, row: dict[str, Any], step: int) -> None:
         values = {k: v for k, v in row.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        for name in self._pending:
+            tracker = _make_tracker(name, self.log_dir, self.run_name, first_step=step)
+            tracker.start()
+            self.trackers.append(tracker)
+        self._pending = []
         for tracker in self.trackers:
             tracker.log(values, step=step)
 
