@@ -35,8 +35,18 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"trace-rl {version('trace-rl')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+          show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                            help="print the installed version and exit")) -> None:
     _setup_logging(verbose)
 
 
