@@ -24,12 +24,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-
 from trace_rl.trainer.batch import Example, MicroBatch, build_examples, collate, to_bt
 from trace_rl.trainer.checkpoint import (
     FULL_FQN,
     clean_tmp_dirs,
-    atomic_torch_save,
     load_progress,
     load_trainer_state,
     restore_sharded,
@@ -40,10 +38,11 @@ from trace_rl.trainer.lean import KLSpec, LeanCausalLM, SpanGroup
 from trace_rl.trainer.losses import clipped_pg_loss, grpo_advantages
 from trace_rl.trainer.methods import LossInputs, Method, get_method
 from trace_rl.trainer.metrics import Logger, StepStats, peak_memory_bytes, step_row
+from trace_rl.trainer.old_logprobs import old_logprobs
 from trace_rl.trainer.progress import progress_bar
 from trace_rl.trainer.resident import Held, Resident, config_json, release
 from trace_rl.trainer.round_io import Clock, save_output, save_progress
-from trace_rl.trainer.teacher import TeacherHandle, eval_mode
+from trace_rl.trainer.teacher import TeacherHandle
 
 log = logging.getLogger("trace_rl.trainer.round")
 
@@ -102,46 +101,6 @@ def _shards(cfg: TrainConfig, order: np.ndarray, rank: int, world: int) -> list[
         steps.append([mine[i * cfg.micro_batch_size : (i + 1) * cfg.micro_batch_size]
                       for i in range(n_micro)])
     return steps
-
-
-@torch.no_grad()
-def _recompute_old_logprobs(model, examples: list[Example], idx: list[int], cfg: TrainConfig,
-                            pad_id: int, device, temperature: float) -> dict[int, torch.Tensor]:
-    out = {}
-    with eval_mode(model):
-        for start in range(0, len(idx), cfg.micro_batch_size):
-            chunk = idx[start : start + cfg.micro_batch_size]
-            sub = [examples[i] for i in chunk]
-            mb = collate(sub, [torch.zeros(len(e.response_ids)) for e in sub], [0.0] * len(sub),
-                         pad_id, with_teacher=False, device=device)
-            s = mb.student
-            logp_N = model(mode="policy", input_ids_BL=s.input_ids_BL,
-                           attention_mask_BL=s.attention_mask_BL, resp_pos_N=s.resp_pos_N,
-                           target_N=s.target_N, temperature=temperature)["logp_N"].float().cpu()
-            for i, piece in zip(chunk, logp_N.split([len(e.response_ids) for e in sub])):
-                out[i] = piece
-    return out
-
-
-def _old_logprobs(cfg, model, examples, my_idx, pad_id, acc, work_dir: Path, fp: str,
-                  temperature: float, live: set[int] = frozenset()):
-    """Old log-probs of this process's examples; those in `live` are left out (the caller uses
-    the detached log-probs of the step's own forward for them)."""
-    if cfg.old_logprobs == "engine":
-        for i in my_idx:
-            if len(examples[i].engine_logprobs) != len(examples[i].response_ids):
-                raise ValueError(f"rollout {examples[i].rollout_id} lacks engine log-probs; "
-                                 "set old_logprobs: recompute")
-        return {i: torch.tensor(examples[i].engine_logprobs, dtype=torch.float32) for i in my_idx}
-    f = work_dir / f"old_logprobs-rank{acc.process_index}.pt"
-    if f.exists():
-        saved = torch.load(f, weights_only=False)
-        if saved["fingerprint"] == fp:
-            return saved["logp"]
-    logp = _recompute_old_logprobs(model, examples, [i for i in my_idx if i not in live], cfg,
-                                   pad_id, acc.device, temperature)
-    atomic_torch_save({"fingerprint": fp, "logp": logp}, f)
-    return logp
 
 
 @dataclass
@@ -360,31 +319,32 @@ def _train_round(cfg: TrainConfig, *, prompts, rollouts, verdicts, annotations, 
     # (with one step per round, the only recomputation there is).
     live_first = cfg.old_logprobs == "recompute" and saved is None and bool(plan)
     live = {i for micro in plan[0] for i in micro} if live_first else set()
-    old_logp = _old_logprobs(cfg, model, examples, my_idx, pad_id, acc, work, fp, temperature,
-                             live)
-
     teacher = TeacherHandle(cfg.teacher_sync_every, work, init_checkpoint, _DTYPES[cfg.dtype],
                             cfg.logprob_chunk, inherit=inherit)
-    cursor, rows = 0, []
-    if saved is not None:
-        if saved.get("state_layout") != FULL_FQN:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        global_step, cursor, rows = saved["global_step"], saved["cursor"], saved["rows"]
-        teacher.restore(saved["teacher"])
-        set_rng_state(saved["rng"])
     if held is not None:
         wrapped = held.wrapped
     else:
         wrapped, optimizer = acc.prepare(model, optimizer)
     # sharded states can only be scattered into the prepared (sharded) model and optimizer
-    if saved is not None and saved.get("state_layout") == FULL_FQN:
-        restore_sharded(wrapped, optimizer, saved, with_model=True)
-    elif saved is None and state is not None and state.get("state_layout") == FULL_FQN:
+    if state is not None and state.get("state_layout") == FULL_FQN:
         restore_sharded(wrapped, optimizer, {**state, "model": state.get("master")},
                         with_model="master" in state)
-    if saved is None and state is not None and round_index == 0:
+    # Old log-probs come from the prepared model (under FSDP the only place where every process
+    # holds real weights) at the round's initial weights: before a progress save is restored.
+    old_logp = old_logprobs(cfg, wrapped, examples, my_idx, pad_id, acc, work, fp, temperature,
+                             live)
+    cursor, rows = 0, []
+    if saved is not None:
+        if saved.get("state_layout") == FULL_FQN:
+            restore_sharded(wrapped, optimizer, saved, with_model=True)
+        else:
+            acc.unwrap_model(wrapped).load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        global_step, cursor, rows = saved["global_step"], saved["cursor"], saved["rows"]
+        teacher.restore(saved["teacher"])
+        set_rng_state(saved["rng"])
+    elif state is not None and round_index == 0:
         _continue_from(cfg, optimizer, scheduler, init_checkpoint, global_step)
     r = _Step(cfg, get_method(cfg.method), wrapped, acc.unwrap_model(wrapped), teacher, acc,
               temperature)
