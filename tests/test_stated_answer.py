@@ -165,6 +165,7 @@ def test_a_statement_is_graded_by_the_value_it_states(
     [
         "The answer is 12 or maybe 13 or 14 or 15.",
         "The answer is 12 or 13.",
+        "The answer is 12 marbles or maybe 13.",
         "The answer is either 6 or 7.",
         "The answer is between 2 and 3 hours.",
         "The answer is 2 to 3.",

@@ -11,9 +11,9 @@ its first complete value, read here:
 - a leading math span (``$40$``, ``\\(8 \\times 5 = 40\\)``) is read the same way inside.
 
 A statement that offers several values as alternatives is a **hedge** and states no answer:
-"12 or 13", "12 or maybe 13", "either 6 or 7", "between 2 and 3", "2 to 3", "2-3". The checker
-scores it ``no_answer`` (reward 0): no single value was committed to, and an earlier statement
-does not count either, since the response withdrew it by hedging last.
+"12 or 13", "12 marbles or maybe 13", "either 6 or 7", "between 2 and 3", "2 to 3", "2-3". The
+checker scores it ``no_answer`` (reward 0): no single value was committed to, and an earlier
+statement does not count either, since the response withdrew it by hedging last.
 
 Anything that does not open with a plain number (``\\frac{1}{2}``, ``x = 2``, ``3\\sqrt{2}``,
 ``5, 7``, "Sam has 9 marbles") is left to math-verify over the whole statement, as before.
@@ -31,7 +31,9 @@ _CURRENCY = "$€£¥₹"
 # space and three digits is the end of the value), optional decimals.
 _NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
 _OP = r"(?:[-+*/×÷x]|\\times|\\cdot|\\div)"
-_LEAD_WORDS_RE = re.compile(r"^(?:approximately|about|around|roughly|exactly|just|only)\s+", re.IGNORECASE)
+_LEAD_WORDS_RE = re.compile(
+    r"^(?:approximately|about|around|roughly|exactly|just|only)\s+", re.IGNORECASE
+)
 _HEDGE_OPEN_RE = re.compile(r"^(?:either|between)\b", re.IGNORECASE)
 _NUMBER_RE = re.compile(_NUMBER)
 _CHAIN_RE = re.compile(
@@ -41,11 +43,14 @@ _CHAIN_RE = re.compile(
 # after "between"), what makes it something other than a plain number (LaTeX, a variable, a
 # power: math-verify reads those), and a list "5, 7" (math-verify reads it as a set).
 _HEDGE_AFTER_RE = re.compile(
-    rf"^\s*(?:,?\s*(?:or|to)\s+(?:maybe\s+|perhaps\s+|possibly\s+|even\s+)?|[-–~]\s*)"
+    rf"^\s*(?:,?\s*(?:or|to)\s+(?:maybe\s+|perhaps\s+|possibly\s+|even\s+)?|[-–~]\s*"
+    rf"|(?:[A-Za-z]+,?\s+){{1,2}}or\s+(?:maybe\s+|perhaps\s+|possibly\s+)?)"
     rf"[{re.escape(_CURRENCY)}]?{_NUMBER}\b",
     re.IGNORECASE,
 )
-_NOT_PLAIN_AFTER_RE = re.compile(r"^(?:[A-Za-z(\\^_{!'√]|\s*[\\^_{]|\s*:\s*\d|\s*[a-z]\b(?!\s+[a-z]))")
+_NOT_PLAIN_AFTER_RE = re.compile(
+    r"^(?:[A-Za-z(\\^_{!'√]|\s*[\\^_{]|\s*:\s*\d|\s*[a-z]\b(?!\s+[a-z]))"
+)
 _LIST_AFTER_RE = re.compile(rf"^\s*(?:,|;|,?\s*and\s)\s*\$?{_NUMBER}\b(?!\s*[a-z])")
 _LATEX_THOUSANDS_RE = re.compile(r"(?<=\d)(?:\{,\}|,\\!|\\,|\\!|\\ )(?=\d{3})")
 _TIMES_RE = re.compile(r"\\times|\\cdot|×|(?<=\d)\s*x\s*(?=\d)")
@@ -84,7 +89,8 @@ def _leading(text: str, rest_after: str) -> Stated | None:
     if m is None:
         return None
     chain, after = m.group("chain"), text[m.end():]
-    if "=" not in chain and re.fullmatch(rf"{_NUMBER}\s*[-–~]\s*{_NUMBER}", chain) and " - " not in chain:
+    is_range = re.fullmatch(rf"{_NUMBER}\s*[-–~]\s*{_NUMBER}", chain) and " - " not in chain
+    if "=" not in chain and is_range:
         return Stated("hedge", chain)  # "2-3": a range, not a subtraction
     if _NOT_PLAIN_AFTER_RE.match(after) or _LIST_AFTER_RE.match(after):
         return None
