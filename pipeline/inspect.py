@@ -11,14 +11,15 @@ and prompts (problem) of the same round, found as sibling directories when they 
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
+from collections import Counter
 from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.console import Console
-
 from trace_rl.data_schemas import SCHEMAS, read_parquet
 from trace_rl.data_schemas.errors import TraceError
 
@@ -178,8 +179,22 @@ def view_records(ds: Dataset, reader: _Reader) -> list[dict[str, Any]]:
     return records
 
 
+def across_prompts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records reordered so that consecutive ones come from different prompts: the first
+    rollout of every prompt (prompts in a fixed pseudo-random order), then the second, ..."""
+    seen: Counter[Any] = Counter()
+    keyed = []
+    for r in records:
+        pid = r.get("prompt_id")
+        keyed.append((seen[pid], hashlib.sha256(str(pid).encode()).hexdigest(), len(keyed), r))
+        seen[pid] += 1
+    return [r for *_, r in sorted(keyed, key=lambda x: x[:3])]
+
+
 def pick_examples(records: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
-    """Up to n records, alternating key-span and error-span rows, then the rest, in order."""
+    """Up to n records sampled across prompts (never two rollouts of one prompt while another
+    prompt has one left), alternating key-span and error-span rows, then the rest."""
+    records = across_prompts(records)
     key = [r for r in records if r["spans"] and r["route"] == "key"]
     err = [r for r in records if r["spans"] and r["route"] == "error"]
     picked = [r for pair in zip(key, err) for r in pair]

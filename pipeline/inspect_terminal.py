@@ -48,6 +48,9 @@ def _summary_table(ds: Dataset, summary: dict[str, Any]) -> Table:
     return table
 
 
+SPAN_OPEN, SPAN_CLOSE = "⟪", "⟫"
+
+
 def _elide(text: str, head: bool, tail: bool, context: int) -> str:
     """Shorten a plain run of text, keeping `context` chars next to the spans around it."""
     if len(text) <= 2 * context + 5:
@@ -58,8 +61,8 @@ def _elide(text: str, head: bool, tail: bool, context: int) -> str:
 
 
 def example_text(record: dict[str, Any], *, context: int = 160, max_chars: int = 1500) -> Text:
-    """The response with key spans in green and error spans in red, each followed by its label;
-    a long response is cut to the text around its spans."""
+    """The response with key spans in green and error spans in red, each between ⟪ and ⟫ and
+    followed by its label; a long response is cut to the text around its spans."""
     text = record.get("response_text")
     if text is None:
         return Text("(response text unavailable: no rollouts dataset in this round)", style="dim")
@@ -73,9 +76,12 @@ def example_text(record: dict[str, Any], *, context: int = 160, max_chars: int =
                 chunk = _elide(chunk, head=i > 0, tail=i < len(pieces) - 1, context=context)
             out.append(chunk)
         else:
+            # Both ends are marked in text, so a piped (unstyled) output still shows the span.
+            dim = style.replace("bold ", "") + " dim"
+            out.append(SPAN_OPEN, style=dim)
             out.append(chunk, style=style + " underline")
             label = piece.span["label"] or record["route"]
-            out.append(f"⟦{label}⟧", style=style.replace("bold ", "") + " dim")
+            out.append(f"{SPAN_CLOSE}⟦{label}⟧", style=dim)
     return out
 
 

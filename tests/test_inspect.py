@@ -150,10 +150,13 @@ def test_run_summary_values(run_dir: Path, capsys) -> None:
     assert tr["metrics"]["peak_mem_bytes"] == {"first": 1000, "last": 1002}
     assert ds["prompts"]["with_solution"] == 1
     # Examples alternate a key-span row and an error-span row.
-    assert out["examples"] == {"round-0003/annotations": ["r1", "r2"]}
+    # one key-span and one error-span example, from two different prompts (r1 and r2 share p1)
+    (picked,) = out["examples"].values()
+    assert [ROWS[r][5] for r in picked] == ["key", "error"]
+    assert len({ROWS[r][0] for r in picked}) == 2
     text = capsys.readouterr().out
     assert "round-0003/annotations" in text and "no_spans 1" in text and "length 1" in text
-    assert "⟦carry⟧" in text and "⟦final answer⟧" in text and f"⟦{EVIL_LABEL}⟧" in text
+    assert "十七加二十五等于四十二 🚀⟫⟦单位换算 ✓⟧" in text and f"⟫⟦{EVIL_LABEL}⟧" in text  # r3's, r2's spans
     assert XSS in text  # the terminal shows the raw text, not rich markup interpretations of it
 
 
@@ -182,12 +185,14 @@ def test_example_text_styles_exact_span_ranges() -> None:
     rendered = example_text(rec)
     styled = [(s.start, s.end, str(s.style)) for s in rendered.spans if "green" in str(s.style)
               and "underline" in str(s.style)]
-    label1 = "⟦carry⟧"
+    label1 = "⟫⟦carry⟧"
     end1 = len("Step 1: 7 + 5 = 12, write 2 carry 1.")
-    start2 = len(T1) - len("\\boxed{42}.") + len(label1)  # shifted by the first inline label
-    assert styled == [(0, end1, "bold green underline"),
+    # shifted by the first span's opening mark, its closing mark and label, and its own opening
+    start2 = len(T1) - len("\\boxed{42}.") + 1 + len(label1) + 1
+    assert styled == [(1, 1 + end1, "bold green underline"),
                       (start2, start2 + 11, "bold green underline")]
-    assert rendered.plain == T1[:end1] + label1 + T1[end1:] + "⟦final answer⟧"
+    cut = len(T1) - len("\\boxed{42}.")
+    assert rendered.plain == "⟪" + T1[:end1] + label1 + T1[end1:cut] + "⟪" + T1[cut:] + "⟫⟦final answer⟧"
     err = example_text({"response_text": T2, "spans": SPANS["r2"], "route": "error"})
     assert {str(s.style) for s in err.spans} >= {"bold red underline", "red dim"}
 
@@ -197,7 +202,8 @@ def test_dataset_file_and_round_paths(run_dir: Path, capsys) -> None:
     assert inspect_path(str(ann_dir), examples=0)["kind"] == "dataset"
     one = inspect_path(str(ann_dir / "part-00000.parquet"), examples=1)
     assert one["kind"] == "file" and one["datasets"]["part-00000.parquet"]["spans"] == 5
-    assert one["examples"] == {"part-00000.parquet": ["r1"]}
+    (picked,) = one["examples"].values()  # a key-span example (r1 of p1 or r3 of p2)
+    assert len(picked) == 1 and ROWS[picked[0]][5] == "key"
     rnd = inspect_path(str(run_dir / "round-0003"), examples=0)
     assert rnd["kind"] == "round"
     assert list(rnd["datasets"]) == ["rollouts", "verdicts", "annotations", "train"]
@@ -266,7 +272,8 @@ def test_cli_inspect_exit_codes(run_dir: Path, tmp_path: Path) -> None:
            "timeout": 120}
     ok = subprocess.run(cmd + [str(run_dir), "--examples", "1"], check=False, **run)
     assert ok.returncode == 0, ok.stderr
-    assert "round-0003/annotations" in ok.stdout and "⟦carry⟧" in ok.stdout
+    # piped: no styles, so both ends of the span are marked in the text
+    assert "round-0003/annotations" in ok.stdout and "⟪" in ok.stdout and "⟫⟦" in ok.stdout
     bad = subprocess.run(cmd + [str(tmp_path)], check=False, **run)
     assert bad.returncode == 2 and "holds no trace-rl dataset" in bad.stderr
 

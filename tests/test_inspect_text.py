@@ -10,7 +10,7 @@ def test_example_text_cuts_long_responses_around_spans() -> None:
     text = "a" * 1000 + "KEY STEP" + "b" * 1000
     span = {"char_start": 1000, "char_end": 1008, "label": "x"}
     rendered = example_text({"response_text": text, "spans": [span], "route": "key"}, context=50)
-    assert rendered.plain == "… " + "a" * 50 + "KEY STEP⟦x⟧" + "b" * 50 + " …"
+    assert rendered.plain == "… " + "a" * 50 + "⟪KEY STEP⟫⟦x⟧" + "b" * 50 + " …"
 
 
 def test_split_spans_clamps_and_keeps_one_piece_per_span() -> None:
