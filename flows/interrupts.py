@@ -62,7 +62,26 @@ class _OwnSessionSubprocess(types.ModuleType):
     def Popen(*args, **kwargs):  # the name Prefect calls
         if os.name == "posix":
             kwargs.setdefault("start_new_session", True)
+            cmd = kwargs.get("args", args[0] if args else None)
+            if sys.platform == "linux" and isinstance(cmd, list) and cmd[1:3] == ["-m", "uvicorn"]:
+                # Outside our process group a SIGKILL of the command no longer reaches the
+                # server: it asks the kernel for SIGTERM when its parent dies, then runs uvicorn.
+                wrapped = [cmd[0], "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd[1:]]
+                if "args" in kwargs:
+                    kwargs["args"] = wrapped
+                else:
+                    args = (wrapped, *args[1:])
         return subprocess.Popen(*args, **kwargs)
+
+
+# Run in the server's own interpreter before uvicorn: PR_SET_PDEATHSIG (1) = SIGTERM (15), which
+# survives exec; a parent that died before that call is caught by comparing the parent pid.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, 15, 0, 0, 0)\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(1)\n"
+    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])\n"
+)
 
 
 def isolate_prefect_server() -> None:
