@@ -142,11 +142,23 @@ def eval_cmd(config: str = typer.Argument(..., help="config file or packaged nam
 @app.command()
 def inspect(path: str = typer.Argument(..., help="a Parquet file, a dataset directory, a round directory or a run directory"),
             html: Optional[str] = typer.Option(None, help="write a self-contained HTML view here"),
-            examples: int = typer.Option(3, help="examples to print")) -> None:
+            examples: int = typer.Option(3, help="examples to print"),
+            teacher: bool = typer.Option(False, help="with --html: a heat strip per example of the "
+                                         "privileged teacher's vs the student's log-prob of each "
+                                         "sampled token (loads each round's checkpoint)")) -> None:
     """Summarise a shard: counts by status, reward rate, span coverage, examples with spans."""
     from trace_rl.pipeline.inspect import inspect_path
 
-    inspect_path(path, html=html, examples=examples)
+    scorer = None
+    if teacher:
+        from trace_rl.stages.token_view import TeacherStudentScorer, run_root_of
+
+        root = run_root_of(path)
+        if root is None or html is None:
+            raise TraceError("--teacher needs --html and a path inside a run directory (one with "
+                             "config.yaml)")
+        scorer = TeacherStudentScorer(root)
+    inspect_path(path, html=html, examples=examples, scorer=scorer)
 
 
 @app.command()

@@ -10,6 +10,9 @@ A "view record" is one rollout as the page shows it (built by `pipeline.inspect`
     correct (bool | None), reward, verdict_status, extracted_answer,
     route, annotator, status, coverage, spans (list of span dicts, DESIGN.md annotations contract)
 Every key but rollout_id and spans may be None when the dataset holding it was not found.
+Optional `token_scores` ({"offsets": [[c0, c1]] per response token, "student": [T], "teacher":
+[T] log-probs of the sampled token, "source": str}) adds the heat strip under the response.
+A page of several rounds has a round picker (the latest round selected first).
 """
 
 from __future__ import annotations
@@ -156,14 +159,46 @@ def _card(r: dict[str, Any]) -> str:
                        for p in span_problems(r.get("response_text") or "", r["spans"])
                        if r.get("response_text") is not None)
     error = f'<div class="warn">{_esc(r["error"])}</div>' if r.get("error") else ""
-    return f"""<article class="card" data-correct="{correct}" data-route="{_esc(route)}">
+    heat = (render_heat_strip(r["response_text"], r["token_scores"], r["spans"], route)
+            if r.get("token_scores") and r.get("response_text") is not None else "")
+    rnd = "" if r.get("round") is None else str(r["round"])
+    return f"""<article class="card" data-correct="{correct}" data-route="{_esc(route)}" data-round="{_esc(rnd)}">
 <header><code class="rid">{_esc(r["rollout_id"])}</code>{_verdict_badge(r)}
 <span class="badge route {_esc(route)}">{_esc(route)} · {n_spans}</span>
 <span class="cov" title="fraction of response tokens inside spans">
 <span class="bar"><i style="width:{cov_w:.1f}%"></i></span>{cov_txt}</span></header>
 <div class="meta">{_meta_line(r)}</div>{problem}{warnings}{error}
-<pre class="response">{render_response(r.get("response_text"), r["spans"], route)}</pre>
+<pre class="response">{render_response(r.get("response_text"), r["spans"], route)}</pre>{heat}
 </article>"""
+
+
+def _heat_colour(delta: float) -> str:
+    """teacher − student log-prob of the sampled token: orange where the privileged teacher
+    finds the token less likely than the student did (it disagrees), blue where more likely."""
+    alpha = min(abs(delta) / 3.0, 1.0) * 0.85
+    rgb = "230,110,20" if delta < 0 else "40,100,220"
+    return f"rgba({rgb},{alpha:.2f})"
+
+
+def render_heat_strip(text: str, scores: dict[str, Any], spans: list[dict[str, Any]], route: str) -> str:
+    """One cell per response token under the text: the token's characters on a background
+    coloured by teacher − student log-prob (`_heat_colour`), span tokens underlined in the
+    route's colour, the numbers in each cell's title."""
+    covered = set()
+    for s in spans:
+        covered.update(range(int(s["token_start"]), int(s["token_end"])))
+    cells = []
+    for t, ((c0, c1), s_lp, t_lp) in enumerate(zip(scores["offsets"], scores["student"],
+                                                    scores["teacher"], strict=True)):
+        delta = t_lp - s_lp
+        cls = f"tok in-{route}" if t in covered else "tok"
+        title = f"token {t}: student {s_lp:.2f} · teacher {t_lp:.2f} · Δ {delta:+.2f}"
+        cells.append(f'<span class="{cls}" style="background:{_heat_colour(delta)}" '
+                     f'title="{_esc(title)}">{_esc(text[c0:c1]) or "·"}</span>')
+    deltas = [t - s for s, t in zip(scores["student"], scores["teacher"], strict=True)]
+    head = (f'<div class="h">teacher − student log-prob per sampled token '
+            f'(mean Δ {sum(deltas) / max(len(deltas), 1):+.2f}; {_esc(scores.get("source", ""))})</div>')
+    return f'<div class="heat">{head}<pre class="strip">{"".join(cells)}</pre></div>'
 
 
 def _chip(name: str, count: int) -> str:
@@ -203,7 +238,13 @@ def render_page(records: list[dict[str, Any]], *, title: str, source: str) -> st
     """The whole page as a string: summary, filter buttons and one card per record."""
     summary = page_summary(records)
     template = _template()
-    return template.substitute(script_hash=_script_hash(template.template),
+    rounds = sorted({r["round"] for r in records if r.get("round") is not None})
+    options = "".join(f'<option value="{k}"{" selected" if k == rounds[-1] else ""}>round {k}</option>'
+                      for k in rounds)
+    picker = ("" if len(rounds) < 2 else
+              f'<label class="rounds">round <select id="round"><option value="">all rounds</option>'
+              f"{options}</select></label>")
+    return template.substitute(script_hash=_script_hash(template.template), round_picker=picker,
         title=_esc(title), source=_esc(source), summary=_summary_html(summary),
         n_all=summary["responses"], n_correct=summary["correct"], n_incorrect=summary["incorrect"],
         cards="\n".join(_card(r) for r in records)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
@@ -203,7 +204,8 @@ def pick_examples(records: list[dict[str, Any]], n: int) -> list[dict[str, Any]]
     return (picked + rest)[:max(n, 0)]
 
 
-def inspect_path(path: str, *, html: str | None = None, examples: int = 3) -> dict:
+def inspect_path(path: str, *, html: str | None = None, examples: int = 3,
+                 scorer: Scorer | None = None) -> dict:
     """Summarise every dataset under `path` on stdout; with `html`, also write the HTML view of
     every annotated response found. Returns {"path", "kind", "datasets": {label: summary},
     "examples": {label: [rollout_id, ...]}, "html": page summary or None}."""
@@ -224,29 +226,66 @@ def inspect_path(path: str, *, html: str | None = None, examples: int = 3) -> di
         "html": None,
     }
     if html is not None:
-        result["html"] = _write_view(html, path, datasets, records, reader)
+        result["html"] = _write_view(html, path, datasets, records, reader, scorer)
         Console().print(f"[green]wrote[/] {html}  ({result['html']['responses']} responses, "
                         f"{result['html']['spans']} spans)")
     return result
 
 
 def _write_view(html: str, source: str, datasets: list[Dataset],
-                records: dict[str, list[dict[str, Any]]], reader: _Reader) -> dict[str, Any]:
-    """The annotated responses of the latest round that has annotations (one round keeps the
-    page small for a long run; name a round directory to see another); without annotations, the
-    rollouts of the latest round, with their verdicts."""
-    for schema in ("annotations", "rollouts"):
-        candidates = [d for d in datasets if d.schema == schema]
-        if candidates:
-            latest = max(d.round if d.round is not None else -1 for d in candidates)
-            chosen = [d for d in candidates if (d.round if d.round is not None else -1) == latest]
-            every = [r for d in chosen
-                     for r in (records[d.label] if schema == "annotations"
-                               else view_records(d, reader))]
-            where = ", ".join(d.label for d in chosen)
-            return write_html(html, every, title=f"trace-rl inspect: {where}",
-                              source=f"{source} · {where}")
-    raise TraceError(
-        f"--html shows responses, and {source} holds no annotations or rollouts dataset; "
-        "name a run, round or annotations directory"
-    )
+                records: dict[str, list[dict[str, Any]]], reader: _Reader,
+                scorer: Scorer | None = None) -> dict[str, Any]:
+    """The annotated responses of every round (a round picker on the page selects one; the
+    latest first); without annotations, the rollouts, with their verdicts; for a verdicts
+    dataset, its round's rollouts. With `scorer`, the examples of each round also get the
+    teacher-vs-student heat strip."""
+    every: list[dict[str, Any]] = []
+    chosen: list[Dataset] = []
+    for schema in ("annotations", "rollouts", "verdicts"):
+        chosen = [d for d in datasets if d.schema == schema]
+        if not chosen:
+            continue
+        for d in chosen:
+            if schema == "annotations":
+                every += records[d.label]
+            elif schema == "rollouts":
+                every += view_records(d, reader)
+            else:
+                rollouts = _sibling_rollouts(d, reader)
+                every += view_records(rollouts, reader) if rollouts is not None else []
+        if every:
+            break
+    if not every:
+        raise TraceError(
+            f"--html shows responses, and {source} holds no annotations, rollouts or verdicts "
+            "with their rollouts; name a run, round or annotations directory")
+    if scorer is not None:
+        add_token_scores(every, scorer)
+    where = ", ".join(d.label for d in chosen)
+    return write_html(html, every, title=f"trace-rl inspect: {where}", source=f"{source} · {where}")
+
+
+def _sibling_rollouts(ds: Dataset, reader: _Reader) -> Dataset | None:
+    directory = posixpath.dirname(ds.path) if reader.fs.isfile(ds.path) else ds.path
+    path = posixpath.join(posixpath.dirname(directory.rstrip("/")), STAGES["rollout"].dataset)
+    table = reader.get(path, "rollouts")
+    return None if table is None else Dataset(_basename(path), path, "rollouts", table, True)
+
+
+# A scorer maps (round, [rollout_id]) to {rollout_id: token_scores} (see html_view).
+Scorer = Callable[[int, list[str]], dict[str, dict[str, Any]]]
+
+
+def add_token_scores(records: list[dict[str, Any]], scorer: Scorer, per_round: int = 12) -> None:
+    """Heat-strip scores for up to `per_round` records of each round, sampled across prompts
+    (annotated ones first), written into the records in place."""
+    by_round: dict[int, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("round") is not None and r.get("response_text") is not None:
+            by_round.setdefault(int(r["round"]), []).append(r)
+    for k, recs in by_round.items():
+        picked = pick_examples(recs, per_round)
+        scores = scorer(k, [r["rollout_id"] for r in picked])
+        for r in picked:
+            if r["rollout_id"] in scores:
+                r["token_scores"] = scores[r["rollout_id"]]

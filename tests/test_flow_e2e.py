@@ -3,6 +3,8 @@ rerun of one stage."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tiny import TINY_RUN
@@ -154,3 +156,37 @@ def test_one_continuous_tensorboard_run_with_rollout_figures(finished_run):
     assert acc.Scalars("rollout/reward_mean")[0].value == pytest.approx(sum(rewards) / len(rewards))
     finish = store.read(dataset_name("rollout", 0), ROLLOUTS).column("finish_reason").to_pylist()
     assert acc.Scalars("rollout/truncation_rate")[0].value == pytest.approx(finish.count("length") / len(finish))
+
+
+def test_span_view_of_the_run_has_every_round_and_teacher_heat_strips(finished_run, tmp_path):
+    """`inspect RUN --html --teacher`: all rounds with a picker, and per token the privileged
+    teacher's and the student's log-prob of the sampled token under the spans."""
+    import math
+    import re
+
+    from trace_rl.pipeline.inspect import inspect_path
+    from trace_rl.stages.token_view import TeacherStudentScorer, run_root_of
+
+    cfg, _, _ = finished_run
+    root = cfg.run.run_root
+    assert run_root_of(f"{root}/round-0001/annotations") == str(Path(root).resolve())
+    scorer = TeacherStudentScorer(root)
+    scores = scorer(1, [r["rollout_id"] for r in open_store(cfg).read(
+        dataset_name("rollout", 1), ROLLOUTS).slice(0, 2).to_pylist()])
+    rows = {r["rollout_id"]: r for r in open_store(cfg).read(dataset_name("rollout", 1), ROLLOUTS).to_pylist()}
+    for rid, s in scores.items():
+        n = len(rows[rid]["response_token_ids"])
+        assert len(s["student"]) == len(s["teacher"]) == len(s["offsets"]) == n
+        assert "".join(rows[rid]["response_text"][a:b] for a, b in s["offsets"]) == rows[rid]["response_text"]
+        assert all(v <= 0 for v in s["student"] + s["teacher"])
+        if cfg.rollout.temperature == 1.0:  # the student's are the log-probs the engine sampled with
+            assert max(abs(a - b) for a, b in zip(s["student"], rows[rid]["response_logprobs"])) < 1e-3
+        assert any(not math.isclose(a, b, abs_tol=1e-4) for a, b in zip(s["student"], s["teacher"]))
+    page_path = tmp_path / "view.html"
+    out = inspect_path(root, html=str(page_path), examples=0, scorer=scorer)
+    page = page_path.read_text()
+    assert out["html"]["responses"] == 2 * cfg.rollout.prompts_per_round * cfg.rollout.n
+    assert '<option value="0">round 0</option>' in page and '<option value="1" selected>round 1</option>' in page
+    assert set(re.findall(r'data-round="(\d)"', page)) == {"0", "1"}
+    assert page.count('<div class="heat">') == 2 * min(12, cfg.rollout.prompts_per_round * cfg.rollout.n)
+    assert "teacher − student log-prob per sampled token" in page and 'class="tok' in page
