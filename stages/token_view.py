@@ -53,10 +53,9 @@ class TeacherStudentScorer:
 
     def __call__(self, round_index: int, rollout_ids: list[str]) -> dict[str, dict[str, Any]]:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         from trace_rl.stages.annotators.align import token_char_offsets
         from trace_rl.trainer.teacher import enable_thinking_of, teacher_prompt_ids
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model_dir, _ = start_checkpoint(self.cfg, self.store, round_index)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)

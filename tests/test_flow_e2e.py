@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from tiny import TINY_RUN
 from trace_rl.data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, TRAIN_METRICS, VERDICTS
-from trace_rl.stages.config import load_config
 from trace_rl.stages.common import dataset_name, open_store
+from trace_rl.stages.config import load_config
 
 pytestmark = pytest.mark.slow
 

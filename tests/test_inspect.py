@@ -19,7 +19,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from trace_rl.data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, VERDICTS, extend_metrics
 from trace_rl.data_schemas.errors import TraceError
 from trace_rl.pipeline.html_view import render_page
@@ -234,8 +233,8 @@ def test_html_falls_back_to_rollouts(run_dir: Path, tmp_path: Path, capsys) -> N
     capsys.readouterr()
 
 
-def test_two_rounds_listed_by_round_and_html_shows_latest(run_dir: Path, tmp_path: Path,
-                                                           capsys) -> None:
+def test_two_rounds_listed_by_round_and_html_shows_every_round(run_dir: Path, tmp_path: Path,
+                                                                capsys) -> None:
     run2 = tmp_path / "run2"
     shutil.copytree(run_dir, run2)
     shutil.copytree(run2 / "round-0003", run2 / "round-0004")
@@ -243,8 +242,9 @@ def test_two_rounds_listed_by_round_and_html_shows_latest(run_dir: Path, tmp_pat
     page = tmp_path / "two.html"
     out = inspect_path(str(run2), html=str(page), examples=1)
     assert [s["round"] for s in out["datasets"].values()] == [None, 3, 3, 3, 3, 4, 4, 4]
-    assert out["html"]["responses"] == 5  # one round, not both
-    assert "round-0004/annotations" in page.read_text(encoding="utf-8")
+    assert out["html"]["responses"] == 10  # both rounds; the page's picker selects one
+    text = page.read_text(encoding="utf-8")
+    assert "round-0003/annotations, round-0004/annotations" in text
     printed = capsys.readouterr().out
     assert printed.index("round 3") < printed.index("round 4")
 
