@@ -112,10 +112,13 @@ def replay_plan(cfg: TraceConfig, store, round_index: int, work_dir) -> list[dic
 
 
 def _replay_in_process(cfg: TraceConfig, store, plan: list[dict], resident: Resident,
-                       progress: bool) -> None:
+                       progress: bool) -> float:
+    """Replay `plan` into `resident`; returns the max |Δ| of the replayed weights against their
+    checkpoints (check_replayed refuses beyond its tolerance)."""
     from trace_rl.trainer.round import train_round
     from trace_rl.trainer.round_io import check_replayed
 
+    worst = 0.0
     for step in plan:
         i = step["round_index"]
         log.info("train: replaying round %d from its datasets (checkpoint %s holds weights only)",
@@ -129,7 +132,8 @@ def _replay_in_process(cfg: TraceConfig, store, plan: list[dict], resident: Resi
             raise StageError(f"replaying round {i}: {step['output_checkpoint']} holds no weights to "
                              f"compare the replay against; recreate it with `trace-rl stage train "
                              f"CONFIG --round {i} --force`")
-        check_replayed(resident)
+        worst = max(worst, check_replayed(resident))
+    return worst
 
 
 def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progress: bool = True) -> Manifest:
@@ -158,10 +162,13 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     replay = [] if resident.held is not None else replay_plan(cfg, p.store, round_index, work_dir)
     if cfg.train.accelerate_config or cfg.train.num_processes > 1:
         metrics = _launch_accelerate(cfg, p, init_dir, out_dir, work_dir, round_index, replay)
+        replay_file = work_dir / "replay.json"
+        replay_delta = json.loads(replay_file.read_text())["max_abs_delta"] if replay else None
+        replay_file.unlink(missing_ok=True)
     else:
         from trace_rl.trainer.round import train_round
 
-        _replay_in_process(cfg, p.store, replay, resident, progress)
+        replay_delta = _replay_in_process(cfg, p.store, replay, resident, progress) if replay else None
         tables = read_round_inputs(p.store, round_index, p.inputs)
         metrics = train_round(cfg.train, **tables, init_checkpoint=init_dir, output_checkpoint=str(out_dir),
                               work_dir=str(work_dir), round_index=round_index, progress=progress,
@@ -174,6 +181,8 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
         w.write_table(table, part="metrics.parquet")
         w.extra = {"checkpoint": str(out_dir), "steps": len(metrics),
                    "trainer_state": saves_state(cfg, round_index), "replayed_rounds": len(replay),
+                   # max |Δ| of the replayed weights against their checkpoints (None: no replay)
+                   "replay_max_abs_delta": replay_delta,
                    # the checkpoint's manifest: what `status` and the next round verify
                    "checkpoint_files": checkpoint_record(p.store, start_checkpoint_dir(round_index + 1))}
     _drop_progress(work_dir)

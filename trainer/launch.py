@@ -8,7 +8,9 @@ A.json: {"config": {...TrainConfig fields...}, "run_root": the run directory, "r
 "metrics_out": path | null (JSON lines, main process), "progress": bool,
 "save_state": bool (write the full trainer state with the checkpoint; default true),
 "replay": [{"round_index", "inputs", "init_checkpoint", "output_checkpoint", "work_dir"}, ...]
-(earlier rounds retrained in memory first, when the start checkpoint holds weights only)}.
+(earlier rounds retrained in memory first, when the start checkpoint holds weights only; each is
+checked on every process against its checkpoint, and the max |Δ| goes to replay.json beside
+metrics_out)}.
 
 Every process reads the round's datasets through the run store, as the single-process stage does:
 only the parts a manifest lists, checked against the schemas, and only if each manifest is still
@@ -70,6 +72,7 @@ def run_from_args(args: dict) -> list[dict]:
     store = RunStore(args["run_root"])
     accelerator = Accelerator()
     resident = Resident()
+    worst = 0.0
     for step in args.get("replay", []):
         tables = read_round_inputs(store, step["round_index"], step["inputs"])
         train_round(cfg, **tables, init_checkpoint=step["init_checkpoint"],
@@ -79,8 +82,7 @@ def run_from_args(args: dict) -> list[dict]:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             shutil.rmtree(step["work_dir"], ignore_errors=True)
-        if accelerator.num_processes == 1:  # the full weights are only whole on one process
-            check_replayed(resident)
+        worst = max(worst, check_replayed(resident))  # on every process; refuses beyond tolerance
     round_index = int(args.get("round_index", 0))
     tables = read_round_inputs(store, round_index, args.get("inputs"))
     rows = train_round(
@@ -92,6 +94,8 @@ def run_from_args(args: dict) -> list[dict]:
     out = args.get("metrics_out")
     if out and accelerator.is_main_process:
         Path(out).write_text("".join(json.dumps(row) + "\n" for row in rows))
+        if args.get("replay"):
+            Path(out).with_name("replay.json").write_text(json.dumps({"max_abs_delta": worst}))
     return rows
 
 

@@ -85,33 +85,57 @@ def save_output(acc, unwrapped, tokenizer, optimizer, scheduler, path, global_st
     acc.wait_for_everyone()
 
 
-def check_replayed(resident: Resident) -> float:
-    """After a replayed round: compare the resident's weights with the checkpoint that round
-    wrote when it first ran. They must agree (replay is deterministic on the same hardware and
-    kernels); where they do not, the checkpoint's weights (those the next rollouts came from)
-    are copied into the model and the difference is logged. Returns the max |difference|."""
+REPLAY_TOLERANCE = 1e-2  # max |Δ| between replayed and checkpointed weights a replay may show
+
+
+def check_replayed(resident: Resident, tolerance: float = REPLAY_TOLERANCE) -> float:
+    """After a replayed round: compare the resident's weights, on every process, with the
+    checkpoint that round wrote when it first ran (at the checkpoint's dtype: a mixed-precision
+    checkpoint holds the float32 master rounded to the compute dtype). Replay is deterministic on
+    the same hardware and kernels, so they should agree. A difference up to `tolerance` (absolute,
+    about one bf16 ulp at 1.0) is logged and the checkpoint's weights (those the next rollouts
+    came from) are copied into the model; beyond it the replay is refused. Collective under
+    several processes (sharded parameters are compared whole). Returns the max |difference|."""
     from safetensors import safe_open
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
     held = resident.held
     assert held is not None
-    params = dict(held.unwrapped.hf.state_dict())
-    worst = 0.0
+    acc = held.accelerator
+    params = dict(held.unwrapped.hf.named_parameters())
+    worst, disk_names = 0.0, {}
+    for f in sorted(Path(held.checkpoint).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            disk_names.update({name: f for name in st.keys()})  # noqa: SIM118
+    fixes = []
     with torch.no_grad():
-        for f in sorted(Path(held.checkpoint).glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as st:
-                for name in st.keys():  # noqa: SIM118 -- safe_open is not iterable
-                    if name not in params:
-                        continue
-                    disk = st.get_tensor(name)
-                    live = params[name]
-                    # at the checkpoint's dtype: a mixed-precision checkpoint holds the float32
-                    # master weights rounded to the compute dtype
-                    if not torch.equal(disk, live.detach().cpu().to(disk.dtype)):
-                        worst = max(worst, float((disk.float() - live.detach().float().cpu()).abs().max()))
-                        live.copy_(disk.to(live.device, live.dtype))
+        for name in sorted(n for n in params if n in disk_names):  # the same order everywhere
+            live = params[name]
+            whole = live.full_tensor() if isinstance(live, DTensor) else live
+            with safe_open(str(disk_names[name]), framework="pt") as st:
+                disk = st.get_tensor(name)
+            if not torch.equal(disk, whole.detach().cpu().to(disk.dtype)):
+                worst = max(worst, float((disk.float() - whole.detach().float().cpu()).abs().max()))
+                fixes.append((name, disk))
+    if acc.num_processes > 1:
+        worst = float(acc.gather(torch.tensor([worst], device=acc.device)).max())
+    if worst > tolerance:
+        raise RuntimeError(
+            f"the replayed round's weights differ from {held.checkpoint} by up to {worst:.3g} "
+            f"(tolerance {tolerance:g}): the replay is not the update that wrote the checkpoint "
+            "(other hardware, kernels or inputs?), so the optimizer state it rebuilt cannot be "
+            "trusted. Rerun the rounds from the last checkpoint with a full trainer state "
+            "(`trace-rl stage train CONFIG --round K --force`), or set train.state_every: 1")
     if worst > 0:
+        with torch.no_grad():
+            for name, disk in fixes:
+                live = params[name]
+                value = disk.to(live.device, live.dtype)
+                if isinstance(live, DTensor):
+                    value = distribute_tensor(value, live.device_mesh, live.placements)
+                live.copy_(value)
         log.warning(
-            "replayed weights differ from %s by up to %.3g (non-deterministic kernels?); "
-            "continuing from the checkpoint's weights with the replayed optimizer state",
-            held.checkpoint, worst)
+            "replayed weights differ from %s by up to %.3g (within the tolerance %g: "
+            "non-deterministic kernels?); continuing from the checkpoint's weights with the "
+            "replayed optimizer state", held.checkpoint, worst, tolerance)
     return worst
