@@ -66,11 +66,13 @@ def summarize_annotations(t: pa.Table) -> dict[str, Any]:
     for route, row_spans in zip(routes, spans):
         spans_by_route[route] += len(row_spans)
         labels.update(s["label"] or "(no label)" for s in row_spans)
-    with_spans = [c for c, s in zip(coverage, spans) if s]
+    with_spans = [c for c, s in zip(coverage, spans) if s and c is not None]
+    annotated = [c for c in coverage if c is not None]  # NULL: the row was not annotated
     return {"rows": t.num_rows, "status": _counts(t, "status"), "route": _counts(t, "route"),
             "spans": sum(spans_by_route.values()), "spans_by_route": dict(spans_by_route),
             "labels": dict(labels.most_common()), "rows_without_spans": sum(not s for s in spans),
-            "coverage": _stats(coverage), "coverage_of_annotated": _stats(with_spans),
+            "coverage": _stats(annotated), "coverage_of_rows_with_spans": _stats(with_spans),
+            "not_annotated": len(coverage) - len(annotated),
             "annotators": _counts(t, "annotator")}
 
 

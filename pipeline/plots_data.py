@@ -30,7 +30,7 @@ class RoundStats:
     round: int
     rollouts: int | None = None
     reward_rate: float | None = None
-    coverage: float | None = None  # mean annotation coverage of the round's ok annotations
+    coverage: float | None = None  # mean coverage of the round's annotated rows (NULL rows out)
     steps: int | None = None
     first_step: int | None = None
     last_step: int | None = None
@@ -99,7 +99,8 @@ def round_stats(store: RunStore, k: int, cols: dict[str, list[Any]] | None = Non
         stats.rollouts, stats.reward_rate = len(rewards), _mean(rewards)
     annotations = store.manifest(dataset_name("annotate", k))
     if annotations is not None:
-        stats.coverage = annotations.extra.get("mean_coverage_ok")
+        # runs written before coverage became NULL for unannotated rows recorded the ok rows' mean
+        stats.coverage = annotations.extra.get("mean_coverage", annotations.extra.get("mean_coverage_ok"))
     cols = _train_columns(store, k) if cols is None else cols
     if cols is not None:
         stats.steps = len(cols["step"])

@@ -60,7 +60,7 @@ ROWS = {
     "r2": ("p1", T2, 16, "stop", False, "error", "ok", 0.125),
     "r3": ("p2", T3, 10, "stop", True, "key", "ok", 0.2),
     "r4": ("p2", T4, 8, "stop", False, "error", "no_spans", 0.0),
-    "r5": ("p2", T5, 32, "length", False, "none", "skipped", 0.0),
+    "r5": ("p2", T5, 32, "length", False, "none", "skipped", None),  # not annotated: NULL
 }
 
 
@@ -132,9 +132,10 @@ def test_run_summary_values(run_dir: Path, capsys) -> None:
     assert ann["labels"] == {"carry": 1, "final answer": 1, EVIL_LABEL: 1, "(no label)": 1,
                              "单位换算 ✓": 1}
     assert ann["rows_without_spans"] == 2
-    assert ann["coverage"]["mean"] == pytest.approx((0.25 + 0.125 + 0.2) / 5)
-    assert ann["coverage"]["max"] == pytest.approx(0.25)
-    assert ann["coverage_of_annotated"]["mean"] == pytest.approx((0.25 + 0.125 + 0.2) / 3)
+    # one meaning of coverage: the mean over annotated rows (r5 was skipped: NULL, left out)
+    assert ann["coverage"]["mean"] == pytest.approx((0.25 + 0.125 + 0.2 + 0.0) / 4)
+    assert ann["coverage"]["max"] == pytest.approx(0.25) and ann["not_annotated"] == 1
+    assert ann["coverage_of_rows_with_spans"]["mean"] == pytest.approx((0.25 + 0.125 + 0.2) / 3)
     ver = ds["round-0003/verdicts"]
     assert ver["correct"] == 2 and ver["correct_rate"] == pytest.approx(0.4)
     assert ver["reward_mean"] == pytest.approx(0.4) and ver["status"] == {"ok": 4, "no_answer": 1}

@@ -68,3 +68,26 @@ def test_a_run_written_with_the_old_manifest_name_still_reads_and_rewrites_clean
     assert store.manifest("round-0000/rollouts") is None
     with pytest.raises(StageError, match="missing or incomplete"):
         store.read("round-0000/rollouts", ROLLOUTS)
+
+
+def test_coverage_is_null_where_a_row_was_not_annotated_and_has_one_mean(tmp_path):
+    from trace_rl.data_schemas import ANNOTATIONS
+    from trace_rl.pipeline.html_view import page_summary
+    from trace_rl.pipeline.inspect import inspect_path
+    from trace_rl.stages.annotators.base import make_row
+
+    items = [{"rollout_id": f"r{i}", "route": route} for i, route in enumerate(["key", "error", "none", "key"])]
+    rows = [make_row(items[0], "a", "ok", coverage=0.3), make_row(items[1], "a", "no_spans", coverage=0.0),
+            make_row(items[2], "a", "skipped"), make_row(items[3], "a", "api_error", error="503")]
+    assert [r["coverage"] for r in rows] == [0.3, 0.0, None, None]
+    store = RunStore(str(tmp_path / "run"))
+    with store.writer("round-0000/annotations", ANNOTATIONS, stage="annotate", config_fingerprint="c") as w:
+        w.write_rows(rows)
+    table = store.read("round-0000/annotations", ANNOTATIONS)
+    assert table.column("coverage").null_count == 2
+    summary = inspect_path(str(tmp_path / "run" / "round-0000" / "annotations"), html=str(tmp_path / "v.html"),
+                           examples=0)
+    got = summary["datasets"]["annotations"]
+    assert got["coverage"]["mean"] == pytest.approx(0.15) and got["not_annotated"] == 2
+    assert summary["html"]["coverage_mean"] == pytest.approx(got["coverage"]["mean"])
+    assert page_summary([{"coverage": None, "spans": []}])["coverage_mean"] is None

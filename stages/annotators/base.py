@@ -104,7 +104,9 @@ def make_row(
         "route": item["route"],
         "annotator": annotator,
         "spans": spans or [],
-        "coverage": float(coverage),
+        # Coverage has one meaning, the fraction of response tokens in spans of an annotated
+        # row; a row that was not annotated (skipped, an error) has none (NULL), not 0.
+        "coverage": None if status == "skipped" or status.endswith("_error") else float(coverage),
         "status": status,
         "raw_response": raw,
         "error": error,
