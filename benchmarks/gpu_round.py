@@ -1,7 +1,7 @@
 """One on-policy round on one GPU, engine stand-in included: rollout, train step, weight sync,
 rollout again.
 
-    python benchmarks/gpu_round.py                       # Qwen3-0.6B-shaped, bf16, CUDA
+    python benchmarks/gpu_round.py                       # Qwen3-0.6B-shaped, CUDA
     python benchmarks/gpu_round.py --device cpu --tiny   # the same code path in seconds on CPU
 
 The lent GPU machine has torch, transformers, safetensors, pyarrow but no vLLM, pydantic or
@@ -9,6 +9,9 @@ prefect, and the repo is not installed there. So transformers `generate` stands 
 second model instance, as a colocated engine holds its own copy), and only the pure-torch trainer
 modules (trainer/losses.py, trainer/lean.py) are imported, by file path. Random weights from a
 config; rewards are random 0/1, which is all a throughput measurement needs.
+
+Precision as the trainer runs it: float32 master weights and AdamW state with bf16 compute
+(LeanCausalLM's autocast), bf16 weights in the generating model and the teacher snapshot.
 
 Round: rollout (sampled, every sequence runs to --response tokens) -> one optimizer step of the
 routed TRACE loss (clipped policy gradient off spans, PG + full-vocabulary KL to a frozen teacher
@@ -169,7 +172,9 @@ def main() -> None:
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --device cpu --tiny")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    # the trainer's precision path: float32 master weights under bf16 autocast; the generating
+    # model and the teacher snapshot hold bf16 weights (as the engine and train_round load them)
+    dtype = torch.bfloat16
     losses, lean_mod = trainer_modules()
     from transformers import Qwen3ForCausalLM
 
@@ -177,7 +182,7 @@ def main() -> None:
     cfg = model_config(args.tiny)
     t0 = time.perf_counter()
     with torch.device(device):  # initialise on the device: a CPU init of 0.6B takes seconds
-        train_model = Qwen3ForCausalLM(cfg).to(dtype)
+        train_model = Qwen3ForCausalLM(cfg)  # float32
         gen_model = Qwen3ForCausalLM(cfg).to(dtype).eval()
         teacher = Qwen3ForCausalLM(cfg).to(dtype).eval()
     gen_model.load_state_dict(train_model.state_dict())
@@ -189,7 +194,7 @@ def main() -> None:
     train_model.config.use_cache = False
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in train_model.parameters())
-    lean = lean_mod.LeanCausalLM(train_model, chunk=1024)
+    lean = lean_mod.LeanCausalLM(train_model, chunk=1024, compute_dtype=dtype)
     lean_teacher = lean_mod.LeanCausalLM(teacher, chunk=1024)
     opt = torch.optim.AdamW(train_model.parameters(), lr=1e-6, foreach=True)
 
@@ -200,7 +205,8 @@ def main() -> None:
     train_s, metrics = train_step(lean, lean_teacher, opt, losses, lean_mod, seqs_BL,
                                   args.prompt_len, args.prompts, args.micro, device)
     sync_s = weight_sync(train_model, gen_model, device)
-    same = all(torch.equal(a, b) for a, b in zip(train_model.parameters(), gen_model.parameters()))
+    same = all(torch.equal(a.to(b.dtype), b)
+               for a, b in zip(train_model.parameters(), gen_model.parameters()))
     _, gen2_s = rollout(gen_model, prompts_BP, args.response, device)
 
     gen_tokens = B * args.response

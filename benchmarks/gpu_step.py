@@ -2,7 +2,9 @@
 
     python benchmarks/gpu_step.py [--shapes 4x4096,4x16384] [--layers 28] [--chunk 1024]
 
-bf16 weights, gradient checkpointing, the memory-lean path. Prints step time, tokens/s, MFU
+The trainer's precision path: float32 master weights and AdamW state, bf16 compute under autocast
+(LeanCausalLM's compute_dtype), a bf16 teacher snapshot; gradient checkpointing, the memory-lean
+path. Prints step time, tokens/s, MFU
 (6·params·tokens + causal attention FLOPs of the student's training pass, over the GPU's dense
 bf16 peak) and peak allocated memory. The TRACE step adds the teacher forward (a weight snapshot)
 and full-vocabulary forward KL on 25% of the response tokens. Exits with a message without CUDA.
@@ -31,10 +33,23 @@ def _model(layers: int, device: str):
                       head_dim=128, max_position_embeddings=40_960, tie_word_embeddings=True,
                       rope_theta=1_000_000)
     with torch.device(device):
-        model = Qwen3ForCausalLM(cfg).to(torch.bfloat16)
+        model = Qwen3ForCausalLM(cfg)  # float32: the master weights AdamW steps
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model, cfg
+
+
+def _trainer(model, chunk: int):
+    """As train_round sets it up: the policy in float32 under bf16 autocast, AdamW over the
+    float32 parameters, the teacher snapshot in bf16."""
+    import torch
+
+    from trace_rl.trainer.lean import KLSpec, LeanCausalLM
+
+    lean = LeanCausalLM(model, chunk, KLSpec(), compute_dtype=torch.bfloat16)
+    lean_t = copy.deepcopy(lean).to(torch.bfloat16).requires_grad_(False)
+    lean_t.compute_dtype = None  # bf16 weights compute in bf16 natively
+    return lean, lean_t, torch.optim.AdamW(lean.parameters(), lr=1e-5)
 
 
 def _flops(n_params: int, cfg, batch: int, seq: int) -> float:
@@ -96,17 +111,14 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("gpu_step.py: no CUDA device found; this benchmark needs one GPU. Nothing to do.")
         return
-    from trace_rl.trainer.lean import KLSpec, LeanCausalLM
 
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
     model, cfg = _model(a.layers, "cuda")
     n_params = sum(p.numel() for p in model.parameters())
-    lean = LeanCausalLM(model, a.chunk, KLSpec())
-    lean_t = copy.deepcopy(lean).requires_grad_(False)
-    opt = torch.optim.AdamW(lean.parameters(), lr=1e-5)
-    print(f"{name}: Qwen3-1.7B shape, {a.layers} layers, {n_params / 1e9:.2f} B params, bf16, "
-          f"gradient checkpointing, chunk {a.chunk}")
+    lean, lean_t, opt = _trainer(model, a.chunk)
+    print(f"{name}: Qwen3-1.7B shape, {a.layers} layers, {n_params / 1e9:.2f} B params, fp32 "
+          f"master + bf16 autocast, gradient checkpointing, chunk {a.chunk}")
     print(f"{'shape':>9s} {'variant':>6s} {'step s':>8s} {'tok/s':>9s} {'MFU':>6s} {'peak GiB':>9s}")
     for shape in a.shapes.split(","):
         batch, seq = (int(x) for x in shape.split("x"))
@@ -131,12 +143,8 @@ def main() -> None:
 
 def _cpu_smoke(a) -> None:
     """Checks the code path without a GPU: one GRPO and one TRACE step, loss finite."""
-    from trace_rl.trainer.lean import KLSpec, LeanCausalLM
-
     model, _ = _model(a.layers, "cpu")
-    lean = LeanCausalLM(model, a.chunk, KLSpec())
-    lean_t = copy.deepcopy(lean).requires_grad_(False)
-    opt = __import__("torch").optim.AdamW(lean.parameters(), lr=1e-5)
+    lean, lean_t, opt = _trainer(model, a.chunk)
     for shape in a.shapes.split(","):
         batch, seq = (int(x) for x in shape.split("x"))
         for variant in ("grpo", "trace"):
