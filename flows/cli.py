@@ -61,6 +61,14 @@ def _load(config: Optional[str], overrides: Optional[list[str]]):
     return cfg
 
 
+def _verify_run(cfg) -> None:
+    from trace_rl.pipeline.store import RunStore
+    from trace_rl.stages.damage import invalidate_damaged
+
+    for line in invalidate_damaged(RunStore(cfg.run.run_root)):
+        console.print(f"[red]damaged[/] {line} (recomputing it)")
+
+
 def _locked(cfg):
     """The run's lock (pipeline/runlock.py) for a command that writes the run."""
     from trace_rl.pipeline.runlock import run_lock
@@ -71,7 +79,9 @@ def _locked(cfg):
 @app.command()
 def run(config: str = typer.Argument("demo", help="config file or packaged name"),
         overrides: Optional[list[str]] = OverridesArg,
-        rounds: Optional[int] = typer.Option(None, help="number of rounds (default: run.rounds)")) -> None:
+        rounds: Optional[int] = typer.Option(None, help="number of rounds (default: run.rounds)"),
+        verify: bool = typer.Option(False, "--verify", help="first hash every committed file; "
+                                    "damaged stages are recomputed (default: sizes only)")) -> None:
     """Run the training flow in-process (Prefect ephemeral mode): rounds of rollout, verify,
     annotate, train; continues from the first incomplete stage."""
     if rounds is not None and rounds < 1:
@@ -84,6 +94,8 @@ def run(config: str = typer.Argument("demo", help="config file or packaged name"
         from trace_rl.flows.training import run_training_local
 
         isolate_prefect_server()
+        if verify:
+            _verify_run(cfg)
         run_training_local(cfg)
 
 

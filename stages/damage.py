@@ -32,3 +32,21 @@ def unrecorded(store: RunStore, name: str) -> bool:
     """A complete dataset written before sizes and hashes were recorded (cannot be verified)."""
     m = store.manifest(name)
     return m is not None and not recorded(m)
+
+
+def invalidate_damaged(store: RunStore, deep: bool = True) -> list[str]:
+    """`trace-rl run --verify`: check every complete dataset of the run (`deep`: every byte's
+    hash, which also finds a same-size corruption the size check misses) and mark each damaged
+    one incomplete, so the run recomputes it. Returns what was found, one line per dataset."""
+    from trace_rl.pipeline.store import LEGACY_MANIFEST, MANIFEST
+
+    found = []
+    root = store.path("").rstrip("/")
+    names = {path[len(root) + 1:].rsplit("/", 1)[0] for path in store.fs.find(root)
+             if path.rsplit("/", 1)[-1] in (MANIFEST, LEGACY_MANIFEST)}
+    for name in sorted(names):
+        reason = damage_reason(store, name, store.manifest(name), deep)
+        if reason:
+            store.invalidate(name)
+            found.append(f"{name}: {reason}")
+    return found

@@ -200,3 +200,18 @@ def test_damaged_checkpoints_in_a_real_run(tmp_path, tiny_testbed_dir, reference
     out = finish(proc, 300)
     assert proc.returncode == 2, out[-3000:]
     assert "start checkpoint is damaged" in out and "--round 0 --force" in " ".join(out.split())
+
+
+def test_run_verify_marks_a_same_size_corruption_for_recomputing(run):
+    """`trace-rl run --verify`: the byte flip the size check misses is found by hashing, and the
+    dataset is marked incomplete, so the run recomputes it; the others are left as they were."""
+    from trace_rl.stages.damage import invalidate_damaged
+
+    _, store = run
+    name = _damage(store, "byteflip")
+    assert invalidate_damaged(store, deep=False) == []
+    found = invalidate_damaged(store)
+    assert len(found) == 1 and found[0].startswith(f"{name}: part-00000.parquet: content differs")
+    assert store.manifest(name) is None
+    assert all(store.manifest(n) is not None for n in
+               ("round-0001/rollouts", "round-0000/verdicts", "round-0001/verdicts"))
