@@ -93,7 +93,8 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
 
 
 def _generate(rcfg, model_dir: str, chosen: list[dict], progress: bool) -> list[dict]:
-    """With the flow's run-scoped vLLM engine when one is active, else a cold engine."""
+    """With the flow's run-scoped engine (vLLM, or the hf engine's loaded model) when one is
+    active, else a cold engine."""
     from trace_rl.stages.engines import generate
     from trace_rl.stages.engines.session import active_session
 
@@ -104,6 +105,8 @@ def _generate(rcfg, model_dir: str, chosen: list[dict], progress: bool) -> list[
                  stats["mode"], stats["engine_start_s"], stats["load_weights_s"],
                  stats["generate_s"])
         return samples
+    if session is not None and rcfg.engine == "hf":  # the model stays loaded across rounds
+        return session.generate_hf(rcfg, model_dir, chosen, progress=progress)
     return generate(rcfg, model_dir, chosen, progress=progress)
 
 

@@ -156,3 +156,31 @@ def test_unknown_engine_and_bad_values_raise_with_the_fix():
     with pytest.raises(ValueError, match="extra"):
         RolloutConfig(temprature=1.0)
     assert RolloutConfig(top_k=0).top_k == -1
+
+
+def test_engine_session_keeps_the_hf_model_and_loads_new_weights_in_place(tmp_path, model_dir):
+    """Run-scoped like vLLM: one from_pretrained for a flow's rounds; a new checkpoint of the same
+    architecture has its weights copied in, and every round samples exactly what a cold engine
+    samples from that checkpoint."""
+    import shutil
+
+    from trace_rl.stages.engines.session import engine_session
+
+    other = tmp_path / "round-0001"
+    shutil.copytree(model_dir, other)
+    m = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        for p in m.model.layers[0].parameters():
+            p.mul_(1.5)
+    m.save_pretrained(other)
+    cfg, prompts = _cfg(n=2, max_tokens=16), PROMPTS[:2]
+    cold = {d: generate(cfg, d, prompts, progress=False) for d in (model_dir, str(other))}
+    assert cold[model_dir] != cold[str(other)]  # the weights matter to the samples
+    with engine_session() as session:
+        got = [session.generate_hf(cfg, d, prompts, progress=False)
+               for d in (model_dir, str(other), model_dir)]
+        assert (session.hf.loads, session.hf.refreshes) == (1, 2)
+        assert session.release_device() == "idle"  # on CPU the model stays loaded
+        assert session.hf.model is not None
+    assert session.hf.model is None  # closed with the session
+    assert got == [cold[model_dir], cold[str(other)], cold[model_dir]]

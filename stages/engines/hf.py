@@ -1,10 +1,17 @@
 """The `hf` rollout engine: batched transformers `generate` (CPU, tests, the testbed), through
-the one sampling loop that records log-probs (`pipeline/generation.py`)."""
+the one sampling loop that records log-probs (`pipeline/generation.py`).
+
+Run-scoped like the vLLM session: inside a flow's `engine_session` the loaded model is kept in an
+`HFModel` from one round to the next, and a new checkpoint of the same architecture, dtype and
+device only has its weights copied in (safetensors, in place) instead of a full from_pretrained.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,15 +49,70 @@ def _load_model(model_dir: str, cfg: RolloutConfig, stop_ids: list[int], pad_id:
     return model
 
 
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype"}
+
+
+def _model_key(cfg: RolloutConfig, model_dir: str) -> str:
+    """What a loaded model depends on besides its weights: architecture, dtype, device."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    arch = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+    return json.dumps({"arch": arch, "dtype": cfg.hf.dtype, "device": cfg.hf.device},
+                      sort_keys=True, default=str)
+
+
+class HFModel:
+    """The hf engine's model kept across a flow's rounds (held by the engine session)."""
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.key: str | None = None
+        self.weights: str | None = None  # the checkpoint whose weights the model holds
+        self.loads = 0  # full from_pretrained loads
+        self.refreshes = 0  # in-place weight loads
+
+    def get(self, cfg: RolloutConfig, model_dir: str, stop_ids: list[int], pad_id: int) -> Any:
+        key = _model_key(cfg, model_dir)
+        if self.model is None or key != self.key:
+            self.clear()
+            self.model, self.key = _load_model(model_dir, cfg, stop_ids, pad_id), key
+            self.loads += 1
+        elif self.weights != str(model_dir):
+            from safetensors.torch import load_file
+
+            state = {}
+            for f in sorted(Path(model_dir).glob("*.safetensors")):
+                state.update(load_file(str(f)))
+            with torch.no_grad():
+                missing, unexpected = self.model.load_state_dict(state, strict=False)
+            tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
+            if set(missing) - tied or unexpected:
+                raise RuntimeError(f"{model_dir}'s weights do not fit the loaded model "
+                                   f"(missing {sorted(missing)[:3]}, unexpected "
+                                   f"{sorted(unexpected)[:3]})")
+            self.model.generation_config = GenerationConfig(eos_token_id=stop_ids,
+                                                            pad_token_id=pad_id)
+            self.refreshes += 1
+        self.weights = str(model_dir)
+        return self.model
+
+    def clear(self) -> None:
+        self.model = self.key = self.weights = None
+
+
 def generate(
-    cfg: RolloutConfig, model_dir: str, prompts: list[dict], *, progress: bool = True
+    cfg: RolloutConfig, model_dir: str, prompts: list[dict], *, progress: bool = True,
+    held: HFModel | None = None,
 ) -> list[dict]:
-    """cfg.n samples per prompt with transformers; rows ordered by prompt, then sample_index."""
+    """cfg.n samples per prompt with transformers; rows ordered by prompt, then sample_index.
+    With `held`, the model it keeps is reused (and kept for the next call)."""
     check_prompts(prompts)
     tokenizer = load_tokenizer(model_dir)
     stop_ids = stop_token_ids(tokenizer, model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    model = _load_model(model_dir, cfg, stop_ids, pad_id)
+    if held is not None:
+        model = held.get(cfg, model_dir, stop_ids, pad_id)
+    else:
+        model = _load_model(model_dir, cfg, stop_ids, pad_id)
     prompt_ids = [encode_prompt(tokenizer, p["problem"], cfg.enable_thinking) for p in prompts]
     # Sequence s is sample (s % n) of prompt (s // n).
     seqs = [prompt_ids[s // cfg.n] for s in range(len(prompts) * cfg.n)]

@@ -166,6 +166,7 @@ class EngineSession:
         self._tmp: str | None = None
         self._calls = 0
         self.events: list[dict] = []  # one entry per engine operation, for the benchmark
+        self.hf = None  # the hf engine's model, kept across rounds (stages/engines/hf.py)
 
     @property
     def running(self) -> bool:
@@ -287,6 +288,14 @@ class EngineSession:
 
     def release_device(self) -> str:
         """Free the accelerator for the trainer; returns what was done (for logs and tests)."""
+        hf = self.hf.model if self.hf is not None else None
+        if hf is not None and next(hf.parameters()).device.type != "cpu":
+            import torch
+
+            self.hf.clear()  # the hf engine holds a device: drop it (reloaded next round)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return "hf model dropped"
         if not self.running or self._asleep:
             return "idle"
         if self._ready[0]["platform"] == "cpu":
@@ -304,7 +313,19 @@ class EngineSession:
         self._event("sleep", took, level=self._sleep_level)
         return f"asleep (level {self._sleep_level})"
 
+    def generate_hf(self, cfg: RolloutConfig, model_dir: str, prompts: list[dict], *,
+                    progress: bool = True) -> list[dict]:
+        """The hf engine with its model kept in this session from one round to the next."""
+        from trace_rl.stages.engines.hf import HFModel
+        from trace_rl.stages.engines.hf import generate as hf_generate
+
+        if self.hf is None:
+            self.hf = HFModel()
+        return hf_generate(cfg, model_dir, prompts, progress=progress, held=self.hf)
+
     def close(self) -> None:
+        if self.hf is not None:
+            self.hf.clear()
         for w in self._workers:
             w.stop()
         self._workers, self._ready, self._key, self._weights = [], [], None, None
