@@ -154,6 +154,7 @@ def run_one(method: str, seed: int, rounds: int, out: str, extra: list[str], fir
     from trace_rl.stages import get_stage
     from trace_rl.stages.common import dataset_name, open_store
     from trace_rl.stages.config import dump_config, load_config
+    from trace_rl.trainer.resident import trainer_session
 
     todo = pending_rounds(load_rows(out), method, seed, rounds, eval_rounds)
     if not todo:
@@ -174,23 +175,33 @@ def run_one(method: str, seed: int, rounds: int, out: str, extra: list[str], fir
         copied = copy_round0(os.path.join(out, f"{first}-s{seed}"), cfg.run.root, names)
         if copied:
             print(f"[study] {method} seed {seed}: round 0 {', '.join(copied)} from {first}", flush=True)
-    for k in range(rounds):
-        if k + 1 not in todo:
-            continue
-        t0, stage_s = time.time(), {}
-        for stage in ("rollout", "verify", "annotate", "train"):
-            ts = time.time()
-            get_stage(stage)(cfg, k, progress=False)
-            stage_s[f"{stage}_s"] = round(time.time() - ts, 1)
-        row = {**base, "round": k + 1, **_train_row(store, k), **stage_s}
-        if k + 1 in evaluated(rounds, eval_rounds):
-            ts = time.time()
-            row |= _eval_row(cfg, f"round-{k + 1}")
-            row["eval_s"] = round(time.time() - ts, 1)
-        row["wall_s"] = round(time.time() - t0, 1)
-        append_row(out, row)
-        print(f"[study] {method} seed {seed} round {k + 1}: reward {row['train_reward']:.3f}, "
-              f"held-out {row.get('heldout_acc', float('nan')):.3f}, {row['wall_s']:.0f} s", flush=True)
+    # The trainer stays in memory between the rounds (as in a flow): a train stage that starts
+    # cold from a weights-only checkpoint would replay every round since the last full state.
+    with trainer_session():
+        for k in range(rounds):
+            if k + 1 in todo:
+                _round(cfg, store, base, k, rounds, out, eval_rounds)
+
+
+def _round(cfg, store, base: dict[str, Any], k: int, rounds: int, out: str,
+           eval_rounds: list[int] | None) -> None:
+    """Round k: its stages, then (on an evaluated round) the held-out evaluation; one row."""
+    from trace_rl.stages import get_stage
+
+    t0, stage_s = time.time(), {}
+    for stage in ("rollout", "verify", "annotate", "train"):
+        ts = time.time()
+        get_stage(stage)(cfg, k, progress=False)
+        stage_s[f"{stage}_s"] = round(time.time() - ts, 1)
+    row = {**base, "round": k + 1, **_train_row(store, k), **stage_s}
+    if k + 1 in evaluated(rounds, eval_rounds):
+        ts = time.time()
+        row |= _eval_row(cfg, f"round-{k + 1}")
+        row["eval_s"] = round(time.time() - ts, 1)
+    row["wall_s"] = round(time.time() - t0, 1)
+    append_row(out, row)
+    print(f"[study] {base['method']} seed {base['seed']} round {k + 1}: reward {row['train_reward']:.3f}, "
+          f"held-out {row.get('heldout_acc', float('nan')):.3f}, {row['wall_s']:.0f} s", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
