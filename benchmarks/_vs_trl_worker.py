@@ -46,20 +46,37 @@ def ours_overrides(method: str, model_dir: str, run_root: str) -> list[str]:
     ]
 
 
-def run_ours(method: str, model_dir: str, work: str) -> dict:
-    """One round through the stage functions; per-stage wall times and what the round contained."""
+def run_ours(method: str, model_dir: str, work: str, rounds: int = 1) -> dict:
+    """`rounds` rounds through the stage functions, inside the engine and trainer sessions a flow
+    opens (the hf model and the trainer stay loaded between rounds); per-stage wall times of
+    round 0 (the cold round, prepare included) and of the last round (the steady state)."""
     from trace_rl.data_schemas import ANNOTATIONS, ROLLOUTS, VERDICTS
     from trace_rl.stages.config import load_config
     from trace_rl.stages import get_stage
     from trace_rl.stages.common import dataset_name, open_store
+    from trace_rl.stages.engines.session import engine_session
+    from trace_rl.trainer.resident import trainer_session
 
     t_ready = time.perf_counter()
-    cfg = load_config("demo", ours_overrides(method, model_dir, str(Path(work) / "run")))
-    phases = {}
-    for name in ("prepare", "rollout", "verify", "annotate", "train"):
-        t = time.perf_counter()
-        get_stage(name)(cfg, None if name == "prepare" else 0, force=True, progress=False)
-        phases[name] = time.perf_counter() - t
+    cfg = load_config("demo", ours_overrides(method, model_dir, str(Path(work) / "run"))
+                      + [f"run.rounds={max(rounds, 1)}"])
+    per_round = []
+    with engine_session(), trainer_session():
+        for k in range(rounds):
+            phases = {}
+            for name in ("prepare", "rollout", "verify", "annotate", "train"):
+                if name == "prepare" and k > 0:
+                    continue
+                t = time.perf_counter()
+                get_stage(name)(cfg, None if name == "prepare" else k, force=True, progress=False)
+                phases[name] = time.perf_counter() - t
+            per_round.append(phases)
+    phases = per_round[0]
+    steady = {}
+    if rounds > 1:
+        last = per_round[-1]
+        steady = {"steady_round_s": sum(last.values()), "steady_generation_s": last["rollout"],
+                  "steady_training_s": last["train"], "steady_phases_s": last}
     store = open_store(cfg)
     rollouts = store.read(dataset_name("rollout", 0), ROLLOUTS)
     verdicts = store.read(dataset_name("verify", 0), VERDICTS)
@@ -74,6 +91,8 @@ def run_ours(method: str, model_dir: str, work: str) -> dict:
         "completion_tokens": sum(len(x) for x in rollouts.column("response_token_ids").to_pylist()),
         "reward_mean": sum(verdicts.column("reward").to_pylist()) / max(verdicts.num_rows, 1),
         "span_tokens": span_tokens,
+        "cold_round_s": sum(v for k, v in phases.items() if k != "prepare"),
+        **steady,
     }
 
 
@@ -184,12 +203,14 @@ def main() -> None:
     ap.add_argument("--model-dir", required=True)
     ap.add_argument("--work", required=True, help="scratch directory of this run")
     ap.add_argument("--out", required=True, help="JSON result file")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="ours: rounds in one process (the last one is the steady state)")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
     if a.variant == "trl":
         result = run_trl(a.model_dir, a.work)
     else:
-        result = run_ours(a.variant, a.model_dir, a.work)
+        result = run_ours(a.variant, a.model_dir, a.work, a.rounds)
     result["in_process_s"] = time.perf_counter() - T_PROCESS
     result["torch_threads"] = __import__("torch").get_num_threads()
     Path(a.out).write_text(json.dumps(result, indent=1))
