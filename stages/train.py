@@ -22,6 +22,8 @@ import logging
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from trace_rl.data_schemas import TRAIN_METRICS, extend_metrics, rows_to_table
@@ -111,6 +113,21 @@ def replay_plan(cfg: TraceConfig, store, round_index: int, work_dir) -> list[dic
     return plan
 
 
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `n` (train.num_threads) inside the block, restored
+    after it; None leaves it alone."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _replay_in_process(cfg: TraceConfig, store, plan: list[dict], resident: Resident,
                        progress: bool) -> float:
     """Replay `plan` into `resident`; returns the max |Δ| of the replayed weights against their
@@ -168,11 +185,13 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     else:
         from trace_rl.trainer.round import train_round
 
-        replay_delta = _replay_in_process(cfg, p.store, replay, resident, progress) if replay else None
-        tables = read_round_inputs(p.store, round_index, p.inputs)
-        metrics = train_round(cfg.train, **tables, init_checkpoint=init_dir, output_checkpoint=str(out_dir),
-                              work_dir=str(work_dir), round_index=round_index, progress=progress,
-                              resident=resident, save_state=saves_state(cfg, round_index))
+        with torch_threads(cfg.train.num_threads):
+            replay_delta = _replay_in_process(cfg, p.store, replay, resident, progress) if replay else None
+            tables = read_round_inputs(p.store, round_index, p.inputs)
+            metrics = train_round(cfg.train, **tables, init_checkpoint=init_dir,
+                                  output_checkpoint=str(out_dir), work_dir=str(work_dir),
+                                  round_index=round_index, progress=progress, resident=resident,
+                                  save_state=saves_state(cfg, round_index))
     extras = sorted({k for row in metrics for k in row if k not in TRAIN_METRICS.names})
     schema = extend_metrics(extras)
     table = rows_to_table([{**{k: None for k in extras}, **row} for row in metrics], schema,

@@ -124,3 +124,25 @@ def test_self_host_python_falls_back_to_trace_vllm_python(monkeypatch):
     assert SelfOptions(python="/x/python").python == "/x/python"
     monkeypatch.delenv("TRACE_VLLM_PYTHON")
     assert SelfOptions().python == sys.executable
+
+
+def test_train_num_threads_is_runtime_only_and_scoped(tmp_path):
+    import torch
+    from trace_rl.stages.common import stage_config
+    from trace_rl.stages.config import load_config
+    from trace_rl.stages.train import torch_threads
+
+    over = [f"run.root={tmp_path}"]
+    a = load_config("smollm2-gsm8k", over + ["train.num_threads=1"])
+    b = load_config("smollm2-gsm8k", over + ["train.num_threads=2"])
+    assert a.train.num_threads == 1 and b.train.num_threads == 2
+    # the same update with other thread counts: a run copied between machines stays current
+    assert stage_config(a, "train", 0) == stage_config(b, "train", 0)
+    with pytest.raises(Exception, match="num_threads"):
+        load_config("smollm2-gsm8k", over + ["train.num_threads=0"])
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before

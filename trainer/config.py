@@ -109,6 +109,9 @@ class TrainConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0
     save_every: int = 0  # in-round progress save every N optimizer steps; 0 = never
+    # torch intra-op threads of an in-process round (CPU); None = torch's default (all cores).
+    # Runtime-only: the same update, computed with more or fewer threads.
+    num_threads: int | None = None
     # The full trainer state (optimizer, scheduler, step, RNG) goes into a round's checkpoint
     # every `state_every` rounds and at the run's last round; the others hold weights only (what
     # the rollout engine reads). Inside a flow the trainer stays in memory between rounds; a cold
@@ -184,6 +187,9 @@ class TrainConfig(BaseModel):
             raise ValueError(f"num_processes={self.num_processes} must be >= 1 (1 = no accelerate launch)")
         if self.state_every < 1:
             raise ValueError("state_every must be >= 1 (1 = the full trainer state every round)")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads={self.num_threads}: use a positive integer, or null for "
+                             "torch's default")
         if self.teacher_sync_every < 0 or self.save_every < 0 or self.warmup_steps < 0:
             raise ValueError("teacher_sync_every, save_every and warmup_steps must be >= 0")
         return self
