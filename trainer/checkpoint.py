@@ -208,12 +208,6 @@ def has_trainer_state(path: str | Path) -> bool:
     return (Path(path) / STATE_DIR / "state.pt").exists()
 
 
-def clear_trainer_state(path: str | Path) -> None:
-    """Remove a checkpoint's trainer state (optimizer and teacher), before the round that writes
-    the checkpoint saves anew: a rerun must not leave another update's state beside new weights."""
-    shutil.rmtree(Path(path) / STATE_DIR, ignore_errors=True)
-
-
 def load_trainer_state(path: str | Path) -> dict[str, Any] | None:
     f = Path(path) / STATE_DIR / "state.pt"
     if not f.exists():
