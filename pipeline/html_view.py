@@ -147,7 +147,7 @@ def _meta_line(r: dict[str, Any]) -> str:
 
 
 def _card(r: dict[str, Any]) -> str:
-    correct = {True: "true", False: "false"}.get(r.get("correct"), "unknown")
+    correct = {True: "true", False: "false"}.get(r["correct"], "unknown") if r.get("correct") is not None else "unknown"
     route = r.get("route") or "none"
     cov = r.get("coverage")
     cov_txt = "–" if cov is None else f"{100 * cov:.1f}%"
@@ -184,7 +184,7 @@ def render_heat_strip(text: str, scores: dict[str, Any], spans: list[dict[str, A
     """One cell per response token under the text: the token's characters on a background
     coloured by teacher − student log-prob (`_heat_colour`), span tokens underlined in the
     route's colour, the numbers in each cell's title."""
-    covered = set()
+    covered: set[int] = set()
     for s in spans:
         covered.update(range(int(s["token_start"]), int(s["token_end"])))
     cells = []

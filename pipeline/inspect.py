@@ -153,6 +153,7 @@ def view_records(ds: Dataset, reader: _Reader) -> list[dict[str, Any]]:
 
     def sibling(stage: str, parent: str) -> pa.Table | None:
         spec = STAGES[stage]
+        assert spec.dataset is not None and spec.schema is not None  # the round stages have both
         return reader.get(posixpath.join(parent, spec.dataset), spec.schema)
 
     rollouts = _by_id(ds.table if ds.schema == "rollouts" else sibling("rollout", round_path), "rollout_id")
@@ -164,7 +165,7 @@ def view_records(ds: Dataset, reader: _Reader) -> list[dict[str, Any]]:
     for a in rows:
         ro = rollouts.get(a["rollout_id"], {})
         v = verdicts.get(a["rollout_id"], {})
-        p = prompts.get(ro.get("prompt_id"), {})
+        p = prompts.get(ro.get("prompt_id") or "", {})
         records.append({
             "rollout_id": a["rollout_id"], "round": ro.get("round", ds.round),
             "prompt_id": ro.get("prompt_id"), "problem": p.get("problem"),
@@ -184,7 +185,7 @@ def across_prompts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The records reordered so that consecutive ones come from different prompts: the first
     rollout of every prompt (prompts in a fixed pseudo-random order), then the second, ..."""
     seen: Counter[Any] = Counter()
-    keyed = []
+    keyed: list[tuple[int, str, int, dict[str, Any]]] = []
     for r in records:
         pid = r.get("prompt_id")
         keyed.append((seen[pid], hashlib.sha256(str(pid).encode()).hexdigest(), len(keyed), r))
@@ -267,7 +268,7 @@ def _write_view(html: str, source: str, datasets: list[Dataset],
 
 def _sibling_rollouts(ds: Dataset, reader: _Reader) -> Dataset | None:
     directory = posixpath.dirname(ds.path) if reader.fs.isfile(ds.path) else ds.path
-    path = posixpath.join(posixpath.dirname(directory.rstrip("/")), STAGES["rollout"].dataset)
+    path = posixpath.join(posixpath.dirname(directory.rstrip("/")), STAGES["rollout"].dataset or "")
     table = reader.get(path, "rollouts")
     return None if table is None else Dataset(_basename(path), path, "rollouts", table, True)
 

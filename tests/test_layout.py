@@ -50,3 +50,20 @@ def test_layers_contract_is_kept():
     out = subprocess.run([str(lint)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "1 kept, 0 broken" in out.stdout
+
+
+def test_every_package_ships_py_typed_and_the_cli_reports_its_version():
+    """PEP 561 markers in each mapped package (package-data "*" = py.typed), and `--version`
+    prints the installed distribution's version."""
+    import tomllib
+    from importlib.metadata import version
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    tool = pyproject["tool"]["setuptools"]
+    assert tool["package-data"]["*"] == ["py.typed"]
+    for package in tool["packages"]:
+        folder = ROOT / package.removeprefix("trace_rl.").replace(".", "/")
+        assert (folder / "py.typed").is_file(), folder
+    out = subprocess.run([sys.executable, "-m", "trace_rl.flows.cli", "--version"], capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == f"trace-rl {version('trace-rl')}", out
