@@ -277,6 +277,44 @@ def report(rows: list[dict[str, Any]], rounds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_curves(rows: list[dict[str, Any]], path: str) -> None:
+    """Train reward by round (each seed thin, the seed mean thick) and held-out accuracy at the
+    evaluated rounds (with the evaluation's bootstrap 95% CI), per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (ax_r, ax_h) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
+        color, mine = f"C{i}", [r for r in rows if r["method"] == m]
+        by_round: dict[int, list[float]] = {}
+        for s in sorted({r["seed"] for r in mine}):
+            pts = sorted((r["round"], r["train_reward"]) for r in mine
+                         if r["seed"] == s and r.get("train_reward") is not None)
+            for k, v in pts:
+                by_round.setdefault(k, []).append(v)
+            if pts:
+                ax_r.plot(*zip(*pts), color=color, alpha=0.3, lw=1)
+            ev = sorted((r["round"], r["heldout_acc"], *(r.get("heldout_ci95") or [np.nan, np.nan]))
+                        for r in mine if r["seed"] == s and r.get("heldout_acc") is not None)
+            if ev:
+                k, a, lo, hi = map(np.array, zip(*ev))
+                ax_h.errorbar(k + 0.08 * (i + s / 4), a, yerr=[a - lo, hi - a], color=color, marker="o",
+                              capsize=3, label=f"{m} seed {s}")
+        if by_round:
+            ks = sorted(by_round)
+            ax_r.plot(ks, [np.mean(by_round[k]) for k in ks], color=color, lw=2.5, marker="o", label=m)
+    ax_r.set(title="train reward of round k's rollouts", xlabel="round", ylabel="reward")
+    ax_h.set(title="held-out avg@k (bootstrap 95% CI)", xlabel="checkpoint round", ylabel="accuracy")
+    for ax in (ax_r, ax_h):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
@@ -300,8 +338,11 @@ def main(argv: list[str] | None = None) -> int:
         for seed in a.seeds:
             for m in a.methods:
                 run_one(m, seed, a.rounds, a.out, a.overrides, a.methods[0], a.eval_rounds)
-    text = report(load_rows(a.out), a.rounds)
+    rows = load_rows(a.out)
+    text = report(rows, a.rounds)
     Path(a.out, "table.md").write_text(text)
+    if rows:
+        plot_curves(rows, os.path.join(a.out, "curves.png"))
     print(text)
     return 0
 

@@ -113,6 +113,7 @@ def test_report_pairs_methods_and_rounds(tmp_path):
     assert f"| {-100 * gain:+.1f} [" in diff_line
     assert rms.main(["--out", str(tmp_path), "--rounds", "1", "--report-only"]) == 0
     assert (tmp_path / "table.md").read_text() == text
+    assert (tmp_path / "curves.png").stat().st_size > 0
 
 
 def test_self_host_python_falls_back_to_trace_vllm_python(monkeypatch):
