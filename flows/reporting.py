@@ -205,8 +205,8 @@ def publish_run_artifacts(config_path: str, note: str) -> None:
         if stats.empty:
             return
         paths = plot_run(root)
-        rows = [{k: v for k, v in asdict(r).items() if k not in ("first_step", "last_step")}
-                for r in stats.rounds]
+        rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(r).items()
+                 if k not in ("first_step", "last_step")} for r in stats.rounds]
         if rows:
             create_table_artifact(key=_key(cfg, "rounds"), table=rows,
                                   description=f"{cfg.run.name}: one row per round ({note})")
