@@ -45,6 +45,7 @@ METHODS: dict[str, list[str]] = {
 # Sized for ~1 busy core (docs/real_model.md, "Cost of a round"); user overrides come after these.
 STUDY_DEFAULTS: list[str] = [
     "rollout.engine=vllm",
+    "rollout.vllm.persistent=true",  # one engine per run, each round's weights loaded in place
     "rollout.prompts_per_round=8",
     "rollout.n=8",  # groups of 8: at ~10% accuracy about half the groups have mixed rewards
     "rollout.max_tokens=96",
@@ -154,6 +155,7 @@ def run_one(method: str, seed: int, rounds: int, out: str, extra: list[str], fir
     from trace_rl.stages import get_stage
     from trace_rl.stages.common import dataset_name, open_store
     from trace_rl.stages.config import dump_config, load_config
+    from trace_rl.stages.engines.session import engine_session
     from trace_rl.trainer.resident import trainer_session
 
     todo = pending_rounds(load_rows(out), method, seed, rounds, eval_rounds)
@@ -175,9 +177,10 @@ def run_one(method: str, seed: int, rounds: int, out: str, extra: list[str], fir
         copied = copy_round0(os.path.join(out, f"{first}-s{seed}"), cfg.run.root, names)
         if copied:
             print(f"[study] {method} seed {seed}: round 0 {', '.join(copied)} from {first}", flush=True)
-    # The trainer stays in memory between the rounds (as in a flow): a train stage that starts
-    # cold from a weights-only checkpoint would replay every round since the last full state.
-    with trainer_session():
+    # The trainer and the vLLM engine stay in memory between the rounds (as in a flow): a train
+    # stage that starts cold from a weights-only checkpoint would replay every round since the
+    # last full state, and a cold vLLM start costs ~2 minutes on busy cores.
+    with engine_session(), trainer_session():
         for k in range(rounds):
             if k + 1 in todo:
                 _round(cfg, store, base, k, rounds, out, eval_rounds)
