@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-
 from trace_rl.data_schemas.errors import ConfigError
 from trace_rl.flows.stage_task import config_changes, run_config_path, write_resolved_config
 from trace_rl.stages.config import load_config
