@@ -242,7 +242,7 @@ def _write_view(html: str, source: str, datasets: list[Dataset],
     teacher-vs-student heat strip."""
     every: list[dict[str, Any]] = []
     chosen: list[Dataset] = []
-    for schema in ("annotations", "rollouts", "verdicts"):
+    for schema in ("annotations", "rollouts", "verdicts", "eval_samples"):
         chosen = [d for d in datasets if d.schema == schema]
         if not chosen:
             continue
@@ -251,6 +251,8 @@ def _write_view(html: str, source: str, datasets: list[Dataset],
                 every += records[d.label]
             elif schema == "rollouts":
                 every += view_records(d, reader)
+            elif schema == "eval_samples":
+                every += eval_records(d)
             else:
                 rollouts = _sibling_rollouts(d, reader)
                 every += view_records(rollouts, reader) if rollouts is not None else []
@@ -258,12 +260,24 @@ def _write_view(html: str, source: str, datasets: list[Dataset],
             break
     if not every:
         raise TraceError(
-            f"--html shows responses, and {source} holds no annotations, rollouts or verdicts "
-            "with their rollouts; name a run, round or annotations directory")
+            f"--html shows responses, and {source} holds no annotations, rollouts, verdicts with "
+            "their rollouts or evaluation samples (train metrics have no responses); name a run, "
+            "round, annotations or eval directory")
     if scorer is not None:
         add_token_scores(every, scorer)
     where = ", ".join(d.label for d in chosen)
     return write_html(html, every, title=f"trace-rl inspect: {where}", source=f"{source} · {where}")
+
+
+def eval_records(ds: Dataset) -> list[dict[str, Any]]:
+    """View records of an evaluation's samples (no spans; the label is the dataset's)."""
+    return [{"rollout_id": f"{r['benchmark']}:{r['problem_id']}#{r['sample_index']}", "round": None,
+             "prompt_id": r["problem_id"], "problem": None, "answer": None,
+             "response_text": r["response_text"], "finish_reason": None, "n_tokens": r["num_tokens"],
+             "correct": r["correct"], "reward": None, "verdict_status": None,
+             "extracted_answer": r["extracted_answer"], "route": None, "annotator": None,
+             "status": None, "coverage": None, "spans": [], "error": None}
+            for r in ds.table.to_pylist()]
 
 
 def _sibling_rollouts(ds: Dataset, reader: _Reader) -> Dataset | None:

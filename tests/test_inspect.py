@@ -393,3 +393,21 @@ def test_render_page_escapes_every_field() -> None:
     dom.feed(page)
     assert dom.tags.get("script") == 1 and "u" not in dom.tags and "x" not in dom.tags
     assert "&lt;u&gt;id&lt;/u&gt;" in page and "a &amp; b" in page
+
+
+def test_html_of_verdicts_and_eval_samples_shows_their_responses(run_dir: Path, tmp_path: Path) -> None:
+    from trace_rl.data_schemas import EVAL_SAMPLES, rows_to_table
+    from trace_rl.pipeline.layout import eval_samples_dataset
+
+    out = inspect_path(str(run_dir / "round-0003" / "verdicts"), html=str(tmp_path / "v.html"), examples=0)
+    assert out["html"]["responses"] == len(ROWS) and out["html"]["correct"] == 2
+    rows = [{"benchmark": "math500", "problem_id": f"p{i}", "sample_index": 0, "response_text": f"answer {i}",
+             "extracted_answer": str(i), "correct": i == 0, "num_tokens": 3} for i in range(3)]
+    with RunStore(str(run_dir)).writer(eval_samples_dataset("initial", "math500"), EVAL_SAMPLES,
+                                       stage="evaluate", config_fingerprint="c") as w:
+        w.write_table(rows_to_table(rows, EVAL_SAMPLES), part="samples.parquet")
+    out = inspect_path(str(run_dir / "eval" / "initial" / "math500"), html=str(tmp_path / "e.html"), examples=0)
+    assert out["html"]["responses"] == 3 and out["html"]["correct"] == 1
+    assert "answer 2" in (tmp_path / "e.html").read_text()
+    with pytest.raises(TraceError, match="train metrics have no responses"):
+        inspect_path(str(run_dir / "round-0003" / "train"), html=str(tmp_path / "t.html"), examples=0)
