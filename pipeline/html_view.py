@@ -172,10 +172,11 @@ def _card(r: dict[str, Any]) -> str:
 </article>"""
 
 
-def _heat_colour(delta: float) -> str:
+def _heat_colour(delta: float, scale: float) -> str:
     """teacher − student log-prob of the sampled token: orange where the privileged teacher
-    finds the token less likely than the student did (it disagrees), blue where more likely."""
-    alpha = min(abs(delta) / 3.0, 1.0) * 0.85
+    finds the token less likely than the student did (it disagrees), blue where more likely;
+    full colour at |Δ| >= `scale`."""
+    alpha = min(abs(delta) / scale, 1.0) * 0.85
     rgb = "230,110,20" if delta < 0 else "40,100,220"
     return f"rgba({rgb},{alpha:.2f})"
 
@@ -184,6 +185,9 @@ def render_heat_strip(text: str, scores: dict[str, Any], spans: list[dict[str, A
     """One cell per response token under the text: the token's characters on a background
     coloured by teacher − student log-prob (`_heat_colour`), span tokens underlined in the
     route's colour, the numbers in each cell's title."""
+    deltas = [t - s for s, t in zip(scores["student"], scores["teacher"], strict=True)]
+    # One response's scale (its largest |Δ|, at least 0.1 nats), stated in the strip's header.
+    scale = max([0.1] + [abs(d) for d in deltas])
     covered: set[int] = set()
     for s in spans:
         covered.update(range(int(s["token_start"]), int(s["token_end"])))
@@ -193,11 +197,11 @@ def render_heat_strip(text: str, scores: dict[str, Any], spans: list[dict[str, A
         delta = t_lp - s_lp
         cls = f"tok in-{route}" if t in covered else "tok"
         title = f"token {t}: student {s_lp:.2f} · teacher {t_lp:.2f} · Δ {delta:+.2f}"
-        cells.append(f'<span class="{cls}" style="background:{_heat_colour(delta)}" '
+        cells.append(f'<span class="{cls}" style="background:{_heat_colour(delta, scale)}" '
                      f'title="{_esc(title)}">{_esc(text[c0:c1]) or "·"}</span>')
-    deltas = [t - s for s, t in zip(scores["student"], scores["teacher"], strict=True)]
     head = (f'<div class="h">teacher − student log-prob per sampled token '
-            f'(mean Δ {sum(deltas) / max(len(deltas), 1):+.2f}; {_esc(scores.get("source", ""))})</div>')
+            f'(mean Δ {sum(deltas) / max(len(deltas), 1):+.2f}, full colour at |Δ| {scale:.2f}; '
+            f'{_esc(scores.get("source", ""))})</div>')
     return f'<div class="heat">{head}<pre class="strip">{"".join(cells)}</pre></div>'
 
 
