@@ -3,7 +3,8 @@ float32 sharded parameters: the lean policy forward (lm_head read inside the sha
 forward), the live teacher (`teacher_sync_every: 0`: the student's own sharded forward and head
 under no_grad) and the old-log-prob pass of later steps. The round must end within bf16
 tolerance of the single-process round, and its checkpoint must hold bf16 weights with the
-gathered float32 master in its trainer state.
+gathered float32 master in its trainer state. The round is then replayed into a resident and
+checked against that checkpoint on both processes (check_replayed on sharded parameters).
 
 The launch is tests/test_trainer_fsdp_resume.py's (accelerate's FSDP2 preparation forced on CPU).
 """
@@ -31,11 +32,25 @@ CONFIG = {"method": "trace", "route": {"key_forward": True, "error_reverse": Tru
           "teacher_sync_every": 0, "dtype": "bfloat16", "tensorboard": False, "report_to": []}
 
 
+# Then the same round replayed into a resident (weights-only, as a cold start would) and checked
+# against the checkpoint it wrote, on both processes: sharded parameters compared whole.
+REPLAY = r"""
+from trace_rl.trainer.resident import Resident
+from trace_rl.trainer.round_io import check_replayed
+res = Resident()
+R.train_round(TrainConfig(**a["config"]), **tables, init_checkpoint=a["init"],
+              output_checkpoint=a["out"], work_dir=a["work"] + "-replay", round_index=0,
+              accelerator=acc, progress=False, resident=res, write_output=False)
+worst = check_replayed(res)
+Path(a["metrics"] + f".replay{acc.process_index}").write_text(json.dumps(worst))
+"""
+
+
 def _launch(tmp: Path, init: str, paths: dict) -> None:
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     assert launcher, "accelerate's CLI must be installed next to the Python interpreter"
     script, args_file = tmp / "fsdp_round.py", tmp / "args.json"
-    script.write_text(SCRIPT)
+    script.write_text(SCRIPT + REPLAY)
     args_file.write_text(json.dumps({
         "config": CONFIG, "tables": paths, "init": init, "out": str(tmp / "out-fsdp"),
         "work": str(tmp / "work-fsdp"), "metrics": str(tmp / "metrics-fsdp.json")}))
@@ -57,6 +72,9 @@ def test_fsdp2_bf16_live_teacher_and_old_logprobs_match_single_process(tmp_path)
         pq.write_table(table, paths[name])
     _launch(tmp_path, init, paths)
     rows_fsdp = json.loads((tmp_path / "metrics-fsdp.json").read_text())
+    # the replay check ran on both processes and found the replay equal to the checkpoint
+    replays = [json.loads((tmp_path / f"metrics-fsdp.json.replay{r}").read_text()) for r in (0, 1)]
+    assert replays == [0.0, 0.0], replays
 
     tables = {k: pq.read_table(v) for k, v in paths.items()}
     rows_single = train_round(TrainConfig(**CONFIG), **tables, init_checkpoint=init,
