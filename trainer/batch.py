@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -56,7 +56,7 @@ def _rows_by(table: pa.Table | None, key: str) -> dict[str, dict[str, Any]]:
 def _view(rollout: dict, verdict: dict | None, annotation: dict | None) -> RolloutView:
     ok = annotation is not None and annotation.get("status") == "ok"
     spans = []
-    if ok:
+    if annotation is not None and ok:
         spans = [(s["token_start"], s["token_end"], s.get("label")) for s in annotation["spans"] or []]
     return RolloutView(
         rollout_id=rollout["rollout_id"],
@@ -151,7 +151,8 @@ def pad_sequences(
     L = max(lengths) if lengths else 1
     ids_BL = torch.full((len(prompts), L), pad_id, dtype=torch.long)
     mask_BL = torch.zeros((len(prompts), L), dtype=torch.long)
-    pos, tgt = [], []
+    pos: list[int] = []
+    tgt: list[int] = []
     for b, (p, r) in enumerate(zip(prompts, responses)):
         if not p:
             raise ValueError("a rollout has an empty prompt_token_ids; the first response token "
@@ -213,17 +214,18 @@ def collate(
     rows = [b for b, e in enumerate(examples) if e.plan.direction is not None]
     if with_teacher and rows:
         sub = [examples[b] for b in rows]
-        teacher = pad_sequences([e.teacher_prompt_ids for e in sub], [e.response_ids for e in sub],
+        teacher = pad_sequences([cast(list[int], e.teacher_prompt_ids) for e in sub], [e.response_ids for e in sub],
                                 pad_id, device)
         # flat index of each response token in the student order, restricted to span tokens
         flat_index_BT = torch.full(mask_BT.shape, -1, dtype=torch.long, device=device)
         flat_index_BT[mask_BT] = torch.arange(int(mask_BT.sum()), device=device)
-        t_index, s_index, dirs = [], [], []
+        t_index, s_index, dirs = [], [], cast(list[str], [])
         t_offset = 0
         for b, e in zip(rows, sub):
             span_pos = torch.from_numpy(np.flatnonzero(e.plan.mask_R)).to(device)
             s_index.append(flat_index_BT[b, span_pos])
             t_index.append(teacher.resp_pos_N[t_offset + span_pos])
+            assert e.plan.direction is not None  # rows holds the distilled rollouts only
             dirs.extend([e.plan.direction] * len(span_pos))
             t_offset += len(e.response_ids)
         s_index_S, t_pos_S = torch.cat(s_index), torch.cat(t_index)

@@ -79,7 +79,7 @@ def _materialise_tied_head(ckpt: Path, head_weight: torch.Tensor) -> None:
 
 
 @contextlib.contextmanager
-def _inference_config(hf_model: torch.nn.Module):
+def _inference_config(hf_model: Any):
     """Save the config a checkpoint is used with: the trainer turns the KV cache off for its own
     forwards, but a checkpoint's readers (rollout engines, evaluation) generate with it, and a
     run-scoped engine compares configs to decide whether new weights can load in place."""
@@ -98,7 +98,7 @@ def _cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dic
     return {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in state_dict.items()}
 
 
-def save_hf_checkpoint(hf_model: torch.nn.Module, tokenizer: Any, path: str | Path,
+def save_hf_checkpoint(hf_model: Any, tokenizer: Any, path: str | Path,
                        state_dict: dict | None = None, dtype: torch.dtype | None = None) -> None:
     """save_pretrained of model and tokenizer, with lm_head.weight always present on disk.
     `dtype` (e.g. bfloat16): the weights are written in it, and config.json says so, whatever
@@ -271,7 +271,7 @@ def clean_tmp_dirs(path: str | Path) -> list[Path]:
     return gone
 
 
-def save_weights(acc: Any, hf_model: torch.nn.Module, path: str | Path,
+def save_weights(acc: Any, hf_model: Any, path: str | Path,
                  dtype: torch.dtype | None = None) -> None:
     """Weights-only save_pretrained (config + safetensors, no tokenizer) of the policy (in
     `dtype` when given), written to a temporary directory and renamed. Collective: every process

@@ -136,7 +136,7 @@ class TrainConfig(BaseModel):
     @property
     def trackers(self) -> list[str]:
         """The trackers this run reports to, `tensorboard: false` applied."""
-        names = list(dict.fromkeys(self.report_to))
+        names: list[str] = list(dict.fromkeys(self.report_to))
         return names if self.tensorboard else [n for n in names if n != "tensorboard"]
 
     @field_validator("kl_term_clip", mode="before")

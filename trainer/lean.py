@@ -13,6 +13,8 @@ and the memory benchmark.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -123,7 +125,7 @@ def chunked_span_kl(
     return torch.cat(out), torch.cat(raw)
 
 
-def _body_and_head(hf_model: nn.Module) -> tuple[nn.Module, nn.Module]:
+def _body_and_head(hf_model: Any) -> tuple[Any, Any]:  # a transformers PreTrainedModel
     body = getattr(hf_model, hf_model.base_model_prefix)
     return body, hf_model.get_output_embeddings()
 
@@ -179,7 +181,7 @@ class LeanCausalLM(nn.Module):
         attention_mask_BL: Tensor,
         resp_pos_N: Tensor,
         target_N: Tensor,
-        span_groups: list[SpanGroup] = (),
+        span_groups: Sequence[SpanGroup] = (),
         teacher_weight_VH: Tensor | None = None,
         temperature: float = 1.0,
     ) -> dict[str, Tensor]:
@@ -192,6 +194,7 @@ class LeanCausalLM(nn.Module):
         for group in span_groups:
             if group.index_S.numel() == 0:
                 continue
+            assert teacher_weight_VH is not None, "span groups need the teacher's head weight"
             kl_S, raw_S = chunked_span_kl(
                 h_NH[group.index_S], weight_VH, group.teacher_hidden_SH, teacher_weight_VH,
                 group.direction, self.kl_spec, self.chunk,
@@ -202,8 +205,8 @@ class LeanCausalLM(nn.Module):
 
 
 def dense_policy_outputs(
-    hf_model: nn.Module,
-    teacher_model: nn.Module | None,
+    hf_model: Any,
+    teacher_model: Any,
     batch: dict,
     spec: KLSpec,
     temperature: float = 1.0,

@@ -43,7 +43,7 @@ def _recompute_old_logprobs(model, examples: list[Example], idx: list[int], cfg:
 
 
 def old_logprobs(cfg, model, examples, my_idx, pad_id, acc, work_dir: Path, fp: str,
-                  temperature: float, live: set[int] = frozenset()):
+                  temperature: float, live: frozenset[int] | set[int] = frozenset()):
     """Old log-probs of this process's examples, from the prepared model at the round's initial
     weights; those in `live` are left out (the caller uses the detached log-probs of the step's
     own forward for them). Collective when recomputed: every process calls it."""
@@ -59,6 +59,7 @@ def old_logprobs(cfg, model, examples, my_idx, pad_id, acc, work_dir: Path, fp: 
     if acc.num_processes > 1:  # recompute on every process unless every process has its own
         hit = bool(acc.gather(torch.tensor([int(hit)], device=acc.device)).min())
     if hit:
+        assert cached is not None
         return cached["logp"]
     logp = _recompute_old_logprobs(model, examples, [i for i in my_idx if i not in live], cfg,
                                    pad_id, acc, temperature)

@@ -153,7 +153,7 @@ def _micro_step(r: _Step, mb: MicroBatch, lam: float, normaliser: float, stats: 
 
 
 def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]),
                             weight_decay=cfg.weight_decay)
     warm = cfg.warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -284,7 +284,7 @@ def _train_round(cfg: TrainConfig, *, prompts, rollouts, verdicts, annotations, 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     examples = build_examples(cfg, tokenizer, prompts, rollouts, verdicts, annotations)
     temperature = rollout_temperature(cfg, examples)
-    adv_all = grpo_advantages([e.reward for e in examples], [e.group for e in examples],
+    adv_all = grpo_advantages(torch.tensor([e.reward for e in examples], dtype=torch.float32), [e.group for e in examples],
                               cfg.adv_norm_std).tolist()
     fp = _fingerprint(cfg, init_checkpoint, round_index, [e.rollout_id for e in examples])
     order = np.random.default_rng([cfg.seed, round_index]).permutation(len(examples))

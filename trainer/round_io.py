@@ -9,6 +9,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -102,7 +103,8 @@ def check_replayed(resident: Resident, tolerance: float = REPLAY_TOLERANCE) -> f
     held = resident.held
     assert held is not None
     acc = held.accelerator
-    params = dict(held.unwrapped.hf.named_parameters())
+    hf: Any = held.unwrapped.hf
+    params = dict(hf.named_parameters())
     worst, disk_names = 0.0, {}
     for f in sorted(Path(held.checkpoint).glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:

@@ -117,6 +117,7 @@ class TeacherHandle:
     def _load(self, acc: Any) -> None:
         from transformers import AutoModelForCausalLM
 
+        assert self.path is not None
         hf = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype)
         hf.config.use_cache = False
         self.model = LeanCausalLM(hf, chunk=self.chunk).to(acc.device).eval().requires_grad_(False)
@@ -141,7 +142,7 @@ class TeacherHandle:
         if self.sync_every == 0 or next_step % self.sync_every == 0:
             return
         want = teacher_step_for(next_step, self.sync_every)
-        if self.step == want:
+        if self.step == want and self.path is not None:
             write_teacher(output_checkpoint, want, self.source_step, self.path)
         elif self._inherited is not None and self._inherited[0] == want:
             write_teacher(output_checkpoint, want, self._inherited[1], self._inherited[2])
@@ -154,8 +155,8 @@ class TeacherHandle:
         with eval_mode(student_wrapped):
             return student_wrapped(mode="hidden", **kw)
 
-    def head_weight(self, student_unwrapped: nn.Module) -> torch.Tensor:
-        model = student_unwrapped if self.model is None else self.model
+    def head_weight(self, student_unwrapped: Any) -> torch.Tensor:
+        model: Any = student_unwrapped if self.model is None else self.model
         return model.head_weight().detach()
 
     def release(self) -> None:
