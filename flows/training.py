@@ -3,8 +3,9 @@
 Tasks pass config paths, round numbers and manifest fingerprints, never tables. Each stage skips
 itself when its output is current, so rerunning `trace_training` continues from the first
 incomplete stage of the first incomplete round. `trace_training` holds one run-scoped vLLM engine
-(stages/engines/session.py) and one resident trainer (trainer/resident.py) across its rounds; a
-round or stage flow run alone starts cold.
+(stages/engines/session.py) and one resident trainer (trainer/resident.py, or a worker group of
+trainer processes, trainer/worker_group.py) across its rounds; a round or stage flow run alone
+starts cold.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from trace_rl.pipeline.runlock import run_lock
 from trace_rl.stages.config import load_config
 from trace_rl.stages.engines.session import engine_session
 from trace_rl.trainer.resident import active_resident, trainer_session
+from trace_rl.trainer.worker_group import active_group, trainer_group_session
 
 from . import reporting
 from .stage_task import run_config_path, run_stage, write_resolved_config
@@ -53,11 +55,13 @@ def _rollout_task(stage: str, config_path: str, round_index: int | None, force: 
 
 
 def _train_task(stage: str, config_path: str, round_index: int | None, force: bool = False) -> dict:
-    """The train stage; in this process when the flow keeps the trainer resident (a single
-    process trainer: `accelerate launch` starts its own processes every round)."""
+    """The train stage; in this process when the flow keeps the trainer resident: a single
+    process trainer here, or several processes in the flow's worker group, which this process
+    sends the round to (trainer/worker_group.py)."""
     cfg = load_config(config_path)
     multi = cfg.train.accelerate_config or cfg.train.num_processes > 1
-    if active_resident() is None or multi or not cfg.train.persistent:
+    held_here = active_group() is not None if multi else active_resident() is not None
+    if not held_here or not cfg.train.persistent:
         return _stage_task(stage, config_path, round_index, force)
     from trace_rl.stages import get_stage
 
@@ -67,10 +71,14 @@ def _train_task(stage: str, config_path: str, round_index: int | None, force: bo
 
 
 def _release_trainer() -> None:
-    """Before the rollout engine takes the accelerator: the resident trainer moves to CPU."""
+    """Before the rollout engine takes the accelerator: the resident trainer moves to CPU (in
+    this process, or in every process of the worker group)."""
     resident = active_resident()
     if resident is not None:
         logging.getLogger("trace_rl.flows").info("resident trainer: %s", resident.offload())
+    group = active_group()
+    if group is not None:
+        logging.getLogger("trace_rl.flows").info("trainer group: %s", group.offload())
 
 
 def _release_engine() -> None:
@@ -169,8 +177,10 @@ def trace_training(config: str = "demo", overrides: list[str] | None = None,
             _evaluate_in_flow(config_path, -1)
             reporting.publish_run_artifacts(config_path, "initial policy evaluated")
         # One vLLM engine for all rounds (started by the first rollout, closed however the flow
-        # ends) and one resident trainer (its optimizer state is written to the last checkpoint).
-        with engine_session(), trainer_session():
+        # ends) and one resident trainer (its optimizer state is written to the last checkpoint):
+        # in this process, or, when training takes several processes, in one worker group
+        # launched by the first train stage and stopped when the flow ends (trainer/worker_group.py).
+        with engine_session(), trainer_session(), trainer_group_session(cfg):
             for k in range(total):
                 out[k] = trace_round(config_path, k)
                 if cfg.eval.benchmarks and (cfg.eval.every_round or k == total - 1):

@@ -13,6 +13,9 @@ Inside a flow (`trace_training`) the trainer stays resident between rounds
 round that starts cold from a weights-only checkpoint first replays the rounds since the last
 full state from their recorded datasets, which gives back exactly the optimizer state the
 uninterrupted run had (the replayed weights are checked against the checkpoint on disk).
+A flow that trains in several processes keeps one worker group (trainer/worker_group.py) for its
+rounds instead of a launch per round: the group holds the model and optimizer on every process
+and replays only when it starts cold; if it dies, the round falls back to a launch of its own.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import json
 import logging
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,32 +38,55 @@ from trace_rl.stages.config import TraceConfig
 from trace_rl.trainer.checkpoint import PROGRESS_FILE, has_trainer_state
 from trace_rl.trainer.launch import read_round_inputs, round_input_names
 from trace_rl.trainer.resident import Resident, active_resident, config_json
+from trace_rl.trainer.worker_group import GroupDied, active_group, launch_prefix
 
 from .common import StageDecision, decide, open_store, start_checkpoint
 
 log = logging.getLogger("trace_rl.stages.train")
 
 
-def _launch_accelerate(cfg: TraceConfig, p: StageDecision, init_dir: str, out_dir, work_dir,
-                       round_index: int, replay: list[dict]) -> list[dict]:
-    """Train under `accelerate launch` (DDP / FSDP2 from configs/accelerate/); each
-    process reads the round's datasets through the run store and checks they are the ones this
-    stage recorded as inputs; the main process writes the metrics rows as JSON lines."""
-    args = {"config": cfg.train.model_dump(mode="json"), "run_root": p.store.root,
+def _round_args(cfg: TraceConfig, p: StageDecision, init_dir: str, out_dir, work_dir,
+                round_index: int, replay: list[dict]) -> dict:
+    """What every trainer process needs for round k (trainer/launch.py's A.json)."""
+    return {"config": cfg.train.model_dump(mode="json"), "run_root": p.store.root,
             "round_index": round_index, "inputs": p.inputs, "init_checkpoint": init_dir,
             "output_checkpoint": str(out_dir), "work_dir": str(work_dir),
             "metrics_out": str(work_dir / "metrics.jsonl"), "progress": True,
             "save_state": saves_state(cfg, round_index), "replay": replay}
+
+
+def _launch_accelerate(cfg: TraceConfig, args: dict, work_dir) -> tuple[list[dict], float | None]:
+    """Train under `accelerate launch` (DDP / FSDP2 from configs/accelerate/); each
+    process reads the round's datasets through the run store and checks they are the ones this
+    stage recorded as inputs; the main process writes the metrics rows as JSON lines. Returns
+    them and the replay's max |Δ| (None: no replay)."""
     args_file = work_dir / "launch_args.json"
     args_file.write_text(json.dumps(args, indent=2))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(cfg.train.num_processes)]
-    if cfg.train.accelerate_config:
-        cmd += ["--config_file", cfg.train.accelerate_config]
-    cmd += ["-m", "trace_rl.trainer.launch", "--args-json", str(args_file)]
-    log.info("train round %d: %s", round_index, " ".join(cmd))
+    cmd = [*launch_prefix(cfg.train), "-m", "trace_rl.trainer.launch", "--args-json", str(args_file)]
+    log.info("train round %d: %s", args["round_index"], " ".join(cmd))
     if subprocess.run(cmd, check=False).returncode != 0:
-        raise StageError(f"accelerate launch of round {round_index}'s training failed; its log is above")
-    return [json.loads(line) for line in (work_dir / "metrics.jsonl").read_text().splitlines() if line]
+        raise StageError(f"accelerate launch of round {args['round_index']}'s training failed; its log is above")
+    replay_file = work_dir / "replay.json"
+    delta = json.loads(replay_file.read_text())["max_abs_delta"] if args["replay"] else None
+    replay_file.unlink(missing_ok=True)
+    return [json.loads(line) for line in (work_dir / "metrics.jsonl").read_text().splitlines() if line], delta
+
+
+def _train_multi(cfg: TraceConfig, args: dict, work_dir, init_fp: dict) -> tuple[list[dict], int, float | None, bool]:
+    """Round k in several processes: in the flow's worker group when one is active (it holds
+    the previous round's model and optimizer; it replays only when it starts cold), else in a
+    launch of its own (falling back to one when the group died). Returns (metrics rows,
+    rounds replayed, replay max |Δ|, whether the group ran it)."""
+    group = active_group()
+    if group is not None and not group.dead:
+        try:
+            reply = group.train(args["round_index"], args, group.tag in set(init_fp.values()))
+            return reply["rows"], reply["replayed_rounds"], reply["replay_max_abs_delta"], True
+        except GroupDied as e:
+            log.warning("train round %d: %s; the round starts cold in a launch of its own "
+                        "(replaying %d round(s))", args["round_index"], e, len(args["replay"]))
+    rows, delta = _launch_accelerate(cfg, args, work_dir)
+    return rows, len(args["replay"]), delta, False
 
 
 def _drop_progress(work_dir) -> None:
@@ -177,16 +202,16 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
                     "starts from disk", round_index, reason)
         resident.clear()
     replay = [] if resident.held is not None else replay_plan(cfg, p.store, round_index, work_dir)
+    in_group = False
     if cfg.train.accelerate_config or cfg.train.num_processes > 1:
-        metrics = _launch_accelerate(cfg, p, init_dir, out_dir, work_dir, round_index, replay)
-        replay_file = work_dir / "replay.json"
-        replay_delta = json.loads(replay_file.read_text())["max_abs_delta"] if replay else None
-        replay_file.unlink(missing_ok=True)
+        args = _round_args(cfg, p, init_dir, out_dir, work_dir, round_index, replay)
+        metrics, replayed, replay_delta, in_group = _train_multi(cfg, args, work_dir, init_fp)
     else:
         from trace_rl.trainer.round import train_round
 
         with torch_threads(cfg.train.num_threads):
             replay_delta = _replay_in_process(cfg, p.store, replay, resident, progress) if replay else None
+            replayed = len(replay)
             tables = read_round_inputs(p.store, round_index, p.inputs)
             metrics = train_round(cfg.train, **tables, init_checkpoint=init_dir,
                                   output_checkpoint=str(out_dir), work_dir=str(work_dir),
@@ -199,7 +224,7 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     with p.writer(TRAIN_METRICS, "train", allow_extra=True) as w:
         w.write_table(table, part="metrics.parquet")
         w.extra = {"checkpoint": str(out_dir), "steps": len(metrics),
-                   "trainer_state": saves_state(cfg, round_index), "replayed_rounds": len(replay),
+                   "trainer_state": saves_state(cfg, round_index), "replayed_rounds": replayed,
                    # max |Δ| of the replayed weights against their checkpoints (None: no replay)
                    "replay_max_abs_delta": replay_delta,
                    # the checkpoint's manifest: what `status` and the next round verify
@@ -208,8 +233,10 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     if "tensorboard" in cfg.train.trackers:  # the rounds this call (re)wrote in the TensorBoard run
         from trace_rl.pipeline.tracking import log_rollout_scalars
 
-        log_rollout_scalars(p.store, range(replay[0]["round_index"] if replay else round_index, round_index + 1))
-    if session is not None and resident.held is not None:
+        log_rollout_scalars(p.store, range(round_index - replayed, round_index + 1))
+    if in_group:
+        active_group().tag = w.manifest.fingerprint  # the group's state is committed
+    elif session is not None and resident.held is not None:
         resident.tag = w.manifest.fingerprint  # round k+1 may start from what is in memory
     if metrics:
         last = metrics[-1]

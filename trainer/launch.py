@@ -12,6 +12,9 @@ A.json: {"config": {...TrainConfig fields...}, "run_root": the run directory, "r
 checked on every process against its checkpoint, and the max |Δ| goes to replay.json beside
 metrics_out)}.
 
+trainer/worker_group.py runs the same `run_round` for one round after another in a group launched
+once per flow, with the prepared model and optimizer kept between rounds.
+
 Every process reads the round's datasets through the run store, as the single-process stage does:
 only the parts a manifest lists, checked against the schemas, and only if each manifest is still
 the one the stage planned with (a dataset rewritten in between is refused, not trained on).
@@ -60,18 +63,16 @@ def read_round_inputs(store: RunStore, round_index: int,
     return tables
 
 
-def run_from_args(args: dict) -> list[dict]:
+def run_round(args: dict, accelerator, resident) -> tuple[list[dict], float]:
+    """The replay plan, then the round, under `accelerator` with `resident` (on every process).
+    Returns the round's metrics rows and the max |Δ| of the replayed weights (0.0: no replay)."""
     import shutil
 
-    from accelerate import Accelerator
-    from trace_rl.trainer.resident import Resident
     from trace_rl.trainer.round import train_round
     from trace_rl.trainer.round_io import check_replayed
 
     cfg = TrainConfig.model_validate(args.get("config", {}))
     store = RunStore(args["run_root"])
-    accelerator = Accelerator()
-    resident = Resident()
     worst = 0.0
     for step in args.get("replay", []):
         tables = read_round_inputs(store, step["round_index"], step["inputs"])
@@ -91,6 +92,16 @@ def run_from_args(args: dict) -> list[dict]:
         round_index=round_index, accelerator=accelerator, progress=bool(args.get("progress", False)),
         resident=resident, save_state=bool(args.get("save_state", True)),
     )
+    return rows, worst
+
+
+def run_from_args(args: dict) -> list[dict]:
+    """One round in a fresh launch (nothing held before it; what it leaves is dropped)."""
+    from accelerate import Accelerator
+    from trace_rl.trainer.resident import Resident
+
+    accelerator = Accelerator()
+    rows, worst = run_round(args, accelerator, Resident())
     out = args.get("metrics_out")
     if out and accelerator.is_main_process:
         Path(out).write_text("".join(json.dumps(row) + "\n" for row in rows))

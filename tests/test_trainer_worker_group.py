@@ -1,0 +1,131 @@
+"""One resident trainer across processes (trainer/worker_group.py): 2 CPU processes on gloo.
+
+A 3-round run whose train stages go to a worker group launched once: 1 launch (the group's own
+launch log), 0 replays (the train manifests), and the final weights equal to a single-process
+trainer that keeps its model and optimizer across the same rounds' datasets. Under DDP and under
+FSDP2 (accelerate's FSDP2 preparation forced on CPU, as in tests/test_trainer_fsdp_resume.py).
+Then the group is killed: the next stage falls back to a launch of its own that replays from the
+last full state and checks the replay (Δ recorded in the manifest).
+"""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import TINY_RUN
+from trace_rl.pipeline.layout import dataset_name, start_checkpoint_dir
+from trace_rl.stages import get_stage
+from trace_rl.stages.common import open_store, start_checkpoint
+from trace_rl.stages.config import load_config
+from trace_rl.trainer.launch import read_round_inputs
+from trace_rl.trainer.resident import Resident
+from trace_rl.trainer.round import train_round
+from trace_rl.trainer.worker_group import LAUNCHES, trainer_group_session
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The group's entry point with accelerate's FSDP2 preparation forced (it does not shard on CPU).
+FSDP_GROUP = r"""
+import sys
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from trace_rl.trainer.worker_group import main
+acc = Accelerator()
+PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+acc.state.distributed_type = DistributedType.FSDP
+acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+    fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+    transformer_cls_names_to_wrap=["Qwen3DecoderLayer"], reshard_after_forward=True,
+    state_dict_type="FULL_STATE_DICT")
+main(sys.argv[1:], accelerator=acc)
+"""
+
+
+def _config(tmp_path, testbed, rounds):
+    accel = tmp_path / "ddp_cpu.yaml"  # MULTI_GPU under ACCELERATE_USE_CPU: torchrun on gloo
+    accel.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\n"
+                     "num_machines: 1\nnum_processes: 2\nmixed_precision: 'no'\nmachine_rank: 0\n")
+    return load_config("demo", TINY_RUN + [
+        f"run.root={tmp_path / 'run'}", f"model.testbed_dir={testbed}", f"run.rounds={rounds}",
+        "train.state_every=5", "eval.benchmarks=[]", "train.num_processes=2",
+        f"train.accelerate_config={accel}", "train.tensorboard=false"])
+
+
+def _round(cfg, k):
+    for stage in ("rollout", "verify", "annotate", "train"):
+        get_stage(stage)(cfg, k, progress=False)
+
+
+def _single_process_weights(cfg, store, rounds, tmp_path):
+    """The same rounds' datasets trained in one process with the model and optimizer held."""
+    res = Resident()
+    init = start_checkpoint(cfg, store, 0)[0]
+    for k in range(rounds):
+        out = str(tmp_path / f"single-{k + 1}")
+        train_round(cfg.train.model_copy(update={"micro_batch_size": 8}), **read_round_inputs(store, k),
+                    init_checkpoint=init, output_checkpoint=out, work_dir=str(tmp_path / f"sw-{k}"),
+                    round_index=k, progress=False, resident=res)
+        init = out
+    res.clear()
+    return load_file(str(Path(init) / "model.safetensors"))
+
+
+@pytest.fixture
+def cpu_gloo(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
+def test_three_rounds_one_launch_no_replay(tmp_path, tiny_testbed_dir, cpu_gloo, backend):
+    cfg = _config(tmp_path, tiny_testbed_dir, rounds=3)
+    program = None
+    if backend == "fsdp2":
+        (tmp_path / "fsdp_group.py").write_text(FSDP_GROUP)
+        program = [str(tmp_path / "fsdp_group.py")]
+    get_stage("prepare")(cfg, None, progress=False)
+    with trainer_group_session(cfg, program) as group:
+        for k in range(3):
+            _round(cfg, k)
+        proc = group.proc
+    assert proc.poll() == 0  # stopped by the session, cleanly
+    launches = (group.dir / LAUNCHES).read_text().splitlines()
+    assert len(launches) == 1 and json.loads(launches[0])["processes"] == 2
+    store = open_store(cfg)
+    extras = [store.manifest(dataset_name("train", k)).extra for k in range(3)]
+    assert [e["replayed_rounds"] for e in extras] == [0, 0, 0]
+    assert [e["trainer_state"] for e in extras] == [False, False, True]
+    assert not list(store.local_path("scratch").glob("round-*/train-*/launch_args.json"))  # no own launch
+    final = load_file(str(store.local_path(start_checkpoint_dir(3)) / "model.safetensors"))
+    single = _single_process_weights(cfg, store, 3, tmp_path)
+    assert final.keys() == single.keys()
+    for name in final:
+        torch.testing.assert_close(final[name], single[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_dead_group_falls_back_to_a_checked_cold_start(tmp_path, tiny_testbed_dir, cpu_gloo):
+    cfg = _config(tmp_path, tiny_testbed_dir, rounds=2)
+    get_stage("prepare")(cfg, None, progress=False)
+    with trainer_group_session(cfg) as group:
+        _round(cfg, 0)
+        os.killpg(group.proc.pid, signal.SIGKILL)  # the group dies between rounds
+        group.proc.wait(30)
+        _round(cfg, 1)
+        assert group.dead
+    store = open_store(cfg)
+    extras = [store.manifest(dataset_name("train", k)).extra for k in range(2)]
+    # round 0's checkpoint holds weights only: the cold start replays round 0 and checks it
+    assert [e["replayed_rounds"] for e in extras] == [0, 1]
+    assert extras[1]["replay_max_abs_delta"] == 0.0
+    assert len((group.dir / LAUNCHES).read_text().splitlines()) == 1
+    # round 1 ran in a launch of its own
+    assert list((store.local_path("scratch") / "round-0001").glob("train-*/launch_args.json"))
