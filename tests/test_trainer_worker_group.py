@@ -11,6 +11,7 @@ last full state and checks the replay (Δ recorded in the manifest).
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,67 @@ def test_dead_group_falls_back_to_a_checked_cold_start(tmp_path, tiny_testbed_di
     assert len((group.dir / LAUNCHES).read_text().splitlines()) == 1
     # round 1 ran in a launch of its own
     assert list((store.local_path("scratch") / "round-0001").glob("train-*/launch_args.json"))
+
+
+# A flow stand-in: starts the group (an offload request waits for it to answer), prints the
+# group's process-group id, then waits to be interrupted.
+FLOW = r"""
+import sys, time
+from trace_rl.stages.config import load_config
+from trace_rl.trainer.worker_group import trainer_group_session
+cfg = load_config("demo", sys.argv[1:])
+with trainer_group_session(cfg) as group:
+    assert group.request("offload", {})["offload"] == "nothing held"  # starts the group
+    print(group.proc.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state, ppid, ...); None: gone or zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else fields
+
+
+def _tree(pid: int) -> set[int]:
+    """`pid` and its live descendants (torchrun starts each worker in a session of its own)."""
+    tree, grew = {pid}, True
+    while grew:
+        grew = False
+        for d in Path("/proc").glob("[0-9]*"):
+            f = _stat(int(d.name))
+            if f and int(f[1]) in tree and int(d.name) not in tree:
+                tree.add(int(d.name))
+                grew = True
+    return tree
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
+def test_interrupted_flow_ends_its_group(tmp_path, tiny_testbed_dir, cpu_gloo, sig):
+    import subprocess
+    import time
+
+    cfg = _config(tmp_path, tiny_testbed_dir, rounds=1)  # writes the accelerate config
+    flow = tmp_path / "flow.py"
+    flow.write_text(FLOW)
+    child = subprocess.Popen([sys.executable, str(flow), *TINY_RUN, f"run.root={tmp_path / 'run'}",
+                              "train.num_processes=2", f"train.accelerate_config={cfg.train.accelerate_config}"],
+                             stdout=subprocess.PIPE, text=True)
+    group = _tree(int(child.stdout.readline()))
+    assert len(group) >= 3  # the launcher and its 2 trainer processes
+
+    def live():
+        return [pid for pid in group if _stat(pid)]
+
+    t0 = time.monotonic()
+    child.send_signal(sig)  # SIGKILL: the flow runs no cleanup; the group notices it is gone
+    child.wait(60)
+    while live() and time.monotonic() - t0 < 30:
+        time.sleep(0.2)
+    assert not live(), f"the trainer group outlived the flow by {time.monotonic() - t0:.0f} s"
+    print(f"group gone {time.monotonic() - t0:.1f} s after the flow's {sig.name}")

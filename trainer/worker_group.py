@@ -17,7 +17,7 @@ Protocol (files in `--dir`, each written whole with os.replace):
   ends the whole group (a collective half-entered cannot be recovered), and the stage reports it;
 - `stop.json` ({"save": bool}) ends the group, first writing the held optimizer state into its
   checkpoint when `save` says that round is committed; the main process also ends the group when
-  the flow process (`--parent-pid`) is gone.
+  the flow process (`--parent-pid`) or its launcher is gone (the flow may die without cleanup).
 
 A round uses the held state only when the request says the stage that produced it committed
 (`resident_ok`) and it is the state at the round's start checkpoint under the same config;
@@ -85,10 +85,12 @@ class _Channel:
         return box[0]
 
 
-def _next_message(cmd_dir: Path, parent_pid: int | None) -> dict:
+def _next_message(cmd_dir: Path, parent_pid: int | None, launcher: int) -> dict:
     """Rank 0: the next request in the directory, a stop, or a no-op after one tick."""
     if parent_pid is not None and not _alive(parent_pid):
         return {"kind": "stop", "save": False, "why": f"the flow process {parent_pid} is gone"}
+    if os.getppid() != launcher:
+        return {"kind": "stop", "save": False, "why": f"the launcher {launcher} is gone"}
     stop = cmd_dir / "stop.json"
     if stop.exists():
         return {"kind": "stop", **json.loads(stop.read_text()), "why": "stop requested"}
@@ -132,13 +134,14 @@ def serve(cmd_dir: str | Path, accelerator: Any = None, parent_pid: int | None =
     channel = _Channel(acc)
     resident = Resident()
     rank0 = acc.is_main_process
+    launcher = os.getppid()
     if rank0:
         with open(cmd_dir / LAUNCHES, "a") as f:
             f.write(json.dumps({"pid": os.getpid(), "processes": acc.num_processes,
                                 "started": time.time()}) + "\n")
         log.info("trainer group started: %d process(es), commands in %s", acc.num_processes, cmd_dir)
     while True:
-        msg = channel.broadcast(_next_message(cmd_dir, parent_pid) if rank0 else None)
+        msg = channel.broadcast(_next_message(cmd_dir, parent_pid, launcher) if rank0 else None)
         kind = msg["kind"]
         if kind == "noop":
             continue
