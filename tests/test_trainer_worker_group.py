@@ -194,3 +194,17 @@ def test_interrupted_flow_ends_its_group(tmp_path, tiny_testbed_dir, cpu_gloo, s
         time.sleep(0.2)
     assert not live(), f"the trainer group outlived the flow by {time.monotonic() - t0:.0f} s"
     print(f"group gone {time.monotonic() - t0:.1f} s after the flow's {sig.name}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_failing_round_ends_the_group_with_its_traceback(tmp_path, tiny_testbed_dir, cpu_gloo):
+    from trace_rl.data_schemas.errors import StageError
+
+    cfg = _config(tmp_path, tiny_testbed_dir, rounds=1)
+    with trainer_group_session(cfg) as group:
+        # a round whose arguments name no run: every process raises before any collective
+        with pytest.raises(StageError, match=r"round-0 failed in the trainer group:(.|\n)*KeyError: 'run_root'"):
+            group.train(0, {"round_index": 0, "init_checkpoint": str(tmp_path)}, resident_ok=False)
+        assert group.dead and group.proc.poll() not in (None, 0)
+        assert group.offload() == "no trainer group running"
