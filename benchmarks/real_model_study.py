@@ -248,8 +248,8 @@ def report(rows: list[dict[str, Any]], rounds: int) -> str:
                 rew = "" if r is None or r.get("train_reward") is None else f"({100 * r['train_reward']:.0f})"
                 cells.append(" ".join(x for x in (acc, rew) if x) or "-")
             lines.append(f"| {m} | {s} | " + " | ".join(cells) + " |")
-    lines += ["", ("Bold: held-out avg@k (%); in parentheses: the train reward of that round's "
-              "rollouts (%, the on-policy accuracy of the policy that starts it, k-1 -> k)."), ""]
+    lines += ["", ("Column rk: checkpoint k. Bold: its held-out avg@k (%); in parentheses: the "
+                   "reward (%) of the rollouts that trained it, sampled by checkpoint k-1."), ""]
 
     def compare(title: str, pairs: list[tuple[dict, dict]]) -> None:
         if not pairs:
