@@ -104,7 +104,11 @@ def test_three_rounds_one_launch_no_replay(tmp_path, tiny_testbed_dir, cpu_gloo,
     assert [e["replayed_rounds"] for e in extras] == [0, 0, 0]
     assert [e["trainer_state"] for e in extras] == [False, False, True]
     assert not list(store.local_path("scratch").glob("round-*/train-*/launch_args.json"))  # no own launch
-    final = load_file(str(store.local_path(start_checkpoint_dir(3)) / "model.safetensors"))
+    last = store.local_path(start_checkpoint_dir(3))
+    state = torch.load(last / "trainer_state/state.pt", weights_only=False)
+    assert state["global_step"] == 6  # 2 steps a round, one optimizer across the 3 rounds
+    assert (state.get("state_layout") == "full_fqn") == (backend == "fsdp2")  # FSDP2: gathered shards
+    final = load_file(str(last / "model.safetensors"))
     single = _single_process_weights(cfg, store, 3, tmp_path)
     assert final.keys() == single.keys()
     for name in final:
