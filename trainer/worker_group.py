@@ -212,7 +212,7 @@ class TrainerGroup:
         self.dir = Path(cmd_dir)
         self.program = program or ["-m", "trace_rl.trainer.worker_group"]
         self.stop_timeout = stop_timeout
-        self.proc = None
+        self.proc: Any = None  # the launcher's subprocess.Popen once started
         self.dead: str | None = None  # why the group is no longer usable
         self.seq = 0
         self.tag: str | None = None  # the manifest that committed the group's last round
