@@ -281,8 +281,9 @@ def report(rows: list[dict[str, Any]], rounds: int) -> str:
 
 
 def plot_curves(rows: list[dict[str, Any]], path: str) -> None:
-    """Train reward by round (each seed thin, the seed mean thick) and held-out accuracy at the
-    evaluated rounds (with the evaluation's bootstrap 95% CI), per method."""
+    """Train reward by the checkpoint that sampled the rollouts (each seed thin, the seed mean
+    thick) and held-out accuracy at the evaluated checkpoints (with the evaluation's bootstrap 95%
+    CI), per method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -294,7 +295,7 @@ def plot_curves(rows: list[dict[str, Any]], path: str) -> None:
         color, mine = f"C{i}", [r for r in rows if r["method"] == m]
         by_round: dict[int, list[float]] = {}
         for s in sorted({r["seed"] for r in mine}):
-            pts = sorted((r["round"], r["train_reward"]) for r in mine
+            pts = sorted((r["round"] - 1, r["train_reward"]) for r in mine
                          if r["seed"] == s and r.get("train_reward") is not None)
             for k, v in pts:
                 by_round.setdefault(k, []).append(v)
@@ -309,10 +310,14 @@ def plot_curves(rows: list[dict[str, Any]], path: str) -> None:
         if by_round:
             ks = sorted(by_round)
             ax_r.plot(ks, [np.mean(by_round[k]) for k in ks], color=color, lw=2.5, marker="o", label=m)
-    ax_r.set(title="train reward of round k's rollouts", xlabel="round", ylabel="reward")
+    ax_r.set(title="train reward (on-policy accuracy)", xlabel="checkpoint that sampled the rollouts",
+             ylabel="reward")
     ax_h.set(title="held-out avg@k (bootstrap 95% CI)", xlabel="checkpoint round", ylabel="accuracy")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_r, ax_h):
         ax.legend(fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
