@@ -33,6 +33,8 @@ ROUND = [
     # The config's default is the equations annotator (no model); this round exercises the
     # surprise annotator's teacher forwards on the real tokenizer.
     "annotate.backend=surprise",
+    # One thread each: two threads stall in OpenMP barriers whenever the 2 cores are busy.
+    "rollout.hf.num_threads=1", "train.num_threads=1",
 ]
 
 
