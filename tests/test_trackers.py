@@ -6,7 +6,6 @@ from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
-
 from trace_rl.trainer import metrics
 from trace_rl.trainer.config import TrainConfig
 from trace_rl.trainer.metrics import Logger
@@ -44,3 +43,34 @@ def test_report_to_names_known_trackers_and_tensorboard_false_drops_it():
     assert TrainConfig(report_to=["tensorboard", "mlflow"], tensorboard=False).trackers == ["mlflow"]
     with pytest.raises(ValidationError, match="report_to"):
         TrainConfig(report_to=["neptune"])
+
+
+def test_event_files_of_one_run_are_read_in_the_order_they_were_written(tmp_path):
+    """TensorBoard orders a run's event files by name: creation second, host, pid, then a
+    per-process counter compared as text. Files made in one second by writers 9 and 10 sort
+    10 first, and the reader then drops the later steps as a restart (seen in CI: a round's
+    rollout figures vanished). Each writer of the run starts in a second of its own."""
+    import time
+
+    from torch.utils.tensorboard import SummaryWriter
+    from trace_rl.pipeline.tracking import start_in_a_new_second
+
+    # the mechanism: within one second, name order is not creation order
+    now = int(time.time())
+    names = [f"events.out.tfevents.{now:010d}.host.1.{uid}" for uid in (9, 10)]
+    assert sorted(names) != names
+
+    log_dir = tmp_path / "train"
+    for step in range(4):
+        start_in_a_new_second(log_dir)
+        with SummaryWriter(str(log_dir)) as writer:
+            writer.add_scalar("x", float(step), global_step=step)
+    files = sorted(p.name for p in log_dir.glob("events.out.tfevents*"))
+    seconds = [int(name.split(".")[3]) for name in files]
+    assert len(files) == 4 and seconds == sorted(set(seconds)), files  # a second each, in order
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("x")] == [0, 1, 2, 3]

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from trace_rl.pipeline.tracking import TENSORBOARD_DIR, TENSORBOARD_RUN
+from trace_rl.pipeline.tracking import TENSORBOARD_DIR, TENSORBOARD_RUN, start_in_a_new_second
 from trace_rl.trainer.batch import MicroBatch
 
 # Sums collected over micro-batches and processes, then turned into the per-step row.
@@ -118,6 +118,7 @@ def _make_tracker(name: str, log_dir: str, run_name: str, first_step: int = 0) -
     from accelerate import tracking
 
     if name == "tensorboard":
+        start_in_a_new_second(os.path.join(tensorboard_dir(log_dir), TENSORBOARD_RUN))
         return tracking.TensorBoardTracker(TENSORBOARD_RUN, tensorboard_dir(log_dir), purge_step=first_step)
     if name == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")
