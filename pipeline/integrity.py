@@ -4,7 +4,10 @@ A dataset manifest lists its part files with `size` and `sha256`, and carries a 
 own content; the train stage's manifest lists the files of the checkpoint it wrote the same way
 (`extra["checkpoint_files"]`). `verify_dataset` compares the disk against that record: fast
 (sizes only: a truncated, replaced or deleted file) or deep (`deep=True`: every byte hashed).
-Manifests written before this record existed verify as "unrecorded", never as damaged.
+Manifests written before this record existed verify as "unrecorded", never as damaged; a
+manifest whose files carry sizes but whose digest is gone is damaged (`records_digests`). A
+visible file in a dataset directory that the manifest does not list is damage too: directory
+readers (pandas, duckdb, datasets) would read it although the store does not.
 """
 
 from __future__ import annotations
@@ -89,13 +92,31 @@ def _check_files(fs, directory: str, files: list[dict[str, Any]], deep: bool) ->
     return found
 
 
+def records_digests(record: dict[str, Any]) -> bool:
+    """Whether a manifest was written by a version that records digests. The manifest `digest`
+    and the per-file `size`/`sha256` came in the same change (issue 23; the package version and
+    SCHEMA_VERSION did not move), so a file entry with a size or hash marks such a manifest,
+    and so does a train manifest's checkpoint record. Only a manifest without any of these (an
+    older run, or a dataset of no files) is "unrecorded"."""
+    files = record.get("files") or []
+    return (any("size" in f or "sha256" in f for f in files)
+            or bool((record.get("extra") or {}).get("checkpoint_files")))
+
+
 def verify_manifest(manifest) -> list[Damage]:
-    """An edited manifest: its content no longer matches the digest it was written with."""
+    """An edited manifest: its content no longer matches the digest it was written with, or the
+    digest (or a file's size or hash) was removed from a manifest that recorded them."""
     from dataclasses import asdict
 
     record = asdict(manifest)
     if not record.get("digest"):
+        if records_digests(record):  # emptied or deleted: else any edit would pass as unrecorded
+            return [Damage(".manifest.json", "its digest is missing, although its files carry "
+                                             "sizes and hashes (edited after it was written)")]
         return []
+    unhashed = [f.get("name", "?") for f in record["files"] if "size" not in f or "sha256" not in f]
+    if unhashed:
+        return [Damage(".manifest.json", f"the size or sha256 of {', '.join(unhashed[:3])} was removed")]
     if manifest_digest(record) != record["digest"]:
         return [Damage(".manifest.json", "edited after it was written (its digest does not match)")]
     rows = sum(int(f.get("rows", 0)) for f in record["files"])
@@ -104,15 +125,35 @@ def verify_manifest(manifest) -> list[Damage]:
     return []
 
 
+def visible(entry: str) -> bool:
+    """Whether a directory reader sees the entry: pyarrow, datasets and duckdb skip names that
+    start with "." or "_" (the manifest, a part being written)."""
+    return not entry.rstrip("/").rsplit("/", 1)[-1].startswith((".", "_"))
+
+
+def unlisted_files(fs, directory: str, files: list[dict[str, Any]]) -> list[Damage]:
+    """Visible entries of a dataset directory its manifest does not list: the store would read
+    the listed parts only while pandas, duckdb or `load_dataset(data_dir=...)` read them all."""
+    listed = {f["name"] for f in files}
+    try:
+        entries = fs.ls(directory, detail=False)
+    except FileNotFoundError:
+        return []
+    names = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if visible(e))
+    return [Damage(n, "not listed in the manifest (added after the dataset was written)")
+            for n in names if n not in listed]
+
+
 def verify_dataset(store, name: str, manifest=None, *, deep: bool = False) -> list[Damage]:
     """What is wrong with the complete dataset `name` (empty when nothing): an edited manifest,
-    part files missing or of another size (or, `deep`, other content), and for a train stage the
-    checkpoint files it recorded."""
+    part files missing or of another size (or, `deep`, other content), files it does not list,
+    and for a train stage the checkpoint files it recorded."""
     m = manifest if manifest is not None else store.manifest(name)
     if m is None:
         return []
     found = verify_manifest(m)
     found += _check_files(store.fs, store.path(name), m.files, deep)
+    found += unlisted_files(store.fs, store.path(name), m.files)
     ckpt = (m.extra or {}).get("checkpoint_files")
     if ckpt:
         directory = store.path(ckpt["dir"])

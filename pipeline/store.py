@@ -4,6 +4,8 @@ A dataset is a directory of `part-NNNNN.parquet` files plus `.manifest.json`. Th
 written last (through a temporary name and a rename where the filesystem has one), so its
 presence means the dataset is complete; readers trust only the parts the manifest lists, so a
 process killed mid-write can never leave a dataset that looks complete or mixes old and new parts.
+A visible file the manifest does not list (a part added afterwards, which pandas or duckdb on the
+directory would read) makes `read` refuse the dataset and `status` report it damaged.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from trace_rl.data_schemas.errors import StageError
 from trace_rl.data_schemas.schemas import STATUS_COLUMN, refuse_repeated_keys
 
 from .fingerprint import code_version, fingerprint
-from .integrity import file_digest, manifest_digest, verify_dataset
+from .integrity import file_digest, manifest_digest, unlisted_files, verify_dataset, verify_manifest
 
 # A hidden name: tools that read a directory of Parquet files (datasets' `data_dir`, pyarrow
 # datasets, duckdb globs) skip it, so every dataset directory reads as plain Parquet.
@@ -214,6 +216,7 @@ class RunStore:
                 f"dataset {self.path(name)} is missing or incomplete (no {MANIFEST}); "
                 "run the stage that writes it first"
             )
+        self._refuse_damaged_listing(name, m)
         tables = [read_parquet(self.path(name, f["name"]), schema, self.fs, allow_extra)
                   for f in m.files]
         if not tables:
@@ -222,6 +225,17 @@ class RunStore:
         if table.num_rows != m.rows:
             raise StageError(f"{self.path(name)}: manifest says {m.rows} rows, parts hold {table.num_rows}")
         return table
+
+    def _refuse_damaged_listing(self, name: str, m: Manifest) -> None:
+        """A reader refuses a dataset whose manifest was edited or whose directory holds files
+        the manifest does not list: directory readers would see other rows than the store."""
+        found = verify_manifest(m) + unlisted_files(self.fs, self.path(name), m.files)
+        if found:
+            raise StageError(
+                f"dataset {self.path(name)} is damaged: {'; '.join(map(str, found[:3]))}. Remove "
+                "the files it does not list, or recompute it (`trace-rl run CONFIG`, or the stage "
+                "that wrote it with --force); `trace-rl status` shows every damaged dataset"
+            )
 
     def invalidate(self, name: str) -> bool:
         """Remove a dataset's manifest so it reads as incomplete; True if there was one."""

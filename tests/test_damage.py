@@ -104,6 +104,15 @@ def _damage(store, case: str) -> str:
         m["rows"] += 1
         path.write_text(json.dumps(m))
         return "round-0001/rollouts"
+    if case == "digest_emptied":  # issue 26: an emptied digest let any edit pass as unrecorded
+        path = Path(store.path("round-0000/verdicts", ".manifest.json"))
+        m = json.loads(path.read_text())
+        m["digest"], m["counts"] = "", {"ok": 99}
+        path.write_text(json.dumps(m))
+        return "round-0000/verdicts"
+    if case == "extra_part":  # a part the manifest does not list: directory readers see its rows
+        shutil.copy(part("round-0001/rollouts"), store.path("round-0001/rollouts", "part-00002.parquet"))
+        return "round-0001/rollouts"
     if case == "byteflip":  # same size: only the hash shows it
         path = Path(part("round-0000/rollouts"))
         data = bytearray(path.read_bytes())
@@ -113,7 +122,8 @@ def _damage(store, case: str) -> str:
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["truncated", "foreign", "deleted", "rows_edited", "byteflip"])
+@pytest.mark.parametrize("case", ["truncated", "foreign", "deleted", "rows_edited", "digest_emptied",
+                                  "extra_part", "byteflip"])
 def test_damage_is_found_marked_and_never_current(run, case):
     cfg, store = run
     name = _damage(store, case)

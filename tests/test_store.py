@@ -156,3 +156,56 @@ def test_fsspec_memory_filesystem(tmp_path):
                        "status": "no_answer", "detail": None}])
     assert store.read("round-0001/verdicts", VERDICTS).num_rows == 1
     assert store.manifest("round-0001/verdicts").counts == {"no_answer": 1}
+
+
+def _prompts(store: RunStore, n: int) -> None:
+    with store.writer("prompts", PROMPTS, stage="prepare", config_fingerprint="c") as w:
+        w.write_rows([{"prompt_id": str(i), "problem": "x", "answer": "1", "solution": None,
+                       "source": "t", "meta": "{}"} for i in range(n)])
+
+
+def test_a_part_the_manifest_does_not_list_is_refused_by_readers(tmp_path):
+    """Issue 26: an extra part in a dataset directory read 3 rows through the store and 6
+    through pandas; now the store refuses it, naming the file and what to do."""
+    import shutil
+
+    import pandas as pd
+
+    store = RunStore(str(tmp_path))
+    _prompts(store, 3)
+    directory = tmp_path / "prompts"
+    (directory / ".part-00001.parquet.ab12cd34.tmp").write_bytes(b"half")  # hidden: no reader sees it
+    assert store.read("prompts", PROMPTS).num_rows == 3
+    shutil.copy(directory / "part-00000.parquet", directory / "part-00001.parquet")
+    assert len(pd.read_parquet(directory)) == 6  # what a directory reader would take as the data
+    with pytest.raises(StageError, match=r"prompts is damaged: part-00001\.parquet: not listed in the "
+                                         r"manifest.*Remove the files it does not list, or recompute it"):
+        store.read("prompts", PROMPTS)
+    assert not store.is_current("prompts", "c", {})
+    (directory / "part-00001.parquet").unlink()
+    assert store.read("prompts", PROMPTS).num_rows == 3
+
+
+def test_digest_missing_from_a_recording_manifest_is_damage_but_an_old_manifest_is_not(tmp_path):
+    from trace_rl.pipeline.integrity import recorded, verify_dataset
+
+    store = RunStore(str(tmp_path))
+    _prompts(store, 2)
+    path = tmp_path / "prompts" / ".manifest.json"
+    written = json.loads(path.read_text())
+    for edit in ({"digest": ""}, {"digest": None}, {"rows": 5, "digest": ""}):
+        path.write_text(json.dumps({**written, **edit}))
+        assert "digest is missing" in str(verify_dataset(store, "prompts")), edit
+        with pytest.raises(StageError, match="digest is missing"):
+            store.read("prompts", PROMPTS)
+    path.write_text(json.dumps({k: v for k, v in written.items() if k != "digest"}))
+    assert "digest is missing" in str(verify_dataset(store, "prompts"))
+    stripped = {**written, "files": [{k: v for k, v in written["files"][0].items() if k != "sha256"}]}
+    path.write_text(json.dumps(stripped))  # a hash removed under an intact-looking digest
+    assert "sha256 of part-00000.parquet was removed" in str(verify_dataset(store, "prompts"))
+    # A manifest from before sizes and hashes were recorded: unrecorded, read as it always was.
+    old = {k: v for k, v in written.items() if k != "digest"}
+    old["files"] = [{"name": f["name"], "rows": f["rows"]} for f in written["files"]]
+    path.write_text(json.dumps(old))
+    assert verify_dataset(store, "prompts", deep=True) == [] and not recorded(store.manifest("prompts"))
+    assert store.read("prompts", PROMPTS).num_rows == 2
