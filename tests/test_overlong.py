@@ -78,3 +78,64 @@ def test_penalize_lowers_the_reward_and_distils_nothing(setup) -> None:
             assert e.reward == p.reward - 1.0 and not e.plan.mask_R.any()
         else:
             assert e.reward == p.reward and (e.plan.mask_R == p.plan.mask_R).all()
+
+
+def _step_gradient(tmp_path, tables, tag: str, **kw) -> tuple[dict, list[dict]]:
+    """The gradient of one optimizer step over the whole table (captured before the update)."""
+    from tiny import save_tiny_checkpoint
+    from trace_rl.trainer import round as round_mod
+
+    init = tmp_path / "init"
+    if not init.exists():
+        save_tiny_checkpoint(init, seed=0)
+    n = tables["rollouts"].num_rows
+    kw["micro_batch_size"] = min(kw.get("micro_batch_size", n), n)
+    cfg = TrainConfig(method="grpo", mini_batch_size=n, lr=1e-3, logprob_chunk=16,
+                      tensorboard=False, report_to=[], **kw)
+    grads: dict = {}
+    original = round_mod._apply_update
+
+    def capture(r, optimizer, scheduler):
+        grads.update({k: p.grad.clone() for k, p in r.unwrapped.named_parameters()
+                      if p.grad is not None})
+        return original(r, optimizer, scheduler)
+
+    round_mod._apply_update = capture
+    try:
+        rows = round_mod.train_round(cfg, **tables, init_checkpoint=str(init),
+                                     output_checkpoint=str(tmp_path / f"out-{tag}"),
+                                     work_dir=str(tmp_path / f"w-{tag}"), round_index=0,
+                                     progress=False, write_output=False)
+    finally:
+        round_mod._apply_update = original
+    return grads, rows
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean"])
+@pytest.mark.parametrize("micro", [16, 3])  # one micro-batch, or accumulated over six
+def test_masked_rollouts_add_nothing_to_the_step(setup, tmp_path, agg, micro) -> None:
+    """The gradient with k cut rollouts masked equals the gradient of the batch without them:
+    their tokens are out of the loss's denominator (whatever the micro-batching), and the
+    entropy and length metrics count only the trained tokens."""
+    _, t = setup
+    cut_ids = {"r0-1", "r1-0", "r2-2", "r3-3"}  # 4 of 16
+    rows = t["rollouts"].to_pylist()
+    for r in rows:
+        r["finish_reason"] = "length" if r["rollout_id"] in cut_ids else "stop"
+    cut = pa.Table.from_pylist(rows, schema=t["rollouts"].schema)
+    kept = pa.Table.from_pylist([r for r in rows if r["rollout_id"] not in cut_ids],
+                                schema=t["rollouts"].schema)
+    with_cut = {**t, "rollouts": cut}
+    without = {**t, "rollouts": kept}
+    g_cut, rows_cut = _step_gradient(tmp_path, with_cut, "cut", overlong="mask", loss_agg=agg,
+                                     micro_batch_size=micro)
+    g_kept, rows_kept = _step_gradient(tmp_path, without, "kept", overlong="mask", loss_agg=agg,
+                                       micro_batch_size=micro)
+    assert g_cut.keys() == g_kept.keys() and g_cut
+    norm = lambda g: torch.sqrt(sum((v.double() ** 2).sum() for v in g.values()))
+    assert norm(g_kept) > 0
+    assert float(norm(g_cut) / norm(g_kept)) == pytest.approx(1.0, abs=1e-5)
+    for name in g_cut:
+        torch.testing.assert_close(g_cut[name], g_kept[name], rtol=1e-4, atol=1e-7)
+    for key in ("entropy", "response_len_mean", "clip_frac"):
+        assert rows_cut[0][key] == pytest.approx(rows_kept[0][key], rel=1e-5), key

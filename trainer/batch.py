@@ -36,6 +36,7 @@ class Example:
     engine_logprobs: list[float] = field(default_factory=list)
     temperature: float = 1.0  # the rollout's sampling temperature
     truncated: bool = False  # sampled with top-p < 1 or top-k > 0
+    masked: bool = False  # cut by the token limit under `train.overlong: mask`: not trained on
 
 
 def sampling_of(sampling_json: str | None) -> tuple[float, bool]:
@@ -129,6 +130,7 @@ def build_examples(
             engine_logprobs=list(rollout.get("response_logprobs") or []),
             temperature=temperature,
             truncated=truncated,
+            masked=cfg.overlong == "mask" and rollout.get("finish_reason") == "length",
         ))
     return examples
 
@@ -184,6 +186,14 @@ class MicroBatch:
     teacher: SeqBatch | None  # only rows with spans; targets unused
     span_dirs: list[tuple[str, Tensor, Tensor]]  # (direction, index into N, index into teacher S)
     n_tokens: int
+    # the rows trained on: False for rollouts masked by `train.overlong: mask`, whose tokens are
+    # then in no loss term, no denominator and no metric (mask_BT still lays out the flat tokens)
+    keep_B: Tensor | None = None
+
+    @property
+    def train_mask_BT(self) -> Tensor:
+        """The response tokens the loss and the metrics count: mask_BT without masked rows."""
+        return self.mask_BT if self.keep_B is None else self.mask_BT & self.keep_B[:, None]
 
 
 def to_bt(values_N: Tensor, mask_BT: Tensor) -> Tensor:
@@ -239,6 +249,7 @@ def collate(
         student=student, mask_BT=mask_BT, span_BT=span_BT, old_logp_BT=old_BT,
         adv_B=torch.tensor(adv, dtype=torch.float32, device=device), weight=weight,
         teacher=teacher, span_dirs=span_dirs, n_tokens=sum(lengths),
+        keep_B=torch.tensor([not e.masked for e in examples], dtype=torch.bool, device=device),
     )
 
 

@@ -35,17 +35,18 @@ class StepStats:
         w = mb.weight
         if w == 0:
             return
-        s, mask = self.sums, mb.mask_BT
+        # the trained tokens only: rows masked by `train.overlong: mask` count nowhere
+        s, mask = self.sums, mb.train_mask_BT
         for key in ("loss", "pg_loss", "kl_loss"):
             s[key] += float(loss_metrics[key])
         s["tokens"] += float(mask.sum())
-        s["seqs"] += mask.shape[0]
+        s["seqs"] += mask.shape[0] if mb.keep_B is None else float(mb.keep_B.sum())
         s["all_tokens"] += total_tokens
         s["entropy_sum"] += float((entropy_BT * mask).sum())
         s["span_tokens"] += float((mb.span_BT & mask).sum())
         s["clipped"] += float((clipped_BT & mask).sum())
         for direction, index_S, _ in mb.span_dirs:
-            kl_flat = kl_BT[mask].detach()
+            kl_flat = kl_BT[mb.mask_BT].detach()  # index_S counts every response token
             s[f"kl_{direction}_sum"] += float(kl_flat[index_S].sum())
             s[f"kl_{direction}_n"] += float(index_S.numel())
 

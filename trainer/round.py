@@ -140,8 +140,8 @@ def _micro_step(r: _Step, mb: MicroBatch, lam: float, normaliser: float, stats: 
         kl_BT = to_bt(out["kl_N"], mb.mask_BT)
         if live_old:
             mb.old_logp_BT = logp_BT.detach()
-        inputs = LossInputs(logp_BT, mb.old_logp_BT, mb.adv_B, mb.mask_BT, mb.span_BT, kl_BT,
-                            normaliser)
+        inputs = LossInputs(logp_BT, mb.old_logp_BT, mb.adv_B, mb.train_mask_BT, mb.span_BT,
+                            kl_BT, normaliser)
         loss, loss_metrics = r.method.loss(inputs, cfg, lam)
         # DDP averages gradients over processes; each process holds a share of one global sum
         acc.backward(loss * (mb.weight * acc.num_processes))
@@ -178,10 +178,13 @@ def _continue_from(cfg: TrainConfig, optimizer, scheduler, path: str, global_ste
 
 
 def _normaliser(cfg: TrainConfig, examples: list[Example], mini: np.ndarray) -> float:
-    """The whole mini-batch's token (token_mean) or sequence count, whatever the micro-batch."""
+    """The whole mini-batch's token (token_mean) or sequence count, whatever the micro-batch.
+    Rollouts masked by `train.overlong: mask` are not counted: counting them would shrink every
+    step by its own (varying) truncated share. At least 1, so an all-masked step adds zeros."""
+    kept = [examples[i] for i in mini if not examples[i].masked]
     if cfg.loss_agg == "token_mean":
-        return float(sum(len(examples[i].response_ids) for i in mini))
-    return float(len(mini))
+        return float(max(1, sum(len(e.response_ids) for e in kept)))
+    return float(max(1, len(kept)))
 
 
 def _collate_micro(r: _Step, examples, idx: list[int], mini, old_logp, adv_all, pad_id,
