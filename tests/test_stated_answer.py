@@ -3,7 +3,12 @@ answer): what counts as a statement, and near misses that must never be rewarded
 
 from __future__ import annotations
 
+import json
+import random
+from pathlib import Path
+
 import pytest
+import sympy
 
 from trace_rl.stages.verifiers import VerifyConfig
 from trace_rl.stages.verifiers.extract import cut_at_turn_end, explicit_statements, implicit_statement
@@ -137,7 +142,7 @@ def test_a_response_cut_before_its_answer_is_never_rewarded(checker: MathChecker
         ("The answer is 4, not 5.", "4", "5"),
         ("The final answer is 9 because 3 + 4 = 7.", "9", "7"),
         ("The answer is $1,200 a month for 3 months.", "1200", "3"),
-        ("The answer is 25% of the 80 apples.", "25", "80"),
+        ("The answer is 25% of the 80 apples = 20 apples.", "20", "25"),  # issue 26: states 20
         ("Answer: 8 x 5 = 40 stickers", "40", "5"),
         ("The answer is 18 - 6 = 12 marbles, 2 more than Tom.", "12", "2"),
         ("The answer is $40$ (from $8 \\times 5$).", "40", "5"),
@@ -203,3 +208,68 @@ def test_a_result_sentence_counts_only_when_the_response_ended(checker: MathChec
     # Two numbers and no arithmetic: still no statement.
     assert checker("There are 3 apples and 4 pears.", "4", {}).status == "no_answer"
     assert checker("Maria gives 10 apples away, and 5 of them are left.", "5", {}).status == "no_answer"
+
+
+# Issue 26: prose statements that must not be rewarded (negation, retraction, sign words,
+# bounds, compound quantities, percentages, hedges, questions), and ordinary ones that must.
+CASES = Path(__file__).parent / "fixtures" / "stated_answer_cases.jsonl"
+# Misses allowed on the ordinary statements (there are none today; a regex change that loses
+# a few is to be looked at, one that rewards a wrong answer is refused outright).
+MAX_FALSE_NEGATIVES = 2
+
+
+def test_prose_cases_reward_no_wrong_answer(checker: MathChecker) -> None:
+    cases = [json.loads(line) for line in CASES.read_text().splitlines() if line.strip()]
+    assert len(cases) >= 100 and {c["class"] for c in cases} >= {
+        "negation", "retraction", "sign", "bound", "approximate", "compound", "percent", "hedge",
+        "plain"}
+    false_pos, false_neg = [], []
+    for c in cases:
+        verdict = checker(c["text"], c["gold"], {})
+        if c["expect"] == "correct" and not verdict.correct:
+            false_neg.append((c, verdict))
+        elif c["expect"] != "correct" and verdict.correct:
+            false_pos.append((c, verdict))
+        elif c["expect"] == "no_answer":  # unclear or hedged: no answer at all, not a wrong one
+            assert verdict.status == "no_answer", (c, verdict)
+    assert false_pos == []
+    assert len(false_neg) <= MAX_FALSE_NEGATIVES, false_neg
+
+
+@pytest.mark.parametrize(
+    ("template", "reads_as"),
+    [
+        ("The answer is not {n}.", None),
+        ("The answer is {n}. But that is wrong.", None),
+        ("I don't think the answer is {n}.", None),
+        ("The answer is at least {n}.", None),
+        ("The answer is {n} or more.", None),
+        ("Sam has more than {n} apples.", None),
+        ("The answer is {n} hours {m} minutes.", None),
+        ("The answer is {n} (or {m}).", None),
+        ("The answer is {n}?", None),
+        ("The answer is {n}% of {m}.", None),
+        ("The answer is negative {n}.", "-{n}"),
+        ("The answer is {n} thousand dollars.", "{n}000"),
+        ("The answer is {n} 1/2.", "{n} + 1/2"),
+        ("The answer is {m}% of {n} = {n} apples.", "{n}"),
+        ("The answer is approximately {n} km.", "{n}"),
+    ],
+)
+def test_property_a_cue_never_pays_the_bare_number(
+    checker: MathChecker, template: str, reads_as: str | None
+) -> None:
+    """Property over random numbers: a statement with one of the cues is never rewarded for
+    the bare number it contains (unless the cue does not change it, "approximately"); where
+    the cue is read whole, the whole value is rewarded; otherwise nothing is."""
+    rng = random.Random(template)
+    for _ in range(15):
+        n, m = rng.randint(2, 999), rng.randint(2, 99)
+        text = template.format(n=n, m=m)
+        bare = checker(text, str(n), {})
+        if reads_as is None:
+            assert bare.status == "no_answer", (text, bare)
+            continue
+        whole = str(sympy.sympify(reads_as.format(n=n)))
+        assert checker(text, whole, {}).correct, (text, whole)
+        assert bare.correct == (whole == str(n)), (text, bare)

@@ -43,6 +43,8 @@ from trace_rl.trainer.progress import progress_bar
 from trace_rl.trainer.resident import Held, Resident, config_json, release
 from trace_rl.trainer.round_io import Clock, save_output, save_progress
 from trace_rl.trainer.teacher import TeacherHandle
+from trace_rl.trainer import lora
+from trace_rl.trainer.lora_teacher import LoraTeacher
 
 log = logging.getLogger("trace_rl.trainer.round")
 
@@ -62,7 +64,10 @@ def _load_model(cfg: TrainConfig, path: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if cfg.lora is not None:  # frozen base in the compute dtype, float32 adapters (trainer/lora.py)
+        hf = lora.load_policy(cfg.lora, path, _DTYPES[cfg.dtype])
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if cfg.gradient_checkpointing:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hf.config.use_cache = False
@@ -153,7 +158,9 @@ def _micro_step(r: _Step, mb: MicroBatch, lam: float, normaliser: float, stats: 
 
 
 def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]),
+    # the trainable parameters only: all of them, or the LoRA adapters over a frozen base
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]),
                             weight_decay=cfg.weight_decay)
     warm = cfg.warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -322,7 +329,8 @@ def _train_round(cfg: TrainConfig, *, prompts, rollouts, verdicts, annotations, 
     # (with one step per round, the only recomputation there is).
     live_first = cfg.old_logprobs == "recompute" and saved is None and bool(plan)
     live = {i for micro in plan[0] for i in micro} if live_first else set()
-    teacher = TeacherHandle(cfg.teacher_sync_every, work, init_checkpoint, _DTYPES[cfg.dtype],
+    handle = LoraTeacher if cfg.lora is not None else TeacherHandle  # LoRA: adapter snapshots
+    teacher = handle(cfg.teacher_sync_every, work, init_checkpoint, _DTYPES[cfg.dtype],
                             cfg.logprob_chunk, inherit=inherit)
     if held is not None:
         wrapped = held.wrapped

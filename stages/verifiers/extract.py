@@ -334,10 +334,14 @@ def _single_number(masked_sentence: str) -> tuple[int, int] | None:
         [ch for ch in numbers[0].group(0) if ch.isdigit()]
     ):
         return None
-    end = numbers[0].end()
+    start, end = numbers[0].start(), numbers[0].end()
     while masked_sentence[end - 1] in ",.":
         end -= 1
-    return numbers[0].start(), end
+    if start > 0 and masked_sentence[start - 1] in "-−" and (
+        start == 1 or not masked_sentence[start - 2].isalnum()
+    ):
+        start -= 1  # "-8 degrees" states -8, not 8
+    return start, end
 
 
 def _has_content(masked_sentence: str) -> bool:

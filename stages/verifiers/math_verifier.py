@@ -24,7 +24,12 @@ from trace_rl.stages.verifiers.extract import (
     implicit_statement,
     mask_math,
 )
-from trace_rl.stages.verifiers.stated import stated_value
+from trace_rl.stages.verifiers.stated import (
+    stated_value,
+    unclear_after_statement,
+    unclear_lead,
+    unclear_sentence,
+)
 from trace_rl.stages.verifiers.normalize import (
     clean_answer,
     decimal_comma_variant,
@@ -104,6 +109,9 @@ NO_ANSWER_DETAIL = (
     "concluding sentence with something math-verify parses)"
 )
 HEDGE_DETAIL = "no stated answer: the last statement hedges between values ({})"
+UNCLEAR_DETAIL = "no stated answer: the last statement is unclear ({}): {}"
+# Statements read from a sentence with no answer phrase: the whole sentence must be clear.
+_IMPLICIT_KINDS = ("conclusion", "closing_value", "result", "single_value")
 
 
 def parse_prediction(region: str, *, cut: bool = False) -> tuple[Parsed, str | None, str | None]:
@@ -121,18 +129,42 @@ def parse_prediction(region: str, *, cut: bool = False) -> tuple[Parsed, str | N
         if statement.kind in _VALUE_KINDS and (stated := stated_value(statement.text)) is not None:
             if stated.kind == "hedge":
                 return [], None, HEDGE_DETAIL.format(repr(stated.text[:60]))
+            if stated.kind == "unclear":
+                return [], None, UNCLEAR_DETAIL.format(stated.text, repr(statement.text[:60]))
             parsed, extracted = _parse_boxes((stated.text,))
-            if parsed:
-                return parsed, extracted, _STATEMENT_DETAILS[statement.kind]
-        parsed, extracted = _parse_statement(statement)
+        else:
+            parsed, extracted = _parse_statement(statement)
         if parsed:
+            if (why := _unclear_context(region, masked, statement)) is not None:
+                return [], None, UNCLEAR_DETAIL.format(why, repr(statement.text[:60]))
             return parsed, extracted, _STATEMENT_DETAILS.get(statement.kind)
     statement = implicit_statement(region, masked, results=not cut)
     if statement is not None:
         parsed, extracted = _parse_statement(statement)
         if parsed:
+            if (why := _unclear_context(region, masked, statement)) is not None:
+                return [], None, UNCLEAR_DETAIL.format(why, repr(statement.text[:60]))
             return parsed, extracted, _STATEMENT_DETAILS[statement.kind]
     return [], None, NO_ANSWER_DETAIL
+
+
+def _unclear_context(region: str, masked: str, statement: Statement) -> str | None:
+    """Why the sentence around a statement makes its value unclear (stated.py), or None: the
+    text before it ("I don't think the answer is"), a question mark or a retraction after it
+    ("... \\boxed{35}. Hmm, that's not right."), and for a statement with no answer phrase
+    the whole sentence ("Sam has at least 14 stickers.")."""
+    sentence_start = max(masked.rfind(ch, 0, statement.start) for ch in ".!?\n") + 1
+    end = region.find(statement.text, statement.start)
+    end = statement.start + len(statement.text) if end < 0 else end + len(statement.text)
+    after = region[end:]
+    if statement.kind in _IMPLICIT_KINDS:
+        stop = re.search(r"[.!?](?=\s|$)|\n", masked[end:])
+        sentence = region[sentence_start : end + (stop.end() if stop else len(after))]
+        if (why := unclear_sentence(sentence)) is not None:
+            return why
+    elif (why := unclear_lead(region[sentence_start : statement.start])) is not None:
+        return why
+    return unclear_after_statement(after)
 
 
 def _parse_statement(statement: Statement) -> tuple[Parsed, str | None]:

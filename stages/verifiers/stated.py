@@ -17,12 +17,33 @@ statement does not count either, since the response withdrew it by hedging last.
 
 Anything that does not open with a plain number (``\\frac{1}{2}``, ``x = 2``, ``3\\sqrt{2}``,
 ``5, 7``, "Sam has 9 marbles") is left to math-verify over the whole statement, as before.
+
+A statement read with no confidence is **unclear** and, like a hedge, states no answer (a false
+reward is worse than a missed one: a policy trained on the reward learns to say whatever pays):
+
+- negated or retracted: "not 12", "never 6", "12, which is wrong";
+- a bound, not a value: "at least 12", "more than", "under", "nearly", "up to", "12 or more",
+  "40 at most", ``\\geq 7``. "approximately / about / around / roughly 12" and "12 or so" do
+  state 12: an approximation is still a claim that the value is 12 (the checker compares it
+  with the reference like any value, and a rounded decimal only within the decimals it shows);
+- a compound quantity that is not one number: "2 hours 30 minutes", "5 feet 3 inches",
+  "6 apples and 4 oranges";
+- "X% of Y" with no result: the rate X or the part X% x Y, who knows;
+- a question: "12?".
+
+Some quantities are read whole instead: sign words ("negative 5", "minus 5" state -5,
+"positive 5" states 5), scale words ("1.5 million" states 1500000, "4 dozen" 48), mixed numbers
+("3 1/2", "3 and a half" state 7/2), and "X% of Y = Z" / "X% of Y is Z" states Z.
+
+Implicit statements (extract.py: a concluding, result or single-value sentence) have no answer
+phrase to anchor a reading, so the whole sentence must be free of these cues (``unclear_sentence``).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Literal
 
 _MATH_SPAN_RE = re.compile(r"^(?:\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\])", re.DOTALL)
@@ -55,32 +76,166 @@ _LIST_AFTER_RE = re.compile(rf"^\s*(?:,|;|,?\s*and\s)\s*\$?{_NUMBER}\b(?!\s*[a-z
 _LATEX_THOUSANDS_RE = re.compile(r"(?<=\d)(?:\{,\}|,\\!|\\,|\\!|\\ )(?=\d{3})")
 _TIMES_RE = re.compile(r"\\times|\\cdot|×|(?<=\d)\s*x\s*(?=\d)")
 
-StatedKind = Literal["value", "hedge"]
+# Cues that make a statement unclear (module docstring). Negation: "not", "never", "isn't"...
+_NEGATION_RE = re.compile(r"\b(?:not|never|no\s+longer|cannot|neither|nor)\b|n[’']t\b", re.I)
+_BOUND_WORDS = (
+    r"at\s+(?:least|most)|(?:no\s+)?(?:more|less|fewer|greater|higher|lower|bigger|smaller)"
+    r"\s+than|under|over|above|below|beyond|nearly|almost|up\s+to|just\s+(?:under|over|shy\s+of)"
+    r"|upwards\s+of|in\s+excess\s+of|exceeding|at\s+minimum|at\s+maximum|within"
+)
+_BOUND_SYMBOLS = r"\\(?:geq?|leq?|gt|lt|geqslant|leqslant)\b|[<>≤≥≥≦≧]"
+# A bound right before the value: "at least 12", "$\geq 7$" (words may sit between: "just").
+_BOUND_BEFORE_RE = re.compile(rf"(?:\b(?:{_BOUND_WORDS})|{_BOUND_SYMBOLS})\s*$", re.I)
+# In a sentence, only bound words count: "$x \\geq 5$" is an inequality, a value of its own.
+_BOUND_BEFORE_NUMBER_RE = re.compile(
+    rf"\b(?:{_BOUND_WORDS})\s*[{re.escape(_CURRENCY)}]?\s*-?\d", re.I
+)
+_BOUND_AFTER_RE = re.compile(
+    r"^\s*(?:[A-Za-z]+\s+)?(?:,\s*)?(?:or\s+(?:more|less|fewer|greater|higher|lower|above|below"
+    r"|over|under|bigger|smaller)|at\s+(?:least|most)|(?:and|or)\s+(?:up|above|over|below|beyond)"
+    r"|\+(?!\s*\d)|(?:at\s+)?(?:minimum|maximum)|max\b|min\b|tops\b)",
+    re.I,
+)
+_BOUND_AFTER_NUMBER_RE = re.compile(
+    r"\d\s*(?:[A-Za-z]+\s+)?(?:or\s+(?:more|less|fewer|greater|higher|lower|above|below|over"
+    r"|under)|at\s+(?:least|most))\b", re.I,
+)
+_RETRACTION_RE = re.compile(
+    r"\b(?:wrong|incorrect|mistaken?|not\s+(?:right|correct|sure)|unsure|doubtful)\b", re.I
+)
+_SIGN_WORD_RE = re.compile(r"^(?P<word>negative|minus|positive|plus)\s+(?=[$\d])", re.I)
+_SIGN_WORD_NUMBER_RE = re.compile(r"\b(?:negative|minus)\s+\$?\d", re.I)
+# "1.5 million": the number times its scale.
+_SCALES = {"hundred": 100, "thousand": 10**3, "million": 10**6, "billion": 10**9,
+           "trillion": 10**12, "dozen": 12}
+_SCALE_AFTER_RE = re.compile(rf"^\s+(?P<scale>{'|'.join(_SCALES)})s?\b", re.I)
+_SCALE_AFTER_NUMBER_RE = re.compile(rf"\d\s+(?:{'|'.join(_SCALES)})s?\b", re.I)
+# "3 1/2", "3 and 1/2", "3 and a half": a mixed number, read whole.
+_MIXED_AFTER_RE = re.compile(
+    r"^\s+(?:and\s+)?(?:(?P<num>\d+)\s*/\s*(?P<den>\d+)\b|an?\s+(?P<part>half|quarter|third))",
+    re.I,
+)
+_PARTS = {"half": "1/2", "quarter": "1/4", "third": "1/3"}
+# "2 hours 30 minutes", "6 apples and 4 oranges": units, then another number. Words that join
+# a justification ("15 dollars for 2 hours", "12 km in 3 hours") do not make a compound.
+_LINK_WORDS = frozenset(
+    "a an the for in of per from because since as each with after at by to on which so when if "
+    "than times over out every is are was were this that these those who or".split()
+)
+_COMPOUND_AFTER_RE = re.compile(
+    rf"^\s*(?P<words>(?:[A-Za-z]+\s*){{1,2}}?)(?:,\s*)?(?:and\s+)?[{re.escape(_CURRENCY)}]?\d"
+)
+# "25% of 200 = 50" states 50; "25% of 200" alone is the rate or the part.
+_PERCENT_OF_RE = re.compile(
+    rf"^\s*(?:%|percent)\s+of\s+(?:the\s+)?[{re.escape(_CURRENCY)}]?{_NUMBER}"
+    rf"(?:\s+[A-Za-z]+){{0,2}}\s*(?:=|\bis\b|\bequals\b|\bgives\b|\bmakes\b)\s*"
+    rf"[{re.escape(_CURRENCY)}]?(?P<value>{_NUMBER})"
+)
+_PERCENT_OF_ANY_RE = re.compile(r"^\s*(?:%|percent)\s+of\s+(?:the\s+)?\S*\d", re.I)
+_HEDGE_AFTER_MORE_RE = re.compile(
+    rf"^\s*[,;(\[]?\s*(?:or\b|maybe\b|perhaps\b|possibly\b|probably\b)\s*(?:maybe\s+|perhaps\s+"
+    rf"|possibly\s+|even\s+)?[{re.escape(_CURRENCY)}]?{_NUMBER}",
+    re.I,
+)
+_HEDGE_SENTENCE_RE = re.compile(
+    rf"{_NUMBER}\s*(?:[A-Za-z]+\s+)?,?\s*or\s+(?:maybe\s+|perhaps\s+|possibly\s+)?"
+    rf"[{re.escape(_CURRENCY)}]?{_NUMBER}|{_NUMBER}\s+to\s+{_NUMBER}"
+    rf"|\beither\b[^.]*\d[^.]*\bor\b|\bbetween\s+\$?\d[^.]*\band\s+\$?\d",
+    re.I,
+)
+
+StatedKind = Literal["value", "hedge", "unclear"]
 
 
 @dataclass(frozen=True)
 class Stated:
-    """What a statement states: a plain ``value`` (sympy-ready text) or a ``hedge``."""
+    """What a statement states: a plain ``value`` (sympy-ready text), a ``hedge``, or an
+    ``unclear`` statement (``text`` then says why)."""
 
     kind: StatedKind
     text: str
 
 
+def unclear_lead(lead: str) -> str | None:
+    """Why the text of a sentence before its stated value makes the value unclear, or None:
+    "I don't think the answer is", "The answer is at least"."""
+    clause = re.split(r"[,;:–—]\s", lead)[-1]  # "Not counting the lid, the answer is 36" is fine
+    if _NEGATION_RE.search(clause):
+        return "negated"
+    if _BOUND_BEFORE_RE.search(lead.rstrip(" *_$(")):
+        return "a bound, not a value"
+    return None
+
+
+def unclear_sentence(sentence: str) -> str | None:
+    """Why a sentence with no answer phrase ("Sam has at least 14 stickers.") states no clear
+    value, or None; only used for implicit statements, which have no phrase to anchor to."""
+    checks = (
+        (_NEGATION_RE, "negated"),
+        (_RETRACTION_RE, "retracted"),
+        (_BOUND_BEFORE_NUMBER_RE, "a bound, not a value"),
+        (_BOUND_AFTER_NUMBER_RE, "a bound, not a value"),
+        (_SIGN_WORD_NUMBER_RE, "a sign word"),
+        (_SCALE_AFTER_NUMBER_RE, "a scale word"),
+        (_HEDGE_SENTENCE_RE, "a hedge"),
+        (re.compile(r"%\s*of\s+(?:the\s+)?\S*\d|percent\s+of", re.I), "a percentage of a number"),
+    )
+    for pattern, why in checks:
+        if pattern.search(sentence):
+            return why
+    if sentence.rstrip(" *_$.").endswith("?"):
+        return "a question"
+    return None
+
+
 def stated_value(statement: str) -> Stated | None:
-    """The first complete value of an answer statement's text, a hedge, or None when the text
-    does not open with a plain number (the caller then parses the whole text as before)."""
+    """The first complete value of an answer statement's text, a hedge, an unclear statement,
+    or None when the text does not open with a plain number (the caller then parses the whole
+    text as before)."""
     text = statement.strip().lstrip(":*_ ").strip()
+    lead = re.split(r"[\d$\\]", text, maxsplit=1)[0]
+    if (why := unclear_lead(lead)) is not None:
+        return Stated("unclear", why)
     if (span := _MATH_SPAN_RE.match(text)) is not None:
         inner = next(g for g in span.groups() if g is not None).strip()
+        if re.match(rf"(?:{_BOUND_WORDS})\b|{_BOUND_SYMBOLS}", inner, re.I):
+            return Stated("unclear", "a bound, not a value")
         inner = _LATEX_THOUSANDS_RE.sub(",", inner)
         rest = text[span.end():]
         got = _leading(inner, rest_after=rest)
+        if got is not None and got.kind == "value" and (why := _unclear_after(rest)):
+            return Stated("unclear", why)
         return Stated("hedge", text) if got is not None and got.kind == "hedge" else got
     return _leading(text, rest_after="")
 
 
+def _unclear_after(after: str) -> str | None:
+    """Why the text after a value makes it unclear ("12 or more", "12, which is wrong")."""
+    if _BOUND_AFTER_RE.match(after):
+        return "a bound, not a value"
+    if _RETRACTION_RE.search(after):
+        return "retracted"
+    if after.strip(" *_$").startswith("?"):
+        return "a question"
+    return None
+
+
+def unclear_after_statement(after: str) -> str | None:
+    """Why the rest of a response after its last statement withdraws it, or None: a question
+    mark right after it ("The answer is 12?"), or a retraction ("... 12. But that is wrong.")."""
+    if after.lstrip(" *_$").startswith("?"):
+        return "a question"
+    if _RETRACTION_RE.search(after):
+        return "retracted"
+    return None
+
+
 def _leading(text: str, rest_after: str) -> Stated | None:
     text = _LEAD_WORDS_RE.sub("", text)
+    sign = ""
+    if (word := _SIGN_WORD_RE.match(text)) is not None:
+        sign = "-" if word.group("word").lower() in ("negative", "minus") else ""
+        text = text[word.end():]
     if _HEDGE_OPEN_RE.match(text):
         return Stated("hedge", text) if len(_NUMBER_RE.findall(text)) >= 2 else None
     if text[:1] in _CURRENCY and text[1:2].isdigit():
@@ -92,12 +247,45 @@ def _leading(text: str, rest_after: str) -> Stated | None:
     is_range = re.fullmatch(rf"{_NUMBER}\s*[-–~]\s*{_NUMBER}", chain) and " - " not in chain
     if "=" not in chain and is_range:
         return Stated("hedge", chain)  # "2-3": a range, not a subtraction
+    if (why := _unclear_after(after + rest_after)) is not None:
+        return Stated("unclear", why)
+    if "=" not in chain and (
+        _HEDGE_AFTER_RE.match(after + rest_after) or _HEDGE_AFTER_MORE_RE.match(after + rest_after)
+    ):
+        return Stated("hedge", text)
+    single = _NUMBER_RE.fullmatch(chain) is not None
+    if single and (whole := _whole_quantity(chain, after)) is not None:
+        return whole if whole.kind != "value" else Stated("value", sign + whole.text)
     if _NOT_PLAIN_AFTER_RE.match(after) or _LIST_AFTER_RE.match(after):
         return None
-    if "=" not in chain and _HEDGE_AFTER_RE.match(after + rest_after):
-        return Stated("hedge", text)
+    if sign and not single:
+        return Stated("unclear", "a sign word before an expression")
     value = chain.rsplit("=", 1)[-1].strip()
     value = _TIMES_RE.sub("*", value).replace("÷", "/").replace("\\div", "/")
     value = re.sub(rf"[{re.escape(_CURRENCY)}]", "", value)
     value = re.sub(r"(?<=\d),(?=\d{3})", "", value)
-    return Stated("value", value)
+    return Stated("value", sign + value)
+
+
+def _whole_quantity(number: str, after: str) -> Stated | None:
+    """A single number read together with what follows it: a scale ("1.5 million"), a mixed
+    number ("3 1/2"), a percentage of a number, or a compound quantity (unclear); None when
+    the number stands alone."""
+    plain = number.replace(",", "")
+    if (scale := _SCALE_AFTER_RE.match(after)) is not None:
+        value = Fraction(plain) * _SCALES[scale.group("scale").lower()]
+        return Stated("value", str(value))
+    if (mixed := _MIXED_AFTER_RE.match(after)) is not None and "." not in plain:
+        part = _PARTS[mixed.group("part").lower()] if mixed.group("part") else (
+            f"{mixed.group('num')}/{mixed.group('den')}")
+        return Stated("value", str(Fraction(plain) + Fraction(part)))
+    if (pct := _PERCENT_OF_RE.match(after)) is not None:
+        return Stated("value", pct.group("value").replace(",", ""))
+    if _PERCENT_OF_ANY_RE.match(after):
+        return Stated("unclear", "a percentage of a number, with no result")
+    compound = _COMPOUND_AFTER_RE.match(after)
+    if compound is not None and compound.group("words").strip():
+        words = compound.group("words").lower().split()
+        if not any(w in _LINK_WORDS for w in words):
+            return Stated("unclear", "a compound quantity")
+    return None
