@@ -67,6 +67,24 @@ def eval_mode(module: nn.Module):
         module.train(was_training)
 
 
+def _as_student_computes(hf: nn.Module) -> None:
+    """Give the teacher the student's numerics. The student holds float32 weights and computes
+    under autocast (trainer/round.py `_load_model`): matmuls in the compute dtype, everything else
+    (embedding lookup, norms, the residual stream) in float32. A teacher of bf16 weights without
+    autocast ran all of it in bf16, so at a sync step, with the student's own weights, its KL to
+    the student was ~1e-6 nats/token instead of 0. Here the Linear weights stay in the compute
+    dtype (autocast casts the student's to it anyway: same values, same kernels) and the other
+    parameters (embeddings, norms; a few percent of the model) are float32, the forward runs
+    under the same autocast (`compute_dtype`)."""
+    embeddings = {id(m.weight) for m in hf.modules() if isinstance(m, nn.Embedding)}
+    # a head tied to the embeddings is the embedding table: float32 with it
+    matmul_only = {id(m.weight) for m in hf.modules()
+                   if isinstance(m, nn.Linear) and id(m.weight) not in embeddings}
+    for param in hf.parameters():
+        if id(param) not in matmul_only and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
 class TeacherHandle:
     """The teacher's weights: the policy at step sync * floor(s / sync), read from a weights-only
     snapshot on disk (never a copy of the live model), so that a resumed round, or the next
@@ -120,7 +138,9 @@ class TeacherHandle:
         assert self.path is not None
         hf = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype)
         hf.config.use_cache = False
-        self.model = LeanCausalLM(hf, chunk=self.chunk).to(acc.device).eval().requires_grad_(False)
+        _as_student_computes(hf)
+        self.model = LeanCausalLM(hf, chunk=self.chunk, compute_dtype=self.dtype)
+        self.model.to(acc.device).eval().requires_grad_(False)
 
     def _drop_older(self, keep: Path) -> None:
         for old in self.work_dir.glob("progress-teacher-step*"):
