@@ -63,6 +63,44 @@ class SelfOPDConfig(BaseModel):
         return v
 
 
+# Modules a LoRA adapter may not wrap: the output head (the KL reads the policy's and the
+# teacher's head weight, which must stay the shared base) and the embeddings (tied to it).
+LORA_FORBIDDEN = ("lm_head", "embed_tokens")
+
+
+class LoraConfig(BaseModel):
+    """LoRA adapters on the policy (`train.lora`; absent = full fine-tuning). The frozen base is
+    kept in the compute dtype (`train.dtype`), the adapters in float32 with float32 AdamW moments.
+    W = W0 + (alpha / rank) * B @ A on every linear layer named in `target_modules`."""
+
+    model_config = ConfigDict(extra="forbid")
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    # every linear of a Qwen3 / Llama block: attention and MLP (LoRA on attention only learns
+    # markedly less in RL and SFT reports; MLP-inclusive is the common recommendation)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj",
+                                 "gate_proj", "up_proj", "down_proj"]
+
+    @model_validator(mode="after")
+    def _check(self) -> LoraConfig:
+        if self.rank < 1:
+            raise ValueError(f"lora.rank={self.rank} must be >= 1 (e.g. 16 or 32)")
+        if not self.alpha > 0:
+            raise ValueError(f"lora.alpha={self.alpha} must be > 0 (commonly 2 x rank)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout={self.dropout} must lie in [0, 1); 0 keeps the "
+                             "policy's log-probs those of the sampling model")
+        if not self.target_modules:
+            raise ValueError("lora.target_modules is empty; name the linear layers to adapt, "
+                             "e.g. [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]")
+        bad = [m for m in self.target_modules if m.split(".")[-1] in LORA_FORBIDDEN]
+        if bad:
+            raise ValueError(f"lora.target_modules may not include {bad}: the output head and "
+                             "embeddings stay the frozen, shared base (the KL reads the head)")
+        return self
+
+
 class TrainConfig(BaseModel):
     """Everything `train_round` needs; see METHOD.md for the maths behind each field."""
 
@@ -72,6 +110,8 @@ class TrainConfig(BaseModel):
     route: RouteConfig = RouteConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     self_opd: SelfOPDConfig = SelfOPDConfig()
+    # LoRA adapters instead of full fine-tuning (null = full weights); see LoraConfig
+    lora: LoraConfig | None = None
     # token_scale: D_t * sg(min(1, kl_token_cap / D_t)), direction-preserving (default);
     # none: unbounded; per_term_clip: each vocabulary term clamped at kl_term_clip, the paper's
     # literal reading, GRADIENT-REVERSING (faithfulness experiments only; docs/method.md).
@@ -117,6 +157,11 @@ class TrainConfig(BaseModel):
     # the rollout engine reads). Inside a flow the trainer stays in memory between rounds; a cold
     # start from a weights-only checkpoint replays the rounds since the last full state.
     state_every: int = 5
+    # Disk: after each round, checkpoints are pruned to what a resume needs (the latest, and
+    # every one back to the latest full trainer state, teacher copies included: a cold start
+    # replays from there) plus the last `keep_checkpoints` (weights; older trainer states and
+    # teacher copies go). null keeps everything (stages/prune.py).
+    keep_checkpoints: int | None = 2
     persistent: bool = True  # keep the trainer in memory between a flow's rounds
     # Round 0 starts a fresh optimizer at global step 0 (λ at its schedule's start) whatever
     # model.path holds. true: continue the trainer state saved in model.path (another run's final
@@ -187,6 +232,9 @@ class TrainConfig(BaseModel):
             raise ValueError(f"num_processes={self.num_processes} must be >= 1 (1 = no accelerate launch)")
         if self.state_every < 1:
             raise ValueError("state_every must be >= 1 (1 = the full trainer state every round)")
+        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints={self.keep_checkpoints}: use >= 1 (the last N "
+                             "checkpoints kept besides what a resume needs), or null to keep all")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads={self.num_threads}: use a positive integer, or null for "
                              "torch's default")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
+from trace_rl.trainer import lora
 from trace_rl.trainer.checkpoint import (
     PROGRESS_FILE,
     atomic_torch_save,
@@ -69,12 +69,21 @@ def save_output(acc, unwrapped, tokenizer, optimizer, scheduler, path, global_st
     clock = clock or Clock(None)
     tmp = commit_dir(path)
     acc.wait_for_everyone()
-    state_dict = acc.get_state_dict(unwrapped.hf) if acc.num_processes > 1 else None
+    adapted = lora.is_lora(unwrapped.hf)  # LoRA: the adapter alone, in peft's format
+    state_dict: dict[str, Any] | None
+    if adapted:
+        state_dict = lora.gathered(unwrapped.hf)  # collective under FSDP
+    else:
+        state_dict = acc.get_state_dict(unwrapped.hf) if acc.num_processes > 1 else None
     if acc.is_main_process:
         with clock("checkpoint_save_s"):
             shutil.rmtree(tmp, ignore_errors=True)
-            save_hf_checkpoint(unwrapped.hf, tokenizer, tmp, state_dict=state_dict,
-                               dtype=checkpoint_dtype(unwrapped))
+            if adapted:
+                assert state_dict is not None
+                lora.save_checkpoint(unwrapped.hf, tokenizer, tmp, state_dict)
+            else:
+                save_hf_checkpoint(unwrapped.hf, tokenizer, tmp, state_dict=state_dict,
+                                   dtype=checkpoint_dtype(unwrapped))
             if teacher is not None:
                 teacher.hand_over(global_step, tmp)
     acc.wait_for_everyone()
@@ -104,7 +113,7 @@ def check_replayed(resident: Resident, tolerance: float = REPLAY_TOLERANCE) -> f
     assert held is not None
     acc = held.accelerator
     hf: Any = held.unwrapped.hf
-    params = dict(hf.named_parameters())
+    params = lora.disk_named_parameters(hf)  # the names the checkpoint stores them by
     worst, disk_names = 0.0, {}
     for f in sorted(Path(held.checkpoint).glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:

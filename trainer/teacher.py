@@ -127,10 +127,14 @@ class TeacherHandle:
             log.warning("no teacher snapshot of step %d on disk (checkpoint written before "
                         "teacher snapshots?): using the policy of step %d", want, step)
         self.path = self.work_dir / f"progress-teacher-step{want:08d}"
-        save_weights(acc, unwrapped.hf, self.path, dtype=checkpoint_dtype(unwrapped))
+        self._snapshot(acc, unwrapped, self.path)
         self._drop_older(keep=self.path)
         self.step, self.source_step = want, source
         self._load(acc)
+
+    def _snapshot(self, acc: Any, unwrapped: Any, path: Path) -> None:
+        """Write the live policy's weights as the teacher's snapshot (collective)."""
+        save_weights(acc, unwrapped.hf, path, dtype=checkpoint_dtype(unwrapped))
 
     def _load(self, acc: Any) -> None:
         from transformers import AutoModelForCausalLM
