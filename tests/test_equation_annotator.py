@@ -7,8 +7,10 @@ every annotator's.
 
 from __future__ import annotations
 
+import json
 import random
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 
@@ -128,3 +130,104 @@ def test_the_cap_keeps_the_wrong_result_never_the_opening(tok) -> None:
     (row,) = annotate_rows(AnnotateConfig(backend="equations", coverage_cap=0.5 / n), [item],
                            tok, progress=False)
     assert row["status"] == "too_broad" and row["spans"] == [] and row["coverage"] == 0.0
+
+
+# Issue 26: rounding to the shown decimals, signs, currency and percent signs, remainders,
+# thousands separators, chains, operators, "=" next to other signs.
+CASES = Path(__file__).parent / "fixtures" / "equation_cases.jsonl"
+
+
+def _first_wrong(text: str) -> str | None:
+    wrong = [e for e in find_equations(text) if e.wrong_at is not None]
+    return text[wrong[0].start:wrong[0].end] if wrong else None
+
+
+def test_cases_mark_the_first_real_error() -> None:
+    cases = [json.loads(line) for line in CASES.read_text().splitlines() if line.strip()]
+    assert len(cases) >= 50
+    misread = [(c["text"], c["first_error"], _first_wrong(c["text"])) for c in cases
+               if _first_wrong(c["text"]) != c["first_error"]]
+    assert misread == []
+
+
+def test_property_a_result_rounded_to_its_decimals_is_right() -> None:
+    """Property: "a / b = r" with r the quotient rounded to d decimals is right; moved by one
+    unit of its last decimal it is wrong (the quotient is then outside r's rounding interval)."""
+    rng = random.Random(1)
+    for _ in range(300):
+        a, b, d = rng.randint(1, 999), rng.randint(2, 97), rng.randint(1, 4)
+        true = Fraction(a, b)
+        r = round(true, d)
+        if abs(true - r) == Fraction(1, 2 * 10**d):
+            continue  # a tie: both neighbours are as close
+        for shown, ok in ((r, True), (r + Fraction(1, 10**d), False), (r - Fraction(1, 10**d), False)):
+            text = f"Each gets {a} / {b} = {float(shown):.{d}f} cups."
+            (eq,) = find_equations(text)
+            assert (eq.wrong_at is None) == ok, text
+
+
+def test_property_remainders_are_checked() -> None:
+    """Property: "a / b = q remainder r" (and "q R r") is right exactly when q, r = divmod(a, b)."""
+    rng = random.Random(2)
+    for _ in range(300):
+        a, b = rng.randint(1, 500), rng.randint(2, 20)
+        q, r = divmod(a, b)
+        dq, dr = rng.choice([(0, 0), (0, 0), (0, 1), (-1, b), (1, -b), (1, 0)])
+        if r + dr < 0 or q + dq < 0:
+            continue
+        word = rng.choice(["remainder", "R", "r"])
+        text = f"So {a} / {b} = {q + dq} {word} {r + dr} sweets are left."
+        (eq,) = find_equations(text)
+        assert (eq.wrong_at is None) == ((dq, dr) == (0, 0)), text
+
+
+def test_signs_percents_and_currency_are_read() -> None:
+    (eq,) = find_equations("The change is -5 + 3 = -2 degrees.")
+    assert eq.wrong_at is None and eq.operands == (-5, 3) and eq.result == -2
+    assert evaluate("4 * -2")[0] == -8 and evaluate("20% of 50")[0] == 10
+    assert evaluate("$12.50 * 2")[0] == 25 and evaluate("50% + 20%")[0] == Fraction(7, 10)
+    (eq,) = find_equations("- 5 + 3 = 8 apples.")  # a bullet, not a sign
+    assert eq.wrong_at is None and eq.operands == (5, 3)
+    assert find_equations("We check 2 + 2 >= 5 and 2 + 2 != 5 and 2 + 2 == 5.") == []
+
+
+@pytest.mark.parametrize(
+    ("text", "marked", "wrong_part", "says"),
+    [
+        ("Each friend gets 10 / 3 = 3.33 cookies, and 3 * 4 = 13 cookies are left over.",
+         "3 * 4 = 13", "13", "12, not 13"),
+        ("The toys cost $5 + $3 = $9 in all, which is what the shop asked for them.",
+         "$5 + $3 = $9", "$9", "8, not 9"),
+        ("The change is -5 + 3 = 2 degrees, which is a small change in the weather.",
+         "-5 + 3 = 2", "2", "-2, not 2"),
+        ("So 17 / 5 = 3 remainder 2 marbles, and 17 / 5 = 2 R 7 marbles in the other bag.",
+         "17 / 5 = 2 R 7", "2 R 7", "3 remainder 2, not 2 R 7"),
+        ("Costs 20% of 50 = 12 dollars, with 1,200 + 300 = 1,500 more for the rest.",
+         "20% of 50 = 12", "12", "10, not 12"),
+    ],
+)
+def test_spans_land_on_the_tokens_of_the_new_readings(
+    tok, text: str, marked: str, wrong_part: str, says: str
+) -> None:
+    """The error span of each new reading covers the tokens of the wrong equation (and, cut
+    down by the cap, those of its wrong result), whatever the tokenizer merged around them."""
+    item = _item(tok, "e", "error", text, "1")
+    ids, decoded = item["response_token_ids"], item["response_text"]
+    for cap, want in ((0.5, marked), (None, wrong_part)):
+        if cap is None:  # the cap admits the wrong result but not the whole equation
+            n_eq = len(tok.encode(marked, add_special_tokens=False))
+            cap = (n_eq - 1) / len(ids)
+        (row,) = annotate_rows(AnnotateConfig(backend="equations", coverage_cap=cap), [item],
+                               tok, progress=False)
+        assert row["status"] == "ok", row
+        (s,) = row["spans"]
+        assert decoded[s["char_start"]:s["char_end"]] == want
+        assert s["label"].endswith(says), s["label"]
+        covered = tok.decode(ids[s["token_start"]:s["token_end"]])
+        assert want in covered, (want, covered)
+        # exactly the tokens whose characters overlap the marked ones (ASCII text: decoding
+        # a prefix of the ids gives a prefix of the text)
+        bounds = [len(tok.decode(ids[:i])) for i in range(len(ids) + 1)]
+        overlapping = [i for i in range(len(ids))
+                       if bounds[i] < s["char_end"] and s["char_start"] < bounds[i + 1]]
+        assert (s["token_start"], s["token_end"]) == (overlapping[0], overlapping[-1] + 1)

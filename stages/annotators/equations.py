@@ -8,6 +8,15 @@ operators are + - * / x × ÷ \\times \\cdot \\div, with the usual precedence. E
 expressions, and the equation is wrong when any joined pair differs in value (exact rationals),
 except that a side going on from the value before it is a running total ("12 + 1 = 13").
 
+Operands are read with what is written against them (issue 26): a sign ("-5 + 3 = -2",
+"4 * -2"; a bullet "- 5" is not a sign), a currency sign ("$5 + $3 = $9" is seen, and wrong),
+a percent sign ("20% of 50 = 10", "50% + 20% = 70%": "of" multiplies after a percentage). A
+plain decimal result is right when it is the value rounded to the decimals it shows
+("10 / 3 = 3.33", "2/3 = 0.67"; not "10/3 = 3.4"; an integer result is never rounded:
+"100 / 7 = 14" is wrong). A quotient with a remainder, "17 / 5 = 3 remainder 2" ("3 R 2",
+"3 r2", "3 with a remainder of 2"), is right when it is the division with remainder. ">=",
+"<=", "!=" and "==" are not equations.
+
 - **error route** (incorrect rollout): the first wrong equation is the error span, labelled with
   what it should say ("14 - 11 = 2 is wrong: 14 - 11 = 3"). A response with no wrong equation
   gets `no_spans` (its error is in the setup or the answer, which this annotator cannot see).
@@ -35,15 +44,33 @@ from trace_rl.stages.annotators.base import Job, make_row
 from trace_rl.stages.annotators.config import AnnotateConfig
 
 _NUM = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"
-_OP = r"[-+*/×÷]|x(?=\s*\d)|\\times|\\cdot|\\div"
+_CUR = "$€£¥₹"
+# An operand: a sign written against it ("-5", not a bullet "- 5"), a currency sign, a number,
+# a percent sign.
+_OPD = rf"[-−]?[{_CUR}]?(?:{_NUM})%?"
+# "of" multiplies only after a percentage: "20% of 50".
+_OP = rf"[-+*/×÷−]|x(?=\s*[-{_CUR}]?\d)|\\times|\\cdot|\\div|(?<=%)of\b|(?<=% )of\b"
 _UNITS = r"(?:\s+(?!x\s*\d)[A-Za-z][A-Za-z/']*){1,3}"
-_EXPR = rf"(?:{_NUM})(?:(?:{_UNITS})?\s*(?:{_OP})\s*(?:{_NUM}))*"
-_EQ_RE = re.compile(rf"(?<![\w.,])(?:{_EXPR})(?:(?:{_UNITS})?\s*(?:=|\bequals\b)\s*-?(?:{_EXPR}))+")
+# "17 / 5 = 3 remainder 2", "3 R 2", "3 r2", "3 with a remainder of 2".
+_REMAINDER = r"\s*(?:remainder|rem\b|R|r|with\s+(?:a\s+)?remainder(?:\s+of)?)\s*"
+_EXPR = rf"(?:{_OPD})(?:(?:{_UNITS})?\s*(?:{_OP})\s*(?:{_OPD}))*"
+_SIDE = rf"(?:{_EXPR})(?:{_REMAINDER}(?:{_NUM})\b)?"
+# "=" but not ">=", "<=", "!=", "==": those are not equations.
+_EQ_SIGN = r"(?<![<>!=])=(?!=)|\bequals\b"
+_EQ_RE = re.compile(
+    rf"(?<![\w.,])(?:{_EXPR})(?:(?:{_UNITS})?\s*(?:{_EQ_SIGN})\s*(?:{_SIDE}))+(?![\d=])"
+)
 _SIDE_SPLIT_RE = re.compile(r"=|\bequals\b")
 # Unit words ("stickers/bag") are read as words so that their letters are never operators.
 _TOKEN_RE = re.compile(
-    rf"(?P<num>{_NUM})|(?P<op>\\times|\\cdot|\\div|x(?=\s*\d)|[-+*/×÷])|[A-Za-z][A-Za-z/']*"
+    rf"(?P<num>{_NUM})(?P<pct>%)?|(?P<op>\\times|\\cdot|\\div|x(?=\s*[-{_CUR}]?\d)|(?<=%)of\b"
+    rf"|(?<=% )of\b|[-+*/×÷−])|[A-Za-z][A-Za-z/']*"
 )
+_REMAINDER_SIDE_RE = re.compile(rf"^\s*(?P<q>{_NUM}){_REMAINDER}(?P<r>{_NUM})\s*$")
+_DIVISOR_RE = re.compile(rf"(?:/|÷|\\div)\s*[{_CUR}]?(?P<d>{_NUM})\s*$")
+_PLAIN_DECIMAL_RE = re.compile(rf"^\s*[-−]?[{_CUR}]?\d[\d,]*\.(?P<dec>\d+)%?\s*$")
+_OP_NAMES = {"×": "*", "x": "*", "\\times": "*", "\\cdot": "*", "÷": "/", "\\div": "/",
+             "of": "*", "−": "-"}
 
 
 @dataclass(frozen=True)
@@ -72,25 +99,34 @@ def _number(text: str) -> Fraction:
 
 
 def evaluate(side: str) -> tuple[Fraction | None, list[Fraction]]:
-    """Value of one side ("4 bags * 4 cookies per bag") and its numbers; None when it divides
-    by zero or has no number."""
+    """Value of one side ("4 bags * 4 cookies per bag", "-5 + 3", "20% of 50") and its numbers;
+    None when it divides by zero or has no number. A minus where a number is due is its sign."""
     nums: list[Fraction] = []
     ops: list[str] = []
+    negate = False
     for m in _TOKEN_RE.finditer(side):
         if m.group("num") is not None:
-            nums.append(_number(m.group("num")))
-        elif m.group("op") is not None and len(ops) < len(nums):
-            ops.append({"×": "*", "x": "*", "\\times": "*", "\\cdot": "*", "÷": "/",
-                        "\\div": "/"}.get(m.group("op"), m.group("op")))
+            n = _number(m.group("num")) / (100 if m.group("pct") else 1)
+            nums.append(-n if negate else n)
+            negate = False
+        elif m.group("op") is not None:
+            op = _OP_NAMES.get(m.group("op"), m.group("op"))
+            if len(ops) < len(nums):
+                ops.append(op)
+            elif op == "-":  # "-5 + 3", "4 * -2", "= -2"
+                negate = not negate
     if not nums or len(ops) != len(nums) - 1:
         return None, nums
-    if side.lstrip().startswith("-"):  # "= -15": a negative result
-        nums[0] = -nums[0]
+    return _combine(nums, ops), nums
+
+
+def _combine(nums: list[Fraction], ops: list[str]) -> Fraction | None:
+    """``nums`` joined by ``ops`` with the usual precedence; None on a division by zero."""
     terms, signs = [nums[0]], []
     for op, n in zip(ops, nums[1:], strict=True):
         if op in "*/":
             if op == "/" and n == 0:
-                return None, nums
+                return None
             terms[-1] = terms[-1] * n if op == "*" else terms[-1] / n
         else:
             signs.append(op)
@@ -98,7 +134,37 @@ def evaluate(side: str) -> tuple[Fraction | None, list[Fraction]]:
     total = terms[0]
     for sign, t in zip(signs, terms[1:], strict=True):
         total = total + t if sign == "+" else total - t
-    return total, nums
+    return total
+
+
+def _side_value(side: str, before: str | None) -> tuple[Fraction | None, list[Fraction], bool]:
+    """Value, numbers and validity of one side; ``before`` is the side it follows. A quotient
+    with a remainder ("3 R 2" after "17 / 5") is worth 3 + 2/5, and valid only when the
+    remainder is less than the divisor."""
+    rem = _REMAINDER_SIDE_RE.match(side)
+    if rem is None:
+        value, nums = evaluate(side)
+        return value, nums, True
+    divisor = _DIVISOR_RE.search(before or "")
+    if divisor is None:
+        return None, [], False
+    d, q, r = (_number(divisor.group("d")), _number(rem.group("q")), _number(rem.group("r")))
+    if d == 0:
+        return None, [], False
+    # One number, not [q, r]: "47 r 1" after 188 / 4 is a claim about 188 / 4, never a
+    # running total going on from 47.
+    return q + r / d, [q + r / d], 0 <= r < d and q == int(q) and r == int(r)
+
+
+def _same(before: Fraction, value: Fraction, side: str) -> bool:
+    """Whether a side states the value before it: exactly, or, for a plain decimal, rounded to
+    the decimals it shows ("10 / 3 = 3.33", "2/3 = 0.67"; not "10/3 = 3.4")."""
+    if value == before:
+        return True
+    shown = _PLAIN_DECIMAL_RE.match(side)
+    if shown is None:
+        return False
+    return abs(value - before) <= Fraction(1, 2 * 10 ** len(shown.group("dec")))
 
 
 def find_equations(text: str) -> list[Equation]:
@@ -116,7 +182,8 @@ def find_equations(text: str) -> list[Equation]:
         values, wrong_at, spans = [], None, []
         first_nums: list[Fraction] = []
         for k, (a, b) in enumerate(pieces):
-            value, nums = evaluate(eq[a:b])
+            before = eq[pieces[k - 1][0]:pieces[k - 1][1]] if k else None
+            value, nums, valid = _side_value(eq[a:b], before)
             if value is None:
                 break
             if k == 0:
@@ -125,8 +192,9 @@ def find_equations(text: str) -> list[Equation]:
             spans.append((a, b))
             # "3 x 4 = 12 + 1 = 13" is a running total: a side that goes on from the value
             # before it (its first number) is a new step, not a claim that 12 + 1 = 12.
-            running = k > 0 and len(nums) > 1 and nums[0] == values[k - 1]
-            if wrong_at is None and k > 0 and value != values[k - 1] and not running:
+            running = k > 0 and len(nums) > 1 and nums[0] == values[k - 1] and valid
+            right = k == 0 or (valid and _same(values[k - 1], value, eq[a:b]))
+            if wrong_at is None and not right and not running:
                 wrong_at = k
         if len(values) != len(pieces):
             continue
@@ -205,6 +273,19 @@ def _fmt(v: Fraction) -> str:
     return str(v.numerator) if v.denominator == 1 else f"{float(v):g}"
 
 
+def _should_be(e: Equation, k: int) -> str:
+    """What the wrong side ``k`` of ``e`` should say: "3.33333, not 3.4", or for a quotient
+    with a remainder "3 remainder 2, not 2 R 7" (whose value may even be right)."""
+    side = e.text[e.wrong_start - e.start : e.wrong_end - e.start]
+    before = e.text[: e.wrong_start - e.start].rsplit("=", 1)[0]
+    divisor = _DIVISOR_RE.search(before.rstrip())
+    if _REMAINDER_SIDE_RE.match(side) and divisor is not None:
+        d = _number(divisor.group("d"))
+        q, r = divmod(e.values[k - 1] * d, d)
+        return f"{_fmt(q)} remainder {_fmt(r)}, not {side}"
+    return f"{_fmt(e.values[k - 1])}, not {_fmt(e.values[k])}"
+
+
 def choose(job: Job) -> tuple[list[tuple[Equation, int, int, str]], str | None]:
     """The equations to mark for a job, with their fallback spans and labels, and a note when
     there are none."""
@@ -216,8 +297,7 @@ def choose(job: Job) -> tuple[list[tuple[Equation, int, int, str]], str | None]:
             return [], f"no wrong equation among {len(equations)}"
         e = wrong[0]
         k = e.wrong_at or 0
-        label = (f"{text[e.start:e.end]} is wrong: {_fmt(e.values[k - 1])}, "
-                 f"not {_fmt(e.values[k])}")
+        label = f"{text[e.start:e.end]} is wrong: {_should_be(e, k)}"
         return [(e, e.wrong_start, e.wrong_end, label[:120])], None
     answer = _answer_value(job.item.get("answer"))
     if answer is None:

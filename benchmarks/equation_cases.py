@@ -1,0 +1,50 @@
+"""How the `equations` annotator reads the cases in tests/fixtures/equation_cases.jsonl (issue 26):
+for each response, the first equation it finds wrong must be the one the case names (or none).
+
+    .venv/bin/python benchmarks/equation_cases.py [--show]
+
+Prints, per class and in all, the cases read right, the false errors (a right equation marked,
+or a wrong one marked in place of an earlier real one) and the missed errors. To measure another
+version of the annotator, put its package first on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+CASES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "equation_cases.jsonl"
+
+
+def first_error(text: str) -> str | None:
+    from trace_rl.stages.annotators.equations import find_equations
+
+    wrong = [e for e in find_equations(text) if e.wrong_at is not None]
+    return text[wrong[0].start:wrong[0].end] if wrong else None
+
+
+def main(show: bool) -> None:
+    cases = [json.loads(line) for line in CASES.read_text().splitlines() if line.strip()]
+    right, false_err, missed = Counter(), Counter(), Counter()
+    for c in cases:
+        got, want = first_error(c["text"]), c["first_error"]
+        if got == want:
+            right[c["class"]] += 1
+            continue
+        (missed if got is None else false_err)[c["class"]] += 1
+        if show:
+            print(f"  [{c['class']}] want {want!r} got {got!r}: {c['text']!r}")
+    total = Counter(c["class"] for c in cases)
+    for cls in total:
+        print(f"{cls:16s} {right[cls]}/{total[cls]} right, {false_err[cls]} false or misplaced "
+              f"errors, {missed[cls]} missed")
+    print(f"all: {sum(right.values())}/{len(cases)} right, {sum(false_err.values())} false or "
+          f"misplaced errors, {sum(missed.values())} missed")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--show", action="store_true", help="print every case read wrong")
+    main(ap.parse_args().show)
