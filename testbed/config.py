@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+from typing import Any, Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from trace_rl.trainer.teacher_prompt import DEFAULT_TEACHER_TEMPLATE
 
@@ -24,6 +26,11 @@ class TestbedConfig(BaseModel):
     # --- task ---------------------------------------------------------------------------
     min_digits: int = Field(1, ge=1, le=12, description="fewest digits of an operand")
     max_digits: int = Field(3, ge=1, le=12, description="most digits of an operand")
+    step_layout: Literal["line", "split"] = Field(
+        "line",
+        description="line: one line per step (the demo); split: the written digit and carry on a "
+        "line of their own, so rule-annotator spans are the deciding tokens (long-chain task)",
+    )
     heldout_mod: int = Field(
         10, ge=2, description="a problem is held out iff hash(problem) % heldout_mod == 0"
     )
@@ -96,9 +103,18 @@ class TestbedConfig(BaseModel):
             )
         return self
 
+    def _fields(self) -> dict[str, Any]:
+        """Every field, less those added since builds were first cached when they hold their
+        default: a default build keeps the fingerprint (and so the cache key) it always had."""
+        fields = self.model_dump(mode="json")
+        for name, default in _LATER_FIELDS.items():
+            if fields[name] == default:
+                del fields[name]
+        return fields
+
     def config_fingerprint(self) -> str:
         """Stable hex digest of every field (the config alone, whatever the environment)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        blob = json.dumps(self._fields(), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def fingerprint(self, environment: dict[str, str] | None = None) -> str:
@@ -106,9 +122,28 @@ class TestbedConfig(BaseModel):
         library versions, the CPU kernels in use, the build's thread count); it keys the build
         cache. Equal fingerprints give byte-identical builds (docs/testbed_results.md)."""
         env = build_environment() if environment is None else environment
-        blob = json.dumps({"config": self.model_dump(mode="json"), "environment": env},
+        blob = json.dumps({"config": self._fields(), "environment": env},
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# Fields added after the first cached builds, with their defaults (left out of the fingerprint).
+_LATER_FIELDS: dict[str, Any] = {"step_layout": "line"}
+
+# The long-chain task (issue 30): 8-10 column steps where one slip fails the answer, each step's
+# deciding tokens on a line of their own. Model and warm-start sizes are what the measured builds
+# in docs/testbed_results.md used ("The long-chain testbed").
+LONG_CHAIN: dict[str, Any] = {
+    "step_layout": "split",
+    "min_digits": 8,
+    "max_digits": 9,
+    "eval_max_new_tokens": 256,
+}
+
+
+def long_chain_overrides(prefix: str = "model.testbed.") -> list[str]:
+    """LONG_CHAIN as `section.key=value` overrides of the run config."""
+    return [f"{prefix}{k}={v}" for k, v in LONG_CHAIN.items()]
 
 
 # The build runs on this many torch threads, whatever the caller set: CPU matmuls split across

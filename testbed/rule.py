@@ -4,6 +4,11 @@ It re-derives the reference column steps from the operands in the prompt's meta 
 them with the steps parsed from the response segments (1-based ids, as shown to an annotator).
 Parsing is lenient about spacing and commas; a line that starts like a step but does not parse
 is itself an error ("malformed step").
+
+In the "split" layout (testbed.task) a step is two segments, the sum ("Step j: x+y+c=s") and
+what is written ("write w, carry k"): an error in the sum marks the first, an error in the digit
+or carry written the second, and key spans are the second segments of carry-producing steps:
+the tokens that decide the step.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ _STEP_RE = re.compile(
     r"Step\s*(\d+)\s*:\s*(\d+)\s*\+\s*(\d+)\s*\+\s*(\d+)\s*=\s*(\d+)\s*,?\s*"
     r"write\s*(\d+)\s*,?\s*carry\s*(\d+)"
 )
+_HEAD_RE = re.compile(r"Step\s*(\d+)\s*:\s*(\d+)\s*\+\s*(\d+)\s*\+\s*(\d+)\s*=\s*(\d+)\s*$")
+_TAIL_RE = re.compile(r"^\s*write\s*(\d+)\s*,?\s*carry\s*(\d+)\s*$")
 _STEP_START_RE = re.compile(r"^\s*Step\b", re.MULTILINE)
 _BOXED_START_RE = re.compile(r"\\boxed\{")
 
@@ -31,12 +38,36 @@ class Event:
     kind: Literal["step", "malformed", "answer"]
     step: Step | None = None
     answer: str | None = None
+    written_id: int | None = None  # split layout: the segment of "write w, carry k"
+
+    def deciding_segment(self) -> int:
+        """Where the step's written digit and carry are (its own segment in the line layout)."""
+        return self.segment_id if self.written_id is None else self.written_id
 
 
-def parse_events(segments: list[str]) -> list[Event]:
+def _split_step(segments: list[str], i: int) -> Step | None:
+    """The split-layout step whose sum is segments[i] and whose written line is segments[i+1]."""
+    head = _HEAD_RE.search(segments[i])
+    tail = _TAIL_RE.match(segments[i + 1]) if head and i + 1 < len(segments) else None
+    if not (head and tail):
+        return None
+    x, y, c, s = (int(g) for g in head.groups()[1:])
+    w, k = (int(g) for g in tail.groups())
+    return Step(x, y, c, s, w, k)
+
+
+def parse_events(segments: list[str], layout: str = "line") -> list[Event]:
     """Steps, malformed step lines and boxed answers, in reading order."""
     events: list[Event] = []
+    consumed: set[int] = set()
     for seg_id, text in enumerate(segments, start=1):
+        if seg_id in consumed:
+            continue
+        split = _split_step(segments, seg_id - 1) if layout == "split" else None
+        if split is not None:
+            events.append(Event(seg_id, "step", step=split, written_id=seg_id + 1))
+            consumed.add(seg_id + 1)
+            continue
         parsed = list(_STEP_RE.finditer(text))
         for m in parsed:
             x, y, c, s, w, k = (int(g) for g in m.groups()[1:])
@@ -46,6 +77,12 @@ def parse_events(segments: list[str]) -> list[Event]:
         if _BOXED_START_RE.search(text):
             events.append(Event(seg_id, "answer", answer=extract_answer(text)))
     return events
+
+
+def in_sum(got: Step, want: Step) -> bool:
+    """True when a wrong step already goes wrong in its sum "x+y+c=s" (digits read, carry in,
+    the sum); False when only the digit or carry written is wrong."""
+    return (got.x, got.y, got.c) != (want.x, want.y, want.c) or got.s != got.x + got.y + got.c
 
 
 def classify_step(got: Step, want: Step) -> str:
@@ -74,7 +111,8 @@ def first_error(events: list[Event], ref: list[Step], answer: str) -> tuple[list
                 return [ev.segment_id], "extra step"
             label = classify_step(ev.step, ref[i])
             if label:
-                return [ev.segment_id], label
+                where = ev.segment_id if in_sum(ev.step, ref[i]) else ev.deciding_segment()
+                return [where], label
             i += 1
             continue
         if i < len(ref):
@@ -95,8 +133,8 @@ def key_steps(events: list[Event], ref: list[Step]) -> list[int]:
     for ev, want in zip(steps, ref):
         if ev.step != want:
             break  # after a deviation the columns no longer line up with the reference
-        if want.k == 1 and ev.segment_id not in ids:
-            ids.append(ev.segment_id)
+        if want.k == 1 and ev.deciding_segment() not in ids:
+            ids.append(ev.deciding_segment())
     return ids
 
 
@@ -116,7 +154,7 @@ def rule_annotate(prompt: dict, segments: list[str], route: str) -> tuple[list[i
             "annotator only works on testbed prompts (testbed.task.make_prompts)"
         )
     ref = reference_steps(int(meta["a"]), int(meta["b"]))
-    events = parse_events(segments)
+    events = parse_events(segments, meta.get("layout", "line"))
     if route == "key":
         ids = key_steps(events, ref)
         return (ids, KEY_LABEL) if ids else ([], "")

@@ -47,7 +47,7 @@ def make_sft_texts(cfg: TestbedConfig, n: int, seed: int) -> list[tuple[str, str
     texts = []
     for i in range(n):
         a, b = pairs[i % len(pairs)]
-        row = make_prompt_row(a, b, "")
+        row = make_prompt_row(a, b, "", cfg.step_layout)
         if rng.random() < cfg.privileged_frac:
             labels = []
             if rng.random() < cfg.label_frac:
@@ -56,7 +56,7 @@ def make_sft_texts(cfg: TestbedConfig, n: int, seed: int) -> list[tuple[str, str
             texts.append((user, row["solution"]))
         elif rng.random() < cfg.corrupt_frac:
             steps, _, _ = corrupt_steps(a, b, rng)
-            texts.append((row["problem"], render_solution(steps)))
+            texts.append((row["problem"], render_solution(steps, cfg.step_layout)))
         else:
             texts.append((row["problem"], row["solution"]))
     return texts

@@ -10,6 +10,15 @@ A reference solution for 4728 + 395 reads::
 
 Step j adds the j-th digits from the right (a missing digit is 0) and the carry in; a final
 carry gets its own step ("0+0+1=1"), so every step line has the same shape.
+
+The long-chain task (`TestbedConfig.long_chain()`: 8- and 9-digit operands, 8-10 steps) writes
+each step on two lines, the column sum, then the digit and carry written (layout "split")::
+
+    Step 1: 8+5+0=13
+    write 3, carry 1
+
+so that a segment (one line) holds exactly the tokens that decide a step: the rule annotator's
+spans fall on them and stay far under the coverage cap.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from typing import Literal
 from trace_rl.testbed.config import TestbedConfig
 
 Split = Literal["train", "heldout"]
+Layout = Literal["line", "split"]
+LAYOUTS = ("line", "split")
 INSTRUCTION = "Add column by column from the right, one step per line; answer in \\boxed{}."
 ERROR_LABELS = ("carry dropped", "digit sum wrong")
 KEY_LABEL = "carry propagation"
@@ -44,7 +55,9 @@ class Step:
     w: int
     k: int
 
-    def render(self, number: int) -> str:
+    def render(self, number: int, layout: Layout = "line") -> str:
+        if layout == "split":
+            return f"Step {number}: {self.x}+{self.y}+{self.c}={self.s}\nwrite {self.w}, carry {self.k}"
         return f"Step {number}: {self.x}+{self.y}+{self.c}={self.s}, write {self.w}, carry {self.k}"
 
 
@@ -63,9 +76,11 @@ def reference_steps(a: int, b: int) -> list[Step]:
     return steps
 
 
-def render_solution(steps: list[Step]) -> str:
+def render_solution(steps: list[Step], layout: Layout = "line") -> str:
     """Solution text whose answer is the number the written digits spell (right or wrong)."""
-    lines = [st.render(i + 1) for i, st in enumerate(steps)]
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
+    lines = [st.render(i + 1, layout) for i, st in enumerate(steps)]
     answer = "".join(str(st.w) for st in reversed(steps)).lstrip("0") or "0"
     lines.append(f"Answer: \\boxed{{{answer}}}")
     return "\n".join(lines)
@@ -144,21 +159,24 @@ def sample_pairs(cfg: TestbedConfig, n: int, seed: int, split: Split) -> list[tu
     return pairs
 
 
-def make_prompt_row(a: int, b: int, prompt_id: str) -> dict:
-    """One prompts-contract row for the problem a + b."""
+def make_prompt_row(a: int, b: int, prompt_id: str, layout: Layout = "line") -> dict:
+    """One prompts-contract row for the problem a + b (the solution in `layout`; the meta names
+    a non-default layout, which the rule annotator reads)."""
     steps = reference_steps(a, b)
-    meta = {
+    meta: dict = {
         "task": "column_addition",
         "a": a,
         "b": b,
         "carry_steps": [i + 1 for i, st in enumerate(steps) if st.k == 1],
         "num_steps": len(steps),
     }
+    if layout != "line":
+        meta["layout"] = layout
     return {
         "prompt_id": prompt_id,
         "problem": problem_text(a, b),
         "answer": str(a + b),
-        "solution": render_solution(steps),
+        "solution": render_solution(steps, layout),
         "source": "testbed",
         "meta": json.dumps(meta, sort_keys=True),
     }
@@ -167,7 +185,8 @@ def make_prompt_row(a: int, b: int, prompt_id: str) -> dict:
 def make_prompts(cfg: TestbedConfig, n: int, seed: int, split: Split = "train") -> list[dict]:
     """n prompts rows (prompt_id "tb-<split>-<seed>-<index>"); train and heldout never overlap."""
     pairs = sample_pairs(cfg, n, seed, split)
-    return [make_prompt_row(a, b, f"tb-{split}-{seed}-{i:06d}") for i, (a, b) in enumerate(pairs)]
+    return [make_prompt_row(a, b, f"tb-{split}-{seed}-{i:06d}", cfg.step_layout)
+            for i, (a, b) in enumerate(pairs)]
 
 
 def normalize_integer(s: str) -> int | None:

@@ -50,12 +50,12 @@ def _corpus(cfg: TestbedConfig) -> Iterator[str]:
     rng = random.Random(f"tokenizer|{cfg.seed}")
     pairs = sample_pairs(cfg, cfg.tokenizer_corpus_size, cfg.seed + 7919, "train")
     for i, (a, b) in enumerate(pairs):
-        row = make_prompt_row(a, b, f"tok-{i}")
+        row = make_prompt_row(a, b, f"tok-{i}", cfg.step_layout)
         label = rng.choice([*ERROR_LABELS, KEY_LABEL])
         teacher = teacher_message(cfg.teacher_template, row, [label])
         wrong, _, _ = corrupt_steps(a, b, rng)
         yield f"user\n{teacher}\nassistant\n\n\n\n{row['solution']}\n"
-        yield render_solution(wrong)
+        yield render_solution(wrong, cfg.step_layout)
     # Every digit and common symbol must exist as a token even in a tiny corpus.
     yield "0123456789 +-=*/()[]{}\\,.:;!?'\"\n The final answer is"
 
