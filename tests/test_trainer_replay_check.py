@@ -20,42 +20,73 @@ from trace_rl.stages.config import load_config
 from trace_rl.trainer.config import TrainConfig
 from trace_rl.trainer.resident import Resident
 from trace_rl.trainer.round import train_round
-from trace_rl.trainer.round_io import REPLAY_TOLERANCE, check_replayed
+from trace_rl.trainer.round_io import check_replayed
 
 
-def test_replay_check_copies_within_tolerance_and_refuses_beyond(tmp_path):
+def _round(cfg, tables, init, out, work, resident=None, **kw):
+    train_round(cfg, **tables, init_checkpoint=str(init), output_checkpoint=str(out),
+                work_dir=str(work), round_index=0, progress=False, resident=resident, **kw)
+
+
+def _replay(cfg, tables, init, c1, work) -> Resident:
+    res = Resident()
+    _round(cfg, tables, init, c1, work, res, write_output=False)
+    return res
+
+
+def _cfg(**kw):
+    return TrainConfig(**{**dict(method="grpo", mini_batch_size=4, micro_batch_size=4, lr=1e-3,
+                                 logprob_chunk=16, tensorboard=False, report_to=[]), **kw})
+
+
+def test_replay_on_other_rollouts_is_refused_at_a_small_learning_rate(tmp_path):
+    """At lr 1e-6 a round moves each weight by ~1e-6: an absolute tolerance (1e-2 before) took a
+    replay on entirely different rollouts. Measured against the round's own update it is far out."""
+    tok = make_tokenizer()
+    tables = make_round_tables(tok, n_prompts=2, samples=4, seed=1)
+    other = make_round_tables(tok, n_prompts=2, samples=4, seed=7)  # same ids, other rollouts
+    init = save_tiny_checkpoint(tmp_path / "init", seed=0)
+    cfg = _cfg(lr=1e-6)
+    c1 = tmp_path / "c1"
+    _round(cfg, tables, init, c1, tmp_path / "w", save_state=False)
+    assert check_replayed(_replay(cfg, tables, init, c1, tmp_path / "w-same")) == 0.0
+    with pytest.raises(RuntimeError, match="round's own update") as refused:
+        check_replayed(_replay(cfg, other, init, c1, tmp_path / "w-other"))
+    print(refused.value)
+
+
+def test_tiny_difference_is_accepted_and_the_master_keeps_full_precision(tmp_path):
+    """GPU-like noise: the bf16 checkpoint differs from the rounded replay by one bf16 ulp in a
+    few elements. Accepted, and the model keeps the replayed float32 master (never rounded to
+    the checkpoint's bf16); a difference as large as the update itself is refused."""
     tables = make_round_tables(make_tokenizer(), n_prompts=2, samples=4, seed=1)
     init = save_tiny_checkpoint(tmp_path / "init", seed=0)
-    cfg = TrainConfig(method="grpo", mini_batch_size=4, micro_batch_size=4, lr=1e-3,
-                      logprob_chunk=16, tensorboard=False, report_to=[])
+    cfg = _cfg(dtype="bfloat16", lr=1e-3)
     c1 = tmp_path / "c1"
-
-    def replay():
-        res = Resident()
-        train_round(cfg, **tables, init_checkpoint=init, output_checkpoint=str(c1),
-                    work_dir=str(tmp_path / "w-replay"), round_index=0, progress=False,
-                    resident=res, write_output=False)
-        return res
-
-    train_round(cfg, **tables, init_checkpoint=init, output_checkpoint=str(c1),
-                work_dir=str(tmp_path / "w"), round_index=0, progress=False, save_state=False)
-    assert check_replayed(replay()) == 0.0
-
-    weights = load_file(str(c1 / "model.safetensors"))
+    _round(cfg, tables, init, c1, tmp_path / "w", save_state=False)
+    exact = _replay(cfg, tables, init, c1, tmp_path / "w-exact")
+    assert check_replayed(exact) == 0.0
     name = "model.layers.0.mlp.up_proj.weight"
-    nudged = dict(weights)
-    nudged[name] = weights[name].clone()
-    nudged[name][0, 0] += REPLAY_TOLERANCE / 4
-    save_file(nudged, str(c1 / "model.safetensors"), metadata={"format": "pt"})
-    res = replay()
-    assert check_replayed(res) == pytest.approx(REPLAY_TOLERANCE / 4, rel=1e-3)
-    live = dict(res.held.unwrapped.hf.named_parameters())[name]
-    assert torch.equal(live.detach(), nudged[name])  # the checkpoint's weights, now in the model
+    master = dict(exact.held.unwrapped.hf.named_parameters())[name].detach().clone()
+    weights = load_file(str(c1 / "model.safetensors"))
+    noisy = dict(weights)
+    noisy[name] = weights[name].clone()
+    ulp = torch.finfo(torch.bfloat16).eps
+    for i in range(4):  # one bf16 ulp up in four elements
+        noisy[name][i, i] = (noisy[name][i, i].float() * (1 + ulp)).to(torch.bfloat16)
+    save_file(noisy, str(c1 / "model.safetensors"), metadata={"format": "pt"})
+    res = _replay(cfg, tables, init, c1, tmp_path / "w-noisy")
+    assert 0 < check_replayed(res) < 1e-2  # accepted (the log gives the ratio)
+    live = dict(res.held.unwrapped.hf.named_parameters())[name].detach()
+    assert live.dtype == torch.float32
+    assert torch.equal(live, master)  # the replayed master, element for element
+    assert not torch.equal(live, live.to(torch.bfloat16).float())  # not rounded to bf16
 
-    nudged[name][0, 0] += 2 * REPLAY_TOLERANCE
-    save_file(nudged, str(c1 / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(RuntimeError, match="tolerance"):
-        check_replayed(replay())
+    start = load_file(f"{init}/model.safetensors")[name]
+    noisy[name] = (2 * weights[name].float() - start).to(torch.bfloat16)  # a whole update off
+    save_file(noisy, str(c1 / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match="round's own update"):
+        check_replayed(_replay(cfg, tables, init, c1, tmp_path / "w-far"))
 
 
 @pytest.mark.slow

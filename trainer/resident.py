@@ -52,6 +52,7 @@ class Held:
     config: str  # the TrainConfig (JSON) they were trained under
     accelerator: Any  # the process group they were prepared in
     state_on_disk: bool  # whether `checkpoint` also holds this optimizer state
+    start: str | None = None  # the checkpoint the round started from (replays are checked by it)
 
 
 class Resident:

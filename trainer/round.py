@@ -402,5 +402,6 @@ def _train_round(cfg: TrainConfig, *, prompts, rollouts, verdicts, annotations, 
     if resident is not None:
         resident.keep(Held(tokenizer, wrapped, r.unwrapped, optimizer, scheduler, global_step,
                            str(output_checkpoint), round_index, cfg_json, acc,
-                           state_on_disk=write_output and save_state))
+                           state_on_disk=write_output and save_state,
+                           start=str(init_checkpoint)))
     return rows
