@@ -1,8 +1,11 @@
-"""A replayed round is checked against the checkpoint it once wrote: on every process, refused
-beyond a stated tolerance, and its max |Δ| recorded in the train manifest.
+"""A replayed round is checked against the checkpoint it once wrote, relative to the round's own
+update (REPLAY_MAX_RELATIVE): on every process, refused beyond the bound, its max |Δ| recorded in
+the train manifest.
 
-- In one process: an untouched checkpoint gives Δ = 0; one nudged within the tolerance is copied
-  into the model (the next rollouts came from it) and reported; one beyond it is refused.
+- In one process: an untouched checkpoint gives Δ = 0; a replay on other rollouts is refused even
+  at lr 1e-6; bf16-ulp noise in a few elements is accepted and the model keeps the replayed
+  float32 master (not the checkpoint's bf16 rounding); a difference the size of the update is
+  refused.
 - Through the train stage under `accelerate launch` (2 CPU processes, gloo, DDP): round 1 starts
   from a weights-only checkpoint, replays round 0 inside the launch, checks it on both processes
   and records Δ = 0 in its manifest.
