@@ -101,7 +101,9 @@ _BOUND_AFTER_NUMBER_RE = re.compile(
     r"|under)|at\s+(?:least|most))\b", re.I,
 )
 _RETRACTION_RE = re.compile(
-    r"\b(?:wrong|incorrect|mistaken?|not\s+(?:right|correct|sure)|unsure|doubtful)\b", re.I
+    r"\b(?:wrong|incorrect|mistaken?|not\s+(?:right|correct|sure)|unsure|doubtful)\b"
+    r"|\b(?:but|though|although|or)\b[^.]*\b(?:could|might|may)\s+(?:also\s+|well\s+)?be\b",
+    re.I,
 )
 _SIGN_WORD_RE = re.compile(r"^(?P<word>negative|minus|positive|plus)\s+(?=[$\d])", re.I)
 _SIGN_WORD_NUMBER_RE = re.compile(r"\b(?:negative|minus)\s+\$?\d", re.I)
