@@ -25,6 +25,8 @@ model_app = typer.Typer(no_args_is_help=True, help="Model aliases and imports (s
 app.add_typer(model_app, name="model")
 console = Console(stderr=True)
 
+# Every command names its run the same way; the log says which of the three it resolved.
+CONFIG_HELP = "a packaged config name (demo), a config file, or a run directory (its config.yaml)"
 OverridesArg = typer.Argument(None, help="overrides: section.key=value ...", show_default=False)
 
 
@@ -53,12 +55,19 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug log
 def _load(config: Optional[str], overrides: Optional[list[str]]):
     """Load and validate the config, and check what it names on disk (model path, data file
     columns, benchmark names): every refusal happens here, before any work."""
-    from trace_rl.stages.config import load_config
+    from trace_rl.stages.config import describe_config_arg, load_config
     from trace_rl.stages.preflight import check_config
 
     cfg = load_config(config, overrides or [])
+    _said_config(describe_config_arg(config), cfg)
     check_config(cfg)
     return cfg
+
+
+def _said_config(source: str, cfg) -> None:
+    """One line naming what the config argument resolved to and the run it addresses."""
+    logging.getLogger("trace_rl.cli").info("config: %s -> run %s at %s", source, cfg.run.name,
+                                           cfg.run.run_root)
 
 
 def _verify_run(cfg) -> None:
@@ -77,7 +86,7 @@ def _locked(cfg):
 
 
 @app.command()
-def run(config: str = typer.Argument("demo", help="config file or packaged name"),
+def run(config: str = typer.Argument("demo", help=CONFIG_HELP),
         overrides: Optional[list[str]] = OverridesArg,
         rounds: Optional[int] = typer.Option(None, help="number of rounds (default: run.rounds)"),
         verify: bool = typer.Option(False, "--verify", help="first hash every committed file; "
@@ -113,7 +122,7 @@ def demo(overrides: Optional[list[str]] = OverridesArg) -> None:
 
 @app.command()
 def stage(name: str = typer.Argument(..., help=f"one of {list(STAGE_NAMES)}"),
-          config: str = typer.Argument(..., help="config file or packaged name"),
+          config: str = typer.Argument(..., help=CONFIG_HELP),
           overrides: Optional[list[str]] = OverridesArg,
           round: Optional[int] = typer.Option(None, "--round", "-r", help="round index K (0, 1, ...)"),
           force: bool = typer.Option(False, help="redo it even if its output is current")) -> None:
@@ -133,7 +142,7 @@ def stage(name: str = typer.Argument(..., help=f"one of {list(STAGE_NAMES)}"),
 
 
 @app.command("eval")
-def eval_cmd(config: str = typer.Argument(..., help="config file or packaged name"),
+def eval_cmd(config: str = typer.Argument(..., help=CONFIG_HELP),
              overrides: Optional[list[str]] = OverridesArg,
              checkpoint: str = typer.Option("latest", help="'latest', 'initial', round-K or a model dir"),
              benchmarks: Optional[str] = typer.Option(None, help="comma-separated (default: eval.benchmarks)"),
@@ -152,7 +161,8 @@ def eval_cmd(config: str = typer.Argument(..., help="config file or packaged nam
 
 
 @app.command()
-def inspect(path: str = typer.Argument(..., help="a Parquet file, a dataset directory, a round directory or a run directory"),
+def inspect(path: str = typer.Argument(..., help="a Parquet file, a dataset directory, a round "
+                                       "directory, a run directory, or a config name/file (its run)"),
             html: Optional[str] = typer.Option(None, help="write a self-contained HTML view here"),
             examples: int = typer.Option(3, help="examples to print"),
             teacher: bool = typer.Option(False, help="with --html: a heat strip per example of the "
@@ -161,6 +171,7 @@ def inspect(path: str = typer.Argument(..., help="a Parquet file, a dataset dire
     """Summarise a shard: counts by status, reward rate, span coverage, examples with spans."""
     from trace_rl.pipeline.inspect import inspect_path
 
+    path = _inspect_target(path)
     scorer = None
     if teacher:
         from trace_rl.stages.token_view import TeacherStudentScorer, run_root_of
@@ -173,15 +184,32 @@ def inspect(path: str = typer.Argument(..., help="a Parquet file, a dataset dire
     inspect_path(path, html=html, examples=examples, scorer=scorer)
 
 
+def _inspect_target(path: str) -> str:
+    """`inspect` reads files; a config name or file names its run's directory."""
+    import os
+
+    is_config = path.endswith((".yaml", ".yml")) or not (os.path.exists(path) or "://" in path)
+    if not is_config or path.endswith(".parquet"):
+        return path
+    from trace_rl.stages.config import describe_config_arg, load_config
+
+    cfg = load_config(path)
+    _said_config(describe_config_arg(path), cfg)
+    return cfg.run.run_root
+
+
 @app.command()
-def status(config: str = typer.Argument("demo", help="config name/file or a run directory"),
+def status(config: str = typer.Argument("demo", help=CONFIG_HELP),
            overrides: Optional[list[str]] = OverridesArg,
            verify: bool = typer.Option(False, "--verify", help="hash every file (default: sizes)")) -> None:
     """Show which stages of which rounds are complete, stale, damaged or missing, and why, and
     every evaluation (current or stale). Judged against the run's own resolved config."""
+    from trace_rl.stages.config import describe_config_arg
     from trace_rl.stages.status import print_status, run_config
 
-    print_status(run_config(config, overrides), verify=verify)
+    cfg = run_config(config, overrides)
+    _said_config(describe_config_arg(config), cfg)
+    print_status(cfg, verify=verify)
 
 
 @testbed_app.command("init")
@@ -219,7 +247,7 @@ def model_import_gguf(source: str = typer.Argument("smollm2", help="an alias (sm
 
 
 @config_app.command("show")
-def config_show(config: str = typer.Argument("demo"), overrides: Optional[list[str]] = OverridesArg) -> None:
+def config_show(config: str = typer.Argument("demo", help=CONFIG_HELP), overrides: Optional[list[str]] = OverridesArg) -> None:
     """Print the resolved config (file + base + overrides + defaults)."""
     from trace_rl.stages.config import dump_config
 

@@ -66,9 +66,26 @@ def write_resolved_config(cfg: TraceConfig, *, update: bool = False) -> str:
 def run_config_path(config: str, overrides: list[str] | None = None, *, update: bool = False) -> str:
     """The path of the run's config.yaml for a config name/file or a run directory (+ overrides),
     written only when the run has none yet (see write_resolved_config)."""
-    own = os.path.join(config, RESOLVED_CONFIG)
-    cfg = load_config(own if os.path.isfile(own) else config, overrides or [])
+    from trace_rl.stages.config import describe_config_arg
+
+    cfg = load_config(config, overrides or [])  # a run directory reads its own config.yaml
+    _say(f"config: {describe_config_arg(config)} -> run {cfg.run.name} at {cfg.run.run_root}")
     return write_resolved_config(cfg, update=update)
+
+
+def _say(line: str) -> None:
+    """To the flow run's Prefect log when a flow runs (a deployment), else the module log. A
+    flow run has imported Prefect; a plain call must not (its import reconfigures logging)."""
+    if "prefect" in sys.modules:
+        from prefect import get_run_logger
+        from prefect.exceptions import MissingContextError
+
+        try:
+            get_run_logger().info(line)
+            return
+        except MissingContextError:  # outside any flow run
+            pass
+    log.info(line)
 
 
 def _want_isolation(stage: str) -> bool:

@@ -23,6 +23,7 @@ from trace_rl.stages.verifiers.config import VerifyConfig
 from trace_rl.trainer.config import TrainConfig
 
 from trace_rl.data_schemas.errors import ConfigError
+from trace_rl.pipeline.layout import RESOLVED_CONFIG
 
 DEFAULT_INSTRUCTION = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 
@@ -141,8 +142,15 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def resolve_config_path(path: str | os.PathLike) -> Path:
-    """A config path as given, or a bare name looked up in the packaged configs/ folder."""
+    """A config path as given, a run directory's own `config.yaml`, or a bare name looked up in
+    the packaged configs/ folder."""
     p = Path(path)
+    if p.is_dir():  # a run directory: the run's own resolved config
+        own = p / RESOLVED_CONFIG
+        if own.is_file():
+            return own
+        raise ConfigError(f"{str(path)!r} is a directory without {RESOLVED_CONFIG}: give a run "
+                          "directory (one `trace-rl run` made), a config file or a packaged name")
     if p.exists():
         return p
     for candidate in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
@@ -150,6 +158,17 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
             return candidate
     known = sorted(c.stem for c in CONFIG_DIR.glob("*.yaml"))
     raise ConfigError(f"config file {str(path)!r} not found; packaged configs: {known}")
+
+
+def describe_config_arg(path: str | os.PathLike) -> str:
+    """How a command read its config argument, for the log: "run directory runs/demo
+    (runs/demo/config.yaml)", "config file x.yaml" or "packaged config demo (.../demo.yaml)"."""
+    resolved = resolve_config_path(path)
+    if Path(path).is_dir():
+        return f"run directory {path} ({resolved})"
+    if Path(path).exists():
+        return f"config file {resolved}"
+    return f"packaged config {path} ({resolved})"
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

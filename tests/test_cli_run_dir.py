@@ -1,0 +1,86 @@
+"""One way to name a run: every command takes a config name, a config file or a run directory,
+reads a run directory's own config.yaml (so what the run was launched with holds), and logs which
+of the three it resolved. Each command is invoked as a user types it (typer's runner, in process).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import yaml
+from trace_rl.data_schemas.errors import TraceError
+from trace_rl.flows.cli import app
+from trace_rl.stages.config import dump_config, load_config
+from typer.testing import CliRunner
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A run launched with overrides that the packaged `demo` does not have."""
+    root = tmp_path / "runs" / "mine"
+    cfg = load_config("demo", [f"run.root={root}", "run.name=mine", "run.rounds=5", "rollout.n=3"])
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text(dump_config(cfg))
+    return root
+
+
+def invoke(caplog, *args: str):
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trace_rl"):
+        result = CliRunner().invoke(app, list(args))
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("config: ")]
+    return result, said
+
+
+def test_config_show_reads_the_run_directory(run_dir, caplog):
+    result, said = invoke(caplog, "config", "show", str(run_dir))
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.stdout)
+    assert shown["run"]["rounds"] == 5 and shown["rollout"]["n"] == 3
+    assert said == [f"config: run directory {run_dir} ({run_dir / 'config.yaml'}) -> run mine at {run_dir}"]
+
+
+def test_config_show_names_a_packaged_config_and_a_file(run_dir, caplog):
+    result, said = invoke(caplog, "config", "show", "demo")
+    assert result.exit_code == 0 and said[0].startswith("config: packaged config demo (")
+    result, said = invoke(caplog, "config", "show", str(run_dir / "config.yaml"))
+    assert result.exit_code == 0 and said[0].startswith(f"config: config file {run_dir / 'config.yaml'}")
+
+
+@pytest.mark.parametrize("command, missing", [
+    (["stage", "annotate", "{run}", "--round", "0"], "needs {run}/prompts, which is missing"),
+    (["eval", "{run}", "--checkpoint", "round-0001"], "checkpoint of round 0's train stage")])
+def test_stage_and_eval_take_the_run_directory(run_dir, caplog, command, missing):
+    """No IsADirectoryError: the command reaches the run and refuses only for what is missing
+    there (no rollouts yet, no checkpoint yet)."""
+    result, said = invoke(caplog, *[a.format(run=run_dir) for a in command])
+    assert said and said[0].startswith(f"config: run directory {run_dir}")
+    assert isinstance(result.exception, TraceError), result.exception
+    assert missing.format(run=run_dir) in str(result.exception)
+
+
+def test_run_takes_the_run_directory(run_dir, caplog):
+    """`run <dir>` loads the run's config and reaches the run's lock, where it stops: the lock
+    is one nobody may take over (unreadable, as one from an unknown writer)."""
+    (run_dir / ".lock").write_text("held elsewhere")
+    result, said = invoke(caplog, "run", str(run_dir))
+    assert said and said[0].startswith(f"config: run directory {run_dir}")
+    assert isinstance(result.exception, TraceError) and str(run_dir) in str(result.exception)
+
+
+def test_status_and_inspect_take_the_run_directory_or_its_name(run_dir, caplog):
+    result, said = invoke(caplog, "status", str(run_dir))
+    assert result.exit_code == 0, result.output
+    assert said[0].startswith(f"config: run directory {run_dir}")
+    assert [line.split()[0] for line in result.stdout.splitlines() if line.strip().startswith("│ ")
+            and line.split()[1].isdigit()] == ["│"] * 5  # the run's 5 rounds, not demo's 3
+    config_file = run_dir / "config.yaml"
+    result, said = invoke(caplog, "inspect", str(config_file))
+    assert said[0].startswith(f"config: config file {config_file} -> run mine at {run_dir}")
+
+
+def test_a_plain_directory_is_refused_with_what_to_pass(tmp_path, caplog):
+    result, _ = invoke(caplog, "config", "show", str(tmp_path))
+    assert isinstance(result.exception, TraceError)
+    assert "directory without config.yaml" in str(result.exception)
