@@ -5,9 +5,11 @@ per class and in all, how many wrong answers were rewarded (false positives: the
 correct where the case expects ``wrong`` or ``no_answer``) and how many right ones were not
 (false negatives). With ``--peer`` it also prints the agreement on the peer verifier cases
 ($TRACE_SHARED_DATA/verifier_cases/cases.jsonl, the 298 unflagged ones), as
-tests/test_verifiers.py measures it.
+tests/test_verifiers.py measures it. With ``--solutions N`` it grades the reference solutions
+of the first N rows of gsm8k/test and math500/test (from $TRACE_SHARED_DATA) against their own
+answers, and prints how many are not rewarded: right solutions the verifier misses.
 
-    .venv/bin/python benchmarks/stated_answers.py [--peer] [--show]
+    .venv/bin/python benchmarks/stated_answers.py [--peer] [--solutions N] [--show]
 
 To measure another version of the verifier, put its package first on PYTHONPATH.
 """
@@ -66,11 +68,31 @@ def peer() -> None:
     print(f"peer cases agreement: {len(cases) - len(wrong)}/{len(cases)}; disagree: {wrong}")
 
 
+def solutions(n: int, show: bool) -> None:
+    from trace_rl.stages.verifiers import VerifyConfig, verify_rows
+
+    for name, text in (("gsm8k", lambda r: f"{r['solution']}\n#### {r['answer']}"),
+                       ("math500", lambda r: r["solution"])):
+        path = SHARED / name / "test.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()[:n]]
+        items = [{"rollout_id": str(i), "answer": r["answer"], "response_text": text(r)}
+                 for i, r in enumerate(rows)]
+        got = verify_rows(VerifyConfig(kind="math", workers=2, timeout_s=30.0), items)
+        missed = [(r, v) for r, v in zip(rows, got, strict=True) if not v["correct"]]
+        print(f"{name} reference solutions not rewarded: {len(missed)}/{len(rows)}")
+        for r, v in missed if show else []:
+            print(f"  {r['id']}: {v['status']} {v['detail']!r}"[:200])
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peer", action="store_true", help="also the peer verifier cases")
+    ap.add_argument("--solutions", type=int, default=0, metavar="N",
+                    help="also the first N reference solutions of gsm8k and math500")
     ap.add_argument("--show", action="store_true", help="print every case not as expected")
     args = ap.parse_args()
     prose(args.show)
     if args.peer:
         peer()
+    if args.solutions:
+        solutions(args.solutions, args.show)

@@ -162,6 +162,15 @@ def _unclear_context(region: str, masked: str, statement: Statement) -> str | No
         sentence = region[sentence_start : end + (stop.end() if stop else len(after))]
         if (why := unclear_sentence(sentence)) is not None:
             return why
+    elif statement.kind == "boxed":
+        # The box is the commitment: only a negation right before it withdraws it, and a bound
+        # only when it is what an answer phrase states ("the answer is at least $\\boxed{12}$");
+        # otherwise a bound word is how a max/min answer reads ("Zach can have at most
+        # $\\boxed{2}$ pencils left over").
+        lead = region[sentence_start : statement.start]
+        why = unclear_lead(lead, near=True)
+        if why == "negated" or (why is not None and re.search(r"\banswer\b", lead, re.I)):
+            return why
     elif (why := unclear_lead(region[sentence_start : statement.start])) is not None:
         return why
     return unclear_after_statement(after)

@@ -105,6 +105,12 @@ _RETRACTION_RE = re.compile(
     r"|\b(?:but|though|although|or)\b[^.]*\b(?:could|might|may)\s+(?:also\s+|well\s+)?be\b",
     re.I,
 )
+_RETRACT_NEXT_RE = re.compile(
+    r"\b(?:that|this|it|which|my\s+answer)(?:[’']s|\s+is|\s+was|\s+seems|\s+looks|\s+must\s+be"
+    r"|\s+might\s+be)?\s+(?:\w+\s+)?(?:wrong|incorrect|not\s+(?:right|correct)|a\s+mistake)\b"
+    r"|\bI\s+(?:made\s+a\s+mistake|was\s+wrong|am\s+not\s+sure|[’']m\s+not\s+sure)\b",
+    re.I,
+)
 _SIGN_WORD_RE = re.compile(r"^(?P<word>negative|minus|positive|plus)\s+(?=[$\d])", re.I)
 _SIGN_WORD_NUMBER_RE = re.compile(r"\b(?:negative|minus)\s+\$?\d", re.I)
 # "1.5 million": the number times its scale.
@@ -158,10 +164,14 @@ class Stated:
     text: str
 
 
-def unclear_lead(lead: str) -> str | None:
+def unclear_lead(lead: str, *, near: bool = False) -> str | None:
     """Why the text of a sentence before its stated value makes the value unclear, or None:
-    "I don't think the answer is", "The answer is at least"."""
+    "I don't think the answer is", "The answer is at least". With ``near`` only a negation
+    right before the value counts ("is not $\\boxed{6}$"): a box often closes a sentence that
+    names what it counts ("the integers not divisible by 3 is $\\boxed{12}$")."""
     clause = re.split(r"[,;:–—]\s", lead)[-1]  # "Not counting the lid, the answer is 36" is fine
+    if near:
+        clause = " ".join(clause.replace("$", " ").split()[-3:])
     if _NEGATION_RE.search(clause):
         return "negated"
     if _BOUND_BEFORE_RE.search(lead.rstrip(" *_$(")):
@@ -223,11 +233,14 @@ def _unclear_after(after: str) -> str | None:
 
 
 def unclear_after_statement(after: str) -> str | None:
-    """Why the rest of a response after its last statement withdraws it, or None: a question
-    mark right after it ("The answer is 12?"), or a retraction ("... 12. But that is wrong.")."""
+    """Why the text after a response's last statement withdraws it, or None: a question mark
+    right after it ("The answer is 12?"), or a retraction in the sentence after it ("... 12.
+    But that is wrong."). Only that sentence, and only a retraction of "that / it / my answer":
+    a solution may go on to discuss a common mistake."""
     if after.lstrip(" *_$").startswith("?"):
         return "a question"
-    if _RETRACTION_RE.search(after):
+    next_sentence = re.match(r"[^.!?]*[.!?]*[^.!?]*", after)
+    if next_sentence and _RETRACT_NEXT_RE.search(next_sentence.group(0)):
         return "retracted"
     return None
 
