@@ -49,7 +49,7 @@ _CUR = "$€£¥₹"
 # a percent sign.
 _OPD = rf"[-−]?[{_CUR}]?(?:{_NUM})%?"
 # "of" multiplies only after a percentage: "20% of 50".
-_OP = rf"[-+*/×÷−]|x(?=\s*[-{_CUR}]?\d)|\\times|\\cdot|\\div|(?<=%)of\b|(?<=% )of\b"
+_OP = rf"[-+*/×÷−]|x(?=\s*[{_CUR}]?\d)|\\times|\\cdot|\\div|(?<=%)of\b|(?<=% )of\b"
 _UNITS = r"(?:\s+(?!x\s*\d)[A-Za-z][A-Za-z/']*){1,3}"
 # "17 / 5 = 3 remainder 2", "3 R 2", "3 r2", "3 with a remainder of 2".
 _REMAINDER = r"\s*(?:remainder|rem\b|R|r|with\s+(?:a\s+)?remainder(?:\s+of)?)\s*"
@@ -63,7 +63,7 @@ _EQ_RE = re.compile(
 _SIDE_SPLIT_RE = re.compile(r"=|\bequals\b")
 # Unit words ("stickers/bag") are read as words so that their letters are never operators.
 _TOKEN_RE = re.compile(
-    rf"(?P<num>{_NUM})(?P<pct>%)?|(?P<op>\\times|\\cdot|\\div|x(?=\s*[-{_CUR}]?\d)|(?<=%)of\b"
+    rf"(?P<num>{_NUM})(?P<pct>%)?|(?P<op>\\times|\\cdot|\\div|x(?=\s*[{_CUR}]?\d)|(?<=%)of\b"
     rf"|(?<=% )of\b|[-+*/×÷−])|[A-Za-z][A-Za-z/']*"
 )
 _REMAINDER_SIDE_RE = re.compile(rf"^\s*(?P<q>{_NUM}){_REMAINDER}(?P<r>{_NUM})\s*$")
