@@ -83,8 +83,8 @@ _BOUND_WORDS = (
     r"\s+than|under|over|above|below|beyond|nearly|almost|up\s+to|just\s+(?:under|over|shy\s+of)"
     r"|upwards\s+of|in\s+excess\s+of|exceeding|at\s+minimum|at\s+maximum|within"
 )
-_BOUND_SYMBOLS = r"\\(?:geq?|leq?|gt|lt|geqslant|leqslant)\b|[<>≤≥≥≦≧]"
-# A bound right before the value: "at least 12", "$\geq 7$" (words may sit between: "just").
+_BOUND_SYMBOLS = r"\\(?:geq?|leq?|gt|lt|geqslant|leqslant)\b|[<>≤≥≦≧]"
+# A bound right before the value: "at least 12", "$\geq 7$".
 _BOUND_BEFORE_RE = re.compile(rf"(?:\b(?:{_BOUND_WORDS})|{_BOUND_SYMBOLS})\s*$", re.I)
 # In a sentence, only bound words count: "$x \\geq 5$" is an inequality, a value of its own.
 _BOUND_BEFORE_NUMBER_RE = re.compile(
