@@ -111,6 +111,14 @@ _RETRACT_NEXT_RE = re.compile(
     r"|\bI\s+(?:made\s+a\s+mistake|was\s+wrong|am\s+not\s+sure|[’']m\s+not\s+sure)\b",
     re.I,
 )
+# "12 ± 1", "12 $\pm$ 1", "12 (13 if Sam counts)", "5 degrees below zero".
+_RANGE_AFTER_RE = re.compile(
+    rf"^\s*(?:±|\$?\s*\\pm|\+\s*/\s*-|\+-)"
+    rf"|^\s*[(\[]\s*[{re.escape(_CURRENCY)}]?{_NUMBER}[^)\]]*\b(?:if|when|otherwise|unless"
+    rf"|including|excluding|counting|without)\b"
+    rf"|^\s*(?:[A-Za-z]+\s+)?below\s+(?:zero|0|sea\s+level)\b",
+    re.I,
+)
 _SIGN_WORD_RE = re.compile(r"^(?P<word>negative|minus|positive|plus)\s+(?=[$\d])", re.I)
 _SIGN_WORD_NUMBER_RE = re.compile(r"\b(?:negative|minus)\s+\$?\d", re.I)
 # "1.5 million": the number times its scale.
@@ -139,6 +147,7 @@ _PERCENT_OF_RE = re.compile(
     rf"(?:\s+[A-Za-z]+){{0,2}}\s*(?:=|\bis\b|\bequals\b|\bgives\b|\bmakes\b)\s*"
     rf"[{re.escape(_CURRENCY)}]?(?P<value>{_NUMBER})"
 )
+_FRACTION_OF_RE = re.compile(_PERCENT_OF_RE.pattern.replace(r"(?:%|percent)\s+of", r"of", 1))
 _PERCENT_OF_ANY_RE = re.compile(r"^\s*(?:%|percent)\s+of\s+(?:the\s+)?\S*\d", re.I)
 _HEDGE_AFTER_MORE_RE = re.compile(
     rf"^\s*[,;(\[]?\s*(?:or\b|maybe\b|perhaps\b|possibly\b|probably\b)\s*(?:maybe\s+|perhaps\s+"
@@ -229,6 +238,8 @@ def _unclear_after(after: str) -> str | None:
         return "retracted"
     if after.strip(" *_$").startswith("?"):
         return "a question"
+    if _RANGE_AFTER_RE.match(after):
+        return "a range or an alternative"
     return None
 
 
@@ -275,6 +286,11 @@ def _leading(text: str, rest_after: str) -> Stated | None:
         return None
     if sign and not single:
         return Stated("unclear", "a sign word before an expression")
+    if "=" not in chain and ("/" in chain or "." in chain):
+        if (part := _FRACTION_OF_RE.match(after)) is not None:  # "1/2 of 24 = 12" states 12
+            return Stated("value", part.group("value").replace(",", ""))
+        if re.match(rf"^\s+of\s+(?:the\s+)?[{re.escape(_CURRENCY)}]?\d", after):
+            return Stated("unclear", "a fraction of a number, with no result")
     value = chain.rsplit("=", 1)[-1].strip()
     value = _TIMES_RE.sub("*", value).replace("÷", "/").replace("\\div", "/")
     value = re.sub(rf"[{re.escape(_CURRENCY)}]", "", value)
