@@ -35,7 +35,7 @@ from trace_rl.pipeline.integrity import checkpoint_record
 from trace_rl.pipeline.layout import start_checkpoint_dir, train_scratch_dir
 from trace_rl.pipeline.store import Manifest
 from trace_rl.stages.config import TraceConfig
-from trace_rl.trainer.checkpoint import PROGRESS_FILE, has_trainer_state
+from trace_rl.trainer.checkpoint import PROGRESS_FILE, usable_trainer_state
 from trace_rl.trainer.launch import read_round_inputs, round_input_names
 from trace_rl.trainer.resident import Resident, active_resident, config_json
 from trace_rl.trainer.worker_group import GroupDied, active_group, launch_prefix
@@ -115,10 +115,11 @@ def replay_plan(cfg: TraceConfig, store, round_index: int, work_dir) -> list[dic
     state (or the initial model) up to round k-1. Empty when nothing needs replaying."""
     if round_index == 0 or (work_dir / PROGRESS_FILE).exists():  # a progress save has it all
         return []
-    if has_trainer_state(_checkpoint_dir(cfg, store, round_index)):
+    # a damaged or foreign trainer state counts as none: replayed past, never trained from
+    if usable_trainer_state(_checkpoint_dir(cfg, store, round_index)):
         return []
     start = round_index - 1
-    while start > 0 and not has_trainer_state(_checkpoint_dir(cfg, store, start)):
+    while start > 0 and not usable_trainer_state(_checkpoint_dir(cfg, store, start)):
         start -= 1
     plan = []
     for i in range(start, round_index):

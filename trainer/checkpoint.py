@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -28,6 +29,17 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from trace_rl.trainer.state_record import (
+    REMEDY,
+    TrainerStateError,
+    check_loaded,
+    drop_record,
+    state_problems,
+    write_record,
+)
+
+log = logging.getLogger("trace_rl.trainer.checkpoint")
 
 STATE_DIR = "trainer_state"
 PROGRESS_FILE = "progress.pt"
@@ -169,11 +181,15 @@ def restore_sharded(model: torch.nn.Module, optimizer: Any, state: dict[str, Any
 
 
 def save_trainer_state(path: str | Path, state: dict[str, Any]) -> None:
-    """`state`: optimizer, scheduler, global_step, round, rng (torch objects allowed)."""
+    """`state`: optimizer, scheduler, global_step, round, rng (torch objects allowed). Its
+    record (trainer/state_record.py: every file's hash, round and step) is written last."""
     d = Path(path) / STATE_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    drop_record(d)
     atomic_torch_save(state, d / "state.pt")
     summary = {k: state[k] for k in ("global_step", "round") if k in state}
     (d / "state.json").write_text(json.dumps(summary, indent=2))
+    write_record(d, state["round"], state["global_step"])
 
 
 def write_full_state(acc: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any,
@@ -208,11 +224,37 @@ def has_trainer_state(path: str | Path) -> bool:
     return (Path(path) / STATE_DIR / "state.pt").exists()
 
 
-def load_trainer_state(path: str | Path) -> dict[str, Any] | None:
+def load_trainer_state(path: str | Path, expect_round: int | None = None,
+                       deep: bool = True) -> dict[str, Any] | None:
+    """The trainer state of checkpoint `path` (None: it has none), verified first against its
+    record (sizes; `deep`: sha256) and the checkpoint's round and step, then against the round
+    `expect_round` that resumes from it. Anything wrong raises TrainerStateError saying what to
+    do; a damaged state is never loaded."""
     f = Path(path) / STATE_DIR / "state.pt"
     if not f.exists():
         return None
-    return torch.load(f, map_location="cpu", weights_only=False)
+    problems = state_problems(path, deep=deep)
+    if problems:
+        raise TrainerStateError(f"the trainer state in {f.parent} is damaged: "
+                                f"{'; '.join(problems)}. {REMEDY}")
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as e:  # a raw zip / unpickling error says nothing about what to do
+        raise TrainerStateError(f"the trainer state {f} cannot be read ({type(e).__name__}: "
+                                f"{e}); it is truncated or damaged. {REMEDY}") from e
+    check_loaded(path, state, expect_round)
+    return state
+
+
+def usable_trainer_state(path: str | Path) -> bool:
+    """Whether checkpoint `path` holds a trainer state that verifies (every byte hashed); a
+    damaged or foreign one is reported and counts as absent, so that it is replayed past."""
+    if not has_trainer_state(path):
+        return False
+    problems = state_problems(path, deep=True)
+    if problems:
+        log.warning("the trainer state in %s is not used: %s", path, "; ".join(problems))
+    return not problems
 
 
 def load_progress(work_dir: str | Path, fingerprint: str) -> dict[str, Any] | None:

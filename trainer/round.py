@@ -307,7 +307,10 @@ def _train_round(cfg: TrainConfig, *, prompts, rollouts, verdicts, annotations, 
     else:
         optimizer, scheduler = _make_optimizer(cfg, model)
         with clock("state_load_s"):
-            state, global_step = load_trainer_state(init_checkpoint) if inherit else None, 0
+            # round k resumes round k-1's state (a continued run's round 0: any round's)
+            expect = round_index - 1 if round_index > 0 else None
+            state = load_trainer_state(init_checkpoint, expect) if inherit else None
+            global_step = 0
         if state is None and saved is None and round_index > 0:
             raise RuntimeError(
                 f"round {round_index} would start from {init_checkpoint}, which holds weights "

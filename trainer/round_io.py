@@ -26,6 +26,7 @@ from trace_rl.trainer.checkpoint import (
     write_full_state,
 )
 from trace_rl.trainer.resident import Resident
+from trace_rl.trainer.state_record import write_step
 from trace_rl.trainer.teacher import TeacherHandle
 
 log = logging.getLogger("trace_rl.trainer.round")
@@ -85,6 +86,7 @@ def save_output(acc, unwrapped, tokenizer, optimizer, scheduler, path, global_st
             else:
                 save_hf_checkpoint(unwrapped.hf, tokenizer, tmp, state_dict=state_dict,
                                    dtype=checkpoint_dtype(unwrapped))
+            write_step(tmp, round_index, global_step)  # whose trainer state fits these weights
             if teacher is not None:
                 teacher.hand_over(global_step, tmp)
     acc.wait_for_everyone()
