@@ -73,7 +73,10 @@ def attach(hf: torch.nn.Module, lc: LoraConfig, base_path: str) -> torch.nn.Modu
     if missing:
         raise ValueError(f"lora.target_modules {missing} name no module of this model "
                          f"({type(hf).__name__}); list its linear layers' names")
-    config = peft_config(lc, str(Path(base_path).resolve()))
+    # a local base is recorded by its absolute path (the checkpoint is read from other working
+    # directories); a hub id stays as it is
+    local = Path(base_path)
+    config = peft_config(lc, str(local.resolve()) if local.exists() else base_path)
     hf.requires_grad_(False)
     inject_adapter_in_model(config, hf, adapter_name=ADAPTER)
     inject_adapter_in_model(config, hf, adapter_name=TEACHER)

@@ -28,4 +28,6 @@ def generate(
     cfg: RolloutConfig, model_dir: str, prompts: list[dict], *, progress: bool = True
 ) -> list[dict]:
     """Sample cfg.n responses per prompt with the configured engine (see module docstring)."""
-    return get_engine(cfg.engine)(cfg, model_dir, prompts, progress=progress)
+    from trace_rl.stages.lora_weights import engine_weights  # a LoRA checkpoint: merged
+
+    return get_engine(cfg.engine)(cfg, engine_weights(model_dir), prompts, progress=progress)

@@ -1,0 +1,75 @@
+"""What a rollout engine reads for a LoRA checkpoint (`train.lora`): the merged model.
+
+A LoRA round checkpoint holds only the adapter (peft's format) and the tokenizer. The engines
+(hf, vLLM) load Hugging Face model folders, so `engine_weights` hands them a merged copy
+(W0 + scale * B @ A, written by peft's `merge_and_unload` in the base's dtype), built once per
+adapter and cached under the run's `scratch/lora-merged/<adapter hash>`; only the newest merged
+model is kept, so the cache costs one model's size, not one per round. A resident engine then
+loads it in place like any other checkpoint. Full-weight folders pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("trace_rl.stages.lora_weights")
+
+MERGED_DIR = "lora-merged"
+
+
+def _cache_root(model_dir: Path) -> Path:
+    """`RUN/scratch/lora-merged` for a run's checkpoint (RUN/checkpoints/round-k), else a
+    folder in the system's temporary directory."""
+    if model_dir.parent.name == "checkpoints":
+        return model_dir.parent.parent / "scratch" / MERGED_DIR
+    return Path(tempfile.gettempdir()) / f"trace-rl-{MERGED_DIR}"
+
+
+def _adapter_key(model_dir: Path) -> str:
+    from trace_rl.trainer import lora
+
+    h = hashlib.sha256()
+    for name in (lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS):
+        with open(model_dir / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _base_dtype(base: str):
+    import torch
+
+    config = Path(base) / "config.json"
+    if not config.exists():
+        return None
+    data = json.loads(config.read_text())
+    name = data.get("dtype") or data.get("torch_dtype")
+    return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else None
+
+
+def engine_weights(model_dir: str) -> str:
+    """`model_dir` itself, or for a LoRA checkpoint the folder of its merged model."""
+    from trace_rl.trainer import lora
+
+    src = Path(model_dir)
+    if not lora.is_adapter_dir(src):
+        return model_dir
+    root = _cache_root(src.resolve())
+    out = root / _adapter_key(src)
+    if (out / "config.json").exists():
+        return str(out)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=root))
+    lora.merge(src, tmp, dtype=_base_dtype(lora.base_of(src)))
+    os.replace(tmp, out)
+    for old in root.iterdir():  # one merged model at a time
+        if old != out:
+            shutil.rmtree(old, ignore_errors=True)
+    log.info("LoRA checkpoint %s merged into %s for the rollout engine", model_dir, out)
+    return str(out)
