@@ -68,6 +68,16 @@ class Manifest:
         return cls(**json.loads(text))
 
 
+def content_fingerprint(m: Manifest) -> str:
+    """What downstream stages record of this dataset: a hash of what it holds and what it was
+    made from (config, inputs, each file's name, size and sha256, and `extra`, where a train
+    stage lists its checkpoint's files by hash), never of when it was written. A forced rerun
+    that writes byte-identical output keeps the fingerprint, so nothing downstream goes stale
+    (a content-addressed build); any changed byte changes it."""
+    files = [{k: f.get(k) for k in ("name", "rows", "size", "sha256")} for f in m.files]
+    return fingerprint([m.config_fingerprint, m.inputs, files, m.extra])
+
+
 def read_manifest(fs, directory: str) -> Manifest | None:
     """The manifest of the dataset in `directory` on `fs`, or None while it is missing (the
     dataset is incomplete). The one reader of `.manifest.json`: the store and `inspect` use it."""
@@ -121,9 +131,7 @@ class DatasetWriter:
             files=self.files, code_version=code_version(), started_at=self.started_at,
             finished_at=time.time(), extra=self.extra,
         )
-        # A fresh nonce: a forced rerun always yields a new fingerprint, so downstream stages
-        # that recorded the old one become stale even when the content happens to be identical.
-        manifest.fingerprint = fingerprint([self.config_fingerprint, self.inputs, self.files, uuid.uuid4().hex])
+        manifest.fingerprint = content_fingerprint(manifest)
         manifest.digest = manifest_digest(asdict(manifest))
         self.store.write_text(self.store.path(self.name, MANIFEST), manifest.to_json())
         self.manifest = manifest

@@ -3,10 +3,13 @@
 A complete stage is stale when its manifest no longer matches what the stage would be run with
 now: the config fingerprint it recorded differs from the current config's (`stage_config`, the
 same fields the stage itself fingerprints, so a runtime-only change such as `train.tensorboard`
-never makes a stage stale), or an input it recorded has since been rewritten or has gone, or an
-input is itself stale. The last rule makes staleness transitive: re-annotating round 0 makes
-round 0's train stale, hence round 1's rollout (sampled from that checkpoint), and so on through
-every later round and every evaluation of a later checkpoint.
+never makes a stage stale), or an input it recorded has since been rewritten with different
+content or has gone, or an input is itself stale. A dataset's fingerprint is a hash of its content
+(pipeline/store.py `content_fingerprint`), so a forced stage that wrote byte-identical output
+leaves everything downstream current. The last rule makes staleness transitive: re-annotating
+round 0 with a different result makes round 0's train stale, hence round 1's rollout (sampled
+from that checkpoint), and so on through every later round and every evaluation of a later
+checkpoint.
 
 A complete stage is damaged when its files no longer match the sizes (`--verify`: the sha256)
 its manifest recorded, or the manifest itself was edited, or (a train stage) the checkpoint it
@@ -81,7 +84,6 @@ class _Checker:
         if m is None:
             return StageState("missing")
         damaged = damage_reason(self.store, name, m, self.deep)  # files vs their recorded size/hash
-        damaged = damaged or _trainer_state_damage(m, self.deep)
         if damaged:
             return StageState("damaged", damaged)
         stage = m.stage
@@ -106,37 +108,10 @@ class _Checker:
             if upstream is None:
                 return f"its input {name} is missing or incomplete"
             if upstream.fingerprint != fp:
-                return f"its input {name} was rewritten"
-            upstream_state = self.dataset(name)
-            if upstream_state.state != "complete" and not _state_only(upstream_state):
-                return f"its input {name} is {upstream_state.state}"
+                return f"its input {name} was rewritten with different content"
+            if self.dataset(name).state != "complete":
+                return f"its input {name} is {self.dataset(name).state}"
         return None
-
-
-_TRAINER_STATE = "its checkpoint's trainer state"
-
-
-def _state_only(state: StageState) -> bool:
-    """Damage of a trainer state alone: the weights the later rounds came from are intact."""
-    return state.state == "damaged" and (state.reason or "").startswith(_TRAINER_STATE)
-
-
-def _trainer_state_damage(m: Manifest, deep: bool) -> str | None:
-    """A train stage's checkpoint whose trainer state fails its own record (trainer/
-    state_record.py: truncated, changed, or another checkpoint's); the weights may be fine."""
-    from trace_rl.trainer.state_record import TrainerStateError, state_problems
-
-    ckpt = (m.extra or {}).get("checkpoint") if m.stage == "train" else None
-    if not ckpt:
-        return None
-    try:
-        problems = state_problems(ckpt, deep=deep)
-    except TrainerStateError as e:
-        problems = [str(e)]
-    if not problems:
-        return None
-    return (f"{_TRAINER_STATE}: {'; '.join(problems)}. It is never trained from: "
-            "`trace-rl run CONFIG` replays the rounds since the last good trainer state")
 
 
 def _is_run_dataset(name: str) -> bool:

@@ -27,8 +27,10 @@ INPUTS = {"rollout": ["prompts"], "verify": ["prompts", "rollouts"],
           "annotate": ["prompts", "rollouts", "verdicts"]}
 
 
-def write_stage(cfg, stage: str, k: int | None) -> None:
-    """An (empty) output of `stage` in round k, recording what the real stage records."""
+def write_stage(cfg, stage: str, k: int | None, content: str | None = None) -> None:
+    """An (empty) output of `stage` in round k, recording what the real stage records; `content`
+    stands for different output (it goes to the manifest's `extra`, where a train stage records
+    its checkpoint's file hashes): without it a rewrite is byte-identical to the first write."""
     store = open_store(cfg)
     if stage == "prepare":
         names, extra = [], {}
@@ -41,6 +43,7 @@ def write_stage(cfg, stage: str, k: int | None) -> None:
     p = decide(cfg, stage, k, names, force=True, extra_inputs=extra)
     with p.writer(SCHEMAS[STAGES[stage].schema], stage, allow_extra=True) as w:
         w.write_rows([])
+        w.extra = {"content": content} if content else {}
     if stage == "train":
         store.local_path("checkpoints", f"round-{k + 1:04d}").mkdir(parents=True, exist_ok=True)
 
@@ -73,6 +76,13 @@ def run(tmp_path):
     return cfg
 
 
+def manifests(cfg) -> dict:
+    store = open_store(cfg)
+    names = ["prompts"] + [dataset_name(s, k) for k in range(cfg.run.rounds)
+                           for s in ("rollout", "verify", "annotate", "train")]
+    return {name: store.manifest(name) for name in names}
+
+
 def states_of(cfg) -> dict[tuple[str, int], str]:
     return {(s, k): st.state for s, by in stage_states(cfg).items() if s != "prepare"
             for k, st in by.items()}
@@ -86,8 +96,24 @@ def test_a_fresh_run_is_complete_with_its_evaluations_listed(run):
     assert evals[0].avg == 1.0
 
 
-def test_a_forced_annotation_makes_every_later_stage_and_eval_stale(run):
-    write_stage(run, "annotate", 0)  # what `trace-rl stage annotate ... --round 0 --force` does
+def test_a_forced_stage_with_identical_output_leaves_everything_current(run):
+    """Staleness follows content: `stage annotate --round 0 --force` with the same settings
+    wrote the same bytes, so nothing after it is stale (and nothing reruns)."""
+    before = {name: m.fingerprint for name, m in manifests(run).items()}
+    write_stage(run, "annotate", 0)
+    write_stage(run, "train", 1)
+    assert {name: m.fingerprint for name, m in manifests(run).items()} == before
+    assert set(states_of(run).values()) == {"complete"}
+    assert {e.state for e in eval_states(run)} == {"complete"}
+
+
+def test_a_forced_annotation_with_a_changed_setting_makes_its_dependants_stale(run):
+    """The run's annotate setting changed and round 0 was re-annotated under it: what depends on
+    the new annotations is stale, what came before is not."""
+    changed = load_config("demo", [f"run.root={run.run.run_root}", "run.rounds=3", "eval.bootstrap=10",
+                                   "annotate.coverage_cap=0.3"])
+    write_stage(changed, "annotate", 0)
+    run = changed
     states = states_of(run)
     assert states["annotate", 0] == "complete" and states["verify", 0] == "complete"
     assert states["rollout", 0] == "complete"
@@ -105,15 +131,15 @@ def test_a_forced_annotation_makes_every_later_stage_and_eval_stale(run):
 
 
 def test_retraining_round_0_leaves_later_rounds_stale_until_they_rerun(run):
-    write_stage(run, "train", 0)  # a forced retrain: a new fingerprint, same config
+    write_stage(run, "train", 0, content="other weights")  # a forced retrain with a new result
     states = states_of(run)
     assert states["train", 0] == "complete"
     assert states["rollout", 1] == "stale"
     # verify/annotate of round 1 did not change, but they judge rollouts that are stale
     assert states["verify", 1] == "stale" and states["annotate", 1] == "stale"
     assert states["train", 2] == "stale"
-    for stage in ("rollout", "verify", "annotate", "train"):  # rerun round 1
-        write_stage(run, stage, 1)
+    for stage in ("rollout", "verify", "annotate", "train"):  # rerun round 1 (new samples)
+        write_stage(run, stage, 1, content="new samples")
     states = states_of(run)
     assert all(states[s, 1] == "complete" for s in ("rollout", "verify", "annotate", "train"))
     assert states["rollout", 2] == "stale"  # round 2 still sampled the old round-1 checkpoint
@@ -143,7 +169,7 @@ def test_status_reads_the_runs_own_config_no_phantom_round(tmp_path):
 
 
 def test_status_command_prints_stale_rounds_and_evaluations(run):
-    write_stage(run, "annotate", 1)
+    write_stage(run, "annotate", 1, content="other spans")
     out = subprocess.run([sys.executable, "-m", "trace_rl.flows.cli", "status", run.run.run_root],
                          check=False, capture_output=True, text=True, cwd=ROOT, timeout=120,
                          env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "HOME": str(ROOT)})
