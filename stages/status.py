@@ -84,6 +84,7 @@ class _Checker:
         if m is None:
             return StageState("missing")
         damaged = damage_reason(self.store, name, m, self.deep)  # files vs their recorded size/hash
+        damaged = damaged or _trainer_state_damage(m, self.deep)
         if damaged:
             return StageState("damaged", damaged)
         stage = m.stage
@@ -109,9 +110,36 @@ class _Checker:
                 return f"its input {name} is missing or incomplete"
             if upstream.fingerprint != fp:
                 return f"its input {name} was rewritten with different content"
-            if self.dataset(name).state != "complete":
-                return f"its input {name} is {self.dataset(name).state}"
+            upstream_state = self.dataset(name)
+            if upstream_state.state != "complete" and not _state_only(upstream_state):
+                return f"its input {name} is {upstream_state.state}"
         return None
+
+
+_TRAINER_STATE = "its checkpoint's trainer state"
+
+
+def _state_only(state: StageState) -> bool:
+    """Damage of a trainer state alone: the weights the later rounds came from are intact."""
+    return state.state == "damaged" and (state.reason or "").startswith(_TRAINER_STATE)
+
+
+def _trainer_state_damage(m: Manifest, deep: bool) -> str | None:
+    """A train stage's checkpoint whose trainer state fails its own record (trainer/
+    state_record.py: truncated, changed, or another checkpoint's); the weights may be fine."""
+    from trace_rl.trainer.state_record import TrainerStateError, state_problems
+
+    ckpt = (m.extra or {}).get("checkpoint") if m.stage == "train" else None
+    if not ckpt:
+        return None
+    try:
+        problems = state_problems(ckpt, deep=deep)
+    except TrainerStateError as e:
+        problems = [str(e)]
+    if not problems:
+        return None
+    return (f"{_TRAINER_STATE}: {'; '.join(problems)}. It is never trained from: "
+            "`trace-rl run CONFIG` replays the rounds since the last good trainer state")
 
 
 def _is_run_dataset(name: str) -> bool:
