@@ -82,7 +82,8 @@ ANNOTATIONS = _schema(
         _f("route", pa.string()),
         _f("annotator", pa.string()),
         _f("spans", pa.list_(SPAN)),
-        _f("coverage", pa.float32(), nullable=True),  # NULL: not annotated (skipped, error)
+        # fraction of response tokens in spans; NULL where nothing was distilled from the row
+        _f("coverage", pa.float32(), nullable=True),
         _f("status", pa.string()),
         _f("raw_response", pa.string(), nullable=True),
         _f("error", pa.string(), nullable=True),

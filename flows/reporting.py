@@ -144,7 +144,9 @@ def stage_figures(cfg: TraceConfig, stage: str, round_index: int | None) -> str:
     if stage == "verify":
         return f"{head}; accuracy (reward rate) {_fmt(r.reward_rate)}"
     if stage == "annotate":
-        return f"{head}; coverage of annotated rows {_fmt(r.coverage)}"
+        from trace_rl.stages.annotate import coverage_phrase
+
+        return f"{head}; {coverage_phrase(m.extra)}"
     from trace_rl.data_schemas import TRAIN_METRICS
 
     t = store.read(m.dataset, TRAIN_METRICS, allow_extra=True)

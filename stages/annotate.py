@@ -21,6 +21,15 @@ from .common import dataset_name, decide
 log = logging.getLogger("trace_rl.stages.annotate")
 
 
+def coverage_phrase(extra: dict) -> str:
+    """The logged coverage, saying which rows it averages: only rows with spans have one."""
+    mean, n = extra.get("mean_coverage"), extra.get("coverage_rows")
+    if mean is None:
+        return "coverage: no row has spans"
+    over = f"the {n} rows with spans" if n is not None else "the rows with spans"
+    return f"mean coverage {mean:.3f} over {over} (NULL on rows without: too_broad, no_spans, skipped, errors)"
+
+
 def route_for(cfg: TraceConfig, correct: bool) -> str:
     """'key', 'error' or 'none' for one rollout under the configured method."""
     # imported here: the method registry pulls in torch, which this stage otherwise never needs
@@ -67,7 +76,8 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     with p.writer(ANNOTATIONS, "annotate") as w:
         w.write_rows(rows)
         covered = [r["coverage"] for r in rows if r["coverage"] is not None]
-        # the one mean coverage every view shows: over annotated rows (NULL rows left out)
-        w.extra = {"mean_coverage": sum(covered) / len(covered) if covered else None}
-    log.info("annotate round %d: %s", round_index, dict(w.counts))
+        # the one mean coverage every view shows: over the rows with spans (the only non-NULL)
+        w.extra = {"mean_coverage": sum(covered) / len(covered) if covered else None,
+                   "coverage_rows": len(covered)}
+    log.info("annotate round %d: %s; %s", round_index, dict(w.counts), coverage_phrase(w.extra))
     return w.manifest

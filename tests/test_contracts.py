@@ -313,3 +313,21 @@ def test_accelerate_train_path_matches_the_in_process_stage(tmp_path):
     for a, b in zip(runs["inproc"], runs["launch"], strict=True):
         assert a["step"] == b["step"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("status", ["ok", "no_spans", "too_broad", "skipped", "parse_error",
+                                    "api_error", "timeout"])
+@pytest.mark.parametrize("with_spans", [True, False])
+def test_coverage_is_null_wherever_nothing_was_distilled(status, with_spans):
+    """One meaning of `coverage`: the span fraction of a row that spans were distilled from;
+    every other row (whatever its status, whatever number the annotator computed) is NULL,
+    and the row still fits the annotations schema."""
+    from trace_rl.stages.annotators.base import make_row
+
+    spans = [{"token_start": 0, "token_end": 3, "char_start": 0, "char_end": 9, "label": "x",
+              "kind": "key_step"}] if with_spans else []
+    row = make_row({"rollout_id": "r", "route": "key"}, "rule", status, spans=spans, coverage=0.3)
+    assert (row["coverage"] is not None) == (status == "ok" and with_spans)
+    if row["coverage"] is not None:
+        assert row["coverage"] == pytest.approx(0.3)
+    rows_to_table([row], ANNOTATIONS, where="coverage contract")

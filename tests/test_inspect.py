@@ -59,7 +59,7 @@ ROWS = {
     "r1": ("p1", T1, 20, "stop", True, "key", "ok", 0.25),
     "r2": ("p1", T2, 16, "stop", False, "error", "ok", 0.125),
     "r3": ("p2", T3, 10, "stop", True, "key", "ok", 0.2),
-    "r4": ("p2", T4, 8, "stop", False, "error", "no_spans", 0.0),
+    "r4": ("p2", T4, 8, "stop", False, "error", "no_spans", None),  # nothing distilled: NULL
     "r5": ("p2", T5, 32, "length", False, "none", "skipped", None),  # not annotated: NULL
 }
 
@@ -132,9 +132,9 @@ def test_run_summary_values(run_dir: Path, capsys) -> None:
     assert ann["labels"] == {"carry": 1, "final answer": 1, EVIL_LABEL: 1, "(no label)": 1,
                              "单位换算 ✓": 1}
     assert ann["rows_without_spans"] == 2
-    # one meaning of coverage: the mean over annotated rows (r5 was skipped: NULL, left out)
-    assert ann["coverage"]["mean"] == pytest.approx((0.25 + 0.125 + 0.2 + 0.0) / 4)
-    assert ann["coverage"]["max"] == pytest.approx(0.25) and ann["not_annotated"] == 1
+    # one meaning of coverage: the mean over rows with spans (r4 no_spans, r5 skipped: NULL)
+    assert ann["coverage"]["mean"] == pytest.approx((0.25 + 0.125 + 0.2) / 3)
+    assert ann["coverage"]["max"] == pytest.approx(0.25) and ann["not_annotated"] == 2
     assert ann["coverage_of_rows_with_spans"]["mean"] == pytest.approx((0.25 + 0.125 + 0.2) / 3)
     ver = ds["round-0003/verdicts"]
     assert ver["correct"] == 2 and ver["correct_rate"] == pytest.approx(0.4)

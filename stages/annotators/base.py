@@ -104,9 +104,10 @@ def make_row(
         "route": item["route"],
         "annotator": annotator,
         "spans": spans or [],
-        # Coverage has one meaning, the fraction of response tokens in spans of an annotated
-        # row; a row that was not annotated (skipped, an error) has none (NULL), not 0.
-        "coverage": None if status == "skipped" or status.endswith("_error") else float(coverage),
+        # Coverage has one meaning: the fraction of response tokens in the spans distilled from
+        # the row. A row nothing was distilled from (skipped, an error, no_spans, too_broad)
+        # has none: NULL, not 0, so no mean of coverage averages in rows without spans.
+        "coverage": float(coverage) if status == "ok" and spans else None,
         "status": status,
         "raw_response": raw,
         "error": error,
