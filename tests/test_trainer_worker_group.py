@@ -11,6 +11,7 @@ last full state and checks the replay (Δ recorded in the manifest).
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -176,7 +177,6 @@ def _tree(pid: int) -> set[int]:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
 def test_interrupted_flow_ends_its_group(tmp_path, tiny_testbed_dir, cpu_gloo, sig):
-    import subprocess
     import time
 
     cfg = _config(tmp_path, tiny_testbed_dir, rounds=1)  # writes the accelerate config
@@ -212,3 +212,139 @@ def test_a_failing_round_ends_the_group_with_its_traceback(tmp_path, tiny_testbe
             group.train(0, {"round_index": 0, "init_checkpoint": str(tmp_path)}, resident_ok=False)
         assert group.dead and group.proc.poll() not in (None, 0)
         assert group.offload() == "no trainer group running"
+
+
+def _benchmark(name: str):
+    """A script of benchmarks/ as a module (its harness is the test's)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_group_takes_only_its_flows_requests_and_stops(tmp_path):
+    """Requests and stops are named with the flow's nonce; another flow's (an orphan's or a
+    restarted flow's) files are left alone."""
+    from trace_rl.trainer.worker_group import _next_message, write_json
+
+    launcher = os.getppid()
+    write_json(tmp_path / "0001-0ther0nce000-offload.json", {"kind": "offload", "nonce": "0ther0nce000"})
+    write_json(tmp_path / "stop.json", {"save": False})
+    write_json(tmp_path / "stop-0ther0nce000.json", {"save": False})
+    assert _next_message(tmp_path, (None, None), launcher, "a1b2c3d4e5f6") == {"kind": "noop"}
+    write_json(tmp_path / "0002-a1b2c3d4e5f6-round-3.json", {"kind": "round", "nonce": "a1b2c3d4e5f6"})
+    msg = _next_message(tmp_path, (None, None), launcher, "a1b2c3d4e5f6")
+    assert msg["name"] == "0002-a1b2c3d4e5f6-round-3" and msg["kind"] == "round"
+    assert (tmp_path / "0002-a1b2c3d4e5f6-round-3.taken").exists()
+    assert (tmp_path / "0001-0ther0nce000-offload.json").exists()  # never taken
+    write_json(tmp_path / "stop-a1b2c3d4e5f6.json", {"save": True})
+    assert _next_message(tmp_path, (None, None), launcher, "a1b2c3d4e5f6")["save"] is True
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert "is gone" in _next_message(tmp_path, (dead.pid, None), launcher, "a1b2c3d4e5f6")["why"]
+
+
+# Answers every request under its own name, but with another flow's nonce: an orphan's answer.
+FOREIGN = r"""
+import json, os, sys, time
+from pathlib import Path
+d = Path(sys.argv[1])
+while True:
+    for p in d.glob("[0-9][0-9][0-9][0-9]-*.json"):
+        if not p.name.endswith(".done.json"):
+            os.replace(p, p.with_suffix(".taken"))
+            (d / (p.stem + ".done.json")).write_text(json.dumps({"offload": "x", "nonce": "0ther0nce000"}))
+    time.sleep(0.05)
+"""
+
+
+def test_an_answer_with_another_nonce_is_never_taken(tmp_path):
+    from trace_rl.stages.config import load_config
+    from trace_rl.trainer.worker_group import GroupDied, TrainerGroup
+
+    cfg = load_config("demo", ["train.num_processes=2"])
+    group = TrainerGroup(cfg.train, tmp_path)
+    group.proc = subprocess.Popen([sys.executable, "-c", FOREIGN, str(tmp_path)])
+    try:
+        with pytest.raises(GroupDied, match=f"carries nonce '0ther0nce000', not this flow's {group.nonce}"):
+            group.request("offload", {})
+        assert (tmp_path / f"0001-{group.nonce}-offload.taken").exists()
+        assert group.dead and group.offload() == "no trainer group running"
+    finally:
+        group.proc.kill()
+        group.proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_killed_flows_group_dies_and_the_rerun_equals_the_uninterrupted_run(tmp_path, tiny_testbed_dir,
+                                                                              cpu_gloo):
+    """Issue 26: SIGKILL the flow while its group trains round 1. Before, the orphan trained on
+    to the end of the round (7 s here) and wrote its answer, which a restarted flow took for its
+    own. Now every process of the group ends within seconds (its watchdog), it answers nothing,
+    and the restarted flow's weights equal an uninterrupted run's bit for bit."""
+    bench = _benchmark("orphan_group")
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    proc = bench.driver(ref, bench.overrides(ref, tiny_testbed_dir, 2), "ref.log")
+    assert proc.wait(600) == 0, (ref / "ref.log").read_text()[-3000:]
+    work = tmp_path / "killed"
+    work.mkdir()
+    args = bench.overrides(work, tiny_testbed_dir, 2)
+    got = bench.kill_mid_round(work, args, 1)
+    assert len(got["pids"]) >= 3 and got["lifetime_s"] < 10 and not got["answered"], got
+    print(f"the orphaned group ended {got['lifetime_s']} s after its flow's SIGKILL")
+    proc = bench.driver(work, args, "rerun.log")
+    assert proc.wait(600) == 0, (work / "rerun.log").read_text()[-3000:]
+    launches = (work / "run/scratch/trainer-group" / LAUNCHES).read_text().splitlines()
+    assert len(launches) == 2 and len({json.loads(line)["nonce"] for line in launches}) == 2
+    final = "run/checkpoints/round-0002/model.safetensors"
+    want, have = load_file(str(ref / final)), load_file(str(work / final))
+    assert want.keys() == have.keys()
+    assert all(torch.equal(want[k], have[k]) for k in want), [k for k in want if not torch.equal(want[k], have[k])]
+
+
+# The group's entry point with process 1 hanging in its first round (a stuck rank).
+HANG_GROUP = r"""
+import os, sys, time
+from pathlib import Path
+import trace_rl.trainer.worker_group as wg
+real = wg._run_round
+def hang_on_rank_1(msg, acc, resident):
+    if acc.process_index == 1:
+        Path(os.environ["HANG_MARKER"]).write_text(str(time.time()))
+        time.sleep(3600)
+    return real(msg, acc, resident)
+wg._run_round = hang_on_rank_1
+wg.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_hung_process_fails_the_round_within_the_collective_timeout(tmp_path, tiny_testbed_dir, cpu_gloo,
+                                                                      monkeypatch):
+    import time
+
+    from trace_rl.data_schemas.errors import StageError
+
+    marker = tmp_path / "hung"
+    monkeypatch.setenv("HANG_MARKER", str(marker))
+    cfg = _config(tmp_path, tiny_testbed_dir, rounds=1)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"collective_timeout_s": 10.0})})
+    (tmp_path / "hang_group.py").write_text(HANG_GROUP)
+    get_stage("prepare")(cfg, None, progress=False)
+    for stage in ("rollout", "verify", "annotate"):
+        get_stage(stage)(cfg, 0, progress=False)
+    with trainer_group_session(cfg, [str(tmp_path / "hang_group.py")]) as group:
+        with pytest.raises(StageError, match=r"round-0 failed in the trainer group(.|\n)*[Tt]imed? ?out"):
+            get_stage("train")(cfg, 0, progress=False)
+        failed = time.time()
+        assert group.dead
+    waited = failed - float(marker.read_text())
+    # the deadline (counted from when process 0 enters its collective, after loading the model),
+    # plus the launcher's teardown, on 2 busy cores: far below torch's 30 minutes (gloo: 2 hours)
+    assert waited < 10.0 + 45.0, waited
+    print(f"the round failed {waited:.1f} s after process 1 hung (timeout 10 s)")

@@ -177,6 +177,11 @@ class TrainConfig(BaseModel):
     # (configs/accelerate/*.yaml) and process count; null / 1 = train in the stage's process.
     accelerate_config: str | None = None
     num_processes: int = 1
+    # Deadline of every collective of a multi-process trainer group (its process group and
+    # command channel): a hung process fails the round on the others within it, instead of
+    # torch's defaults (30 minutes; 2 hours for the group's channel before issue 26). Long enough
+    # for the slowest legitimate wait: rank 0 saving or loading a full checkpoint. Runtime-only.
+    collective_timeout_s: float = 900.0
 
     @property
     def trackers(self) -> list[str]:
@@ -235,6 +240,9 @@ class TrainConfig(BaseModel):
         if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints={self.keep_checkpoints}: use >= 1 (the last N "
                              "checkpoints kept besides what a resume needs), or null to keep all")
+        if self.collective_timeout_s <= 0:
+            raise ValueError(f"collective_timeout_s={self.collective_timeout_s}: use seconds > 0 "
+                             "(how long a trainer process may wait on the others)")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads={self.num_threads}: use a positive integer, or null for "
                              "torch's default")

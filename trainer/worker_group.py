@@ -3,11 +3,14 @@ per flow, that trains one round after another with the prepared model and optimi
 memory on every process.
 
     accelerate launch [--config_file C] --num_processes N -m trace_rl.trainer.worker_group \
-        --dir RUN/scratch/trainer-group --parent-pid PID
+        --dir RUN/scratch/trainer-group --parent-pid PID --nonce NONCE [--timeout-s T]
 
 Protocol (files in `--dir`, each written whole with os.replace):
-- the flow process writes a request `NNNN-KIND.json` (KIND: `round-K` or `offload`);
-- the main process polls the directory, renames the request to `NNNN-KIND.taken` and broadcasts
+- the flow process writes a request `NNNN-NONCE-KIND.json` (KIND: `round-K` or `offload`; NONCE:
+  the flow's own, fresh for each group it starts); a group takes only requests with its nonce and
+  every answer carries it, in its name and in its body, so a group orphaned by an earlier flow of
+  the run can never answer the next flow's `0001-...` request (issue 26: it once did);
+- the main process polls the directory, renames the request to `NNNN-NONCE-KIND.taken` and broadcasts
   it to every process (a gloo group of its own, so that NCCL is never kept waiting); an idle group
   broadcasts a no-op every `TICK` seconds, so no process waits on a collective for long;
 - every process runs the request with the state it holds, and the main process answers with
@@ -15,9 +18,15 @@ Protocol (files in `--dir`, each written whole with os.replace):
 - a round that raises on any process writes `NNNN-KIND.error.json` (rank 0) or
   `NNNN-KIND.error-rankR.json` with the traceback, and that process exits: the launcher then
   ends the whole group (a collective half-entered cannot be recovered), and the stage reports it;
-- `stop.json` ({"save": bool}) ends the group, first writing the held optimizer state into its
-  checkpoint when `save` says that round is committed; the main process also ends the group when
-  the flow process (`--parent-pid`) or its launcher is gone (the flow may die without cleanup).
+- `stop-NONCE.json` ({"save": bool}) ends the group, first writing the held optimizer state into
+  its checkpoint when `save` says that round is committed;
+- the group belongs to its flow: on every process a watchdog thread ends the process within
+  `WATCH` seconds once the flow process (`--parent-pid`, checked by pid and start time) or the
+  launcher is gone, mid-round too (the flow may die by SIGKILL without cleanup; the processes'
+  exit frees their devices, and the launcher ends when its processes do). A flow that starts a
+  group first ends any earlier group of the run still alive (`launches.jsonl` names them);
+- every collective has the `--timeout-s` deadline (train.collective_timeout_s): a hung process
+  fails the round on the others within it instead of torch's 30-minute (gloo: 2-hour) defaults.
 
 A round uses the held state only when the request says the stage that produced it committed
 (`resident_ok`) and it is the state at the round's start checkpoint under the same config;
@@ -37,6 +46,7 @@ import re
 import sys
 import time
 import traceback
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -46,8 +56,10 @@ from typing import Any
 log = logging.getLogger("trace_rl.trainer.worker_group")
 
 TICK = 0.25  # seconds between the main process's polls (and idle no-op broadcasts)
+WATCH = 0.5  # seconds between a process's checks that its flow and launcher still run
 REQUEST = re.compile(r"^\d{4}-[a-z0-9-]+\.json$")
 LAUNCHES = "launches.jsonl"
+ORPHANED = 75  # exit status of a process whose flow or launcher is gone
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -58,24 +70,57 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether `pid` runs: a zombie (killed, not yet reaped by its parent) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc: kill(0) is all there is
+
+
+def orphaned(parent_pid: int | None, parent_id: str | None, launcher: int) -> str | None:
+    """Why this process no longer belongs to a flow (None while it does): the flow process is
+    gone, or its pid now names another process, or the launcher is gone."""
+    from trace_rl.pipeline.runlock import process_identity
+
+    if parent_pid is not None:
+        now = process_identity(parent_pid) if parent_id else None
+        if not _alive(parent_pid) or (now is not None and now != parent_id):
+            return f"the flow process {parent_pid} is gone"
+    if os.getppid() != launcher:
+        return f"the launcher {launcher} is gone"
+    return None
+
+
+def _watch(parent_pid: int | None, parent_id: str | None, launcher: int) -> None:
+    """Every process, in a daemon thread: end the process once its flow is gone, whatever the
+    main thread is doing (a round can run for hours; the flow that asked for it is dead and a
+    restarted flow must not meet this group's files or devices)."""
+    while True:
+        time.sleep(WATCH)
+        why = orphaned(parent_pid, parent_id, launcher)
+        if why:
+            log.error("trainer group: %s; process %d ends now (nothing saved)", why, os.getpid())
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(ORPHANED)
 
 
 class _Channel:
     """Rank 0 -> every rank, on a gloo group of its own (a no-op in a single process)."""
 
-    def __init__(self, accelerator: Any) -> None:
+    def __init__(self, accelerator: Any, timeout_s: float) -> None:
         import torch.distributed as dist
 
         self.dist = dist
         self.multi = accelerator.num_processes > 1 and dist.is_initialized()
-        self.group = dist.new_group(backend="gloo", timeout=timedelta(hours=2)) if self.multi else None
+        self.group = (dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+                      if self.multi else None)
 
     def broadcast(self, obj: Any) -> Any:
         if not self.multi:
@@ -85,16 +130,26 @@ class _Channel:
         return box[0]
 
 
-def _next_message(cmd_dir: Path, parent_pid: int | None, launcher: int) -> dict:
-    """Rank 0: the next request in the directory, a stop, or a no-op after one tick."""
-    if parent_pid is not None and not _alive(parent_pid):
-        return {"kind": "stop", "save": False, "why": f"the flow process {parent_pid} is gone"}
-    if os.getppid() != launcher:
-        return {"kind": "stop", "save": False, "why": f"the launcher {launcher} is gone"}
-    stop = cmd_dir / "stop.json"
+def stop_file(nonce: str | None) -> str:
+    return f"stop-{nonce}.json" if nonce else "stop.json"
+
+
+def _mine(name: str, nonce: str | None) -> bool:
+    """A request of this group's flow: `NNNN-NONCE-KIND.json` (any request when started
+    without a nonce, by hand)."""
+    return bool(REQUEST.match(name)) and (nonce is None or name.split("-")[1] == nonce)
+
+
+def _next_message(cmd_dir: Path, parent: tuple[int | None, str | None], launcher: int,
+                  nonce: str | None) -> dict:
+    """Rank 0: the next request of this group's flow, a stop, or a no-op after one tick."""
+    why = orphaned(*parent, launcher)
+    if why:
+        return {"kind": "stop", "save": False, "why": why}
+    stop = cmd_dir / stop_file(nonce)
     if stop.exists():
         return {"kind": "stop", **json.loads(stop.read_text()), "why": "stop requested"}
-    requests = sorted(p for p in cmd_dir.iterdir() if REQUEST.match(p.name))
+    requests = sorted(p for p in cmd_dir.iterdir() if _mine(p.name, nonce))
     if requests:
         req = requests[0]
         body = json.loads(req.read_text())
@@ -124,28 +179,70 @@ def _run_round(msg: dict, accelerator: Any, resident: Any) -> dict:
             "replay_max_abs_delta": worst if args["replay"] else None, "resident": warm}
 
 
-def serve(cmd_dir: str | Path, accelerator: Any = None, parent_pid: int | None = None) -> None:
-    """The group's loop (every process calls it); returns when a stop arrives."""
+def _accelerator(timeout_s: float) -> Any:
+    """The group's Accelerator, its process group with the collective deadline."""
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))])
+
+
+def _record_launch(cmd_dir: Path, acc: Any, launcher: int, nonce: str | None) -> None:
+    """Rank 0: one line in `launches.jsonl` (launches are counted by it; a later flow ends a
+    group of it still alive by pid, start time and launcher)."""
+    from trace_rl.pipeline.runlock import process_identity
+
+    with open(cmd_dir / LAUNCHES, "a") as f:
+        f.write(json.dumps({"pid": os.getpid(), "identity": process_identity(os.getpid()),
+                            "launcher": launcher, "nonce": nonce, "processes": acc.num_processes,
+                            "started": time.time()}) + "\n")
+    log.info("trainer group started: %d process(es), commands in %s", acc.num_processes, cmd_dir)
+
+
+def _answer(msg: dict, acc: Any, resident: Any, cmd_dir: Path, nonce: str | None) -> dict:
+    """Run one request on this process; a failure is written down and ends the process."""
+    try:
+        if msg["kind"] == "offload":
+            reply = {"offload": resident.offload()}
+        elif msg["kind"] == "round":
+            reply = _run_round(msg, acc, resident)
+        else:
+            raise ValueError(f"unknown trainer group request {msg['kind']!r}")
+        acc.wait_for_everyone()
+    except BaseException:
+        suffix = "error" if acc.is_main_process else f"error-rank{acc.process_index}"
+        write_json(cmd_dir / f"{msg['name']}.{suffix}.json",
+                   {"rank": acc.process_index, "nonce": nonce, "traceback": traceback.format_exc()})
+        log.exception("trainer group: %s failed on process %d", msg["name"], acc.process_index)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    return {**reply, "nonce": nonce}
+
+
+def serve(cmd_dir: str | Path, accelerator: Any = None, parent_pid: int | None = None, *,
+          nonce: str | None = None, parent_id: str | None = None, timeout_s: float = 900.0) -> None:
+    """The group's loop (every process calls it); returns when a stop arrives."""
+    import threading
+
     from trace_rl.trainer.resident import Resident
 
     cmd_dir = Path(cmd_dir)
-    acc = accelerator or Accelerator()
-    channel = _Channel(acc)
+    launcher = os.getppid()
+    threading.Thread(target=_watch, args=(parent_pid, parent_id, launcher), daemon=True,
+                     name="trainer-group-watch").start()
+    acc = accelerator or _accelerator(timeout_s)
+    channel = _Channel(acc, timeout_s)
     resident = Resident()
     rank0 = acc.is_main_process
-    launcher = os.getppid()
     if rank0:
-        with open(cmd_dir / LAUNCHES, "a") as f:
-            f.write(json.dumps({"pid": os.getpid(), "processes": acc.num_processes,
-                                "started": time.time()}) + "\n")
-        log.info("trainer group started: %d process(es), commands in %s", acc.num_processes, cmd_dir)
+        _record_launch(cmd_dir, acc, launcher, nonce)
     while True:
-        msg = channel.broadcast(_next_message(cmd_dir, parent_pid, launcher) if rank0 else None)
-        kind = msg["kind"]
-        if kind == "noop":
+        msg = channel.broadcast(_next_message(cmd_dir, (parent_pid, parent_id), launcher, nonce)
+                                if rank0 else None)
+        if msg["kind"] == "noop":
             continue
-        if kind == "stop":
+        if msg["kind"] == "stop":
             log.info("trainer group stopping: %s", msg.get("why"))
             if msg.get("save"):
                 path = resident.save_state()  # collective under FSDP
@@ -154,33 +251,26 @@ def serve(cmd_dir: str | Path, accelerator: Any = None, parent_pid: int | None =
             resident.clear()
             acc.wait_for_everyone()
             return
-        try:
-            if kind == "offload":
-                reply = {"offload": resident.offload()}
-            elif kind == "round":
-                reply = _run_round(msg, acc, resident)
-            else:
-                raise ValueError(f"unknown trainer group request {kind!r}")
-            acc.wait_for_everyone()
-        except BaseException:
-            suffix = "error" if rank0 else f"error-rank{acc.process_index}"
-            write_json(cmd_dir / f"{msg['name']}.{suffix}.json",
-                       {"rank": acc.process_index, "traceback": traceback.format_exc()})
-            log.exception("trainer group: %s failed on process %d", msg["name"], acc.process_index)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
+        reply = _answer(msg, acc, resident, cmd_dir, nonce)
         if rank0:
             write_json(cmd_dir / f"{msg['name']}.done.json", reply)
 
 
 def main(argv: list[str] | None = None, accelerator: Any = None) -> None:
+    from trace_rl.trainer.config import TrainConfig
+
     parser = argparse.ArgumentParser(description="A resident TRACE trainer group (one round per request).")
     parser.add_argument("--dir", required=True, help="the command directory")
     parser.add_argument("--parent-pid", type=int, default=None, help="end when this process is gone")
+    parser.add_argument("--parent-id", default=None, help="the parent's boot id and start ticks "
+                        "(a reused pid is not the parent)")
+    parser.add_argument("--nonce", default=None, help="the flow's nonce: take only its requests")
+    parser.add_argument("--timeout-s", type=float, help="deadline of every collective, seconds",
+                        default=TrainConfig.model_fields["collective_timeout_s"].default)
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    serve(ns.dir, accelerator, ns.parent_pid)
+    serve(ns.dir, accelerator, ns.parent_pid, nonce=ns.nonce, parent_id=ns.parent_id,
+          timeout_s=ns.timeout_s)
 
 
 if __name__ == "__main__":
@@ -216,16 +306,23 @@ class TrainerGroup:
         self.dead: str | None = None  # why the group is no longer usable
         self.seq = 0
         self.tag: str | None = None  # the manifest that committed the group's last round
+        # This flow's mark on its requests; a group answers only its own flow's requests, and
+        # only answers that carry it are taken.
+        self.nonce = uuid.uuid4().hex[:12]
 
     def _start(self) -> None:
         import subprocess
 
+        from trace_rl.pipeline.runlock import process_identity
+
         self.dir.mkdir(parents=True, exist_ok=True)
+        end_earlier_groups(self.dir)
         for f in self.dir.iterdir():  # requests and answers of an earlier group
             if f.name != LAUNCHES:
-                f.unlink()
+                f.unlink(missing_ok=True)
         cmd = [*launch_prefix(self.train_cfg), *self.program, "--dir", str(self.dir),
-               "--parent-pid", str(os.getpid())]
+               "--parent-pid", str(os.getpid()), "--parent-id", process_identity(os.getpid()) or "",
+               "--nonce", self.nonce, "--timeout-s", str(self.train_cfg.collective_timeout_s)]
         log.info("trainer group: %s", " ".join(cmd))
         # its own process group: a terminal's Ctrl-C reaches the flow, which then ends the group
         self.proc = subprocess.Popen(cmd, start_new_session=True)
@@ -240,8 +337,8 @@ class TrainerGroup:
         if self.proc is None:
             self._start()
         self.seq += 1
-        name = f"{self.seq:04d}-{kind}"
-        write_json(self.dir / f"{name}.json", {**body, "kind": kind.split("-")[0]})
+        name = f"{self.seq:04d}-{self.nonce}-{kind}"
+        write_json(self.dir / f"{name}.json", {**body, "kind": kind.split("-")[0], "nonce": self.nonce})
         done = self.dir / f"{name}.done.json"
         while not done.exists():
             code = self.proc.poll()
@@ -253,7 +350,11 @@ class TrainerGroup:
                     raise StageError(f"{name} failed in the trainer group:\n{tb}")
                 raise GroupDied(self.dead)
             time.sleep(0.1)
-        return json.loads(done.read_text())
+        reply = json.loads(done.read_text())
+        if reply.get("nonce") != self.nonce:  # never another flow's answer
+            self.dead = f"{done.name} carries nonce {reply.get('nonce')!r}, not this flow's {self.nonce}"
+            raise GroupDied(self.dead)
+        return reply
 
     def train(self, round_index: int, args: dict, resident_ok: bool) -> dict:
         """Round k in the group; `resident_ok`: the held state's round was committed (the stage
@@ -275,7 +376,7 @@ class TrainerGroup:
         if self.proc is None or self.proc.poll() is not None:
             return
         committed = save and self.tag is not None
-        write_json(self.dir / "stop.json", {"save": committed})
+        write_json(self.dir / stop_file(self.nonce), {"save": committed})
         try:
             self.proc.wait(self.stop_timeout if committed else 30)
             return
@@ -303,6 +404,32 @@ class TrainerGroup:
                 return
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 continue
+
+
+def end_earlier_groups(cmd_dir: Path, grace: float = 10.0) -> list[int]:
+    """End the groups of earlier flows of this run that still run (their watchdog ends them
+    within WATCH seconds of their flow's death; this is the second line, for a group whose
+    watchdog could not run). Returns the pids ended."""
+    import signal
+
+    from trace_rl.pipeline.runlock import process_identity
+
+    path = cmd_dir / LAUNCHES
+    lines = path.read_text().splitlines() if path.exists() else []
+    live = [e for e in map(json.loads, lines)
+            if e.get("identity") and process_identity(e["pid"]) == e["identity"]]
+    for e in live:
+        log.warning("trainer group: ending the group of an earlier flow (pid %d) still running",
+                    e["pid"])
+        for pid in filter(None, (e["pid"], e.get("launcher"))):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    deadline = time.monotonic() + grace
+    while any(process_identity(e["pid"]) == e["identity"] for e in live) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [e["pid"] for e in live]
 
 
 _ACTIVE: TrainerGroup | None = None
