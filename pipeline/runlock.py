@@ -131,6 +131,9 @@ def _try_link(path: Path, holder: Holder) -> bool:
         return True
     except FileExistsError:
         return False
+    except OSError as err:  # EPERM / ENOTSUP: a filesystem without hard links
+        raise RunLocked(f"cannot create the run lock {path}: {err}; put run.root on a filesystem "
+                        "with hard links (a local disk, NFS, Lustre)") from err
     finally:
         tmp.unlink(missing_ok=True)
 
