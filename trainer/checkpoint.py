@@ -6,6 +6,10 @@ Layout of a round's output checkpoint:
     <ckpt>/trainer_state/state.json                           the human-readable part
     <ckpt>/trainer_state/teacher/                             teacher weights for the next round
                                                               (only when it does not re-sync)
+    <ckpt>/trainer_state/record.json                          size + sha256 of each file above,
+                                                              round, global step (written last)
+    <ckpt>/trainer_step.json                                  round and global step of the weights
+A trainer state is checked against both before it is loaded (trainer/state_record.py).
 Under FSDP the parameters and the optimizer moments are sharded across processes: saves gather
 them into full, CPU, name-keyed dicts (torch.distributed.checkpoint's state_dict API; the save
 records `state_layout: full_fqn`) and a resume scatters them back into the shards after
@@ -174,6 +178,8 @@ def restore_sharded(model: torch.nn.Module, optimizer: Any, state: dict[str, Any
         set_optimizer_state_dict,
     )
 
+    # only rank 0's dicts are read (the others may pass empty ones: load_trainer_state's
+    # receives_shards); each tensor is broadcast and every process keeps its own shard
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     if with_model:
         set_model_state_dict(model, state["model"], options=opts)
@@ -225,11 +231,16 @@ def has_trainer_state(path: str | Path) -> bool:
 
 
 def load_trainer_state(path: str | Path, expect_round: int | None = None,
-                       deep: bool = True) -> dict[str, Any] | None:
+                       deep: bool = True, receives_shards: bool = False) -> dict[str, Any] | None:
     """The trainer state of checkpoint `path` (None: it has none), verified first against its
     record (sizes; `deep`: sha256) and the checkpoint's round and step, then against the round
     `expect_round` that resumes from it. Anything wrong raises TrainerStateError saying what to
-    do; a damaged state is never loaded."""
+    do; a damaged state is never loaded.
+
+    `receives_shards` (an FSDP process other than the main one): of a `full_fqn` state only the
+    small parts are read (the file is memory-mapped, and its optimizer moments and master are
+    dropped untouched, so their pages are never read): `restore_sharded` broadcasts them from
+    the main process. Else each of 8 processes on a host would hold the whole ~12 B/param."""
     f = Path(path) / STATE_DIR / "state.pt"
     if not f.exists():
         return None
@@ -238,7 +249,11 @@ def load_trainer_state(path: str | Path, expect_round: int | None = None,
         raise TrainerStateError(f"the trainer state in {f.parent} is damaged: "
                                 f"{'; '.join(problems)}. {REMEDY}")
     try:
-        state = torch.load(f, map_location="cpu", weights_only=False)
+        state = torch.load(f, map_location="cpu", weights_only=False, mmap=receives_shards)
+        if receives_shards:
+            if state.get("state_layout") != FULL_FQN:  # unsharded: every process needs it all
+                return load_trainer_state(path, expect_round, deep)
+            state.update(optimizer={}, **({"master": {}} if "master" in state else {}))
     except Exception as e:  # a raw zip / unpickling error says nothing about what to do
         raise TrainerStateError(f"the trainer state {f} cannot be read ({type(e).__name__}: "
                                 f"{e}); it is truncated or damaged. {REMEDY}") from e

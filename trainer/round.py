@@ -309,7 +309,9 @@ def _train_round(cfg: TrainConfig, *, prompts, rollouts, verdicts, annotations, 
         with clock("state_load_s"):
             # round k resumes round k-1's state (a continued run's round 0: any round's)
             expect = round_index - 1 if round_index > 0 else None
-            state = load_trainer_state(init_checkpoint, expect) if inherit else None
+            # under FSDP only the main process reads the moments and master from the file
+            state = load_trainer_state(init_checkpoint, expect, deep=acc.is_main_process,
+                                       receives_shards=not acc.is_main_process) if inherit else None
             global_step = 0
         if state is None and saved is None and round_index > 0:
             raise RuntimeError(
@@ -320,9 +322,11 @@ def _train_round(cfg: TrainConfig, *, prompts, rollouts, verdicts, annotations, 
                 "rounds since the last full trainer state, or rerun from that round")
     if state is not None:
         if state.get("state_layout") != FULL_FQN:  # FSDP saves are restored after prepare
-            optimizer.load_state_dict(state["optimizer"])
+            # popped, not read: the file's copies (a second float32 master, and the moments
+            # once they move to the device) must not live on beside the model's for the round
+            optimizer.load_state_dict(state.pop("optimizer"))
             if "master" in state:  # float32 master weights (the checkpoint's are rounded)
-                model.load_state_dict(state["master"])
+                model.load_state_dict(state.pop("master"))
         scheduler.load_state_dict(state["scheduler"])
         global_step = state["global_step"]
     model.to(acc.device)
@@ -341,8 +345,10 @@ def _train_round(cfg: TrainConfig, *, prompts, rollouts, verdicts, annotations, 
         wrapped, optimizer = acc.prepare(model, optimizer)
     # sharded states can only be scattered into the prepared (sharded) model and optimizer
     if state is not None and state.get("state_layout") == FULL_FQN:
-        restore_sharded(wrapped, optimizer, {**state, "model": state.get("master")},
-                        with_model="master" in state)
+        with_model = "master" in state
+        restore_sharded(wrapped, optimizer, {"optimizer": state.pop("optimizer"),
+                                             "model": state.pop("master", None)},
+                        with_model=with_model)
     # Old log-probs come from the prepared model (under FSDP the only place where every process
     # holds real weights) at the round's initial weights: before a progress save is restored.
     old_logp = old_logprobs(cfg, wrapped, examples, my_idx, pad_id, acc, work, fp, temperature,
