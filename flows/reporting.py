@@ -59,7 +59,9 @@ def training_run_name() -> str:
 
 def stage_run_name() -> str:
     p = _params("flow")
-    return f"{_run_name(p.get('config'))} · {stage_label(p.get('stage', '?'), p.get('round_index'))}"
+    stage = p.get("stage", "?")
+    k = None if stage == "prepare" else p.get("round_index")  # prepare is of no round
+    return f"{_run_name(p.get('config'))} · {stage_label(stage, k)}"
 
 
 def evaluate_run_name() -> str:

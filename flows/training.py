@@ -190,7 +190,7 @@ def trace_training(config: str = "demo", overrides: list[str] | None = None,
 
 
 @flow(name="trace-stage", log_prints=True, flow_run_name=reporting.stage_run_name)
-def trace_stage(stage: StageName, config: str, round_index: int | None,
+def trace_stage(stage: StageName, config: str, round_index: int,
                 overrides: list[str] | None = None, force: bool = False) -> dict:
     """One stage of one round of a run, e.g. to redo an annotation with force=true.
 
@@ -198,16 +198,19 @@ def trace_stage(stage: StageName, config: str, round_index: int | None,
         stage: which stage to run.
         config: the run directory (or its config.yaml), or a config name/file for a new run;
             an existing run's config.yaml is never rewritten here.
-        round_index: the round K (0, 1, ...); null only for prepare. For evaluate, the policy
-            that round K's train stage wrote (-1: the initial policy).
+        round_index: the round K (0, 1, ...); prepare (no round) ignores it. For evaluate, the
+            policy that round K's train stage wrote (-1: the initial policy). An integer: the
+            deployment's schema refuses null when the run is submitted, not when it starts.
         overrides: section.key=value items for a new run; on an existing run, one that would
             change its config.yaml is refused (nothing is written).
         force: redo the stage even if its output is current (later stages become stale).
     """
     if stage not in TASKS:
         raise ConfigError(f"unknown stage {stage!r}; valid: {sorted(TASKS)}")
-    if STAGES[stage].per_round and (round_index is None or round_index < 0):
+    if STAGES[stage].per_round and round_index < 0:
         raise ConfigError(f"stage {stage!r} needs round_index 0, 1, ... (got {round_index})")
+    if stage == "prepare":
+        round_index = None  # prepare writes the run's prompts, of no round
     config_path = run_config_path(config, overrides)
     with run_lock(load_config(config_path).run.run_root), reporting.forward_trace_logs():
         out = TASKS[stage](stage, config_path, round_index, force=force)

@@ -167,9 +167,16 @@ def print_summary(summary: dict[str, Any]) -> None:
         table.add_row(bench, str(e["n_problems"]), str(e["k"]), pct(e["avg@k"]), ci(e["ci95"]),
                       f"{e['mean_response_tokens']:.0f}")
     five = summary["five_column_mean"]
-    table.add_row("5-column mean", "", "", pct(five["value"]), ci(five["ci95"]), "")
-    if five["reason"]:
-        table.caption = f"5-column mean: {five['reason']}"
+    if five["value"] is not None or five["reason"] not in _SAID:
+        table.add_row("5-column mean", "", "", pct(five["value"]), ci(five["ci95"]), "")
+    if five["reason"] and five["reason"] not in _SAID:
+        _SAID.add(five["reason"])
+        table.caption = f"5-column mean: {five['reason']} (said once per run)"
     Console(stderr=True).print(table)
+
+
+# Why the 5-column mean is missing, said once per process (a run evaluates every round; the
+# reason is the same each time, and the summary.json of each evaluation keeps it).
+_SAID: set[str] = set()
 
 

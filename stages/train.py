@@ -241,6 +241,7 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
         resident.tag = w.manifest.fingerprint  # round k+1 may start from what is in memory
     if metrics:
         last = metrics[-1]
-        log.info("train round %d: %d steps, loss %.4f, kl_weight %.3f -> %s", round_index, len(metrics),
-                 last["loss"], last["kl_weight"], out_dir)
+        # the last step's figures, named so (the flow's summary line gives the step means)
+        log.info("train round %d: %d steps -> %s; last step: loss %.4f, λ %.3f", round_index,
+                 len(metrics), out_dir, last["loss"], last["kl_weight"])
     return w.manifest
