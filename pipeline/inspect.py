@@ -87,6 +87,13 @@ def read_dataset(fs, path: str, label: str) -> Dataset:
     return Dataset(label, path, name, table, complete)
 
 
+def _position(d: Dataset) -> int:
+    """Prompts first, then the rounds in order, then the evaluations (after every round)."""
+    if d.schema == "eval_samples":
+        return 1 << 30
+    return -1 if d.round is None else d.round
+
+
 def discover(fs, root: str) -> tuple[str, list[tuple[str, str]]]:
     """(kind, [(label, path)]) for PATH: kind is file | dataset | round | run."""
     if fs.isfile(root):
@@ -213,8 +220,7 @@ def inspect_path(path: str, *, html: str | None = None, examples: int = 3,
     fs, root = fsspec.core.url_to_fs(path)
     kind, found = discover(fs, root)
     datasets = sorted((read_dataset(fs, p, label) for label, p in found),
-                      key=lambda d: (d.round if d.round is not None else -1,
-                                     SCHEMA_ORDER.index(d.schema), d.label))
+                      key=lambda d: (_position(d), SCHEMA_ORDER.index(d.schema), d.label))
     summaries = [dict(SUMMARIZERS[d.schema](d.table), schema=d.schema, round=d.round,
                       complete=d.complete) for d in datasets]
     reader = _Reader(fs, datasets)

@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .layout import ROUND_RE
+from .layout import ROUND_RE, policy_index
 
 
 @dataclass
@@ -27,8 +27,26 @@ class Dataset:
 
     @property
     def round(self) -> int | None:
+        """The round a round dataset belongs to; None for an evaluation (`eval/round-000k/` is
+        the checkpoint round k-1 wrote: policy k, which sampled round k, not round k's data)."""
+        if self.schema == "eval_samples":
+            return None
         m = ROUND_RE.search(self.path)
         return int(m.group(1)) if m else None
+
+    @property
+    def heading(self) -> str | None:
+        """The rule above the dataset: "round k" (its data: policy k sampled it), or "policy k"
+        for an evaluation of checkpoint k."""
+        if self.schema == "eval_samples":
+            parts = self.path.rstrip("/").split("/")
+            ckpt = parts[parts.index("eval") + 1] if "eval" in parts[:-1] else None
+            k = policy_index(ckpt) if ckpt else None
+            if k is None:
+                return f"evaluation of {ckpt}" if ckpt else None
+            return f"policy {k} ({ckpt}{', the initial model' if k == 0 else ''}; it sampled round {k})"
+        k = self.round
+        return None if k is None else f"round {k} (sampled by policy {k})"
 
 
 def _stats(values: list[float]) -> dict[str, float] | None:

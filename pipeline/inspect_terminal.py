@@ -104,11 +104,11 @@ def _example_header(r: dict[str, Any]) -> Text:
 
 def print_report(console: Console, datasets: list[Dataset], summaries: list[dict[str, Any]],
                  examples: dict[str, list[dict[str, Any]]]) -> None:
-    current: int | None = None
+    current: str | None = None
     for ds, summary in zip(datasets, summaries):
-        if ds.round is not None and ds.round != current and len(datasets) > 1:
-            console.rule(f"round {ds.round}", style="dim")
-            current = ds.round
+        if ds.heading is not None and ds.heading != current and len(datasets) > 1:
+            console.rule(ds.heading, style="dim")
+            current = ds.heading
         console.print(_summary_table(ds, summary))
         shown = examples.get(ds.label, [])
         if shown:

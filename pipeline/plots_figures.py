@@ -128,16 +128,26 @@ def curves_figure(stats: RunStats, title: str) -> Any | None:
 
 
 def _draw_accuracy(ax: Any, stats: RunStats, bench: str) -> None:
+    """A line with a CI band only where every policy 0..last was evaluated: a line across
+    policies that were never evaluated would draw values nobody measured. Otherwise each
+    evaluated policy is a point with its CI as an error bar."""
     xs = sorted(k for k, accs in stats.evals.items() if bench in accs)
     accs = [stats.evals[k][bench] for k in xs]
-    ax.plot(xs, [100 * a.value for a in accs], marker="o", color="tab:blue", label="avg@k")
+    ys = [100 * a.value for a in accs]
+    if xs != list(range(xs[-1] + 1)):
+        lo = [y - 100 * a.ci95[0] if a.ci95 else 0.0 for y, a in zip(ys, accs)]
+        hi = [100 * a.ci95[1] - y if a.ci95 else 0.0 for y, a in zip(ys, accs)]
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", color="tab:blue", capsize=4,
+                    label="avg@k, 95% CI (evaluated policies only)")
+        return
+    ax.plot(xs, ys, marker="o", color="tab:blue", label="avg@k")
     with_ci = [(x, a.ci95) for x, a in zip(xs, accs) if a.ci95 is not None]
     if with_ci:
         ax.fill_between([x for x, _ in with_ci], [100 * c[0] for _, c in with_ci],
                         [100 * c[1] for _, c in with_ci], color="tab:blue", alpha=0.2, label="95% CI")
         if len(with_ci) == 1:  # a band over one point has no width: show it as an error bar too
-            (x, (lo, hi)), = with_ci
-            ax.plot([x, x], [100 * lo, 100 * hi], color="tab:blue", alpha=0.5, lw=6)
+            (x, (lo_, hi_)), = with_ci
+            ax.plot([x, x], [100 * lo_, 100 * hi_], color="tab:blue", alpha=0.5, lw=6)
 
 
 def accuracy_figure(stats: RunStats, title: str) -> Any | None:
@@ -153,14 +163,15 @@ def accuracy_figure(stats: RunStats, title: str) -> Any | None:
     for ax, bench in zip(axes, benches):
         _draw_accuracy(ax, stats, bench)
         ax.set_title(bench, fontsize=10)
-        ax.set_xlabel("policy k (0 = initial model)", fontsize=8)
+        ax.set_xlabel("policy k: sampled round k (0 = initial model)", fontsize=8)
         ax.set_ylabel("avg@k (%)", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     last = max(stats.evals)
-    fig.suptitle(f"{title}: held-out accuracy of policy k (last: {checkpoint_name(last)})", fontsize=11)
+    fig.suptitle(f"{title}: held-out accuracy of policy k, the checkpoint that sampled round k "
+                 f"(last: policy {last}, {checkpoint_name(last)})", fontsize=11)
     return fig
 
 

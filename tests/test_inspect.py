@@ -180,6 +180,31 @@ def test_eval_samples_of_a_run_are_found_and_summarised(tmp_path: Path, capsys) 
     assert got["complete"] is True
 
 
+def test_an_evaluation_is_headed_by_its_policy_not_a_round(tmp_path: Path, capsys) -> None:
+    """eval/round-0004/ is policy 4 (what sampled round 4), listed after every round, never
+    under a "round 4" rule; round data is headed by the round and the policy that sampled it."""
+    from trace_rl.data_schemas import EVAL_SAMPLES, rows_to_table
+    from trace_rl.pipeline.layout import eval_samples_dataset
+
+    root = tmp_path / "run"
+    _write_run(root)  # round-0003
+    rows = [{"benchmark": "testbed", "problem_id": "p0", "sample_index": 0, "response_text": "x",
+             "extracted_answer": None, "correct": True, "num_tokens": 3}]
+    for ckpt in ("initial", "round-0004"):
+        with RunStore(str(root)).writer(eval_samples_dataset(ckpt, "testbed"), EVAL_SAMPLES,
+                                        stage="evaluate", config_fingerprint="c") as w:
+            w.write_table(rows_to_table(rows, EVAL_SAMPLES), part="samples.parquet")
+    out = inspect_path(str(root), examples=0)
+    labels = list(out["datasets"])
+    assert labels[-2:] == ["eval/initial/testbed", "eval/round-0004/testbed"]
+    assert out["datasets"]["eval/round-0004/testbed"]["round"] is None
+    printed = capsys.readouterr().out
+    assert "round 3 (sampled by policy 3)" in printed
+    assert "policy 0 (initial, the initial model; it sampled round 0)" in printed
+    assert "policy 4 (round-0004; it sampled round 4)" in printed
+    assert "round 4" not in printed.replace("sampled round 4", "")
+
+
 def test_example_text_styles_exact_span_ranges() -> None:
     rec = {"response_text": T1, "spans": SPANS["r1"], "route": "key"}
     rendered = example_text(rec)

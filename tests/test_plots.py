@@ -116,19 +116,33 @@ def test_curve_figure_data_equals_the_metrics(tmp_path) -> None:
     assert any(list(ln.get_xdata()) == [2.5, 2.5] for ln in _axis(fig, "grad norm").get_lines())
 
 
-def test_accuracy_figure_draws_avg_and_ci_band(tmp_path) -> None:
+def test_accuracy_figure_draws_only_evaluated_policies_as_points(tmp_path) -> None:
+    """Policies 0 and 2 evaluated, 1 not: two points with their CIs, no line or band across 1."""
     _, _, evals = _trace_run(tmp_path / "run")
     fig = build_figures(collect_run(str(tmp_path / "run")), "t")["accuracy.png"]
     ax = _axis(fig, "testbed")
+    assert not [c for c in ax.collections if type(c).__name__ == "PolyCollection"]  # no band
+    (points,) = [ln for ln in ax.get_lines() if ln.get_marker() == "o"]
+    assert points.get_linestyle() == "None"  # points, not a line through policy 1
+    assert list(points.get_xdata()) == [0, 2]
+    assert list(points.get_ydata()) == pytest.approx([100 * evals[c]["avg@k"] for c in ("initial", "round-0002")])
+    (bars,) = [c for c in ax.collections if type(c).__name__ == "LineCollection"]
+    segments = sorted((seg[0][0], seg[0][1], seg[1][1]) for seg in bars.get_segments())
+    assert segments == [pytest.approx((x, 100 * evals[c]["ci95"][0], 100 * evals[c]["ci95"][1]))
+                        for x, c in ((0, "initial"), (2, "round-0002"))]
+
+
+def test_accuracy_figure_draws_a_line_and_band_when_every_policy_is_evaluated() -> None:
+    from trace_rl.pipeline.plots_data import RunStats
+    from trace_rl.pipeline.plots_figures import accuracy_figure
+
+    evals = {k: {"testbed": Accuracy(0.2 + 0.1 * k, (0.1 + 0.1 * k, 0.3 + 0.1 * k))} for k in range(3)}
+    fig = accuracy_figure(RunStats(evals=evals), "t")
+    ax = _axis(fig, "testbed")
     line = ax.get_lines()[0]
-    assert list(line.get_xdata()) == [0, 2]
-    assert list(line.get_ydata()) == pytest.approx([100 * evals[c]["avg@k"] for c in ("initial", "round-0002")])
+    assert list(line.get_xdata()) == [0, 1, 2] and line.get_linestyle() == "-"
     band_y = ax.collections[0].get_paths()[0].vertices[:, 1]
-    lows = [100 * evals[c]["ci95"][0] for c in ("initial", "round-0002")]
-    highs = [100 * evals[c]["ci95"][1] for c in ("initial", "round-0002")]
-    assert band_y.min() == pytest.approx(min(lows)) and band_y.max() == pytest.approx(max(highs))
-    for y in lows + highs:
-        assert np.isclose(band_y, y).any()
+    assert band_y.min() == pytest.approx(10.0) and band_y.max() == pytest.approx(50.0)
 
 
 def test_plot_run_writes_readable_pngs_and_a_matching_summary(tmp_path) -> None:
