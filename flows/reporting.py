@@ -162,6 +162,24 @@ def stage_figures(cfg: TraceConfig, stage: str, round_index: int | None) -> str:
     return f"{head}; step means: {figs}"
 
 
+def round_line(config_path: str, round_index: int) -> str:
+    """The parent run's one line per finished round: what policy k did and what training made of
+    it (step means), and the evaluation of the policy it wrote when there is one."""
+    from trace_rl.pipeline.plots_data import round_stats
+    from trace_rl.stages.common import open_store
+
+    cfg = load_config(config_path)
+    store = open_store(cfg)
+    r = round_stats(store, round_index)
+    line = (f"round {round_index} done (policy {round_index} sampled, policy {round_index + 1} "
+            f"written): reward rate {_fmt(r.reward_rate)}, coverage of rows with spans "
+            f"{_fmt(r.coverage)}, step-mean loss {_fmt(r.loss, '.4f')}, λ {_fmt(r.kl_weight)}")
+    path = store.path(eval_summary(checkpoint_name(round_index + 1)))
+    if store.fs.exists(path):
+        line += f"; policy {round_index + 1}: {_eval_line(json.loads(store.read_text(path)))}"
+    return line
+
+
 def log_stage(config_path: str, stage: str, round_index: int | None) -> None:
     """The stage's figures, to the current Prefect run's log."""
     from prefect import get_run_logger
@@ -193,6 +211,16 @@ def plots_markdown(paths: list[str]) -> str:
     return "\n".join(out)
 
 
+def _log_evaluations(cfg: TraceConfig) -> None:
+    """`eval/<benchmark>/avg@k` per evaluated policy into the run's TensorBoard run."""
+    from trace_rl.pipeline.tracking import log_eval_scalars
+    from trace_rl.stages.common import open_store
+
+    store = open_store(cfg)
+    if "tensorboard" in cfg.train.trackers and store.is_local:
+        log_eval_scalars(store)
+
+
 def publish_run_artifacts(config_path: str, note: str) -> None:
     """Redraw `<run>/plots/` and attach to the current run: a table artifact (one row per round),
     and a markdown artifact with the evaluation summary and the plots."""
@@ -209,8 +237,11 @@ def publish_run_artifacts(config_path: str, note: str) -> None:
         if stats.empty:
             return
         paths = plot_run(root)
-        rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(r).items()
-                 if k not in ("first_step", "last_step")} for r in stats.rounds]
+        _log_evaluations(cfg)
+        # round k's row: what policy k sampled, and the training that wrote policy k+1
+        rows = [{"round": r.round, "sampled by": f"policy {r.round}",
+                 **{k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(r).items()
+                    if k not in ("first_step", "last_step", "round")}} for r in stats.rounds]
         if rows:
             create_table_artifact(key=_key(cfg, "rounds"), table=rows,
                                   description=f"{cfg.run.name}: one row per round ({note})")

@@ -21,8 +21,9 @@ def test_tensorboard_tracker_writes_the_logged_steps(tmp_path):
     (events,) = {p.parent for p in (tmp_path / "tensorboard").rglob("events.out.tfevents*")}
     acc = EventAccumulator(str(events))
     acc.Reload()
-    assert [(e.step, e.value) for e in acc.Scalars("kl_weight")] == [(0, 0.5), (1, 0.25), (2, 0.0)]
-    assert "flag" not in acc.Tags()["scalars"] and "step" not in acc.Tags()["scalars"]
+    # grouped tags: the per-step scalars under train/
+    assert [(e.step, e.value) for e in acc.Scalars("train/kl_weight")] == [(0, 0.5), (1, 0.25), (2, 0.0)]
+    assert set(acc.Tags()["scalars"]) == {"train/kl_weight"}  # no flag, no step, no route
 
 
 def test_only_the_main_process_reports(tmp_path):
@@ -74,3 +75,34 @@ def test_event_files_of_one_run_are_read_in_the_order_they_were_written(tmp_path
     acc = EventAccumulator(str(log_dir))
     acc.Reload()
     assert [e.step for e in acc.Scalars("x")] == [0, 1, 2, 3]
+
+
+def test_eval_scalars_per_policy_written_once_per_summary(tmp_path):
+    """`eval/<benchmark>/avg@k` at step k for policy k (0 = initial), with its CI bounds; a summary
+    already written is not written again, a re-evaluation is; a model outside the run is left out."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from trace_rl.pipeline.store import RunStore
+    from trace_rl.pipeline.tracking import log_eval_scalars
+
+    store = RunStore(str(tmp_path / "run"))
+
+    def summary(ckpt: str, avg: float) -> None:
+        body = {"checkpoint": ckpt, "benchmarks": {"testbed": {"avg@k": avg, "ci95": [avg - 0.1, avg + 0.1]}},
+                "five_column_mean": {"value": None}}
+        store.write_text(store.path("eval", ckpt, "summary.json"), json.dumps(body))
+
+    summary("initial", 0.2)
+    summary("round-0002", 0.5)
+    summary("some-model-dir", 0.9)
+    assert set(log_eval_scalars(store)) == {"initial", "round-0002"}
+    assert log_eval_scalars(store) == {}  # nothing new
+    summary("round-0002", 0.6)  # re-evaluated
+    assert log_eval_scalars(store) == {"round-0002": {"eval/testbed/avg@k": 0.6, "eval/testbed/ci_low": 0.5,
+                                                      "eval/testbed/ci_high": 0.7}}
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard" / "train"))
+    acc.Reload()
+    got = [(e.step, round(e.value, 6)) for e in acc.Scalars("eval/testbed/avg@k")]
+    assert got[:2] == [(0, 0.2), (2, 0.5)] and got[-1] == (2, 0.6)
+    assert {t.split("/")[0] for t in acc.Tags()["scalars"]} == {"eval"}

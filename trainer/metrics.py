@@ -98,6 +98,9 @@ def missing_tracker_packages(names: list[str]) -> list[str]:
 # whatever the round; steps are global, so rounds follow each other on one axis.
 
 
+TRAIN_GROUP = "train"  # the tag prefix of the per-step scalars
+
+
 def tensorboard_dir(log_dir: str) -> str:
     """`<run>/tensorboard` for a trainer work dir `<run>/scratch/round-K/train-<attempt>` (the
     stage's layout), else `<log_dir>/tensorboard`."""
@@ -148,7 +151,9 @@ class Logger:
         self._pending = list(report_to)  # started at the first logged step (TensorBoard's purge)
 
     def log(self, row: dict[str, Any], step: int) -> None:
-        values = {k: v for k, v in row.items()
+        # grouped tags: `train/loss`, `train/kl/forward`, beside `rollout/...` and `eval/...`
+        # (pipeline/tracking.py) in the run's one TensorBoard run
+        values = {f"{TRAIN_GROUP}/{k}": v for k, v in row.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
         for name in self._pending:
             tracker = _make_tracker(name, self.log_dir, self.run_name, first_step=step)
