@@ -9,7 +9,7 @@ tests/test_verifiers.py measures it. With ``--solutions N`` it grades the refere
 of the first N rows of gsm8k/test and math500/test (from $TRACE_SHARED_DATA) against their own
 answers, and prints how many are not rewarded: right solutions the verifier misses.
 
-    .venv/bin/python benchmarks/stated_answers.py [--peer] [--solutions N] [--show]
+    .venv/bin/python benchmarks/stated_answers.py [--review] [--peer] [--solutions N] [--show]
 
 To measure another version of the verifier, put its package first on PYTHONPATH.
 """
@@ -24,15 +24,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ROOT / "tests" / "fixtures" / "stated_answer_cases.jsonl"
+# The reviewer's independent cases; ``known_limit`` marks a documented miss.
+REVIEW_CASES = ROOT / "tests" / "fixtures" / "stated_answer_review_cases.jsonl"
 SHARED = Path(os.environ.get("TRACE_SHARED_DATA") or ROOT.parent / "shared" / "data")
 
 
-def prose(show: bool) -> None:
+def prose(show: bool, path: Path = CASES) -> None:
     from trace_rl.stages.verifiers import VerifyConfig
     from trace_rl.stages.verifiers.math_verifier import MathChecker
 
     checker = MathChecker(VerifyConfig(kind="math", workers=1))
-    cases = [json.loads(line) for line in CASES.read_text().splitlines() if line.strip()]
+    cases = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     fp, fn, exact, n_pos = Counter(), Counter(), 0, 0
     for c in cases:
         v = checker(c["text"], c["gold"], {})
@@ -45,10 +47,10 @@ def prose(show: bool) -> None:
                 fn[c["class"]] += 1
         elif got == "correct":
             fp[c["class"]] += 1
-        if show and got != c["expect"]:
+        if show and (got == "correct") != (c["expect"] == "correct"):
             print(f"  [{c['class']}] gold={c['gold']!r} expect={c['expect']} got={got} "
-                  f"({v.extracted_answer!r}): {c['text']!r}")
-    print(f"prose cases: {len(cases)} ({n_pos} to reward, {len(cases) - n_pos} not)")
+                  f"({v.extracted_answer!r}): {c['text']!r} {c.get('known_limit') or ''}")
+    print(f"{path.name}: {len(cases)} ({n_pos} to reward, {len(cases) - n_pos} not)")
     print(f"false positives: {sum(fp.values())} {dict(sorted(fp.items()))}")
     print(f"false negatives: {sum(fn.values())} {dict(sorted(fn.items()))}")
     print(f"verdict exactly as expected: {exact}/{len(cases)}")
@@ -89,9 +91,12 @@ if __name__ == "__main__":
     ap.add_argument("--peer", action="store_true", help="also the peer verifier cases")
     ap.add_argument("--solutions", type=int, default=0, metavar="N",
                     help="also the first N reference solutions of gsm8k and math500")
+    ap.add_argument("--review", action="store_true", help=f"also {REVIEW_CASES.name}")
     ap.add_argument("--show", action="store_true", help="print every case not as expected")
     args = ap.parse_args()
     prose(args.show)
+    if args.review:
+        prose(args.show, REVIEW_CASES)
     if args.peer:
         peer()
     if args.solutions:

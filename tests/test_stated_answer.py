@@ -273,3 +273,27 @@ def test_property_a_cue_never_pays_the_bare_number(
         whole = str(sympy.sympify(reads_as.format(n=n)))
         assert checker(text, whole, {}).correct, (text, whole)
         assert bare.correct == (whole == str(n)), (text, bare)
+
+
+# Issue 26 review: a second, independent set of adversarial statements (negation after the
+# value or the box, alternatives later in the sentence, operations in words, operands, unicode
+# fractions, space-grouped thousands, bounds inside and after boxes, '####' lines, implicit
+# sentences with symbols) and ordinary ones, incl. 28 written after the fixes as a hold-out.
+# A case with ``known_limit`` is a documented miss (README of the fixture: the reason).
+REVIEW_CASES = Path(__file__).parent / "fixtures" / "stated_answer_review_cases.jsonl"
+
+
+def test_review_cases_reward_exactly_the_right_answers(checker: MathChecker) -> None:
+    cases = [json.loads(line) for line in REVIEW_CASES.read_text().splitlines() if line.strip()]
+    assert len(cases) >= 200
+    limits = [c for c in cases if c.get("known_limit")]
+    assert len(limits) <= 4, limits  # a new limit is a decision, not a drift
+    wrong = []
+    for c in cases:
+        verdict = checker(c["text"], c["gold"], {})
+        rewarded = verdict.status == "ok" and bool(verdict.correct)
+        if c.get("known_limit"):
+            continue
+        if rewarded != (c["expect"] == "correct"):
+            wrong.append((c["text"], c["gold"], c["expect"], verdict))
+    assert wrong == []

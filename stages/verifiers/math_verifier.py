@@ -26,7 +26,9 @@ from trace_rl.stages.verifiers.extract import (
 )
 from trace_rl.stages.verifiers.stated import (
     stated_value,
+    unclear_after_box,
     unclear_after_statement,
+    unclear_box,
     unclear_lead,
     unclear_sentence,
 )
@@ -103,7 +105,7 @@ _STATEMENT_DETAILS = {
     "single_value": "answer from the only number in the last sentence",
 }
 # Statements whose first complete value is the answer (stated.py).
-_VALUE_KINDS = ("answer_phrase", "answer_line")
+_VALUE_KINDS = ("answer_phrase", "answer_line", "gsm8k")
 NO_ANSWER_DETAIL = (
     "no stated answer (no \\boxed{}, 'the answer is', 'Answer:', '####' or complete "
     "concluding sentence with something math-verify parses)"
@@ -169,7 +171,14 @@ def _unclear_context(region: str, masked: str, statement: Statement) -> str | No
         # $\\boxed{2}$ pencils left over").
         lead = region[sentence_start : statement.start]
         why = unclear_lead(lead, near=True)
-        if why == "negated" or (why is not None and re.search(r"\banswer\b", lead, re.I)):
+        answer_phrase = re.search(r"\banswer\b", lead, re.I) is not None
+        if why == "negated" or (why is not None and answer_phrase):
+            return why
+        if (why := next(filter(None, map(unclear_box, statement.boxes)), None)) is not None:
+            return why
+        stop = re.search(r"[.!?](?=\s|$)|\n", masked[end:])
+        rest = region[end : end + (stop.start() if stop else len(after))]
+        if (why := unclear_after_box(rest, answer_phrase=answer_phrase)) is not None:
             return why
     elif (why := unclear_lead(region[sentence_start : statement.start])) is not None:
         return why

@@ -29,7 +29,12 @@ reward is worse than a missed one: a policy trained on the reward learns to say 
 - a compound quantity that is not one number: "2 hours 30 minutes", "5 feet 3 inches",
   "6 apples and 4 oranges";
 - "X% of Y" with no result: the rate X or the part X% x Y, who knows;
-- a question: "12?".
+- a question: "12?";
+- an operation or an operand, not the value: "12 squared", "12 times 3", "2 to the 12th power",
+  "12-ish", "12 short of 20", "half of 12", "twice 12", "a loss of 12", "divisible by 12";
+- an alternative or a correction later in the statement: "12 if x is even, else 13", "12;
+  alternatively 13", "12 | 13", "12, but it is 15" (not after a box: a solution's sentence
+  goes on), and "12 (though 13 is possible)"; a vulgar fraction after it ("2½").
 
 Some quantities are read whole instead: sign words ("negative 5", "minus 5" state -5,
 "positive 5" states 5), scale words ("1.5 million" states 1500000, "4 dozen" 48), mixed numbers
@@ -53,7 +58,7 @@ _CURRENCY = "$€£¥₹"
 _NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
 _OP = r"(?:[-+*/×÷x]|\\times|\\cdot|\\div)"
 _LEAD_WORDS_RE = re.compile(
-    r"^(?:approximately|about|around|roughly|exactly|just|only)\s+", re.IGNORECASE
+    r"^(?:(?:approximately|about|around|roughly|exactly|just|only)\s+|[~≈]\s*)", re.IGNORECASE
 )
 _HEDGE_OPEN_RE = re.compile(r"^(?:either|between)\b", re.IGNORECASE)
 _NUMBER_RE = re.compile(_NUMBER)
@@ -77,11 +82,14 @@ _LATEX_THOUSANDS_RE = re.compile(r"(?<=\d)(?:\{,\}|,\\!|\\,|\\!|\\ )(?=\d{3})")
 _TIMES_RE = re.compile(r"\\times|\\cdot|×|(?<=\d)\s*x\s*(?=\d)")
 
 # Cues that make a statement unclear (module docstring). Negation: "not", "never", "isn't"...
-_NEGATION_RE = re.compile(r"\b(?:not|never|no\s+longer|cannot|neither|nor)\b|n[’']t\b", re.I)
+_NEGATION_RE = re.compile(
+    r"\b(?:not|never|no\s+longer|cannot|neither|nor|hardly|scarcely|unlikely)\b|n[’']t\b", re.I
+)
 _BOUND_WORDS = (
     r"at\s+(?:least|most)|(?:no\s+)?(?:more|less|fewer|greater|higher|lower|bigger|smaller)"
-    r"\s+than|under|over|above|below|beyond|nearly|almost|up\s+to|just\s+(?:under|over|shy\s+of)"
-    r"|upwards\s+of|in\s+excess\s+of|exceeding|at\s+minimum|at\s+maximum|within"
+    r"\s+than(?:\s+or\s+equal\s+to)?|under|over|above|below|beyond|nearly|almost|up\s+to"
+    r"|just\s+(?:under|over|shy\s+of)|upwards\s+of|in\s+excess\s+of|exceed(?:s|ed|ing)?"
+    r"|at\s+minimum|at\s+maximum|within|an?\s+(?:minimum|maximum)\s+of|close\s+to"
 )
 _BOUND_SYMBOLS = r"\\(?:geq?|leq?|gt|lt|geqslant|leqslant)\b|[<>≤≥≦≧]"
 # A bound right before the value: "at least 12", "$\geq 7$".
@@ -93,7 +101,8 @@ _BOUND_BEFORE_NUMBER_RE = re.compile(
 _BOUND_AFTER_RE = re.compile(
     r"^\s*(?:[A-Za-z]+\s+)?(?:,\s*)?(?:or\s+(?:more|less|fewer|greater|higher|lower|above|below"
     r"|over|under|bigger|smaller)|at\s+(?:least|most)|(?:and|or)\s+(?:up|above|over|below|beyond)"
-    r"|\+(?!\s*\d)|(?:at\s+)?(?:minimum|maximum)|max\b|min\b|tops\b)",
+    r"|\+(?!\s*[\w\\($])|(?:at\s+)?(?:minimum|maximum)|max\b|min\b|tops\b"
+    r"|at\s+the\s+(?:very\s+)?(?:least|most)|give\s+or\s+take)",
     re.I,
 )
 _BOUND_AFTER_NUMBER_RE = re.compile(
@@ -108,17 +117,58 @@ _RETRACTION_RE = re.compile(
 _RETRACT_NEXT_RE = re.compile(
     r"\b(?:that|this|it|which|my\s+answer)(?:[’']s|\s+is|\s+was|\s+seems|\s+looks|\s+must\s+be"
     r"|\s+might\s+be)?\s+(?:\w+\s+)?(?:wrong|incorrect|not\s+(?:right|correct)|a\s+mistake)\b"
-    r"|\bI\s+(?:made\s+a\s+mistake|was\s+wrong|am\s+not\s+sure|[’']m\s+not\s+sure)\b",
+    r"|\bI\s+(?:made\s+a\s+mistake|was\s+wrong|am\s+not\s+sure|[’']m\s+not\s+sure)\b"
+    r"|\b(?:scratch\s+that|just\s+kidding|never\s*mind|on\s+second\s+thought)\b"
+    r"|^\W*(?:actually|wait|hmm),?\s+no\b",
+    re.I,
+)
+# "12 ≤ x" is a bound; "-80 \\leq g(x) \\leq 82" (another number follows) is an interval.
+_INEQUALITY_AFTER_RE = re.compile(r"^\s*(?:[<>≤≥]|\\(?:le|ge|lt|gt)q?\b)(?![^.]*\d)")
+_UNSURE_RE = re.compile(r"\b(?:not\s+(?:sure|certain)|unsure|uncertain|doubtful)\b", re.I)
+# After the value, what makes it something else (issue 26 review): an operation on it ("12
+# squared", "12 times 3", "2 to the 12th power", "12-ish"), a vulgar fraction ("2½"), or, later
+# in the same statement, an alternative or a correction with another number ("12 if x is even,
+# else 13", "12; alternatively 13", "12 | 13", "12, but it is 15", "12 - just kidding, 14").
+_OPERATION_AFTER_RE = re.compile(
+    r"^\s*(?:squared|cubed|factorial|doubled|halved|tripled|quadrupled|-?ish\b|raised\b"
+    r"|(?:times|plus|minus|divided\s+by|multiplied\s+by|mod|modulo|choose)\s+\$?\d"
+    r"|times\s+(?:as|more|less|fewer|bigger|larger|smaller)\b|plus\b|(?:short|shy)\s+of\b"
+    r"|to\s+the\s+\w+(?:\s+power)?\b)",
+    re.I,
+)
+_VULGAR_AFTER_RE = re.compile(r"^\s*[½⅓⅔¼¾⅕⅖⅗⅘⅙⅚⅛⅜⅝⅞]")
+_ALTERNATIVE_LATER_RE = re.compile(
+    r"\b(?:or|alternatively|otherwise|else|unless|maybe|perhaps|possibly|versus|vs|but|though"
+    r"|although|also"
+    r"|actually|kidding|instead|rather)\b[^.]*?\d|\|\s*\$?\d",
+    re.I,
+)
+# Words right before the number that make it an operand, not the value: "half of 12", "twice
+# 12", "a loss of 12", "a multiple of 12", "divisible by 12" ("a total of 12" is the value).
+_OPERAND_LEAD_RE = re.compile(
+    r"(?:\b(?<!total\s)of|\bby|\btwice|\bthrice|\bhalf|\bdouble|\btriple|\btimes|\bto\s+the)"
+    r"\s*$",
     re.I,
 )
 # "12 ± 1", "12 $\pm$ 1", "12 (13 if Sam counts)", "5 degrees below zero".
 _RANGE_AFTER_RE = re.compile(
-    rf"^\s*(?:±|\$?\s*\\pm|\+\s*/\s*-|\+-)"
+    rf"^\s*(?:±|\$?\s*\\pm(?![A-Za-z])|\+\s*/\s*-|\+-)"
     rf"|^\s*[(\[]\s*[{re.escape(_CURRENCY)}]?{_NUMBER}[^)\]]*\b(?:if|when|otherwise|unless"
     rf"|including|excluding|counting|without)\b"
     rf"|^\s*(?:[A-Za-z]+\s+)?below\s+(?:zero|0|sea\s+level)\b",
     re.I,
 )
+# Outside math, in a sentence with no answer phrase: "Sam has 12+ apples", "the total is ≥ 12".
+_PROSE_BOUND_RE = re.compile(r"[≥≤≧≦]|\d\s*\+(?!\s*[\d$(\\])|(?<![\w$\\])[<>]\s*\d")
+_PROSE_SIGN_RE = re.compile(r"\bnegative\b|\bbelow\s+zero\b", re.I)
+_BOX_BOUND_RE = re.compile(
+    r"^\s*(?:\\(?:geq?|leq?|gt|lt|geqslant|leqslant)(?![A-Za-z])|[<>≤≥])|\d\s*\+\s*$"
+)
+_BOX_NEGATED_AFTER_RE = re.compile(
+    r"^(?:(?:is|was|seems|looks|would\s+be)\s+(?:not\b|wrong|incorrect)|(?:is|was|does)n[’']t\b)",
+    re.I,
+)
+_SPACE_GROUPS_RE = re.compile(r"^-?\d{1,3}(?:[ \u00a0\u2009\u202f]\d{3})+(?![\d.,/-])")
 _SIGN_WORD_RE = re.compile(r"^(?P<word>negative|minus|positive|plus)\s+(?=[$\d])", re.I)
 _SIGN_WORD_NUMBER_RE = re.compile(r"\b(?:negative|minus)\s+\$?\d", re.I)
 # "1.5 million": the number times its scale.
@@ -181,8 +231,10 @@ def unclear_lead(lead: str, *, near: bool = False) -> str | None:
     clause = re.split(r"[,;:–—]\s", lead)[-1]  # "Not counting the lid, the answer is 36" is fine
     if near:
         clause = " ".join(clause.replace("$", " ").split()[-3:])
-    if _NEGATION_RE.search(clause):
-        return "negated"
+    if _NEGATION_RE.search(clause) or re.search(r"\bno\s*$", clause, re.I):
+        return "negated"  # "the answer is no 12" too
+    if _UNSURE_RE.search(lead):  # "I'm not sure, but the answer is 12"
+        return "retracted"
     if _BOUND_BEFORE_RE.search(lead.rstrip(" *_$(")):
         return "a bound, not a value"
     return None
@@ -206,7 +258,33 @@ def unclear_sentence(sentence: str) -> str | None:
             return why
     if sentence.rstrip(" *_$.").endswith("?"):
         return "a question"
+    prose = re.sub(r"\$[^$]*\$|\\\(.*?\\\)", " ", sentence)  # "$x \\geq 5$" is a value
+    if _PROSE_BOUND_RE.search(prose):
+        return "a bound, not a value"
+    if _PROSE_SIGN_RE.search(prose):
+        return "a sign word"
     return None
+
+
+def unclear_box(content: str) -> str | None:
+    """Why a box's content is a bound, not a value ("\\geq 12", "12+"), or None."""
+    return "a bound, not a value" if _BOX_BOUND_RE.search(content) else None
+
+
+def unclear_after_box(rest: str, *, answer_phrase: bool) -> str | None:
+    """Why the rest of a box's sentence withdraws the box, or None: "$\\boxed{12}$ is not the
+    answer", "$\\boxed{12}$, give or take 1", "... or $\\boxed{13}$" is a set (math-verify). A
+    bound counts only after an answer phrase ("the answer is $\\boxed{12}$ or more"): "Zach
+    can have $\\boxed{2}$ pencils at most" answers a max question."""
+    rest = re.sub(r"^[\s$]*(?:\\[\])])?[\s$]*", "", rest)
+    if _BOX_NEGATED_AFTER_RE.match(rest):
+        return "negated"
+    why = _unclear_after(" " + rest, later=False)
+    if why is None and _HEDGE_AFTER_MORE_RE.match(rest):
+        return "a hedge"
+    if why == "a bound, not a value" and not answer_phrase:
+        return None
+    return why
 
 
 def stated_value(statement: str) -> Stated | None:
@@ -217,6 +295,10 @@ def stated_value(statement: str) -> Stated | None:
     lead = re.split(r"[\d$\\]", text, maxsplit=1)[0]
     if (why := unclear_lead(lead)) is not None:
         return Stated("unclear", why)
+    # Only when a number follows: "The volume of $ABCD$ is 120" names what the value is of.
+    starts_number = re.match(r"(?:\$|\\\(|\\\[)?\s*[-$€£¥₹]?\d", text[len(lead):]) is not None
+    if starts_number and _OPERAND_LEAD_RE.search(lead.rstrip(" *_(")):
+        return Stated("unclear", "an operand, not the value")
     if (span := _MATH_SPAN_RE.match(text)) is not None:
         inner = next(g for g in span.groups() if g is not None).strip()
         if re.match(rf"(?:{_BOUND_WORDS})\b|{_BOUND_SYMBOLS}", inner, re.I):
@@ -227,12 +309,18 @@ def stated_value(statement: str) -> Stated | None:
         if got is not None and got.kind == "value" and (why := _unclear_after(rest)):
             return Stated("unclear", why)
         return Stated("hedge", text) if got is not None and got.kind == "hedge" else got
-    return _leading(text, rest_after="")
+    got = _leading(text, rest_after="")
+    if got is None and _HEDGE_SENTENCE_RE.search(text):
+        return Stated("hedge", text)  # "somewhere around 11 to 13": math-verify would take 13
+    return got
 
 
-def _unclear_after(after: str) -> str | None:
-    """Why the text after a value makes it unclear ("12 or more", "12, which is wrong")."""
-    if _BOUND_AFTER_RE.match(after):
+def _unclear_after(after: str, *, later: bool = True) -> str | None:
+    """Why the text after a value makes it unclear ("12 or more", "12, which is wrong"); with
+    ``later`` also an alternative anywhere in the rest of the statement ("12; alternatively
+    13"), which is left out after a box: a solution's sentence goes on ("Only $\\boxed{49}$
+    leaves 1 when divided by 2, 3, 4, or 6")."""
+    if _BOUND_AFTER_RE.match(after) or _INEQUALITY_AFTER_RE.match(after):
         return "a bound, not a value"
     if _RETRACTION_RE.search(after):
         return "retracted"
@@ -240,6 +328,12 @@ def _unclear_after(after: str) -> str | None:
         return "a question"
     if _RANGE_AFTER_RE.match(after):
         return "a range or an alternative"
+    if _OPERATION_AFTER_RE.match(after):
+        return "an operation on the value"
+    if _VULGAR_AFTER_RE.match(after):
+        return "a mixed number"
+    if later and _ALTERNATIVE_LATER_RE.search(after):
+        return "an alternative or a correction after the value"
     return None
 
 
@@ -266,19 +360,23 @@ def _leading(text: str, rest_after: str) -> Stated | None:
         return Stated("hedge", text) if len(_NUMBER_RE.findall(text)) >= 2 else None
     if text[:1] in _CURRENCY and text[1:2].isdigit():
         text = text[1:]
+    # "12 000": digits grouped by spaces are one number (else "12" would be read, issue 26).
+    text = _SPACE_GROUPS_RE.sub(lambda g: re.sub(r"\s", "", g.group(0)), text, count=1)
     m = _CHAIN_RE.match(text)
     if m is None:
         return None
     chain, after = m.group("chain"), text[m.end():]
     is_range = re.fullmatch(rf"{_NUMBER}\s*[-–~]\s*{_NUMBER}", chain) and " - " not in chain
-    if "=" not in chain and is_range:
+    if "=" not in chain and is_range and not re.match(r"[A-Za-z\\]", after):  # "5-12i" is not
         return Stated("hedge", chain)  # "2-3": a range, not a subtraction
-    if (why := _unclear_after(after + rest_after)) is not None:
+    if (why := _unclear_after(after + rest_after, later=False)) is not None:
         return Stated("unclear", why)
     if "=" not in chain and (
         _HEDGE_AFTER_RE.match(after + rest_after) or _HEDGE_AFTER_MORE_RE.match(after + rest_after)
     ):
         return Stated("hedge", text)
+    if _ALTERNATIVE_LATER_RE.search(after + rest_after):
+        return Stated("unclear", "an alternative or a correction after the value")
     single = _NUMBER_RE.fullmatch(chain) is not None
     if single and (whole := _whole_quantity(chain, after)) is not None:
         return whole if whole.kind != "value" else Stated("value", sign + whole.text)
