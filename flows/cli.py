@@ -212,6 +212,23 @@ def status(config: str = typer.Argument("demo", help=CONFIG_HELP),
     print_status(cfg, verify=verify)
 
 
+@app.command()
+def export(config: str = typer.Argument(..., help=CONFIG_HELP),
+           overrides: Optional[list[str]] = OverridesArg,
+           checkpoint: int = typer.Option(..., "--checkpoint", help="policy K (K >= 1): the start "
+                                          "checkpoint of round K"),
+           merge: str = typer.Option(..., "--merge", help="write the standalone model here")) -> None:
+    """Write checkpoint K as a standalone Hugging Face model: a LoRA checkpoint (train.lora) merged
+    into its base, full weights copied without their trainer state."""
+    from trace_rl.stages.config import describe_config_arg
+    from trace_rl.stages.lora_weights import export_merged
+    from trace_rl.stages.status import run_config
+
+    cfg = run_config(config, overrides)
+    _said_config(describe_config_arg(config), cfg)
+    console.print(f"model written to {export_merged(cfg, checkpoint, merge)}")
+
+
 @testbed_app.command("init")
 def testbed_init(config: str = typer.Argument("demo"), overrides: Optional[list[str]] = OverridesArg,
                  out: Optional[str] = typer.Option(None, help="output dir (default: model.testbed_dir, "

@@ -73,3 +73,32 @@ def engine_weights(model_dir: str) -> str:
             shutil.rmtree(old, ignore_errors=True)
     log.info("LoRA checkpoint %s merged into %s for the rollout engine", model_dir, out)
     return str(out)
+
+
+def export_merged(cfg, checkpoint: int, out_dir: str) -> Path:
+    """`trace-rl export RUN --checkpoint K --merge DIR`: policy K (the start checkpoint of round
+    K, checked against its train manifest like any start checkpoint) as a standalone Hugging Face
+    model folder: a LoRA checkpoint merged into its base, full weights copied without their
+    trainer state."""
+    from trace_rl.data_schemas.errors import StageError
+    from trace_rl.stages.common import open_store, start_checkpoint
+    from trace_rl.trainer import lora
+
+    if checkpoint < 1:
+        raise StageError("--checkpoint K names policy K >= 1 (round K-1's train stage wrote it); "
+                         "policy 0 is model.path itself")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise StageError(f"{out} exists and is not empty; name a new folder for the merged model")
+    src, _ = start_checkpoint(cfg, open_store(cfg), checkpoint)  # refuses a damaged checkpoint
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    if lora.is_adapter_dir(src):
+        lora.merge(src, tmp, dtype=_base_dtype(lora.base_of(src)))
+    else:
+        shutil.rmtree(tmp)
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("trainer_state"))
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    return out
