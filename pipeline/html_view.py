@@ -122,6 +122,7 @@ def page_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         "spans_by_route": dict(spans_by_route),
         "labels": dict(labels.most_common()),
         "status": dict(Counter(r.get("status") or "n/a" for r in records)),
+        "with_spans": sum(bool(r["spans"]) for r in records),
         "coverage_mean": sum(coverages) / len(coverages) if coverages else None,
     }
 
@@ -162,7 +163,8 @@ def _card(r: dict[str, Any]) -> str:
     heat = (render_heat_strip(r["response_text"], r["token_scores"], r["spans"], route)
             if r.get("token_scores") and r.get("response_text") is not None else "")
     rnd = "" if r.get("round") is None else str(r["round"])
-    return f"""<article class="card" data-correct="{correct}" data-route="{_esc(route)}" data-round="{_esc(rnd)}">
+    status = r.get("status") or "n/a"
+    return f"""<article class="card" data-correct="{correct}" data-route="{_esc(route)}" data-round="{_esc(rnd)}" data-spans="{str(bool(r['spans'])).lower()}" data-status="{_esc(status)}">
 <header><code class="rid">{_esc(r["rollout_id"])}</code>{_verdict_badge(r)}
 <span class="badge route {_esc(route)}">{_esc(route)} · {n_spans}</span>
 <span class="cov" title="fraction of response tokens inside spans">
@@ -201,12 +203,22 @@ def render_heat_strip(text: str, scores: dict[str, Any], spans: list[dict[str, A
                      f'title="{_esc(title)}">{_esc(text[c0:c1]) or "·"}</span>')
     head = (f'<div class="h">teacher − student log-prob per sampled token '
             f'(mean Δ {sum(deltas) / max(len(deltas), 1):+.2f}, full colour at |Δ| {scale:.2f}; '
-            f'{_esc(scores.get("source", ""))})</div>')
+            f'{_esc(scores.get("source", ""))})</div>'
+            # the legend beside the strip it explains, not at the top of the page
+            '<div class="strip-legend"><span><i class="t-lo"></i>teacher finds the token less '
+            'likely than the student</span><span><i class="t-hi"></i>more likely</span>'
+            f'<span><i class="u-{_esc(route)}"></i>{_esc(route)} span token</span></div>')
     return f'<div class="heat">{head}<pre class="strip">{"".join(cells)}</pre></div>'
 
 
 def _chip(name: str, count: int) -> str:
     return f'<span class="chip">{_esc(name)} <strong>{count}</strong></span>'
+
+
+def _status_button(name: str, count: int) -> str:
+    """A filter button per annotation status, with its count: a click shows only that status."""
+    return (f'<button type="button" class="chip" data-filter="status-{_esc(name)}" '
+            f'aria-pressed="false">{_esc(name)} <strong>{count}</strong></button>')
 
 
 def _summary_html(summary: dict[str, Any]) -> str:
@@ -219,7 +231,7 @@ def _summary_html(summary: dict[str, Any]) -> str:
     tiles_html = "".join(f'<div class="tile"><div class="n">{_esc(v)}</div>'
                          f'<div class="l">{_esc(k)}</div></div>' for k, v in tiles)
     labels = "".join(_chip(k, v) for k, v in summary["labels"].items())
-    status = "".join(_chip(k, v) for k, v in summary["status"].items())
+    status = "".join(_status_button(k, v) for k, v in summary["status"].items())
     return (f'<section class="tiles">{tiles_html}</section>'
             f'<section class="chips"><span class="h">labels</span>{labels or "–"}</section>'
             f'<section class="chips"><span class="h">annotation status</span>{status}</section>')
@@ -251,6 +263,9 @@ def render_page(records: list[dict[str, Any]], *, title: str, source: str) -> st
     return template.substitute(script_hash=_script_hash(template.template), round_picker=picker,
         title=_esc(title), source=_esc(source), summary=_summary_html(summary),
         n_all=summary["responses"], n_correct=summary["correct"], n_incorrect=summary["incorrect"],
+        n_spans=summary["with_spans"],
+        # the page opens on what it is for, the responses with spans, when there are any
+        default_filter="spans" if summary["with_spans"] else "all",
         cards="\n".join(_card(r) for r in records)
         or '<p class="empty">no responses in this shard</p>',
     )

@@ -297,15 +297,17 @@ def _sibling_rollouts(ds: Dataset, reader: _Reader) -> Dataset | None:
 Scorer = Callable[[int, list[str]], dict[str, dict[str, Any]]]
 
 
-def add_token_scores(records: list[dict[str, Any]], scorer: Scorer, per_round: int = 12) -> None:
-    """Heat-strip scores for up to `per_round` records of each round, sampled across prompts
-    (annotated ones first), written into the records in place."""
+def add_token_scores(records: list[dict[str, Any]], scorer: Scorer, per_round: int | None = None) -> None:
+    """Heat-strip scores, written into the records in place: for every annotated record (its
+    annotator ran: any status but skipped), or, with `per_round`, for up to that many records
+    of each round sampled across prompts (annotated ones first)."""
     by_round: dict[int, list[dict[str, Any]]] = {}
     for r in records:
         if r.get("round") is not None and r.get("response_text") is not None:
             by_round.setdefault(int(r["round"]), []).append(r)
     for k, recs in by_round.items():
-        picked = pick_examples(recs, per_round)
+        picked = (pick_examples(recs, per_round) if per_round is not None else
+                  [r for r in recs if r.get("status") not in (None, "skipped")])
         scores = scorer(k, [r["rollout_id"] for r in picked])
         for r in picked:
             if r["rollout_id"] in scores:

@@ -391,9 +391,21 @@ def test_html_rendered_in_headless_chromium(run_dir: Path, tmp_path: Path, capsy
     dom.feed(rendered.stdout)
     _check_marks(dom)
     # The page's own script ran (so its CSP hash is right), and nothing from the data did.
-    assert dom.body.get("data-ready") == "1" and dom.body.get("data-filter") == "all"
+    assert dom.body.get("data-ready") == "1"
     assert "data-pwned" not in dom.body and dom.tags.get("script") == 1 and "img" not in dom.tags
-    assert not any("hidden" in c for c in dom.cards)
+    # The page leads with spans: it opens on the responses that have spans (r1-r3), the
+    # no_spans and skipped ones hidden until "All" or their status is chosen.
+    assert dom.body.get("data-filter") == "spans" and "showing 3 of 5" in rendered.stdout
+    assert [("hidden" in c) for c in dom.cards] == [c["data-spans"] != "true" for c in dom.cards]
+    assert [c["data-spans"] for c in dom.cards] == ["true", "true", "true", "false", "false"]
+    assert "Has spans (3)" in rendered.stdout
+    # counts per status, each a filter: #filter=status-no_spans shows only r4
+    by_status = _Dom()
+    by_status.feed(_chromium(["--dump-dom", page.as_uri() + "#filter=status-no_spans"], tmp_path).stdout)
+    assert [c["data-status"] for c in by_status.cards if "hidden" not in c] == ["no_spans"]
+    every = _Dom()
+    every.feed(_chromium(["--dump-dom", page.as_uri() + "#filter=all"], tmp_path).stdout)
+    assert not any("hidden" in c for c in every.cards)
     # The filter: opened as #filter=incorrect, exactly the correct rollouts are hidden.
     filtered = _chromium(["--dump-dom", page.as_uri() + "#filter=incorrect"], tmp_path)
     fdom = _Dom()
