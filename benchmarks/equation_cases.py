@@ -1,7 +1,7 @@
 """How the `equations` annotator reads the cases in tests/fixtures/equation_cases.jsonl (issue 26):
 for each response, the first equation it finds wrong must be the one the case names (or none).
 
-    .venv/bin/python benchmarks/equation_cases.py [--show]
+    .venv/bin/python benchmarks/equation_cases.py [--review] [--show]
 
 Prints, per class and in all, the cases read right, the false errors (a right equation marked,
 or a wrong one marked in place of an earlier real one) and the missed errors. To measure another
@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 CASES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "equation_cases.jsonl"
+REVIEW_CASES = CASES.with_name("equation_review_cases.jsonl")  # the reviewer's own cases
 
 
 def first_error(text: str) -> str | None:
@@ -25,8 +26,9 @@ def first_error(text: str) -> str | None:
     return text[wrong[0].start:wrong[0].end] if wrong else None
 
 
-def main(show: bool) -> None:
-    cases = [json.loads(line) for line in CASES.read_text().splitlines() if line.strip()]
+def main(show: bool, path: Path = CASES) -> None:
+    print(path.name)
+    cases = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     right, false_err, missed = Counter(), Counter(), Counter()
     for c in cases:
         got, want = first_error(c["text"]), c["first_error"]
@@ -47,4 +49,8 @@ def main(show: bool) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--show", action="store_true", help="print every case read wrong")
-    main(ap.parse_args().show)
+    ap.add_argument("--review", action="store_true", help=f"also {REVIEW_CASES.name}")
+    args = ap.parse_args()
+    main(args.show)
+    if args.review:
+        main(args.show, REVIEW_CASES)

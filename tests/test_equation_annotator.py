@@ -232,3 +232,34 @@ def test_spans_land_on_the_tokens_of_the_new_readings(
         overlapping = [i for i in range(len(ids))
                        if bounds[i] < s["char_end"] and s["char_start"] < bounds[i + 1]]
         assert (s["token_start"], s["token_end"]) == (overlapping[0], overlapping[-1] + 1)
+
+
+# Issue 26 review: independent cases (a real first error late in the response, rounded
+# values, negatives, currency, percent and its "a - p%" shorthand, remainders, chains, units,
+# bullets, LaTeX dollars, mixed numbers and "5-10" ranges left unread).
+REVIEW_CASES = Path(__file__).parent / "fixtures" / "equation_review_cases.jsonl"
+
+
+def test_review_cases_mark_the_first_real_error_on_its_tokens(tok) -> None:
+    """The first wrong equation is the case's, and on the error route its span covers exactly
+    the tokens of those characters (ASCII responses: a decoded id prefix is a text prefix);
+    a response with no wrong equation gets no span."""
+    cases = [json.loads(line) for line in REVIEW_CASES.read_text().splitlines() if line.strip()]
+    assert len(cases) >= 75
+    for c in cases:
+        item = _item(tok, "e", "error", c["text"], "1")
+        ids, text = item["response_token_ids"], item["response_text"]
+        assert _first_wrong(text) == c["first_error"], c
+        (row,) = annotate_rows(AnnotateConfig(backend="equations", coverage_cap=1.0), [item],
+                               tok, progress=False)
+        if c["first_error"] is None:
+            assert row["status"] == "no_spans", (c, row)
+            continue
+        (s,) = row["spans"]
+        assert text[s["char_start"]:s["char_end"]] == c["first_error"], (c, s)
+        assert c["first_error"] in tok.decode(ids[s["token_start"]:s["token_end"]])
+        if text.isascii():
+            bounds = [len(tok.decode(ids[:i])) for i in range(len(ids) + 1)]
+            hit = [i for i in range(len(ids))
+                   if bounds[i] < s["char_end"] and s["char_start"] < bounds[i + 1]]
+            assert (s["token_start"], s["token_end"]) == (hit[0], hit[-1] + 1), (c, s)

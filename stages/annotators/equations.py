@@ -15,7 +15,12 @@ plain decimal result is right when it is the value rounded to the decimals it sh
 ("10 / 3 = 3.33", "2/3 = 0.67"; not "10/3 = 3.4"; an integer result is never rounded:
 "100 / 7 = 14" is wrong). A quotient with a remainder, "17 / 5 = 3 remainder 2" ("3 R 2",
 "3 r2", "3 with a remainder of 2"), is right when it is the division with remainder. ">=",
-"<=", "!=" and "==" are not equations.
+"<=", "!=" and "==" are not equations. A percent result of a plain product is its unit
+("0.25 * 100 = 25%"), and "a - p%" / "a + p%" may mean p percent of a ("$50 - 20% = $40").
+A list bullet at a line start is neither a sign nor a minus; a "$" that opens a math span
+("$6 \\times 7 = 42$") is left out of the span. Equations this reader would misread are left
+out (missed, never falsely marked): mixed numbers ("1 1/2 + 1 = 2 1/2") and ranges written
+"5-10".
 
 - **error route** (incorrect rollout): the first wrong equation is the error span, labelled with
   what it should say ("14 - 11 = 2 is wrong: 14 - 11 = 3"). A response with no wrong equation
@@ -60,6 +65,13 @@ _EQ_SIGN = r"(?<![<>!=])=(?!=)|\bequals\b"
 _EQ_RE = re.compile(
     rf"(?<![\w.,])(?:{_EXPR})(?:(?:{_UNITS})?\s*(?:{_EQ_SIGN})\s*(?:{_SIDE}))+(?![\d=])"
 )
+_MIXED_BEFORE_RE = re.compile(r"\d[ \t]+$")
+_MIXED_AFTER_RE = re.compile(r"[ \t]+\d+\s*/\s*\d")
+_RANGE_SIDE_RE = re.compile(r"^\s*(\d+)-(\d+)\s*(?:=|\bequals\b)")
+_PERCENT_SHORTHAND_RE = re.compile(
+    rf"^\s*[{_CUR}]?(?P<a>{_NUM})\s*(?P<op>[-+−])\s*(?P<p>{_NUM})%\s*$"
+)
+_BULLET_RE = re.compile(r"(?m)^[ \t]*[-*•][ \t]")
 _SIDE_SPLIT_RE = re.compile(r"=|\bequals\b")
 # Unit words ("stickers/bag") are read as words so that their letters are never operators.
 _TOKEN_RE = re.compile(
@@ -161,6 +173,8 @@ def _same(before: Fraction, value: Fraction, side: str) -> bool:
     the decimals it shows ("10 / 3 = 3.33", "2/3 = 0.67"; not "10/3 = 3.4")."""
     if value == before:
         return True
+    if side.rstrip().endswith("%") and value * 100 == before:
+        return True  # "0.25 * 100 = 25%": the percent sign names the unit of the result
     shown = _PLAIN_DECIMAL_RE.match(side)
     if shown is None:
         return False
@@ -170,8 +184,13 @@ def _same(before: Fraction, value: Fraction, side: str) -> bool:
 def find_equations(text: str) -> list[Equation]:
     """Every equation chain with at least one operator, in text order."""
     found = []
+    # A list bullet ("- 12 - 4 = 8" on a new line) is neither a sign nor a minus joining it to
+    # the line before; blanked with offsets kept.
+    text = _BULLET_RE.sub(lambda b: " " * len(b.group(0)), text)
     for m in _EQ_RE.finditer(text):
         eq = m.group(0)
+        if _unreadable(text, m.start(), m.end(), eq):
+            continue
         if not any(t.group("op") for t in _TOKEN_RE.finditer(eq)):
             continue
         pieces, pos = [], 0
@@ -194,6 +213,9 @@ def find_equations(text: str) -> list[Equation]:
             # before it (its first number) is a new step, not a claim that 12 + 1 = 12.
             running = k > 0 and len(nums) > 1 and nums[0] == values[k - 1] and valid
             right = k == 0 or (valid and _same(values[k - 1], value, eq[a:b]))
+            if not right and k > 0 and valid:  # "$50 - 20% = $40": 20% of the 50
+                shorthand = _percent_shorthand(eq[pieces[k - 1][0]:pieces[k - 1][1]])
+                right = shorthand is not None and _same(shorthand, value, eq[a:b])
             if wrong_at is None and not right and not running:
                 wrong_at = k
         if len(values) != len(pieces):
@@ -201,12 +223,36 @@ def find_equations(text: str) -> list[Equation]:
         ws, we = spans[wrong_at] if wrong_at is not None else (0, 0)
         rs, re_ = spans[-1]
         base = m.start()
+        if eq.startswith("$") and text.startswith("$", m.end()) and "$" not in eq[1:]:
+            # "$6 \times 7 = 42$": a math delimiter, not a dollar sign; the span starts after it
+            eq, base = eq[1:], base + 1
+            ws, we, rs, re_ = max(ws - 1, 0), max(we - 1, 0), rs - 1, re_ - 1
         found.append(Equation(
             base, m.end(), eq, tuple(values), tuple(first_nums), wrong_at,
             base + _lstrip(eq, ws), base + len(eq[:we].rstrip()),
             base + _lstrip(eq, rs), base + len(eq[:re_].rstrip()),
         ))
     return found
+
+
+def _unreadable(text: str, start: int, end: int, eq: str) -> bool:
+    """Equations this reader would misread, so it leaves them out (a missed error is better
+    than a false one): a mixed number on either side ("1 1/2 + 1 = 2 1/2" is not
+    "1/2 + 1 = 2"), a range "5-10" written with no spaces ("pages 5-10 = 6 pages")."""
+    if _MIXED_BEFORE_RE.search(text, 0, start) or _MIXED_AFTER_RE.match(text, end):
+        return True
+    first = _RANGE_SIDE_RE.match(eq)
+    return first is not None and _number(first.group(1)) < _number(first.group(2))
+
+
+def _percent_shorthand(side: str) -> Fraction | None:
+    """The value of "a + p%" / "a - p%" read as a raised or lowered by p percent of itself,
+    the way prices are written ("$50 - 20% = $40", "100 + 10% = 110"); None otherwise."""
+    m = _PERCENT_SHORTHAND_RE.match(side)
+    if m is None:
+        return None
+    a, p = _number(m.group("a")), _number(m.group("p")) / 100
+    return a * (1 + p) if m.group("op") == "+" else a * (1 - p)
 
 
 def _lstrip(s: str, i: int) -> int:
