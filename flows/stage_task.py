@@ -88,6 +88,27 @@ def _say(line: str) -> None:
     log.info(line)
 
 
+def _run_forwarding_progress(cmd: list[str]) -> int:
+    """Run the child stage; its stderr passes through to ours, and its progress lines (the
+    `trace_rl.progress` logger, pipeline/progress_lines.py) are also logged here, in the task's
+    thread, so that the flow's run log shows them (a child process has no Prefect context)."""
+    from trace_rl.pipeline.progress_lines import PROGRESS_LOGGER
+
+    marker = f" {PROGRESS_LOGGER}: "
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1)
+    assert proc.stderr is not None
+    try:
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            if marker in line:
+                log.info(line.rstrip("\n").split(marker, 1)[1])
+    except BaseException:  # as subprocess.run does: no child outlives an interrupted parent
+        proc.kill()
+        proc.wait()
+        raise
+    return proc.wait()
+
+
 def _want_isolation(stage: str) -> bool:
     if not stage_spec(stage).gpu:
         return False
@@ -120,9 +141,9 @@ def run_stage(stage: str, config_path: str, round_index: int | None, *, force: b
     else:
         cmd += ["stage", stage, config_path] + ([] if round_index is None else ["--round", str(round_index)])
     cmd += ["--force"] if force else []
-    proc = subprocess.run(cmd, check=False)
-    if proc.returncode != 0:
+    returncode = _run_forwarding_progress(cmd)
+    if returncode != 0:
         raise StageError(f"stage {stage} (round {round_index}) failed in its child process "
-                         f"(exit code {proc.returncode}); its log is above")
+                         f"(exit code {returncode}); its log is above")
     # The child wrote a current output, so running the stage here only reads its manifest.
     return get_stage(stage)(load_config(config_path), round_index, force=False, progress=False)

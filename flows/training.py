@@ -117,6 +117,16 @@ TASKS = {"prepare": stage_prepare, "rollout": stage_rollout, "verify": stage_ver
 assert set(TASKS) == set(STAGES) == set(StageName.__args__), "StageName must list the registry's stages"
 
 
+@task(name="testbed build", cache_policy=NO_CACHE, log_prints=True)
+def build_model(config_path: str) -> str:
+    """The testbed model, built once and cached (stages/models.py): a task of its own, so its
+    minutes show as such, not inside the first stage that loads the model."""
+    from trace_rl.stages.models import resolve_model
+
+    cfg = load_config(config_path)
+    return resolve_model(cfg.model, cfg, progress=True)
+
+
 @flow(name="trace-round", log_prints=True, flow_run_name=reporting.round_run_name)
 def trace_round(config: str, round_index: int, force_from: StageName | None = None) -> dict:
     """rollout -> verify -> annotate -> train for one round of a run.
@@ -172,6 +182,8 @@ def trace_training(config: str = "demo", overrides: list[str] | None = None,
     out = {}
     # One writer per run (pipeline/runlock.py); `trace-rl run` already holds it (passes through).
     with run_lock(cfg.run.run_root), reporting.forward_trace_logs():
+        if cfg.model.path == "testbed":
+            build_model(config_path)
         stage_prepare("prepare", config_path, None)
         if cfg.eval.benchmarks and cfg.eval.initial:
             _evaluate_in_flow(config_path, -1)
@@ -185,6 +197,7 @@ def trace_training(config: str = "demo", overrides: list[str] | None = None,
                 out[k] = trace_round(config_path, k)
                 if cfg.eval.benchmarks and (cfg.eval.every_round or k == total - 1):
                     _evaluate_in_flow(config_path, k)  # policy k+1: checkpoints/round-(k+1)
+                get_run_logger().info(reporting.round_line(config_path, k))
                 reporting.publish_run_artifacts(config_path, f"after round {k}")
     return {"run": cfg.run.run_root, "rounds": total, "last": out.get(total - 1)}
 

@@ -1,4 +1,5 @@
-"""A rich progress bar over optimizer steps showing the live loss (no-op when disabled)."""
+"""Progress over a round's optimizer steps: log lines at a steady cadence, and a rich bar showing
+the live loss on a terminal (no-op when disabled)."""
 
 from __future__ import annotations
 
@@ -39,5 +40,38 @@ class _RichBar:
         self.progress.stop()
 
 
-def progress_bar(total: int, done: int, enabled: bool):
-    return _RichBar(total, done) if enabled else _NoBar()
+class _Lines:
+    """Log lines at a steady cadence (pipeline/progress_lines.py): step, loss, reward, λ, KL,
+    tok/s; with a rich bar beside them on a terminal."""
+
+    def __init__(self, total: int, done: int, round_index: int, bar: _RichBar | _NoBar):
+        from trace_rl.pipeline.progress_lines import ProgressLines
+
+        self.lines = ProgressLines(f"train r{round_index}", total, "steps", done=done)
+        self.done, self.tokens, self.bar = done, 0, bar
+
+    def update(self, row: dict[str, Any]) -> None:
+        self.bar.update(row)
+        self.done += 1
+        self.tokens += int(row.get("tokens") or 0)
+        kl = next((row[k] for k in ("kl/forward", "kl/reverse", "kl/jsd") if row.get(k) is not None),
+                  None)
+        figures = [f"step {row['step']}", f"loss {row['loss']:.4f}"]
+        if row.get("reward") is not None:
+            figures.append(f"reward {row['reward']:.3f}")
+        figures.append(f"λ {row['kl_weight']:.3f}")
+        figures.append("KL -" if kl is None else f"KL {kl:.4f}")
+        self.lines.update(self.done, " · ".join(figures), tokens=self.tokens or None)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def progress_bar(total: int, done: int, enabled: bool, round_index: int = 0):
+    """Progress of a round's optimizer steps: nothing when disabled; else log lines, and a rich
+    bar too when stderr is a terminal (a bar in a log file is noise)."""
+    if not enabled:
+        return _NoBar()
+    from trace_rl.pipeline.progress_lines import on_terminal
+
+    return _Lines(total, done, round_index, _RichBar(total, done) if on_terminal() else _NoBar())

@@ -369,7 +369,8 @@ def _train_round(cfg: TrainConfig, *, prompts, rollouts, verdicts, annotations, 
     r = _Step(cfg, get_method(cfg.method), wrapped, acc.unwrap_model(wrapped), teacher, acc,
               temperature)
     logger = Logger(acc, str(work), cfg.trackers, f"round-{round_index:04d}")
-    bar = progress_bar(len(plan), cursor, enabled=progress and acc.is_main_process)
+    bar = progress_bar(len(plan), cursor, enabled=progress and acc.is_main_process,
+                       round_index=round_index)
 
     for step_i in range(cursor, len(plan)):
         t0 = time.perf_counter()
@@ -397,7 +398,9 @@ def _train_round(cfg: TrainConfig, *, prompts, rollouts, verdicts, annotations, 
         rows.append(row)
         logger.log(row, global_step)
         global_step += 1
-        bar.update(row)
+        # the progress line's reward: the mean reward of this step's rollouts
+        bar.update({**row, "tokens": sums["all_tokens"],
+                    "reward": float(np.mean([examples[i].reward for i in mini]))})
         if cfg.save_every and (step_i + 1) % cfg.save_every == 0 and step_i + 1 < len(plan):
             save_progress(acc, r.unwrapped, optimizer, scheduler, teacher, work, fp,
                            global_step, step_i + 1, rows)

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from trace_rl.pipeline.generation import cut_at_stop, sample_batch
+from trace_rl.pipeline.progress_lines import ProgressLines, on_terminal
 from trace_rl.stages.engines.protocol import (
     check_prompts,
     decode_response,
@@ -121,6 +122,7 @@ def generate(
     stop_set = set(stop_ids)
     rows: list[dict] = []
     start, n_tokens = time.perf_counter(), 0
+    lines = ProgressLines("hf sampling", len(seqs), "sequences")
     for b, lo in enumerate(range(0, len(seqs), batch)):
         gen_BT, logp_BT = sample_batch(
             model, seqs[lo : lo + batch], temperature=cfg.temperature, top_k=cfg.top_k,
@@ -146,7 +148,9 @@ def generate(
                     sampling=sampling,
                 )
             )
-        if progress:
+        if progress:  # log lines at a steady cadence; the per-batch line on a terminal only
+            lines.update(len(rows), tokens=n_tokens)
+        if progress and on_terminal():
             elapsed = time.perf_counter() - start
             print(
                 f"[hf] {len(rows)}/{len(seqs)} sequences, {n_tokens} tokens, "
