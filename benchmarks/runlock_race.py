@@ -2,7 +2,7 @@
 
     python benchmarks/runlock_race.py [--pairs 200]
 
-Each trial forks two processes that spin until a shared start instant, then call
+Each trial forks two processes that wait on one pipe and, woken together, call
 `trace_rl.pipeline.runlock.acquire` on a fresh run directory and keep whatever they got until
 both have answered (nobody releases and nobody exits, so a late racer can neither take a lock
 released meanwhile nor take over a lock whose holder has legitimately died). Mode
@@ -29,14 +29,14 @@ from trace_rl.pipeline import runlock
 HELD, REFUSED, FAILED = 1, 2, 3
 
 
-def _racer(run: Path, start: float, report: int, release: int) -> None:
-    """In a forked child: acquire at `start`, report HELD or REFUSED on the `report` pipe, then
+def _racer(run: Path, go: int, report: int, release: int) -> None:
+    """In a forked child: acquire once the parent closes the `go` pipe (both racers wake at that
+    instant, without spinning on busy cores), report HELD or REFUSED on the `report` pipe, then
     stay alive (keeping what it got) until the parent closes the `release` pipe."""
     os.environ.pop(runlock.ENV, None)
     code = FAILED
     try:
-        while time.time() < start:
-            pass
+        os.read(go, 1)
         runlock.acquire(run, "race")
         code = HELD
     except runlock.RunLocked:
@@ -68,18 +68,21 @@ def trial(run: Path, stale: bool) -> list[int]:
     """One race; returns the two racers' answers."""
     if stale:
         _stale_lock(run)
+    go_r, go_w = os.pipe()
     report_r, report_w = os.pipe()
     release_r, release_w = os.pipe()
-    start = time.time() + 0.02
     pids = []
     for _ in range(2):
         pid = os.fork()
         if pid == 0:
+            os.close(go_w)
             os.close(release_w)
-            _racer(run, start, report_w, release_r)
+            _racer(run, go_r, report_w, release_r)
         pids.append(pid)
-    os.close(report_w)
-    os.close(release_r)
+    for fd in (go_r, report_w, release_r):
+        os.close(fd)
+    time.sleep(0.002)  # both racers reach their read of `go`
+    os.close(go_w)  # ... and wake together
     codes = [os.read(report_r, 1) for _ in pids]
     os.close(release_w)
     os.close(report_r)
