@@ -3,8 +3,9 @@ train manifest); `status` marks damaged data with what to do; `run` recomputes i
 skipping it as current; nothing trains from or replays against a damaged checkpoint.
 
 The five cases of issue 23 (a half-truncated part, a foreign-schema file, a deleted final model,
-deleted intermediate weights, an edited row count) plus a same-size byte flip, which only the
-deep check (`status --verify`, sha256) can see."""
+deleted intermediate weights, an edited row count), issue 26's emptied manifest digest and extra
+part file, plus a same-size byte flip, which only the deep check (`status --verify`, sha256) can
+see."""
 
 from __future__ import annotations
 
