@@ -37,7 +37,7 @@ def _stage_task(stage: str, config_path: str, round_index: int | None, force: bo
 
 
 def _rollout_task(stage: str, config_path: str, round_index: int | None, force: bool = False) -> dict:
-    """The rollout stage; with the run's engine session when the flow has one.
+    """The rollout (or evaluate) stage; with the run's engine session when the flow has one.
 
     The session's engine runs in its own worker process, so this process only tokenizes: the
     stage runs here (no per-stage child process), where the session lives.
@@ -111,7 +111,7 @@ stage_rollout = task(name="rollout", **_TASK_OPTS)(_reported(_rollout_task))
 stage_verify = task(name="verify", **_TASK_OPTS)(_reported(_stage_task))
 stage_annotate = task(name="annotate", retries=2, retry_delay_seconds=30, **_TASK_OPTS)(_reported(_stage_task))
 stage_train = task(name="train", **_TASK_OPTS)(_reported(_train_task))
-stage_evaluate = task(name="evaluate", **_TASK_OPTS)(_reported(_stage_task))
+stage_evaluate = task(name="evaluate", **_TASK_OPTS)(_reported(_rollout_task))
 TASKS = {"prepare": stage_prepare, "rollout": stage_rollout, "verify": stage_verify,
          "annotate": stage_annotate, "train": stage_train, "evaluate": stage_evaluate}
 assert set(TASKS) == set(STAGES) == set(StageName.__args__), "StageName must list the registry's stages"
@@ -157,7 +157,11 @@ def trace_round(config: str, round_index: int, force_from: StageName | None = No
 
 
 def _evaluate_in_flow(config_path: str, round_index: int | None) -> None:
-    _release_engine()
+    from trace_rl.stages.engines.session import active_session
+
+    vllm = load_config(config_path).rollout.vllm
+    if active_session() is None or not vllm.persistent:  # else it samples with the run's engine
+        _release_engine()
     _release_trainer()
     stage_evaluate("evaluate", config_path, round_index)  # skipped when its samples are current
 
@@ -182,17 +186,19 @@ def trace_training(config: str = "demo", overrides: list[str] | None = None,
     out = {}
     # One writer per run (pipeline/runlock.py); `trace-rl run` already holds it (passes through).
     with run_lock(cfg.run.run_root), reporting.forward_trace_logs():
-        if cfg.model.path == "testbed":
-            build_model(config_path)
-        stage_prepare("prepare", config_path, None)
-        if cfg.eval.benchmarks and cfg.eval.initial:
-            _evaluate_in_flow(config_path, -1)
-            reporting.publish_run_artifacts(config_path, "initial policy evaluated")
-        # One vLLM engine for all rounds (started by the first rollout, closed however the flow
-        # ends) and one resident trainer (its optimizer state is written to the last checkpoint):
-        # in this process, or, when training takes several processes, in one worker group
-        # launched by the first train stage and stopped when the flow ends (trainer/worker_group.py).
+        # One vLLM engine for all rounds and evaluations (started by the first that samples,
+        # closed however the flow ends; opened before prepare, which its import warm-up
+        # overlaps) and one resident trainer (its optimizer state is written to the last
+        # checkpoint): in this process, or, when training takes several processes, in one
+        # worker group launched by the first train stage and stopped when the flow ends
+        # (trainer/worker_group.py).
         with engine_session(), trainer_session(), trainer_group_session(cfg):
+            if cfg.model.path == "testbed":
+                build_model(config_path)
+            stage_prepare("prepare", config_path, None)
+            if cfg.eval.benchmarks and cfg.eval.initial:
+                _evaluate_in_flow(config_path, -1)
+                reporting.publish_run_artifacts(config_path, "initial policy evaluated")
             for k in range(total):
                 out[k] = trace_round(config_path, k)
                 if cfg.eval.benchmarks and (cfg.eval.every_round or k == total - 1):

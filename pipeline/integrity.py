@@ -144,6 +144,13 @@ def unlisted_files(fs, directory: str, files: list[dict[str, Any]]) -> list[Dama
             for n in names if n not in listed]
 
 
+def pruned_marker(checkpoint_dir: str | os.PathLike) -> Path:
+    """The file `train.keep_checkpoints` leaves beside a checkpoint it removed (stages/prune.py):
+    a pruned checkpoint is not a damaged one."""
+    path = Path(checkpoint_dir)
+    return path.with_name(path.name + ".pruned.json")
+
+
 def verify_dataset(store, name: str, manifest=None, *, deep: bool = False) -> list[Damage]:
     """What is wrong with the complete dataset `name` (empty when nothing): an edited manifest,
     part files missing or of another size (or, `deep`, other content), files it does not list,
@@ -158,7 +165,8 @@ def verify_dataset(store, name: str, manifest=None, *, deep: bool = False) -> li
     if ckpt:
         directory = store.path(ckpt["dir"])
         if not store.fs.isdir(directory):
-            found.append(Damage(ckpt["dir"], "checkpoint directory missing"))
+            if not store.fs.exists(str(pruned_marker(directory))):
+                found.append(Damage(ckpt["dir"], "checkpoint directory missing"))
         else:
             found += [Damage(f"{ckpt['dir']}/{d.what}", d.problem)
                       for d in _check_files(store.fs, directory, ckpt["files"], deep)]

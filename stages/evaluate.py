@@ -39,6 +39,7 @@ from trace_rl.stages.config import TraceConfig
 from .benchmarks import Benchmark, BenchmarkSource, load_benchmark
 from .common import open_store, section_fingerprint_part, start_checkpoint
 from .eval_summary import build_summary, print_summary
+from .prune import require_weights
 
 log = logging.getLogger("trace_rl.stages.evaluate")
 
@@ -139,11 +140,12 @@ def generate_all(cfg: TraceConfig, benches: list[Benchmark], model_dir: str, *,
                  progress: bool) -> dict[str, list[dict[str, Any]]]:
     """k samples per problem of every benchmark in ONE engine call, split back by benchmark.
 
-    One call means one model load (a vLLM engine start costs minutes for a large model) and
-    full batches across benchmarks; prompt ids are prefixed with the benchmark so they stay
+    One call means one model load (a vLLM engine start costs minutes for a large model; in a
+    training flow the run's engine serves it with no start at all) and full batches across
+    benchmarks; prompt ids are prefixed with the benchmark so they stay
     unique (vLLM's per-prompt seeds derive from them).
     """
-    from trace_rl.stages.engines import generate
+    from trace_rl.stages.engines.session import generate_in_run
 
     prompts, owner = [], {}
     for bench in benches:
@@ -154,7 +156,11 @@ def generate_all(cfg: TraceConfig, benches: list[Benchmark], model_dir: str, *,
     out: dict[str, list[dict[str, Any]]] = {b.name: [] for b in benches}
     if not prompts:
         return out
-    for s in generate(eval_rollout_config(cfg), model_dir, prompts, progress=progress):
+    # Inside a training flow: the run's engine (its weights loaded in place), not a new one.
+    rows, engine = generate_in_run(eval_rollout_config(cfg), model_dir, prompts, progress=progress)
+    log.info("evaluate: engine %s (%s), generate %.1f s", engine["name"], engine["mode"],
+             engine["generate_s"])
+    for s in rows:
         bench_name, pid = owner[s["prompt_id"]]
         out[bench_name].append({**s, "prompt_id": pid})
     return out
@@ -225,6 +231,7 @@ def sample_benchmarks(cfg: TraceConfig, store: RunStore, ckpt: Checkpoint, bench
         else:
             todo.append(job)
     if todo:
+        require_weights(ckpt.model_dir)
         log.info("evaluate %s: sampling %s (%d problems) x %d", ckpt.name, [j.bench.name for j in todo],
                  sum(len(j.bench.rows) for j in todo), cfg.eval.k)
         samples = generate_all(cfg, [j.bench for j in todo], ckpt.model_dir, progress=progress)

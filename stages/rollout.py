@@ -19,6 +19,7 @@ from trace_rl.stages.config import TraceConfig
 from trace_rl.pipeline.store import Manifest
 
 from .common import dataset_name, decide, open_store, start_checkpoint
+from .prune import require_weights
 
 log = logging.getLogger("trace_rl.stages.rollout")
 
@@ -66,6 +67,7 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     p = decide(cfg, "rollout", round_index, ["prompts"], force=force, extra_inputs=model_fp)
     if p.skip:
         return p.existing
+    require_weights(model_dir)
     prompts = p.store.read("prompts", PROMPTS)
     ids = select_prompt_ids(prompts.column("prompt_id").to_pylist(), round_index,
                             cfg.rollout.prompts_per_round, cfg.run.seed)
@@ -74,7 +76,7 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     rcfg = cfg.rollout.model_copy(update={"seed": cfg.rollout.seed + 1000 * cfg.run.seed + round_index})
     log.info("rollout round %d: %d prompts x %d samples with %s (%s)", round_index, len(chosen),
              rcfg.n, rcfg.engine, model_dir)
-    samples = _generate(rcfg, model_dir, chosen, progress)
+    samples, engine = _generate(rcfg, model_dir, chosen, progress)
     rows = []
     for s in samples:
         rows.append({**s, "rollout_id": rollout_id(round_index, s["prompt_id"], s["sample_index"]),
@@ -88,26 +90,21 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
         for r in rows:
             reasons[r["finish_reason"]] = reasons.get(r["finish_reason"], 0) + 1
         w.counts.update(reasons)
-        w.extra = {"model_dir": model_dir, "prompts": len(chosen), "n": rcfg.n}
+        w.extra = {"model_dir": model_dir, "prompts": len(chosen), "n": rcfg.n,
+                   "engine": engine}
     return w.manifest
 
 
-def _generate(rcfg, model_dir: str, chosen: list[dict], progress: bool) -> list[dict]:
-    """With the flow's run-scoped engine (vLLM, or the hf engine's loaded model) when one is
-    active, else a cold engine."""
-    from trace_rl.stages.engines import generate
-    from trace_rl.stages.engines.session import active_session
+def _generate(rcfg, model_dir: str, chosen: list[dict], progress: bool) -> tuple[list[dict], dict]:
+    """With the flow's run-scoped engine when one is active, else a cold engine; the samples and
+    what the manifest records of the engine (session.generate_in_run)."""
+    from trace_rl.stages.engines.session import generate_in_run
 
-    session = active_session()
-    if session is not None and rcfg.engine == "vllm" and rcfg.vllm.persistent:
-        samples, stats = session.generate_with_stats(rcfg, model_dir, chosen, progress=progress)
-        log.info("rollout engine (%s): start %.1f s, weight load %.1f s, generate %.1f s",
-                 stats["mode"], stats["engine_start_s"], stats["load_weights_s"],
-                 stats["generate_s"])
-        return samples
-    if session is not None and rcfg.engine == "hf":  # the model stays loaded across rounds
-        return session.generate_hf(rcfg, model_dir, chosen, progress=progress)
-    return generate(rcfg, model_dir, chosen, progress=progress)
+    samples, engine = generate_in_run(rcfg, model_dir, chosen, progress=progress)
+    log.info("rollout engine %s (%s): start %.1f s, weight load %.1f s, generate %.1f s",
+             engine["name"], engine["mode"], engine.get("engine_start_s", 0.0),
+             engine.get("load_weights_s", 0.0), engine["generate_s"])
+    return samples, engine
 
 
 def read_round(store, round_index: int) -> pa.Table:

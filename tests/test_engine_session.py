@@ -83,24 +83,24 @@ def test_reloaded_engine_equals_cold_engine_and_survives_a_dead_worker(policies,
     cfg_a = cfg.model_copy(update={"seed": cfg.seed + 1})
     with EngineSession() as session:
         rows_a, stats = session.generate_with_stats(cfg_a, a, VLLM_PROMPTS, progress=False)
-        assert stats["mode"] == "cold_start" and stats["engine_start_s"] > 0
+        assert stats["mode"] == "cold" and stats["engine_start_s"] > 0
         assert _tokens(rows_a) != _tokens(cold_b), "the two policies must sample differently"
 
         rows_b, stats = session.generate_with_stats(cfg, b, VLLM_PROMPTS, progress=False)
-        assert stats["mode"] == "reused" and stats["engine_start_s"] == 0
+        assert stats["mode"] == "resident" and stats["engine_start_s"] == 0
         assert stats["load_weights_s"] > 0
         _assert_same_rollouts(rows_b, cold_b)
 
         assert session.release_device() == "resident"  # CPU: no sleep mode, nothing to free
         again, stats = session.generate_with_stats(cfg, b, VLLM_PROMPTS, progress=False)
-        assert stats["mode"] == "reused" and stats["load_weights_s"] == 0
+        assert stats["mode"] == "resident" and stats["load_weights_s"] == 0
         _assert_same_rollouts(again, cold_b)
         assert [e["op"] for e in session.events].count("start") == 1
 
         os.kill(session._workers[0].proc.pid, signal.SIGKILL)
         session._workers[0].proc.wait()
         after, stats = session.generate_with_stats(cfg, b, VLLM_PROMPTS, progress=False)
-        assert stats["mode"] == "cold_start"
+        assert stats["mode"] == "cold"
         _assert_same_rollouts(after, cold_b)
     assert not session.running
 
@@ -116,7 +116,7 @@ def test_tied_embeddings_reach_the_engine_on_reload(policies, tmp_path):
         rows_a = session.generate(cfg, a, PROMPTS, progress=False)
         assert _tokens(rows_a) != _tokens(first_b)
         reloaded_b, stats = session.generate_with_stats(cfg, b, PROMPTS, progress=False)
-        assert stats["mode"] == "reused"
+        assert stats["mode"] == "resident"
     _assert_same_rollouts(reloaded_b, first_b)
 
 
@@ -157,41 +157,72 @@ def test_engine_session_is_active_only_inside_its_block():
     assert active_session() is None and not session.running
 
 
+def _count_engine_starts(monkeypatch) -> list[str]:
+    """Every vLLM engine start from here on, session or cold: the checkpoint it started on."""
+    from trace_rl.stages.engines import vllm_engine
+
+    starts = []
+    real_start, real_cold = EngineSession._start, vllm_engine.generate_with_stats
+
+    def session_start(self, cfg, model_dir, *args, **kwargs):
+        starts.append(model_dir)
+        return real_start(self, cfg, model_dir, *args, **kwargs)
+
+    def cold(cfg, model_dir, *args, **kwargs):
+        starts.append(model_dir)
+        return real_cold(cfg, model_dir, *args, **kwargs)
+
+    monkeypatch.setattr(EngineSession, "_start", session_start)
+    monkeypatch.setattr(vllm_engine, "generate_with_stats", cold)
+    return starts
+
+
 @needs_vllm
 @pytest.mark.slow
-def test_training_flow_starts_one_engine_and_equals_a_cold_rerun(
+def test_three_rounds_and_their_evaluations_start_one_engine_equal_to_cold_starts(
     tmp_path, prefect_harness, monkeypatch
 ):
+    """vLLM's default executor (an engine-core process beside the worker, as users get it):
+    the in-place weight load must reach that process by method name."""
     from trace_rl.flows.training import trace_training
     from trace_rl.stages import get_stage
     from trace_rl.stages.common import dataset_name, open_store
     from trace_rl.stages.config import load_config
 
-    starts = []
-    real_start = EngineSession._start
-
-    def counting_start(self, *args, **kwargs):
-        starts.append(args[1])  # the checkpoint the engine starts on
-        return real_start(self, *args, **kwargs)
-
-    monkeypatch.setattr(EngineSession, "_start", counting_start)
-    env = cpu_env(tmp_path / "cache", omp_threads_bind="0-1", in_process=True)
+    starts = _count_engine_starts(monkeypatch)
+    env = cpu_env(tmp_path / "cache", omp_threads_bind="0-1")
+    env.pop("VLLM_CPU_KVCACHE_SPACE")  # the worker's own bound applies (and is recorded)
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in env
     # vLLM's CPU attention has no kernel for the tiny testbed's head_dim of 16: two heads of 32.
     overrides = TINY_RUN + [
         "model.testbed.num_heads=2", "model.testbed.num_kv_heads=2",
-        f"run.root={tmp_path / 'run'}", f"model.testbed_dir={tmp_path / 'testbed'}", "run.rounds=2",
+        f"run.root={tmp_path / 'run'}", f"model.testbed_dir={tmp_path / 'testbed'}", "run.rounds=3",
         "rollout.engine=vllm", f"rollout.vllm.python={VLLM_PYTHON}", "rollout.vllm.dtype=float32",
-        f"rollout.vllm.env={json.dumps(env)}",
-        'rollout.vllm.engine_kwargs={"distributed_executor_backend": "uni"}',
+        f"rollout.vllm.env={json.dumps(env)}", "rollout.vllm.timeout_s=900",
+        "eval.every_round=true", "eval.limit=8", "eval.k=2", "eval.max_tokens=32",
+        "train.keep_checkpoints=null",  # the cold reruns below read checkpoints 1 and 2
     ]
     trace_training("demo", overrides)
-    assert len(starts) == 1, "one engine for both rounds"
+    assert len(starts) == 1, f"one engine for 3 rounds and 4 evaluations, got starts on {starts}"
     assert active_session() is None
     cfg = load_config("demo", overrides)
+    assert cfg.rollout.vllm.engine_kwargs == {} and cfg.rollout.vllm.persistent
     store = open_store(cfg)
-    from_flow = store.read(dataset_name("rollout", 1), ROLLOUTS).to_pylist()
-    # Round 1 again as a standalone stage: a cold engine on round 1's checkpoint.
-    get_stage("rollout")(cfg, 1, force=True, progress=False)
-    cold = store.read(dataset_name("rollout", 1), ROLLOUTS).to_pylist()
-    assert len(starts) == 1
-    _assert_same_rollouts(from_flow, cold)
+    engines = [store.manifest(dataset_name("rollout", k)).extra["engine"] for k in range(3)]
+    # The initial evaluation started the engine on the initial model: every round reuses it.
+    assert [e["mode"] for e in engines] == ["resident"] * 3
+    assert [e["engine_start_s"] for e in engines] == [0.0] * 3
+    # Round 0 samples the weights the engine started with; policy k >= 1 was loaded in place by
+    # its evaluation after round k-1, so round k finds it there (the cold reruns below show the
+    # engine held checkpoint k, not the initial model).
+    assert [e["load_weights_s"] for e in engines] == [0.0] * 3
+    assert all(e["generate_s"] > 0 and e["generated_tokens"] > 0 for e in engines)
+    assert all(e["memory"] == {"VLLM_CPU_KVCACHE_SPACE": "2"} for e in engines)
+    assert all(0 < e["peak_rss_gb"] < 8 for e in engines)
+    from_flow = {k: store.read(dataset_name("rollout", k), ROLLOUTS).to_pylist() for k in (1, 2)}
+    for k in (1, 2):  # each round again as a standalone stage: a cold engine on its checkpoint
+        manifest = get_stage("rollout")(cfg, k, force=True, progress=False)
+        assert manifest.extra["engine"]["mode"] == "cold"
+        assert manifest.extra["engine"]["engine_start_s"] > 0
+        _assert_same_rollouts(from_flow[k], store.read(dataset_name("rollout", k), ROLLOUTS).to_pylist())
+    assert len(starts) == 3

@@ -167,6 +167,7 @@ class EngineSession:
         self._calls = 0
         self.events: list[dict] = []  # one entry per engine operation, for the benchmark
         self.hf = None  # the hf engine's model, kept across rounds (stages/engines/hf.py)
+        self.preloading: threading.Thread | None = None  # engine_session's import warm-up
 
     @property
     def running(self) -> bool:
@@ -194,7 +195,9 @@ class EngineSession:
         if not reused:
             self._start(cfg, model_dir, prep.requests, progress, stats)
             tables = self._generate(cfg, prep.requests, stats)
-        stats["mode"] = "reused" if reused else "cold_start"
+        # "resident": the engine was already up; "cold": it started for this call.
+        stats["mode"] = "resident" if reused else "cold"
+        stats["memory"] = self._ready[0].get("memory", {})
         self._calls += 1
         return rows_from_tables(cfg, prompts, prep.prompt_ids, tables, prep.tokenizer), stats
 
@@ -209,9 +212,9 @@ class EngineSession:
             return False
         for ready, request in zip(self._ready, requests):
             budget = ready.get("max_num_batched_tokens")
-            if budget is not None and _prefill_tokens(request) + 1024 > budget:
-                log.info("this round's prompts exceed the engine's CPU token budget (%d): "
-                         "cold start with a larger one", budget)
+            if budget is not None and _largest_prompt(request) + 1024 > budget:
+                log.info("a prompt exceeds the engine's CPU token budget (%d): cold start with "
+                         "a larger one", budget)
                 return False
         return len(requests) <= len(self._workers)
 
@@ -267,22 +270,30 @@ class EngineSession:
         return time.perf_counter() - t0
 
     def _generate(self, cfg: RolloutConfig, requests: list[dict], stats: dict) -> list:
+        """Every worker's request, in pieces that fit its CPU token budget (a whole prefill per
+        piece; every prompt carries its own seed, so the split does not change a sample)."""
         assert self._tmp is not None
         t0 = time.perf_counter()
-        results = []
-        for rank, (w, request) in enumerate(zip(self._workers, requests)):
-            req = Path(self._tmp) / f"request-{self._calls}-{rank}.json"
-            res = Path(self._tmp) / f"result-{self._calls}-{rank}.parquet"
-            req.write_text(json.dumps(request))
-            w.send({"op": "generate", "request": str(req), "result": str(res)})
-            results.append((req, res))
-        replies = [w.reply(cfg.vllm.timeout_s) for w in self._workers[: len(requests)]]
-        tables = []
-        for req, res in results:
-            tables.append(pq.read_table(res))
-            req.unlink(), res.unlink()
-        stats["generate_s"] = max(r["stats"]["generate_s"] for r in replies)
-        stats["generated_tokens"] = sum(r["stats"]["generated_tokens"] for r in replies)
+        pieces = [_pieces(r, ready.get("max_num_batched_tokens"))
+                  for r, ready in zip(requests, self._ready)]
+        tables, stats["generate_s"], stats["generated_tokens"], stats["peak_rss_gb"] = [], 0.0, 0, 0.0
+        for step in range(max(len(p) for p in pieces)):
+            sent = []
+            for rank, (w, mine) in enumerate(zip(self._workers, pieces)):
+                if step < len(mine):
+                    req = Path(self._tmp) / f"request-{self._calls}-{rank}-{step}.json"
+                    res = req.with_suffix(".parquet")
+                    req.write_text(json.dumps(mine[step]))
+                    w.send({"op": "generate", "request": str(req), "result": str(res)})
+                    sent.append((w, req, res))
+            replies = [w.reply(cfg.vllm.timeout_s)["stats"] for w, _, _ in sent]
+            for _, req, res in sent:
+                tables.append(pq.read_table(res))
+                req.unlink(), res.unlink()
+            stats["generate_s"] += max(r["generate_s"] for r in replies)
+            stats["generated_tokens"] += sum(r["generated_tokens"] for r in replies)
+            stats["peak_rss_gb"] = max(stats["peak_rss_gb"],
+                                       sum(r.get("peak_rss_gb", 0.0) for r in replies))
         self._event("generate", time.perf_counter() - t0, tokens=stats["generated_tokens"])
         return tables
 
@@ -316,6 +327,8 @@ class EngineSession:
     def generate_hf(self, cfg: RolloutConfig, model_dir: str, prompts: list[dict], *,
                     progress: bool = True) -> list[dict]:
         """The hf engine with its model kept in this session from one round to the next."""
+        if self.preloading is not None:
+            self.preloading.join()  # an import in flight holds its module lock anyway
         from trace_rl.stages.engines.hf import HFModel
         from trace_rl.stages.engines.hf import generate as hf_generate
 
@@ -348,7 +361,62 @@ def _prefill_tokens(request: dict) -> int:
     return sum(len(p["prompt_token_ids"]) for p in request["prompts"]) * request["sampling"]["n"]
 
 
+def _largest_prompt(request: dict) -> int:
+    n = request["sampling"]["n"]
+    return max((len(p["prompt_token_ids"]) * n for p in request["prompts"]), default=0)
+
+
+def _pieces(request: dict, budget: int | None) -> list[dict]:
+    """`request` as consecutive requests whose prefill fits `budget` - 1024 tokens (the
+    worker's margin); one piece when the engine has no budget (GPU) or all of it fits."""
+    if budget is None or _prefill_tokens(request) + 1024 <= budget:
+        return [request]
+    n, pieces, current, used = request["sampling"]["n"], [], [], 0
+    for prompt in request["prompts"]:
+        cost = len(prompt["prompt_token_ids"]) * n
+        if current and used + cost + 1024 > budget:
+            pieces.append({**request, "prompts": current})
+            current, used = [], 0
+        current.append(prompt)
+        used += cost
+    return [*pieces, {**request, "prompts": current}]
+
+
 _ACTIVE: EngineSession | None = None
+
+
+def generate_in_run(cfg: RolloutConfig, model_dir: str, prompts: list[dict], *,
+                    progress: bool = True) -> tuple[list[dict], dict]:
+    """cfg.n samples per prompt with the flow's run-scoped engine when one is active (rollouts
+    and evaluations share it: same engine, each request with its own sampling settings), else
+    a cold engine. Returns the rows and what a manifest records of the engine: name, mode
+    ("resident": up before this call; "cold": started for it) and timings in seconds."""
+    from trace_rl.stages.lora_weights import engine_weights
+
+    model_dir = engine_weights(model_dir)  # a LoRA checkpoint: its merged model (a folder)
+    session = active_session()
+    if cfg.engine == "vllm":
+        from trace_rl.stages.engines.vllm_engine import generate_with_stats
+
+        if session is not None and cfg.vllm.persistent:
+            rows, stats = session.generate_with_stats(cfg, model_dir, prompts, progress=progress)
+        else:
+            rows, stats = generate_with_stats(cfg, model_dir, prompts, progress=progress)
+            stats = {"mode": "cold", "load_weights_s": 0.0, **stats}
+        return rows, {"name": "vllm", **stats}
+    t0 = time.perf_counter()
+    if session is not None:  # the hf model stays loaded across rounds
+        loads = session.hf.loads if session.hf is not None else 0
+        rows = session.generate_hf(cfg, model_dir, prompts, progress=progress)
+        resident = session.hf is not None and session.hf.loads == loads  # no full load now
+    else:
+        from trace_rl.stages.engines.hf import generate as hf_generate
+
+        resident = False
+        rows = hf_generate(cfg, model_dir, prompts, progress=progress)
+    return rows, {"name": "hf", "mode": "resident" if resident else "cold",
+                  "generate_s": time.perf_counter() - t0,
+                  "generated_tokens": sum(len(r["response_token_ids"]) for r in rows)}
 
 
 def active_session() -> EngineSession | None:
@@ -356,13 +424,30 @@ def active_session() -> EngineSession | None:
     return _ACTIVE
 
 
+def _preload() -> None:
+    """The hf engine's Python code and transformers' model-loading and generation machinery:
+    ~2.5-4 s of imports (measured on the testbed, 2 cores) that the first round's generation
+    paid inside its rollout stage ("the first generation pays no set-up"). Imported once per
+    process, so a later from_pretrained and generate find them loaded."""
+    import transformers.generation.utils  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
+
+    import trace_rl.stages.engines.hf  # noqa: F401
+
+
 @contextmanager
 def engine_session() -> Iterator[EngineSession]:
-    """A session made the process's active one for the block, closed when the block ends."""
+    """A session made the process's active one for the block, closed when the block ends.
+
+    Entering it starts importing what the first generation needs (`_preload`) in a background
+    thread, so that it overlaps whatever the flow does before its first round (prepare, the
+    initial evaluation's set-up); the first generation waits for it."""
     global _ACTIVE
     if _ACTIVE is not None:
         raise RuntimeError("an engine session is already active in this process")
     session = EngineSession()
+    session.preloading = threading.Thread(target=_preload, name="engine-preload", daemon=True)
+    session.preloading.start()
     _ACTIVE = session
     try:
         yield session

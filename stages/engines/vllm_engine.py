@@ -254,6 +254,8 @@ def merge_stats(per_shard: list[dict]) -> dict:
         "engine_start_s": max(s["engine_start_s"] for s in per_shard),
         "generate_s": max(s["generate_s"] for s in per_shard),
         "generated_tokens": sum(s["generated_tokens"] for s in per_shard),
+        "peak_rss_gb": sum(s.get("peak_rss_gb", 0.0) for s in per_shard),
+        "memory": per_shard[0].get("memory", {}),
     }
 
 

@@ -16,7 +16,7 @@ Serving: SPEC.json is {model, llm_kwargs, prefill_tokens}; the worker builds the
 reads one JSON command per line on stdin and answers each with one JSON line on file descriptor
 REPLY_FD (stdout and stderr carry vLLM's log, so replies need their own channel):
     {"op": "generate", "request": REQUEST.json, "result": RESULT.parquet}  -> {"stats": {...}}
-    {"op": "load_weights", "model": DIR}  new weights in place from DIR's *.safetensors
+    {"op": "load_weights", "model": DIR}  new weights in place from DIR (vLLM's reload_weights)
     {"op": "sleep", "level": 1|2} / {"op": "wake"}   free / retake the accelerator's memory
     {"op": "close"}
 Every reply has "ok"; a failed command answers {"ok": false, "error": traceback} and the worker
@@ -69,6 +69,27 @@ def _avoid_chunked_prefill_on_cpu(kwargs: dict, prefill: int) -> None:
     kwargs["max_num_batched_tokens"] = max(8192, prefill + 1024)
 
 
+# The KV cache of a CPU engine whose config sets no VLLM_CPU_KVCACHE_SPACE, in GiB. Unset, vLLM
+# sizes it from gpu_memory_utilization of the MACHINE's memory (0.9 of 24 GB put a demo worker at
+# 22 GB); 2 GiB holds a SmolLM2 round (128 x 180 tokens) many times over.
+CPU_KVCACHE_GIB = "2"
+
+
+def bound_cpu_memory(llm_kwargs: dict) -> dict:
+    """On CPU, the KV cache's size (VLLM_CPU_KVCACHE_SPACE set here when the config sets neither
+    it nor kv_cache_memory_bytes, before the engine starts its processes, which inherit it); {}
+    on a GPU. Returned for the manifest."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return {}
+    if "kv_cache_memory_bytes" in llm_kwargs:  # vLLM's env setting would override it
+        return {"kv_cache_memory_bytes": llm_kwargs["kv_cache_memory_bytes"]}
+    if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = CPU_KVCACHE_GIB
+    return {"VLLM_CPU_KVCACHE_SPACE": os.environ["VLLM_CPU_KVCACHE_SPACE"]}
+
+
 def build_llm(model: str, llm_kwargs: dict, prefill: int, sleep_mode: bool = False):
     from vllm import LLM
 
@@ -118,17 +139,49 @@ def generate(llm, request: dict) -> tuple[dict, dict]:
     stats = {
         "generate_s": time.perf_counter() - t0,
         "generated_tokens": sum(len(ids) for ids in cols["response_token_ids"]),
+        "peak_rss_gb": peak_rss_gb(),
     }
     return cols, stats
+
+
+def peak_rss_gb() -> float:
+    """The sum of the peak resident memory of this worker and of every process below it (vLLM's
+    engine core and its workers), in GB; Linux /proc only (0.0 elsewhere). Recorded to check
+    the memory bound."""
+    def status(pid: str, key: str) -> int:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def children(pid: str) -> list[str]:
+        found: list[str] = []
+        for task in Path(f"/proc/{pid}/task").glob("*/children"):
+            try:
+                found += task.read_text().split()
+            except OSError:
+                pass
+        return found
+
+    tree, todo = [], [str(os.getpid())]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children(pid)
+    return round(sum(status(pid, "VmHWM") for pid in tree) / 1e9, 3)
 
 
 def run(request: dict) -> tuple[dict, dict]:
     """Cold path: build an engine, generate every prompt of the request; (columns, stats)."""
     t0 = time.perf_counter()
+    memory = bound_cpu_memory(request.get("llm_kwargs", {}))
     llm, _ = build_llm(request["model"], request.get("llm_kwargs", {}), prefill_tokens(request))
     start_s = time.perf_counter() - t0
     cols, stats = generate(llm, request)
-    return cols, {"engine_start_s": start_s, **stats}
+    return cols, {"engine_start_s": start_s, **stats, "memory": memory}
 
 
 def write_result(cols: dict, stats: dict, path: str) -> None:
@@ -148,37 +201,16 @@ def write_result(cols: dict, stats: dict, path: str) -> None:
     pq.write_table(pa.table(cols, schema=schema), path)
 
 
-def _checkpoint_weights(model_dir: str):
-    """(name, tensor) of every *.safetensors file in the checkpoint dir, one tensor at a time."""
-    from safetensors import safe_open
-
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {model_dir}: not a save_pretrained checkpoint")
-    for path in files:
-        with safe_open(str(path), framework="pt") as fh:
-            for name in fh.keys():
-                yield name, fh.get_tensor(name)
-
-
-def _reload_in_worker(worker, model_dir: str) -> str:
-    """Runs inside every vLLM worker (collective_rpc): the checkpoint's weights, in place.
-
-    vLLM's own in-place reload goes through its model loader (same file selection and weight
-    post-processing as a cold load). Tied embeddings: the trainer writes lm_head.weight too;
-    vLLM's tied models hold one tensor for embed_tokens and lm_head and skip the lm_head entry,
-    so the head follows the embedding either way.
-    """
-    if hasattr(worker, "reload_weights"):
-        worker.reload_weights(weights_path=model_dir)
-        return "reload_weights"
-    worker.model_runner.model.load_weights(_checkpoint_weights(model_dir))  # older vLLM
-    return "load_weights"
-
-
 def load_weights(llm, model_dir: str) -> dict:
     t0 = time.perf_counter()
-    how = llm.collective_rpc(_reload_in_worker, args=(model_dir,))
+    # The worker's own `reload_weights`, called BY NAME: a name and a path cross into vLLM's
+    # engine-core process (the default multiprocess executor) as plain data, where a function
+    # object would need VLLM_ALLOW_INSECURE_SERIALIZATION. vLLM's model loader does the rest
+    # (same file selection and weight post-processing as a cold load). Tied embeddings: the
+    # trainer writes lm_head.weight too; vLLM's tied models hold one tensor for embed_tokens and
+    # lm_head and skip the lm_head entry, so the head follows the embedding either way.
+    llm.collective_rpc("reload_weights", kwargs={"weights_path": model_dir})
+    how = "reload_weights"
     # Cached prefixes hold keys/values of the old weights; reusing them would mix policies.
     llm.reset_prefix_cache()
     return {"load_s": time.perf_counter() - t0, "how": how}
@@ -192,6 +224,7 @@ class _Server:
         self.platform = "cpu" if current_platform.is_cpu() else str(current_platform.device_type)
         self.sleep_mode = bool(current_platform.is_sleep_mode_available()) and self.platform != "cpu"
         t0 = time.perf_counter()
+        memory = bound_cpu_memory(spec["llm_kwargs"])
         self.llm, kwargs = build_llm(
             spec["model"], spec["llm_kwargs"], spec["prefill_tokens"], self.sleep_mode
         )
@@ -203,6 +236,7 @@ class _Server:
             platform=self.platform,
             sleep_mode=self.sleep_mode,
             max_num_batched_tokens=kwargs.get("max_num_batched_tokens"),
+            memory=memory,
             pid=os.getpid(),
         )
 
