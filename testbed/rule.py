@@ -148,6 +148,10 @@ def rule_annotate(prompt: dict, segments: list[str], route: str) -> tuple[list[i
     if route not in ("key", "error", "none"):
         raise ValueError(f"route must be one of 'key', 'error', 'none'; got {route!r}")
     meta = json.loads(prompt["meta"]) if isinstance(prompt["meta"], str) else prompt["meta"]
+    if meta.get("task") == "digit_chain":
+        from trace_rl.testbed.chain import rule_annotate_chain
+
+        return rule_annotate_chain(meta, segments, route) if route != "none" else ([], "")
     if "a" not in meta or "b" not in meta:
         raise ValueError(
             f"prompt {prompt.get('prompt_id')!r} meta lacks the operands 'a' and 'b'; the rule "

@@ -43,6 +43,11 @@ class SftExample:
 def make_sft_texts(cfg: TestbedConfig, n: int, seed: int) -> list[tuple[str, str]]:
     """n (user message, target solution) pairs in the configured format mixture."""
     rng = random.Random(f"sft|{seed}")
+    if cfg.task == "digit_chain":
+        from trace_rl.testbed.chain import chain_sft_pairs
+
+        return chain_sft_pairs(cfg, n, seed, rng,
+                               lambda row, labels: teacher_message(cfg.teacher_template, row, labels))
     pairs = sample_pairs(cfg, min(n, cfg.sft_num_problems), seed, "train")
     texts = []
     for i in range(n):

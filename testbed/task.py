@@ -184,6 +184,10 @@ def make_prompt_row(a: int, b: int, prompt_id: str, layout: Layout = "line") -> 
 
 def make_prompts(cfg: TestbedConfig, n: int, seed: int, split: Split = "train") -> list[dict]:
     """n prompts rows (prompt_id "tb-<split>-<seed>-<index>"); train and heldout never overlap."""
+    if cfg.task == "digit_chain":
+        from trace_rl.testbed.chain import make_chain_prompts
+
+        return make_chain_prompts(cfg, n, seed, split)
     pairs = sample_pairs(cfg, n, seed, split)
     return [make_prompt_row(a, b, f"tb-{split}-{seed}-{i:06d}", cfg.step_layout)
             for i, (a, b) in enumerate(pairs)]

@@ -48,6 +48,9 @@ CHAT_TEMPLATE = (
 def _corpus(cfg: TestbedConfig) -> Iterator[str]:
     """Texts in every format the model will see (student, teacher, corrupted, chat wrapper)."""
     rng = random.Random(f"tokenizer|{cfg.seed}")
+    if cfg.task == "digit_chain":
+        yield from _chain_corpus(cfg, rng)
+        return
     pairs = sample_pairs(cfg, cfg.tokenizer_corpus_size, cfg.seed + 7919, "train")
     for i, (a, b) in enumerate(pairs):
         row = make_prompt_row(a, b, f"tok-{i}", cfg.step_layout)
@@ -57,6 +60,20 @@ def _corpus(cfg: TestbedConfig) -> Iterator[str]:
         yield f"user\n{teacher}\nassistant\n\n\n\n{row['solution']}\n"
         yield render_solution(wrong, cfg.step_layout)
     # Every digit and common symbol must exist as a token even in a tiny corpus.
+    yield "0123456789 +-=*/()[]{}\\,.:;!?'\"\n The final answer is"
+
+
+def _chain_corpus(cfg: TestbedConfig, rng: random.Random) -> Iterator[str]:
+    """The digit chain's texts (testbed.chain), student, teacher and slipped."""
+    from trace_rl.testbed.chain import (SLIPS, chain_prompt_row, corrupt_chain, render_chain,
+                                        sample_problems)
+
+    pool = sample_problems(cfg, min(cfg.tokenizer_corpus_size, 2000), cfg.seed + 7919, "train")
+    for i, p in enumerate(pool):
+        row = chain_prompt_row(p, f"tok-{i}")
+        teacher = teacher_message(cfg.teacher_template, row, [rng.choice(SLIPS)])
+        yield f"user\n{teacher}\nassistant\n\n\n\n{row['solution']}\n"
+        yield render_chain(corrupt_chain(p, rng)[0])
     yield "0123456789 +-=*/()[]{}\\,.:;!?'\"\n The final answer is"
 
 
