@@ -187,11 +187,10 @@ def trace_training(config: str = "demo", overrides: list[str] | None = None,
     # One writer per run (pipeline/runlock.py); `trace-rl run` already holds it (passes through).
     with run_lock(cfg.run.run_root), reporting.forward_trace_logs():
         # One vLLM engine for all rounds and evaluations (started by the first that samples,
-        # closed however the flow ends; opened before prepare, which its import warm-up
-        # overlaps) and one resident trainer (its optimizer state is written to the last
-        # checkpoint): in this process, or, when training takes several processes, in one
-        # worker group launched by the first train stage and stopped when the flow ends
-        # (trainer/worker_group.py).
+        # closed however the flow ends) and one resident trainer (its optimizer state is
+        # written to the last checkpoint): in this process, or, when training takes several
+        # processes, in one worker group launched by the first train stage and stopped when the
+        # flow ends (trainer/worker_group.py).
         with engine_session(), trainer_session(), trainer_group_session(cfg):
             if cfg.model.path == "testbed":
                 build_model(config_path)

@@ -167,7 +167,6 @@ class EngineSession:
         self._calls = 0
         self.events: list[dict] = []  # one entry per engine operation, for the benchmark
         self.hf = None  # the hf engine's model, kept across rounds (stages/engines/hf.py)
-        self.preloading: threading.Thread | None = None  # engine_session's import warm-up
 
     @property
     def running(self) -> bool:
@@ -327,8 +326,6 @@ class EngineSession:
     def generate_hf(self, cfg: RolloutConfig, model_dir: str, prompts: list[dict], *,
                     progress: bool = True) -> list[dict]:
         """The hf engine with its model kept in this session from one round to the next."""
-        if self.preloading is not None:
-            self.preloading.join()  # an import in flight holds its module lock anyway
         from trace_rl.stages.engines.hf import HFModel
         from trace_rl.stages.engines.hf import generate as hf_generate
 
@@ -439,15 +436,15 @@ def _preload() -> None:
 def engine_session() -> Iterator[EngineSession]:
     """A session made the process's active one for the block, closed when the block ends.
 
-    Entering it starts importing what the first generation needs (`_preload`) in a background
-    thread, so that it overlaps whatever the flow does before its first round (prepare, the
-    initial evaluation's set-up); the first generation waits for it."""
+    Entering it imports what the first generation needs (`_preload`): set-up paid once when the
+    run's engine is set up, not inside round 0's rollout. Not in a background thread:
+    transformers' lazy module is not safe to import from two threads at once (a concurrent
+    `from transformers import AutoModelForCausalLM` failed with ImportError)."""
     global _ACTIVE
     if _ACTIVE is not None:
         raise RuntimeError("an engine session is already active in this process")
+    _preload()
     session = EngineSession()
-    session.preloading = threading.Thread(target=_preload, name="engine-preload", daemon=True)
-    session.preloading.start()
     _ACTIVE = session
     try:
         yield session
