@@ -1,7 +1,7 @@
 """How the `equations` annotator reads the cases in tests/fixtures/equation_cases.jsonl (issue 26):
 for each response, the first equation it finds wrong must be the one the case names (or none).
 
-    .venv/bin/python benchmarks/equation_cases.py [--review] [--show]
+    .venv/bin/python benchmarks/equation_cases.py [--review] [--solutions] [--show]
 
 Prints, per class and in all, the cases read right, the false errors (a right equation marked,
 or a wrong one marked in place of an earlier real one) and the missed errors. To measure another
@@ -24,6 +24,29 @@ def first_error(text: str) -> str | None:
 
     wrong = [e for e in find_equations(text) if e.wrong_at is not None]
     return text[wrong[0].start:wrong[0].end] if wrong else None
+
+
+def solutions() -> None:
+    """gsm8k reference solutions (test + train, calculator notes "<<...>>" removed): how many
+    have an equation marked wrong. Their arithmetic is right except for a few typos of the
+    data set, so most marks are false errors of this reader."""
+    import os
+    import re
+
+    shared = Path(os.environ.get("TRACE_SHARED_DATA") or CASES.parents[3] / "shared" / "data")
+    from trace_rl.stages.annotators.equations import find_equations
+
+    n = marked = n_eq = 0
+    for name in ("test", "train"):
+        for line in (shared / "gsm8k" / f"{name}.jsonl").read_text().split("\n"):
+            if not line.strip():
+                continue
+            text = re.sub(r"<<[^>]*>>", "", json.loads(line)["solution"])
+            eqs = find_equations(text)
+            n, n_eq = n + 1, n_eq + len(eqs)
+            marked += any(e.wrong_at is not None for e in eqs)
+    print(f"gsm8k reference solutions: {n}, equations read {n_eq}, solutions with one marked "
+          f"wrong {marked}")
 
 
 def main(show: bool, path: Path = CASES) -> None:
@@ -50,7 +73,10 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--show", action="store_true", help="print every case read wrong")
     ap.add_argument("--review", action="store_true", help=f"also {REVIEW_CASES.name}")
+    ap.add_argument("--solutions", action="store_true", help="also gsm8k reference solutions")
     args = ap.parse_args()
     main(args.show)
     if args.review:
         main(args.show, REVIEW_CASES)
+    if args.solutions:
+        solutions()
