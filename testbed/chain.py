@@ -205,7 +205,7 @@ def rule_annotate_chain(meta: dict, segments: list[str], route: str) -> tuple[li
     for kind, seg, st in events:
         if kind == "malformed":
             return [seg], "malformed step"
-        if kind == "step":
+        if kind == "step" and st is not None:
             if j >= len(ref):
                 return [seg], "extra step"
             if st != ref[j]:

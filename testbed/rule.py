@@ -111,7 +111,8 @@ def first_error(events: list[Event], ref: list[Step], answer: str) -> tuple[list
                 return [ev.segment_id], "extra step"
             label = classify_step(ev.step, ref[i])
             if label:
-                where = ev.segment_id if in_sum(ev.step, ref[i]) else ev.deciding_segment()
+                where = (ev.segment_id if ev.step is None or in_sum(ev.step, ref[i])
+                         else ev.deciding_segment())
                 return [where], label
             i += 1
             continue
