@@ -38,7 +38,9 @@ def regime_overrides(regime: str, build: int) -> list[str]:
 
     if regime not in REGIMES:
         raise SystemExit(f"unknown regime {regime!r}; valid: {', '.join(REGIMES)}")
-    extra = [*long_chain_overrides(), *LONG_RUN] if regime == "long" else []
+    # random25's budget is the regime's coverage cap (the plan in docs/testbed_results.md)
+    extra = ([*long_chain_overrides(), *LONG_RUN, "train.span_fraction=0.25"] if regime == "long"
+             else ["train.span_fraction=0.4"])
     return [*extra, f"model.testbed.seed={build}"]
 
 
@@ -58,6 +60,23 @@ def folder(out: str, regime: str, build: int, w0: float | None) -> str:
     return os.path.join(out, f"{regime}-b{build}{tail}")
 
 
+# The long regime's premise (issue 30): a privileged teacher that is right, a student that is not.
+TEACHER_MIN, STUDENT_RANGE = 0.90, (0.15, 0.40)
+
+
+def check_premise(tb: str) -> None:
+    """Refuse a long-regime build whose warm start misses the premise: its cells would measure
+    a teacher that cannot teach (docs/testbed_results.md, "The long-chain testbed")."""
+    from trace_rl.testbed.build import read_manifest
+
+    acc = (read_manifest(tb) or {}).get("accuracy") or {}
+    t, s = acc.get("privileged"), acc.get("student")
+    if t is None or s is None or t < TEACHER_MIN or not STUDENT_RANGE[0] <= s <= STUDENT_RANGE[1]:
+        raise SystemExit(f"{tb}: teacher {t}, student {s} at the warm start; the long regime needs "
+                         f"a teacher >= {TEACHER_MIN:.0%} and a student in {STUDENT_RANGE}. Change "
+                         "LONG_CHAIN (testbed/config.py) or run --regimes short")
+
+
 def run_cell(out: str, cell, rounds: int, threads: int) -> None:
     from testbed_study import is_done, run_one
     from trace_rl.stages.config import load_config
@@ -72,6 +91,8 @@ def run_cell(out: str, cell, rounds: int, threads: int) -> None:
     extra = [*regime_overrides(regime, build), *([f"train.schedule.w0={w0}"] if w0 else [])]
     cfg = load_config("demo", [*extra, f"model.testbed_dir={tb}"])
     build_testbed(cfg.model.testbed, tb, progress=True)
+    if regime == "long":
+        check_premise(tb)
     print(f"[dose] {regime} build {build} seed {seed} {method} w0={w0}", flush=True)
     run_one(method, seed, rounds, study, tb, extra, threads, eval_rounds=[rounds])
 
