@@ -102,7 +102,8 @@ _BOUND_AFTER_RE = re.compile(
     r"^\s*(?:[A-Za-z]+\s+)?(?:,\s*)?(?:or\s+(?:more|less|fewer|greater|higher|lower|above|below"
     r"|over|under|bigger|smaller)|at\s+(?:least|most)|(?:and|or)\s+(?:up|above|over|below|beyond)"
     r"|\+(?!\s*[\w\\($])|(?:at\s+)?(?:minimum|maximum)|max\b|min\b|tops\b"
-    r"|at\s+the\s+(?:very\s+)?(?:least|most)|give\s+or\s+take)",
+    r"|at\s+the\s+(?:very\s+)?(?:least|most)|give\s+or\s+take|at\s+(?:best|worst)"
+    r"|in\s+the\s+(?:best|worst)\s+case)",
     re.I,
 )
 _BOUND_AFTER_NUMBER_RE = re.compile(
