@@ -42,7 +42,8 @@ RUNTIME_ONLY: dict[str, tuple[str, ...]] = {
                  "surprise.batch_size", "surprise.device"),
     # Logging, progress saves and how the same update is spread over processes (DDP, FSDP or
     # DeepSpeed compute the same mean gradient) or recomputed (activation checkpointing).
-    "train": ("tensorboard", "report_to", "save_every", "state_every", "persistent", "num_threads",
+    "train": ("tensorboard", "report_to", "save_every", "state_every", "keep_checkpoints",
+              "persistent", "num_threads",
               "num_processes", "collective_timeout_s",
               "accelerate_config", "gradient_checkpointing"),
 }

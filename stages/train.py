@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,16 +33,19 @@ from pathlib import Path
 from trace_rl.data_schemas import TRAIN_METRICS, extend_metrics, rows_to_table
 from trace_rl.data_schemas.errors import StageError
 from trace_rl.pipeline.fingerprint import fingerprint
-from trace_rl.pipeline.integrity import checkpoint_record
+from trace_rl.pipeline.integrity import checkpoint_record, pruned_marker
 from trace_rl.pipeline.layout import start_checkpoint_dir, train_scratch_dir
+from trace_rl.pipeline.runlock import process_identity
 from trace_rl.pipeline.store import Manifest
 from trace_rl.stages.config import TraceConfig
 from trace_rl.trainer.checkpoint import PROGRESS_FILE, usable_trainer_state
+from trace_rl.trainer.launch import ANSWER as LAUNCH_ANSWER
 from trace_rl.trainer.launch import read_round_inputs, round_input_names
 from trace_rl.trainer.resident import Resident, active_resident, config_json
 from trace_rl.trainer.worker_group import GroupDied, active_group, launch_prefix
 
 from .common import StageDecision, decide, open_store, start_checkpoint
+from .prune import prune_checkpoints, require_weights
 
 log = logging.getLogger("trace_rl.stages.train")
 
@@ -60,16 +65,23 @@ def _launch_accelerate(cfg: TraceConfig, args: dict, work_dir) -> tuple[list[dic
     process reads the round's datasets through the run store and checks they are the ones this
     stage recorded as inputs; the main process writes the metrics rows as JSON lines. Returns
     them and the replay's max |Δ| (None: no replay)."""
+    # The launch belongs to this flow (trainer/launch.py): it ends when this process dies, and
+    # only an answer with this launch's nonce is taken (never one an orphan of a killed flow wrote).
+    nonce = uuid.uuid4().hex[:12]
+    args = {**args, "nonce": nonce, "parent_pid": os.getpid(), "parent_id": process_identity(os.getpid())}
     args_file = work_dir / "launch_args.json"
     args_file.write_text(json.dumps(args, indent=2))
+    answer_file = work_dir / LAUNCH_ANSWER
+    answer_file.unlink(missing_ok=True)
     cmd = [*launch_prefix(cfg.train), "-m", "trace_rl.trainer.launch", "--args-json", str(args_file)]
     log.info("train round %d: %s", args["round_index"], " ".join(cmd))
     if subprocess.run(cmd, check=False).returncode != 0:
         raise StageError(f"accelerate launch of round {args['round_index']}'s training failed; its log is above")
-    replay_file = work_dir / "replay.json"
-    delta = json.loads(replay_file.read_text())["max_abs_delta"] if args["replay"] else None
-    replay_file.unlink(missing_ok=True)
-    return [json.loads(line) for line in (work_dir / "metrics.jsonl").read_text().splitlines() if line], delta
+    answer = json.loads(answer_file.read_text()) if answer_file.exists() else {}
+    if answer.get("nonce") != nonce:
+        raise StageError(f"round {args['round_index']}'s launch exited without its answer ({answer_file} "
+                         f"carries nonce {answer.get('nonce')!r}, not {nonce}); rerun the train stage")
+    return answer["rows"], answer["replay_max_abs_delta"]
 
 
 def _train_multi(cfg: TraceConfig, args: dict, work_dir, init_fp: dict) -> tuple[list[dict], int, float | None, bool]:
@@ -96,6 +108,14 @@ def _drop_progress(work_dir) -> None:
             shutil.rmtree(f, ignore_errors=True)
         else:
             f.unlink(missing_ok=True)
+
+
+def _prune(cfg: TraceConfig, store, round_index: int) -> None:
+    """train.keep_checkpoints, once round k's checkpoint is committed and is the run's latest (a
+    forced rerun of an earlier round prunes nothing)."""
+    later = store.local_path(start_checkpoint_dir(round_index + 2))
+    if not (later.exists() or pruned_marker(later).exists()):
+        prune_checkpoints(store, round_index + 1, cfg.train.keep_checkpoints)
 
 
 def saves_state(cfg: TraceConfig, round_index: int) -> bool:
@@ -186,6 +206,7 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
                extra_inputs=init_fp)
     if p.skip:
         return p.existing
+    require_weights(init_dir)
     # Round k's update writes the start checkpoint of round k+1.
     out_dir = p.store.local_path(start_checkpoint_dir(round_index + 1))
     # Scratch keyed by what the update is made from: a rerun of the same update resumes from its
@@ -231,6 +252,7 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
                    # the checkpoint's manifest: what `status` and the next round verify
                    "checkpoint_files": checkpoint_record(p.store, start_checkpoint_dir(round_index + 1))}
     _drop_progress(work_dir)
+    _prune(cfg, p.store, round_index)
     if "tensorboard" in cfg.train.trackers:  # the rounds this call (re)wrote in the TensorBoard run
         from trace_rl.pipeline.tracking import log_rollout_scalars
 
