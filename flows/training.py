@@ -117,7 +117,7 @@ TASKS = {"prepare": stage_prepare, "rollout": stage_rollout, "verify": stage_ver
 assert set(TASKS) == set(STAGES) == set(StageName.__args__), "StageName must list the registry's stages"
 
 
-@task(name="testbed build", cache_policy=NO_CACHE, log_prints=True)
+@task(name="testbed build", task_run_name="testbed build", cache_policy=NO_CACHE, log_prints=True)
 def build_model(config_path: str) -> str:
     """The testbed model, built once and cached (stages/models.py): a task of its own, so its
     minutes show as such, not inside the first stage that loads the model."""

@@ -1,7 +1,9 @@
 """The run's one TensorBoard run, `<run>/tensorboard/train/`, its tags in three groups:
 `train/<metric>` per optimizer step (trainer/metrics.py), `rollout/<figure>` of each round at the
-round's first step, and `eval/<benchmark>/avg@k` of each evaluated policy, whose step is the
-policy's index k (policy k: the checkpoint that sampled round k; 0 = the initial model).
+round's first step; beside it, `<run>/tensorboard/eval/`, `eval/<benchmark>/avg@k` of each
+evaluated policy, whose step is the policy's index k (policy k: the checkpoint that sampled round
+k; 0 = the initial model). A run of its own: the trainer's purge_step (below) would otherwise
+drop an evaluation logged at a step the next round's training starts from.
 
 The trainer's writer starts each attempt at a round with TensorBoard's `purge_step` (its first
 step), so a forced retrain or a replay replaces what an earlier attempt wrote from that step on,
@@ -22,7 +24,7 @@ from .layout import EVAL, EVAL_SUMMARY, dataset_name, policy_index
 from .plots_data import rollout_stats
 from .store import RunStore
 
-TENSORBOARD_DIR, TENSORBOARD_RUN = "tensorboard", "train"
+TENSORBOARD_DIR, TENSORBOARD_RUN, TENSORBOARD_EVAL_RUN = "tensorboard", "train", "eval"
 _EVENT_FILE = re.compile(r"events\.out\.tfevents\.(\d+)\.")
 
 
@@ -81,7 +83,7 @@ def log_eval_scalars(store: RunStore) -> dict[str, dict[str, float]]:
 
     from torch.utils.tensorboard import SummaryWriter
 
-    log_dir = store.local_path(TENSORBOARD_DIR, TENSORBOARD_RUN)
+    log_dir = store.local_path(TENSORBOARD_DIR, TENSORBOARD_EVAL_RUN)
     record = log_dir / EVAL_LOGGED
     done = json.loads(record.read_text()) if record.is_file() else {}
     todo: dict[str, tuple[int, dict, str]] = {}
@@ -96,7 +98,7 @@ def log_eval_scalars(store: RunStore) -> dict[str, dict[str, float]]:
     if not todo:
         return written
     start_in_a_new_second(log_dir)
-    with SummaryWriter(str(log_dir)) as writer:
+    with SummaryWriter(str(log_dir)) as writer:  # makes log_dir
         for ckpt, (k, summary, digest) in todo.items():
             figures = _eval_figures(summary)
             for tag, value in figures.items():

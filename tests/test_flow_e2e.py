@@ -3,6 +3,7 @@ rerun of one stage."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -68,31 +69,46 @@ def test_annotations_have_spans_on_the_error_route(finished_run):
         for span in r["spans"]:
             assert 0 <= span["token_start"] < span["token_end"]
             assert span["char_start"] < span["char_end"]
-        assert 0.0 <= r["coverage"] <= cfg.annotate.coverage_cap + 1e-6
+        # coverage: NULL exactly where nothing was distilled (no spans), else within the cap
+        assert (r["coverage"] is None) == (not r["spans"])
+        assert r["coverage"] is None or 0.0 < r["coverage"] <= cfg.annotate.coverage_cap + 1e-6
 
 
 def test_forced_stage_rewrites_only_its_dataset_and_marks_train_stale(finished_run):
+    """Staleness by content: the real annotate stage forced with the same settings writes the
+    same bytes (same fingerprint), so round 1's train stays current; forced with a changed
+    setting it writes other annotations and the train stage that read them is stale."""
     from trace_rl.stages import get_stage
     from trace_rl.stages.status import stage_states
 
-    cfg, _, _ = finished_run
+    cfg, overrides, _ = finished_run
     store = open_store(cfg)
     names = {s: dataset_name(s, 1) for s in ("rollout", "verify", "annotate", "train")}
     before = {s: store.manifest(n) for s, n in names.items()}
     assert stage_states(cfg)["train"][1].state == "complete"
     get_stage("annotate")(cfg, 1, force=True, progress=False)
+    same = store.manifest(names["annotate"])
+    assert same.finished_at > before["annotate"].finished_at  # it did run again
+    assert same.files == before["annotate"].files and same.fingerprint == before["annotate"].fingerprint
+    assert {s: st.state for s, st in ((s, stage_states(cfg)[s][1]) for s in names)} == dict.fromkeys(names, "complete")
+    changed = load_config("demo", overrides + ["annotate.coverage_cap=0.2"])
+    get_stage("annotate")(changed, 1, force=True, progress=False)
     after = {s: store.manifest(n) for s, n in names.items()}
     assert after["annotate"].fingerprint != before["annotate"].fingerprint
     for s in ("rollout", "verify", "train"):
         assert after[s].fingerprint == before[s].fingerprint and after[s].finished_at == before[s].finished_at
+    # Judged by the run's own config: the train stage that read the old annotations is stale
+    # (and the annotations themselves, made under another setting); round 0 is untouched.
     states = stage_states(cfg)
-    assert states["annotate"][1].state == "complete" and states["train"][1].state == "stale"
-    assert states["train"][1].reason == f"its input {names['annotate']} was rewritten"
+    assert states["annotate"][1].state == "stale" and states["train"][1].state == "stale"
+    assert states["train"][1].reason == f"its input {names['annotate']} was rewritten with different content"
     assert states["train"][0].state == "complete"
-    # Running round 1 again redoes only the stale train stage.
-    get_stage("train")(cfg, 1, progress=False)
-    assert stage_states(cfg)["train"][1].state == "complete"
-    assert store.manifest(names["verify"]).finished_at == before["verify"].finished_at
+    # Content-addressed: annotating again with the run's settings writes the first bytes back,
+    # and the train stage is current again without retraining.
+    get_stage("annotate")(cfg, 1, force=True, progress=False)
+    assert store.manifest(names["annotate"]).fingerprint == before["annotate"].fingerprint
+    assert {stage_states(cfg)[s][1].state for s in names} == {"complete"}
+    assert store.manifest(names["train"]).finished_at == before["train"].finished_at
 
 
 def test_the_prefect_run_reads_like_the_experiment(finished_run):
@@ -121,9 +137,24 @@ def test_the_prefect_run_reads_like_the_experiment(finished_run):
         logs = "\n".join(x.message for x in client.read_logs(
             log_filter=LogFilter(flow_run_id={"any_": ids}), limit=200))
         assert "verify r1: " in logs and "accuracy (reward rate) " in logs
-        assert "coverage of annotated rows " in logs
+        assert "mean coverage " in logs and " rows with spans (NULL on rows without" in logs
         assert "train r0: " in logs and "λ " in logs and "pg_loss " in logs
         assert "eval round-0002: testbed avg@" in logs and "95% CI" in logs
+        by_task = {t.name: t for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": ids}))}
+        own = _task_logs(client, by_task["train r0"].id)
+        # progress lines from inside the stage, in the train task's own log (issue 28)
+        assert re.search(r"train r0: \d+/\d+ steps · step \d+ · loss -?[\d.]+ · reward [\d.]+ · "
+                         r"λ [\d.]+ · KL (-|[\d.]+) · \d+ tok/s", own), own
+        assert re.search(r"hf sampling: \d+/\d+ sequences · \d+ tok/s", _task_logs(client, by_task["rollout r0"].id))
+        # the parent run: one line per finished round with its headline numbers; the testbed
+        # build is a task of its own, its SFT steps are not in the parent's log
+        parent_logs = "\n".join(x.message for x in client.read_logs(
+            log_filter=LogFilter(flow_run_id={"any_": [parent.id]}), limit=200))
+        for k in (0, 1):
+            assert re.search(rf"round {k} done \(policy {k} sampled, policy {k + 1} written\): reward "
+                             r"rate [\d.]+", parent_logs), parent_logs
+        assert "policy 2: eval round-0002: testbed avg@" in parent_logs
+        assert "testbed build" in by_task and "sft step" not in parent_logs
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id={"any_": [parent.id]}))
     kinds = {a.type for a in arts}
     assert {"table", "markdown"} <= kinds, kinds
@@ -134,6 +165,13 @@ def test_the_prefect_run_reads_like_the_experiment(finished_run):
     assert "file://" not in md.data
 
 
+def _task_logs(client, task_run_id) -> str:
+    from prefect.client.schemas.filters import LogFilter
+
+    return "\n".join(x.message for x in client.read_logs(
+        log_filter=LogFilter(task_run_id={"any_": [task_run_id]}), limit=200))
+
+
 def test_one_continuous_tensorboard_run_with_rollout_figures(finished_run):
     """After two rounds and a forced retrain of round 1 (the test above): one TensorBoard run,
     each optimizer step once, and each round's rollout figures at its first step."""
@@ -142,12 +180,17 @@ def test_one_continuous_tensorboard_run_with_rollout_figures(finished_run):
     cfg, _, _ = finished_run
     store = open_store(cfg)
     root = store.local_path("tensorboard")
-    assert {p.parent for p in store.local_path("").rglob("events.out.tfevents*")} == {root / "train"}
+    assert {p.parent for p in store.local_path("").rglob("events.out.tfevents*")} == {root / "train", root / "eval"}
     acc = EventAccumulator(str(root / "train"))
     acc.Reload()
     per_round = cfg.rollout.prompts_per_round * cfg.rollout.n // cfg.train.mini_batch_size
-    assert [e.step for e in acc.Scalars("kl_weight")] == list(range(2 * per_round))
+    assert [e.step for e in acc.Scalars("train/kl_weight")] == list(range(2 * per_round))
     tags = set(acc.Tags()["scalars"])
+    assert {t.split("/")[0] for t in tags} == {"train", "rollout"}  # grouped tags
+    evals = EventAccumulator(str(root / "eval"))
+    evals.Reload()
+    assert {t.split("/")[0] for t in evals.Tags()["scalars"]} == {"eval"}
+    assert {e.step for e in evals.Scalars("eval/testbed/avg@k")} == {0, 2}  # policies 0 and 2
     for name in ("reward_mean", "reward_std", "accuracy", "zero_variance_group_frac", "truncation_rate"):
         assert f"rollout/{name}" in tags, tags
         assert [e.step for e in acc.Scalars(f"rollout/{name}")] == [0, per_round], name
@@ -187,5 +230,8 @@ def test_span_view_of_the_run_has_every_round_and_teacher_heat_strips(finished_r
     assert out["html"]["responses"] == 2 * cfg.rollout.prompts_per_round * cfg.rollout.n
     assert '<option value="0">round 0</option>' in page and '<option value="1" selected>round 1</option>' in page
     assert set(re.findall(r'data-round="(\d)"', page)) == {"0", "1"}
-    assert page.count('<div class="heat">') == 2 * min(12, cfg.rollout.prompts_per_round * cfg.rollout.n)
+    annotated = sum(r["status"] != "skipped" for k in (0, 1)
+                    for r in open_store(cfg).read(dataset_name("annotate", k), ANNOTATIONS).to_pylist())
+    assert page.count('<div class="heat">') == annotated  # a strip on every annotated rollout
+    assert page.count('<div class="strip-legend">') == annotated  # each with its legend beside it
     assert "teacher − student log-prob per sampled token" in page and 'class="tok' in page

@@ -101,7 +101,7 @@ def test_eval_scalars_per_policy_written_once_per_summary(tmp_path):
     summary("round-0002", 0.6)  # re-evaluated
     assert log_eval_scalars(store) == {"round-0002": {"eval/testbed/avg@k": 0.6, "eval/testbed/ci_low": 0.5,
                                                       "eval/testbed/ci_high": 0.7}}
-    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard" / "train"))
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard" / "eval"))
     acc.Reload()
     got = [(e.step, round(e.value, 6)) for e in acc.Scalars("eval/testbed/avg@k")]
     assert got[:2] == [(0, 0.2), (2, 0.5)] and got[-1] == (2, 0.6)
