@@ -10,7 +10,14 @@ A.json: {"config": {...TrainConfig fields...}, "run_root": the run directory, "r
 "replay": [{"round_index", "inputs", "init_checkpoint", "output_checkpoint", "work_dir"}, ...]
 (earlier rounds retrained in memory first, when the start checkpoint holds weights only; each is
 checked on every process against its checkpoint, and the max |Δ| goes to replay.json beside
-metrics_out)}.
+metrics_out), "nonce": str, "parent_pid": int, "parent_id": str (set by the train stage: see
+below)}.
+
+A launch belongs to the flow that made it, like the worker group: with "parent_pid" every process
+runs the group's watchdog (it ends within a second of the flow's or the launcher's death, mid-round
+too, so a SIGKILLed flow leaves no launch writing into the run), and the main process's last act is
+`answer.json` beside metrics_out, written whole and carrying "nonce": the stage takes only an
+answer with its own nonce, never one an orphaned launch of an earlier flow wrote.
 
 trainer/worker_group.py runs the same `run_round` for one round after another in a group launched
 once per flow, with the prepared model and optimizer kept between rounds.
@@ -32,6 +39,9 @@ from trace_rl.data_schemas.errors import StageError
 from trace_rl.pipeline.layout import dataset_name
 from trace_rl.pipeline.store import RunStore
 from trace_rl.trainer.config import TrainConfig
+from trace_rl.trainer.worker_group import make_accelerator, watch_flow, write_json
+
+ANSWER = "answer.json"  # the launch's answer to the stage, beside metrics_out
 
 # train_round's keyword -> (the stage that writes it, its contract)
 ROUND_INPUTS = {"prompts": ("prepare", PROMPTS), "rollouts": ("rollout", ROLLOUTS),
@@ -97,24 +107,41 @@ def run_round(args: dict, accelerator, resident) -> tuple[list[dict], float]:
 
 def run_from_args(args: dict) -> list[dict]:
     """One round in a fresh launch (nothing held before it; what it leaves is dropped)."""
-    from accelerate import Accelerator
     from trace_rl.trainer.resident import Resident
 
-    accelerator = Accelerator()
+    # the group's Accelerator: every collective has train.collective_timeout_s as its deadline
+    timeout_s = TrainConfig.model_validate(args.get("config", {})).collective_timeout_s
+    accelerator = make_accelerator(timeout_s)
     rows, worst = run_round(args, accelerator, Resident())
     out = args.get("metrics_out")
     if out and accelerator.is_main_process:
         Path(out).write_text("".join(json.dumps(row) + "\n" for row in rows))
         if args.get("replay"):
             Path(out).with_name("replay.json").write_text(json.dumps({"max_abs_delta": worst}))
+        write_json(Path(out).with_name(ANSWER), {"nonce": args.get("nonce"), "rows": rows,
+                                                 "replay_max_abs_delta": worst if args.get("replay") else None})
     return rows
+
+
+def belong_to_flow(args: dict) -> None:
+    """With "parent_pid": end this process once the flow that launched it (or the launcher) is
+    gone (the worker group's watchdog, in a daemon thread)."""
+    import os
+    import threading
+
+    if args.get("parent_pid") is None:
+        return  # run by hand: nothing to belong to
+    threading.Thread(target=watch_flow, args=(int(args["parent_pid"]), args.get("parent_id") or None,
+                                         os.getppid()), daemon=True, name="launch-watch").start()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run one TRACE training round.")
     parser.add_argument("--args-json", required=True, help="JSON file with the round's arguments")
     ns = parser.parse_args(argv)
-    run_from_args(json.loads(Path(ns.args_json).read_text()))
+    args = json.loads(Path(ns.args_json).read_text())
+    belong_to_flow(args)
+    run_from_args(args)
 
 
 if __name__ == "__main__":

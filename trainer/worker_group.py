@@ -97,7 +97,7 @@ def orphaned(parent_pid: int | None, parent_id: str | None, launcher: int) -> st
     return None
 
 
-def _watch(parent_pid: int | None, parent_id: str | None, launcher: int) -> None:
+def watch_flow(parent_pid: int | None, parent_id: str | None, launcher: int) -> None:
     """Every process, in a daemon thread: end the process once its flow is gone, whatever the
     main thread is doing (a round can run for hours; the flow that asked for it is dead and a
     restarted flow must not meet this group's files or devices)."""
@@ -179,7 +179,7 @@ def _run_round(msg: dict, accelerator: Any, resident: Any) -> dict:
             "replay_max_abs_delta": worst if args["replay"] else None, "resident": warm}
 
 
-def _accelerator(timeout_s: float) -> Any:
+def make_accelerator(timeout_s: float) -> Any:
     """The group's Accelerator, its process group with the collective deadline."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
@@ -229,9 +229,9 @@ def serve(cmd_dir: str | Path, accelerator: Any = None, parent_pid: int | None =
 
     cmd_dir = Path(cmd_dir)
     launcher = os.getppid()
-    threading.Thread(target=_watch, args=(parent_pid, parent_id, launcher), daemon=True,
+    threading.Thread(target=watch_flow, args=(parent_pid, parent_id, launcher), daemon=True,
                      name="trainer-group-watch").start()
-    acc = accelerator or _accelerator(timeout_s)
+    acc = accelerator or make_accelerator(timeout_s)
     channel = _Channel(acc, timeout_s)
     resident = Resident()
     rank0 = acc.is_main_process
