@@ -36,11 +36,9 @@ from trace_rl.pipeline.fingerprint import fingerprint
 from trace_rl.pipeline.integrity import checkpoint_record, pruned_marker
 from trace_rl.pipeline.layout import start_checkpoint_dir, train_scratch_dir
 from trace_rl.pipeline.runlock import process_identity
-from trace_rl.pipeline.runlock import process_identity
 from trace_rl.pipeline.store import Manifest
 from trace_rl.stages.config import TraceConfig
 from trace_rl.trainer.checkpoint import PROGRESS_FILE, usable_trainer_state
-from trace_rl.trainer.launch import ANSWER as LAUNCH_ANSWER
 from trace_rl.trainer.launch import ANSWER as LAUNCH_ANSWER
 from trace_rl.trainer.launch import read_round_inputs, round_input_names
 from trace_rl.trainer.resident import Resident, active_resident, config_json
