@@ -45,8 +45,9 @@ def test_deploy_and_run_stage_deployment(tmp_path):
                                                         "train", "evaluate"]
         assert props["properties"]["stage"]["description"]
         assert set(props["required"]) == {"stage", "config", "round_index"}
+        assert props["properties"]["round_index"]["type"] == "integer"  # null is not an integer
         overrides = [f"run.root={run_root}", f"data.source={source}", "data.limit=40"]
-        params = {"stage": "prepare", "config": "demo", "round_index": None, "overrides": overrides}
+        params = {"stage": "prepare", "config": "demo", "round_index": 0, "overrides": overrides}
         with background([sys.executable, "-m", "prefect", "worker", "start", "--pool", "trace-pool",
                          "--limit", "1"], env, tmp_path / "worker.log", ROOT):
             run_id = _run_deployment("trace-stage/stage", params, env)
@@ -57,13 +58,17 @@ def test_deploy_and_run_stage_deployment(tmp_path):
             assert flow_run["name"] == "demo · prepare"
             logs = _logs_until(env, run_id, "prepare: 40 rows")
             assert "prepare: 40 rows" in logs, logs
-            # A misspelt stage and a missing round_index are refused before any run is made.
+            # A misspelt stage and a missing or null round_index are refused at submission:
+            # no flow run is made (none fails 20 s later with tracebacks).
+            before = len(_api(env, "/flow_runs/filter", {}))
             for bad in ({**params, "stage": "verfy"},
-                        {"stage": "verify", "config": str(run_root)}):
+                        {"stage": "verify", "config": str(run_root)},
+                        {"stage": "verify", "config": str(run_root), "round_index": None}):
                 proc = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "trace-stage/stage",
                                        "--params", json.dumps(bad)], env=env, cwd=ROOT, capture_output=True,
                                       text=True, timeout=180, check=False)
                 assert proc.returncode != 0 or "UUID" not in proc.stdout, proc.stdout
+            assert len(_api(env, "/flow_runs/filter", {})) == before
             # A config that would change the run's config.yaml fails the run and writes nothing.
             changed = {**params, "overrides": [*overrides[:2], "data.limit=30"]}
             run_id = _run_deployment("trace-stage/stage", changed, env)
