@@ -138,6 +138,18 @@ def _try_link(path: Path, holder: Holder) -> bool:
         tmp.unlink(missing_ok=True)
 
 
+def _sweep_temporaries(path: Path) -> None:
+    """Remove the temporary lock files of creators that died before their `finally` ran (kill -9
+    between writing and unlinking one): `.lock.PID.NS.tmp` whose PID no longer runs."""
+    for tmp in path.parent.glob(f"{path.name}.*.tmp"):
+        try:
+            os.kill(int(tmp.name[len(path.name) + 1:].split(".")[0]), 0)
+        except (ValueError, IndexError, PermissionError):
+            continue  # not ours to judge, or a live process of another user
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+
+
 def _refusal(run_root: object, path: Path, held: Holder) -> RunLocked:
     if held.host != socket.gethostname():
         return RunLocked(
@@ -179,6 +191,7 @@ def acquire(run_root: str | os.PathLike, command: str | None = None) -> Holder |
     for _ in range(5):
         if _try_link(path, me):
             os.environ[ENV] = me.token
+            _sweep_temporaries(path)
             return me
         try:
             held = read_holder(path)

@@ -155,3 +155,31 @@ def test_children_pass_through_and_only_the_owner_releases(tmp_path, monkeypatch
     finally:
         release(run, me)
     assert not (run / LOCK_FILE).exists()
+
+
+def test_a_frozen_holder_is_alive_and_a_killed_creators_temporary_is_swept(tmp_path, holder, monkeypatch):
+    """SIGSTOP: the holder runs no code but is not gone, so its lock is not stale. A creator
+    killed -9 between writing its temporary and unlinking it leaves `.lock.PID.NS.tmp`: the next
+    holder removes it (one of 40 such kills left one behind before)."""
+    import signal
+
+    monkeypatch.delenv(ENV, raising=False)
+    run = tmp_path / "run"
+    holder.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(RunLocked, match=f"pid {holder.pid}"):
+            acquire(run)
+    finally:
+        holder.send_signal(signal.SIGCONT)
+    holder.kill()
+    holder.wait()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = run / f"{LOCK_FILE}.{dead.pid}.{time.time_ns()}.tmp"
+    leftover.write_text("{}")
+    live = run / f"{LOCK_FILE}.{os.getpid()}.{time.time_ns()}.tmp"  # a creator still at work
+    live.write_text("{}")
+    me = acquire(run)
+    assert me is not None and read_holder(run / LOCK_FILE).token == me.token
+    assert not leftover.exists() and live.exists()
+    release(run, me)
