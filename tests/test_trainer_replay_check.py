@@ -23,7 +23,9 @@ from trace_rl.stages.config import load_config
 from trace_rl.trainer.config import TrainConfig
 from trace_rl.trainer.resident import Resident
 from trace_rl.trainer.round import train_round
-from trace_rl.trainer.round_io import check_replayed
+from trace_rl.trainer import lora
+from trace_rl.trainer.round_io import (REPLAY_MAX_RELATIVE, _gaps, _safetensors_index,
+                                       _worst_ratio, check_replayed)
 
 
 def _round(cfg, tables, init, out, work, resident=None, **kw):
@@ -116,3 +118,41 @@ def test_multi_process_replay_is_checked_and_recorded(tmp_path, tiny_testbed_dir
     assert extras[0]["replay_max_abs_delta"] is None
     assert extras[1]["replay_max_abs_delta"] == 0.0
     assert store.read(dataset_name("train", 1), TRAIN_METRICS, allow_extra=True).num_rows > 0
+
+
+def test_gpu_like_noise_reads_the_same_ratio_at_bf16_as_in_float32(tmp_path, monkeypatch):
+    """Non-deterministic kernels add noise to the gradient (here 1% of its mean |g|, drawn
+    afresh for the replay). A bf16 checkpoint quantises the replay's drift and the round's update
+    to whole ulps; an L2 ratio then read √(noise/update): 0.25 at bf16 against 0.04 in float32,
+    and the legitimate replay was refused. The L1 ratio reads the same at both dtypes."""
+    tables = make_round_tables(make_tokenizer(), n_prompts=4, samples=4, seed=1)
+    init = save_tiny_checkpoint(tmp_path / "init", seed=0)
+    step = torch.optim.AdamW.step
+    noise = {"on": False}
+
+    def noisy_step(self, *args, **kw):
+        if noise["on"]:
+            gen = torch.Generator().manual_seed(1234)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.add_(1e-2 * p.grad.abs().mean()
+                                    * torch.randn(p.grad.shape, generator=gen))
+        return step(self, *args, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", noisy_step)
+    ratios = {}
+    for dtype in ("bfloat16", "float32"):
+        cfg = _cfg(dtype=dtype, lr=1e-6)
+        c1 = tmp_path / f"c1-{dtype}"
+        noise["on"] = False
+        _round(cfg, tables, init, c1, tmp_path / "w", save_state=False)
+        noise["on"] = True
+        res = _replay(cfg, tables, init, c1, tmp_path / f"w-{dtype}")
+        assert check_replayed(res) > 0  # the noise moved it, and it is accepted
+        params = lora.disk_named_parameters(res.held.unwrapped.hf)
+        with torch.no_grad():
+            _, gaps = _gaps(params, _safetensors_index(c1), _safetensors_index(init))
+        ratios[dtype] = _worst_ratio(gaps)[0]
+    assert 0 < ratios["bfloat16"] < REPLAY_MAX_RELATIVE
+    assert 0.5 < ratios["bfloat16"] / ratios["float32"] < 2, ratios

@@ -99,11 +99,15 @@ def save_output(acc, unwrapped, tokenizer, optimizer, scheduler, path, global_st
 
 
 # A replay is refused when, in any tensor, it differs from the checkpoint by more than this share
-# of the round's own update: ‖replayed − checkpoint‖ / ‖checkpoint − start‖ (issue 26). Replays on
-# the same hardware and kernels give 0; non-deterministic kernels change a few low bits (~1e-3 of
-# the update); a replay of other rollouts, or of another config, differs by about the update
-# itself (ratio ~1), whatever the learning rate. An absolute bound cannot tell these apart: at lr
-# 1e-6 a whole round moves a weight by ~1e-6.
+# of the round's own update: ‖replayed − checkpoint‖₁ / ‖checkpoint − start‖₁ (issue 26). Replays
+# on the same hardware and kernels give 0; non-deterministic kernels change a few low bits; a
+# replay of other rollouts, or of another config, differs by about the update itself (ratio ~1),
+# whatever the learning rate. An absolute bound cannot tell these apart: at lr 1e-6 a whole round
+# moves a weight by ~1e-6. The L1 norm, not L2: a bf16 checkpoint quantises both differences to
+# whole ulps, and an update (or noise) of size u < 1 ulp then shows as a 1-ulp step in a share
+# u/ulp of the elements: its mean |·| is still u, but its root-mean-square is √(u·ulp). An L2
+# ratio thus reads √(noise/update) (GPU-like noise at 1e-3 of the gradient: 0.10 at bf16 against
+# 0.01 in float32, refused), the L1 ratio reads noise/update at either dtype.
 REPLAY_MAX_RELATIVE = 0.1
 
 
@@ -127,10 +131,11 @@ def _read(index: dict[str, Path], name: str) -> torch.Tensor | None:
 
 
 def _gaps(params: dict[str, Any], ckpt: dict[str, Path], start: dict[str, Path]
-          ) -> tuple[float, list[tuple[str, float, float]]]:
-    """(max |Δ|, [(name, ‖replayed − ckpt‖², ‖ckpt − start‖²)]) over the checkpoint's tensors,
-    compared at the checkpoint's dtype (a mixed-precision checkpoint holds the float32 master
-    rounded to the compute dtype, the start is rounded the same way). Collective under FSDP."""
+          ) -> tuple[float, list[tuple[str, float, float, int]]]:
+    """(max |Δ|, [(name, ‖replayed − ckpt‖₁, ‖ckpt − start‖₁, numel)]) over the checkpoint's
+    tensors, compared at the checkpoint's dtype (a mixed-precision checkpoint holds the float32
+    master rounded to the compute dtype, the start is rounded the same way). Collective under
+    FSDP."""
     from torch.distributed.tensor import DTensor
 
     worst, gaps = 0.0, []
@@ -144,22 +149,24 @@ def _gaps(params: dict[str, Any], ckpt: dict[str, Path], start: dict[str, Path]
         diff = whole.to(disk.dtype).float() - disk32
         moved = disk32 - (before.to(disk.dtype).float() if before is not None else disk32)
         worst = max(worst, float(diff.abs().max()) if diff.numel() else 0.0)
-        gaps.append((name, float(diff.double().square().sum()),
-                     float(moved.double().square().sum())))
+        gaps.append((name, float(diff.double().abs().sum()), float(moved.double().abs().sum()),
+                     diff.numel()))
     return worst, gaps
 
 
-def _worst_ratio(gaps: list[tuple[str, float, float]]) -> tuple[float, str]:
-    """The largest ‖replayed − ckpt‖ / ‖ckpt − start‖ and its tensor. A tensor the round did
+def _worst_ratio(gaps: list[tuple[str, float, float, int]]) -> tuple[float, str]:
+    """The largest ‖replayed − ckpt‖₁ / ‖ckpt − start‖₁ and its tensor. A tensor the round did
     not move (at the checkpoint's dtype: e.g. updates below half a bf16 ulp) is measured against
-    the round's whole update instead; with no update at all any difference is infinite."""
-    total = sum(moved for _, _, moved in gaps)
+    the round's mean update per element over all tensors, times its size; with no update at all
+    any difference is infinite."""
+    total = sum(moved for _, _, moved, _ in gaps)
+    per_element = total / max(1, sum(n for *_, n in gaps))
     worst, where = 0.0, ""
-    for name, diff, moved in gaps:
+    for name, diff, moved, numel in gaps:
         if diff == 0.0:
             continue
-        den = moved if moved > 0 else total
-        ratio = math.sqrt(diff / den) if den > 0 else math.inf
+        den = moved if moved > 0 else per_element * numel
+        ratio = diff / den if den > 0 else math.inf
         if ratio > worst:
             worst, where = ratio, name
     return worst, where
