@@ -174,8 +174,8 @@ def deltas(exs: list[dict], before: list[dict], after: list[dict]) -> dict[str, 
 def one_update(cfg, tables, init: str, work: str):
     """ONE optimizer update of cfg.train on the whole batch; returns (model after, step row)."""
     import torch
-    from transformers import AutoModelForCausalLM
     from trace_rl.trainer.round import train_round
+    from transformers import AutoModelForCausalLM
 
     n = tables["rollouts"].num_rows
     tcfg = cfg.train.model_copy(update={"mini_batch_size": n, "save_every": 0})
@@ -192,8 +192,8 @@ def one_update(cfg, tables, init: str, work: str):
 def probe_batch(out: str, b: int, variants: list[str], testbed_dir: str, extra: list[str]) -> None:
     """All variants of one batch; appends one row per variant not yet in probe.jsonl."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trace_rl.stages.config import load_config
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     todo = [v for v in variants if (b, v) not in done_keys(out)]
     if not todo:
@@ -261,34 +261,43 @@ REPORT = [("err", "p_sampled"), ("err", "p_teacher"), ("err_dis", "p_sampled"),
           ("off_cor", "p_sampled"), ("off_cor", "p_teacher"), ("off_inc", "rkl"), ("off_cor", "fkl")]
 
 
-def report(out: str, variants: list[str]) -> str:
-    """Markdown: per (token set, quantity), GRPO's own Δ and each variant − GRPO, paired."""
+def _mean_of(rows: list[dict], key: str) -> float:
     import numpy as np
 
-    rows = load_rows(out)
-    others = [v for v in variants if v != "grpo"]
-    n = len({r["batch"] for r in rows if r["variant"] == "grpo"})
-    head = ["token set", "quantity", "tokens/batch", "before", "GRPO Δ"] + [f"{v} − GRPO" for v in others]
-    lines = [f"Batches with GRPO: {n}. Δ = after one update − before; mean [95% t-interval over "
-             "batches]; variant − GRPO paired by batch.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    g = [r for r in rows if r["variant"] == "grpo"]
-    for s, q in REPORT:
-        key = f"d_{q}_{s}"
-        base = [r[f"base_{q}_{s}"] for r in g if r.get(f"base_{q}_{s}") is not None]
-        cells = [s, q, f"{np.mean([r[f'n_{s}'] for r in g]):.0f}" if g else "-",
-                 f"{np.mean(base):.3f}" if base else "-",
-                 mean_ci([r[key] for r in g if r.get(key) is not None])]
-        cells += [mean_ci(paired(rows, v, key)) for v in others]
-        lines.append("| " + " | ".join(cells) + " |")
-    steps = ["", "| variant | batches | loss | pg_loss | kl_loss | λ | grad norm |", "|---|---|---|---|---|---|---|"]
+    return float(np.mean([r[key] for r in rows if r.get(key) is not None] or [np.nan]))
+
+
+def step_table(rows: list[dict], variants: list[str]) -> list[str]:
+    """Markdown rows: each variant's logged loss pieces, λ and gradient norm (batch means)."""
+    lines = ["", "| variant | batches | loss | pg_loss | kl_loss | λ | grad norm |",
+             "|---|---|---|---|---|---|---|"]
     for v in variants:
         vr = [r for r in rows if r["variant"] == v]
         if vr:
-            f = lambda k: np.mean([r[k] for r in vr if r.get(k) is not None] or [np.nan])
-            steps.append(f"| {v} | {len(vr)} | {f('step_loss'):.2e} | {f('step_pg_loss'):.2e} | "
-                         f"{f('step_kl_loss'):.2e} | {f('step_kl_weight'):.2f} | {f('step_grad_norm'):.3f} |")
-    return "\n".join(lines + steps) + "\n"
+            m = {k: _mean_of(vr, f"step_{k}") for k in ("loss", "pg_loss", "kl_loss", "kl_weight",
+                                                        "grad_norm")}
+            lines.append(f"| {v} | {len(vr)} | {m['loss']:.2e} | {m['pg_loss']:.2e} | "
+                         f"{m['kl_loss']:.2e} | {m['kl_weight']:.2f} | {m['grad_norm']:.3f} |")
+    return lines
+
+
+def report(out: str, variants: list[str]) -> str:
+    """Markdown: per (token set, quantity), GRPO's own Δ and each variant − GRPO, paired."""
+    rows = load_rows(out)
+    others = [v for v in variants if v != "grpo"]
+    g = [r for r in rows if r["variant"] == "grpo"]
+    head = ["token set", "quantity", "tokens/batch", "before", "GRPO Δ",
+            *[f"{v} − GRPO" for v in others]]
+    caption = (f"Batches with GRPO: {len(g)}. Δ = after one update − before; mean [95% "
+               "t-interval over batches]; variant − GRPO paired by batch.")
+    lines = [caption, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s, q in REPORT:
+        key = f"d_{q}_{s}"
+        cells = [s, q, f"{_mean_of(g, f'n_{s}'):.0f}", f"{_mean_of(g, f'base_{q}_{s}'):.3f}",
+                 mean_ci([r[key] for r in g if r.get(key) is not None])]
+        cells += [mean_ci(paired(rows, v, key)) for v in others]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines + step_table(rows, variants)) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,8 +65,13 @@ def _corpus(cfg: TestbedConfig) -> Iterator[str]:
 
 def _chain_corpus(cfg: TestbedConfig, rng: random.Random) -> Iterator[str]:
     """The digit chain's texts (testbed.chain), student, teacher and slipped."""
-    from trace_rl.testbed.chain import (SLIPS, chain_prompt_row, corrupt_chain, render_chain,
-                                        sample_problems)
+    from trace_rl.testbed.chain import (
+        SLIPS,
+        chain_prompt_row,
+        corrupt_chain,
+        render_chain,
+        sample_problems,
+    )
 
     pool = sample_problems(cfg, min(cfg.tokenizer_corpus_size, 2000), cfg.seed + 7919, "train")
     for i, p in enumerate(pool):

@@ -13,8 +13,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-import mechanism_probe as probe  # noqa: E402
-import study_dose as dose  # noqa: E402
+import mechanism_probe as probe
+import study_dose as dose
 
 
 def _rollout(correct: bool, span: list[bool], sampled: list[int], teacher_arg: list[int]) -> dict:
