@@ -75,15 +75,16 @@ class Damage:
         return f"{self.what}: {self.problem}"
 
 
-def _check_files(fs, directory: str, files: list[dict[str, Any]], deep: bool) -> list[Damage]:
+def check_files(fs, directory: str, files: list[dict[str, Any]], deep: bool) -> list[Damage]:
+    """The listed files against their record: missing, another size, or (`deep`) other bytes."""
     found = []
     for f in files:
         path = f"{directory.rstrip('/')}/{f['name']}"
-        if "size" not in f:
-            continue  # recorded before sizes were: nothing to compare against
-        if not fs.exists(path):
+        if not fs.exists(path):  # a listed file must exist, recorded size or not
             found.append(Damage(f["name"], "missing"))
             continue
+        if "size" not in f:
+            continue  # recorded before sizes were: nothing to compare against
         size = fs.size(path)
         if size != f["size"]:
             found.append(Damage(f["name"], f"{size} bytes, the manifest recorded {f['size']}"))
@@ -151,6 +152,27 @@ def pruned_marker(checkpoint_dir: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".pruned.json")
 
 
+def stripped_record(store, m) -> list[Damage]:
+    """A manifest with no record at all (digest, sizes and hashes all removed) reads like one of
+    a version before records; it cannot be, when one of its inputs in this run has a record: that
+    input was written first, so the version that wrote this manifest recorded them too. (A run
+    resumed with an older trace-rl after a newer one is the one false alarm.)"""
+    from dataclasses import asdict
+
+    if m.digest or records_digests(asdict(m)):
+        return []  # verify_manifest judges it
+    for input_name, fp in sorted((m.inputs or {}).items()):
+        try:
+            upstream = store.manifest(input_name)
+        except (OSError, ValueError, TypeError):
+            continue  # not a dataset name, or a damaged manifest reported on its own
+        if upstream is not None and upstream.fingerprint == fp and upstream.digest:
+            return [Damage(".manifest.json", f"its digest, sizes and hashes are missing, although "
+                                             f"its input {input_name}, written before it, records "
+                                             "them (edited after it was written)")]
+    return []
+
+
 def verify_dataset(store, name: str, manifest=None, *, deep: bool = False) -> list[Damage]:
     """What is wrong with the complete dataset `name` (empty when nothing): an edited manifest,
     part files missing or of another size (or, `deep`, other content), files it does not list,
@@ -158,8 +180,8 @@ def verify_dataset(store, name: str, manifest=None, *, deep: bool = False) -> li
     m = manifest if manifest is not None else store.manifest(name)
     if m is None:
         return []
-    found = verify_manifest(m)
-    found += _check_files(store.fs, store.path(name), m.files, deep)
+    found = verify_manifest(m) + stripped_record(store, m)
+    found += check_files(store.fs, store.path(name), m.files, deep)
     found += unlisted_files(store.fs, store.path(name), m.files)
     ckpt = (m.extra or {}).get("checkpoint_files")
     if ckpt:
@@ -169,7 +191,7 @@ def verify_dataset(store, name: str, manifest=None, *, deep: bool = False) -> li
                 found.append(Damage(ckpt["dir"], "checkpoint directory missing"))
         else:
             found += [Damage(f"{ckpt['dir']}/{d.what}", d.problem)
-                      for d in _check_files(store.fs, directory, ckpt["files"], deep)]
+                      for d in check_files(store.fs, directory, ckpt["files"], deep)]
     return found
 
 

@@ -27,7 +27,8 @@ from trace_rl.data_schemas.errors import StageError
 from trace_rl.data_schemas.schemas import STATUS_COLUMN, refuse_repeated_keys
 
 from .fingerprint import code_version, fingerprint
-from .integrity import file_digest, manifest_digest, unlisted_files, verify_dataset, verify_manifest
+from .integrity import (check_files, file_digest, manifest_digest, stripped_record, unlisted_files,
+                        verify_dataset, verify_manifest)
 
 # A hidden name: tools that read a directory of Parquet files (datasets' `data_dir`, pyarrow
 # datasets, duckdb globs) skip it, so every dataset directory reads as plain Parquet.
@@ -237,7 +238,11 @@ class RunStore:
     def _refuse_damaged_listing(self, name: str, m: Manifest) -> None:
         """A reader refuses a dataset whose manifest was edited or whose directory holds files
         the manifest does not list: directory readers would see other rows than the store."""
-        found = verify_manifest(m) + unlisted_files(self.fs, self.path(name), m.files)
+        found = verify_manifest(m) + stripped_record(self, m)
+        # sizes too (one stat a part): a part replaced by other valid Parquet of the same rows
+        # was read as if nothing had happened while `status` called it damaged
+        found += check_files(self.fs, self.path(name), m.files, deep=False)
+        found += unlisted_files(self.fs, self.path(name), m.files)
         if found:
             raise StageError(
                 f"dataset {self.path(name)} is damaged: {'; '.join(map(str, found[:3]))}. Remove "

@@ -93,6 +93,10 @@ def test_truncated_file_is_a_clear_error(tmp_path):
     data = part.read_bytes()
     part.write_bytes(data[: len(data) // 2])
     with pytest.raises(SchemaError, match=r"part-00000\.parquet: not a readable Parquet file"):
+        read_parquet(str(part), PROMPTS)
+    # the store compares sizes before it reads: it says what changed
+    with pytest.raises(StageError, match=rf"part-00000\.parquet: {len(data) // 2} bytes, the manifest "
+                                         rf"recorded {len(data)}"):
         store.read("prompts", PROMPTS)
 
 
@@ -209,3 +213,50 @@ def test_digest_missing_from_a_recording_manifest_is_damage_but_an_old_manifest_
     path.write_text(json.dumps(old))
     assert verify_dataset(store, "prompts", deep=True) == [] and not recorded(store.manifest("prompts"))
     assert store.read("prompts", PROMPTS).num_rows == 2
+
+
+def _stripped(written: dict) -> dict:
+    """A manifest with its whole record removed: no digest, no sizes, no hashes."""
+    old = {k: v for k, v in written.items() if k != "digest"}
+    old["files"] = [{"name": f["name"], "rows": f["rows"]} for f in written["files"]]
+    return old
+
+
+def test_a_wholly_stripped_record_is_damage_when_an_input_of_the_run_records_one(tmp_path):
+    """Removing the digest and every size and hash made a manifest read as one of a version
+    before records (unverifiable, so never damaged), and a part then replaced by other rows was
+    trained on. Its input, written earlier in the same run, does record them: so did the version
+    that wrote it. Stripped without such an input (prepare's) it stays unrecorded."""
+    from trace_rl.pipeline.integrity import verify_dataset
+
+    store = RunStore(str(tmp_path))
+    _prompts(store, 2)
+    with store.writer("rollouts", ROLLOUTS, stage="rollout", config_fingerprint="c",
+                      inputs={"prompts": store.manifest("prompts").fingerprint}) as w:
+        w.write_rows([_rollout(i) for i in range(2)])
+    path = tmp_path / "rollouts" / ".manifest.json"
+    path.write_text(json.dumps(_stripped(json.loads(path.read_text()))))
+    assert "input prompts, written before it, records them" in str(verify_dataset(store, "rollouts"))
+    with pytest.raises(StageError, match="rollouts is damaged: .manifest.json: its digest, sizes"):
+        store.read("rollouts", ROLLOUTS)
+    assert not store.is_current("rollouts", "c", json.loads(path.read_text())["inputs"])
+    prompts = tmp_path / "prompts" / ".manifest.json"
+    prompts.write_text(json.dumps(_stripped(json.loads(prompts.read_text()))))
+    assert verify_dataset(store, "prompts") == [] and verify_dataset(store, "rollouts") == []
+
+
+def test_readers_refuse_a_part_of_another_size_or_a_listed_part_that_is_missing(tmp_path):
+    """`status` called a part replaced by other valid Parquet (same rows, other values: 669 bytes
+    where 683 were recorded) damaged, but `RunStore.read` returned its rows; and a listed part
+    that is gone read as "not a readable Parquet file (truncated or corrupt?)"."""
+    store = RunStore(str(tmp_path))
+    _prompts(store, 2)
+    part = tmp_path / "prompts" / "part-00000.parquet"
+    table = store.read("prompts", PROMPTS)
+    pq.write_table(table.set_column(1, "problem", pa.array(["a much longer problem"] * 2)), part)
+    with pytest.raises(StageError, match=r"prompts is damaged: part-00000\.parquet: \d+ bytes, the "
+                                         r"manifest recorded \d+"):
+        store.read("prompts", PROMPTS)
+    part.unlink()
+    with pytest.raises(StageError, match=r"part-00000\.parquet: missing"):
+        store.read("prompts", PROMPTS)
