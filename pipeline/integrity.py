@@ -5,7 +5,8 @@ own content; the train stage's manifest lists the files of the checkpoint it wro
 (`extra["checkpoint_files"]`). `verify_dataset` compares the disk against that record: fast
 (sizes only: a truncated, replaced or deleted file) or deep (`deep=True`: every byte hashed).
 Manifests written before this record existed verify as "unrecorded", never as damaged; a
-manifest whose files carry sizes but whose digest is gone is damaged (`records_digests`). A
+manifest whose files carry sizes but whose digest is gone is damaged (`records_digests`), and
+so is one stripped of its whole record when an input of the run records one (`stripped_record`). A
 visible file in a dataset directory that the manifest does not list is damage too: directory
 readers (pandas, duckdb, datasets) would read it although the store does not.
 """
