@@ -66,7 +66,8 @@ def test_truncated_state_is_refused_with_what_to_do(chain):
     assert "truncated" in _trainer_state_damage(_Manifest(ckpt), deep=False)
     with pytest.raises(TrainerStateError, match=r"truncated.*trace-rl run CONFIG"):
         _round2(chain, ckpt, "truncated")
-    (ckpt / "trainer_state" / "record.json").unlink()  # a state written before records were
+    (ckpt / "trainer_state" / "record.json").unlink()  # a state written before records were,
+    (ckpt / "trainer_step.json").unlink()  # beside weights that did not say their step either
     with pytest.raises(TrainerStateError, match=r"cannot be read .*truncated or damaged"):
         _round2(chain, ckpt, "truncated-unrecorded")
 
@@ -112,3 +113,40 @@ class _Manifest:
 
     def __init__(self, ckpt):
         self.extra = {"checkpoint": str(ckpt)}
+
+
+def test_another_runs_state_at_the_same_round_and_step_is_refused(chain, tmp_path):
+    """A state is bound to the weights it was saved with, not only to their round and step:
+    another run's round-1 state, copied with its own (self-consistent) record, was accepted."""
+    root, tables, ckpts = chain
+    other = tmp_path / "other-c2"  # another run: same round and steps, other rollouts
+    train_round(CFG, **make_round_tables(make_tokenizer(), n_prompts=2, samples=4, seed=5),
+                init_checkpoint=ckpts[1], output_checkpoint=str(other),
+                work_dir=str(tmp_path / "w"), round_index=1, progress=False)
+    ckpt = _copy(chain, "other-run")
+    shutil.rmtree(ckpt / "trainer_state")
+    shutil.copytree(other / "trainer_state", ckpt / "trainer_state")
+    problems = state_problems(ckpt, deep=True)
+    assert len(problems) == 1 and "another run" in problems[0], problems
+    assert "another run" in _trainer_state_damage(_Manifest(ckpt), deep=True)
+    assert not usable_trainer_state(ckpt)
+    with pytest.raises(TrainerStateError, match="another run"):
+        _round2(chain, ckpt, "other-run")
+
+
+@pytest.mark.parametrize("damage", ["deleted", "deleted-and-flipped"])
+def test_a_state_without_its_record_is_refused(chain, damage):
+    """Weights with a save id come from a version that records every state: a state beside them
+    without record.json (half-written, or the record removed, hiding flipped bytes) is damage."""
+    ckpt = _copy(chain, f"no-record-{damage}")
+    (ckpt / "trainer_state" / "record.json").unlink()
+    if damage == "deleted-and-flipped":
+        f = ckpt / "trainer_state" / "state.pt"
+        data = bytearray(f.read_bytes())
+        mid = len(data) // 2
+        data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
+        f.write_bytes(bytes(data))
+    assert any("no record.json" in p for p in state_problems(ckpt))
+    assert not usable_trainer_state(ckpt)
+    with pytest.raises(TrainerStateError, match="no record.json"):
+        _round2(chain, ckpt, f"no-record-{damage}")

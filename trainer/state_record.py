@@ -42,9 +42,13 @@ def _state_files(state_dir: Path) -> list[Path]:
 
 
 def write_step(ckpt: str | Path, round_index: int, global_step: int) -> None:
-    """Say which round and global step the checkpoint's weights are the result of."""
-    Path(ckpt, STEP_FILE).write_text(json.dumps({"round": round_index,
-                                                 "global_step": global_step}) + "\n")
+    """Say which round and global step the checkpoint's weights are the result of, with an id of
+    this save: a state binds to it, so another run's state at the same round and step (copied
+    with its own record) is foreign."""
+    import uuid
+
+    Path(ckpt, STEP_FILE).write_text(json.dumps({"round": round_index, "global_step": global_step,
+                                                 "id": uuid.uuid4().hex}) + "\n")
 
 
 def read_step(ckpt: str | Path) -> dict[str, Any] | None:
@@ -58,8 +62,9 @@ def write_record(state_dir: str | Path, round_index: int, global_step: int) -> N
     files = [{"name": p.relative_to(d).as_posix(), "size": p.stat().st_size, "sha256": _sha256(p)}
              for p in _state_files(d)]
     tmp = d / (RECORD + ".tmp-write")
+    step = read_step(d.parent) or {}  # the weights this state belongs to (d = <ckpt>/trainer_state)
     tmp.write_text(json.dumps({"round": round_index, "global_step": global_step,
-                               "files": files}, indent=1) + "\n")
+                               "weights_id": step.get("id"), "files": files}, indent=1) + "\n")
     os.replace(tmp, d / RECORD)
 
 
@@ -104,18 +109,25 @@ def state_problems(ckpt: str | Path, deep: bool = True) -> list[str]:
     content needs `deep`)."""
     d = Path(ckpt) / "trainer_state"
     record = read_record(d) if (d / "state.pt").exists() else None
+    step = read_step(ckpt)
     if record is None:
-        return []
+        # weights with a save id were written by a version that records every state: a state
+        # beside them without a record is half-written, or its record was deleted
+        return (["state.pt has no record.json (half-written, or its record was removed)"]
+                if (d / "state.pt").exists() and step is not None and "id" in step else [])
     found = [p for e in record["files"] if (p := _file_problem(d, e, deep))]
     listed = {e["name"] for e in record["files"]}
     found += [f"{p.relative_to(d).as_posix()} is not in its record"
               for p in _state_files(d) if p.relative_to(d).as_posix() not in listed]
-    step = read_step(ckpt)
     mine = (record.get("round"), record.get("global_step"))
     if step is not None and mine != (step["round"], step["global_step"]):
         found.append(f"it is the state of round {mine[0]} (global step {mine[1]}), but the "
                      f"checkpoint's weights are round {step['round']}'s (global step "
                      f"{step['global_step']}): the trainer state of another checkpoint")
+    elif step is not None and step.get("id") not in (None, record.get("weights_id")):
+        found.append(f"it was saved with weights {record.get('weights_id')}, but the "
+                     f"checkpoint's weights are {step['id']}: the trainer state of another run "
+                     "or checkpoint")
     return found
 
 
