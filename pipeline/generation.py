@@ -15,6 +15,7 @@ greedy decoding (log-probs then under the unwarped distribution).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -108,6 +109,18 @@ def cut_at_stop(
     return gen_T, logp_T, "length"
 
 
+class StepHook(LogitsProcessor):
+    """Calls `on_step(generated ids so far [B, t])` at every decoding step and leaves the scores
+    alone: a view into one `generate` call (progress within a batch)."""
+
+    def __init__(self, prompt_len: int, on_step: Callable[[torch.Tensor], None]):
+        self.prompt_len, self.on_step = prompt_len, on_step
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.on_step(input_ids[:, self.prompt_len:])
+        return scores
+
+
 def sample_batch(
     model: Any,
     prompts: list[list[int]],
@@ -121,10 +134,12 @@ def sample_batch(
     seed: int,
     device: str = "cpu",
     num_threads: int | None = None,
+    on_step: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generated ids [B, T] and their sampling log-probs [B, T] for prompt ids (left-padded
     here); rows run on past their stop token with padding (see `cut_at_stop`). Seeded by `seed`
-    alone, whatever ran before in the process."""
+    alone, whatever ran before in the process. `on_step` sees the ids generated so far at every
+    step (StepHook)."""
     ids_BP, mask_BP = left_pad(prompts, pad_id)
     recorder = SampledLogprobRecorder(build_warpers(temperature, top_k, top_p), greedy=temperature == 0)
     # Greedy over the recorder's one-hot scores: the recorder has already sampled.
@@ -140,7 +155,8 @@ def sample_batch(
                 input_ids=ids_BP.to(device),
                 attention_mask=mask_BP.to(device),
                 generation_config=gen_cfg,
-                logits_processor=LogitsProcessorList([recorder]),
+                logits_processor=LogitsProcessorList(
+                    [recorder] + ([StepHook(ids_BP.shape[1], on_step)] if on_step else [])),
             )
         finally:
             torch.set_num_threads(threads)

@@ -12,11 +12,81 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import subprocess
 import sys
+import threading
 import time
+from typing import IO
 
 PROGRESS_LOGGER = "trace_rl.progress"
 log = logging.getLogger(PROGRESS_LOGGER)
+# How a progress line reads in a child's stderr (the CLI's log format, flows/cli.py): a parent
+# forwards what follows it.
+MARKER = f" {PROGRESS_LOGGER}: "
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def lines_to_stderr() -> None:
+    """In a process without the CLI's logging (a trainer under `accelerate launch`): progress
+    lines go to stderr in the form a parent forwards (`MARKER`), once each."""
+    if any(getattr(h, "trace_progress", False) for h in log.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+    handler.trace_progress = True  # type: ignore[attr-defined]
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # a root handler would print it a second time, in another format
+
+
+def progress_message(line: str) -> str | None:
+    """The progress line a child's stderr line carries, or None."""
+    return line.rstrip("\n").split(MARKER, 1)[1] if MARKER in line else None
+
+
+class StderrForwarder:
+    """Reads a child's stderr in a thread: every line passes through to ours, progress lines
+    are also queued, and `drain()` logs them from the calling thread (a Prefect run context is
+    per thread: a line logged from the reader thread would not reach the run's log)."""
+
+    def __init__(self, stream: IO[str]):
+        self.queue: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._pump, args=(stream,), daemon=True,
+                                       name="progress-forward")
+        self.thread.start()
+
+    def _pump(self, stream: IO[str]) -> None:
+        for line in stream:
+            sys.stderr.write(line)
+            message = progress_message(line)
+            if message is not None:
+                self.queue.put(message)
+
+    def drain(self) -> None:
+        while True:
+            try:
+                log.info(self.queue.get_nowait())
+            except queue.Empty:
+                return
+
+
+def run_forwarding(cmd: list[str], poll_s: float = 0.2) -> int:
+    """Run `cmd` to its end, forwarding its progress lines into this thread's log."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1)
+    assert proc.stderr is not None
+    forward = StderrForwarder(proc.stderr)
+    try:
+        while proc.poll() is None:
+            forward.drain()
+            time.sleep(poll_s)
+    except BaseException:  # as subprocess.run does: no child outlives an interrupted parent
+        proc.kill()
+        proc.wait()
+        raise
+    forward.thread.join(5)
+    forward.drain()
+    return proc.returncode
 
 
 def every_seconds() -> float:

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +34,7 @@ from trace_rl.data_schemas.errors import StageError
 from trace_rl.pipeline.fingerprint import fingerprint
 from trace_rl.pipeline.integrity import checkpoint_record, pruned_marker
 from trace_rl.pipeline.layout import start_checkpoint_dir, train_scratch_dir
+from trace_rl.pipeline.progress_lines import run_forwarding
 from trace_rl.pipeline.runlock import process_identity
 from trace_rl.pipeline.store import Manifest
 from trace_rl.stages.config import TraceConfig
@@ -75,7 +75,8 @@ def _launch_accelerate(cfg: TraceConfig, args: dict, work_dir) -> tuple[list[dic
     answer_file.unlink(missing_ok=True)
     cmd = [*launch_prefix(cfg.train), "-m", "trace_rl.trainer.launch", "--args-json", str(args_file)]
     log.info("train round %d: %s", args["round_index"], " ".join(cmd))
-    if subprocess.run(cmd, check=False).returncode != 0:
+    # its progress lines (rank 0's) go on into this task's log (pipeline/progress_lines.py)
+    if run_forwarding(cmd) != 0:
         raise StageError(f"accelerate launch of round {args['round_index']}'s training failed; its log is above")
     answer = json.loads(answer_file.read_text()) if answer_file.exists() else {}
     if answer.get("nonce") != nonce:

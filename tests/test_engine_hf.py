@@ -184,3 +184,21 @@ def test_engine_session_keeps_the_hf_model_and_loads_new_weights_in_place(tmp_pa
         assert session.hf.model is not None
     assert session.hf.model is None  # closed with the session
     assert got == [cold[model_dir], cold[str(other)], cold[model_dir]]
+
+
+def test_one_batch_reports_progress_within_it(model_dir, caplog, monkeypatch):
+    """A round that fits one batch (one `generate` call) still logs lines while it samples:
+    sequences that reached a stop token and tokens so far, then the last line once."""
+    import logging
+    import re
+
+    from trace_rl.pipeline.progress_lines import PROGRESS_LOGGER
+
+    monkeypatch.setenv("TRACE_PROGRESS_EVERY_S", "0")  # a line whenever asked
+    with caplog.at_level(logging.INFO, logger=PROGRESS_LOGGER):
+        rows = generate(_cfg(hf={"batch_size": 12, "num_threads": 1}), model_dir, PROMPTS, progress=True)
+    said = [r.getMessage() for r in caplog.records if r.name == PROGRESS_LOGGER]
+    counts = [int(re.match(r"hf sampling: (\d+)/12 sequences", s).group(1)) for s in said]
+    assert len(rows) == 12 and len(said) > 10, said  # a line per decoding step, not one per batch
+    assert counts == sorted(counts) and counts.count(12) == 1 and counts[-1] == 12
+    assert all("tok/s" in s for s in said) and "done in" in said[-1]

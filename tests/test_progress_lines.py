@@ -50,3 +50,134 @@ def test_train_progress_lines_carry_step_loss_reward_lambda_kl_and_rate(caplog, 
     (line,) = _lines(caplog)  # the cadence holds back step 12; the last is always said
     assert re.fullmatch(r"train r3: 2/2 steps · step 13 · loss 0\.5000 · reward 0\.375 · λ 0\.250 · "
                         r"KL 0\.0123 · \d+ tok/s · done in \d+ s", line), line
+
+
+# A trainer process's side, as trace_rl.trainer.launch and the worker group set it up: its
+# progress lines go to stderr (lines_to_stderr), then it answers with the launch's nonce.
+LAUNCHED = r"""
+import json, sys
+from pathlib import Path
+from trace_rl.pipeline.progress_lines import ProgressLines, lines_to_stderr
+lines_to_stderr()
+print("a line that is not progress", file=sys.stderr)
+lines = ProgressLines("train r3", 2, "steps", every_s=0.0)
+for done in (1, 2):
+    lines.update(done, f"step {done} · loss 0.5000")
+args = json.loads(Path(sys.argv[sys.argv.index("--args-json") + 1]).read_text())
+Path(args["work_dir"], "answer.json").write_text(json.dumps(
+    {"nonce": args["nonce"], "rows": [], "replay_max_abs_delta": None}))
+"""
+
+
+def test_a_launched_trainers_progress_lines_reach_the_stage_log(tmp_path, monkeypatch, caplog):
+    """The multi-process train path (stages/train.py's own launch): rank 0's lines, printed to
+    the launch's stderr, are logged again in the stage's thread, where a flow forwards them."""
+    import sys
+
+    from trace_rl.stages import train
+    from trace_rl.stages.config import load_config
+
+    (tmp_path / "launched.py").write_text(LAUNCHED)
+    monkeypatch.setattr(train, "launch_prefix", lambda _t: [sys.executable, str(tmp_path / "launched.py")])
+    work = tmp_path / "work"
+    work.mkdir()
+    args = {"round_index": 3, "replay": [], "work_dir": str(work)}
+    with caplog.at_level(logging.INFO, logger=PROGRESS_LOGGER):
+        train._launch_accelerate(load_config("demo", ["train.num_processes=2"]), args, work)
+    got = _lines(caplog)
+    assert [g.split(" · ")[:2] for g in got] == [["train r3: 1/2 steps", "step 1"],
+                                                 ["train r3: 2/2 steps", "step 2"]], got
+
+
+# A worker group's side of one request: progress lines while the round runs, then the answer.
+GROUP = r"""
+import json, os, sys, time
+from pathlib import Path
+from trace_rl.pipeline.progress_lines import ProgressLines, lines_to_stderr
+lines_to_stderr()
+d = Path(sys.argv[sys.argv.index("--dir") + 1])
+nonce = sys.argv[sys.argv.index("--nonce") + 1]
+while not (reqs := sorted(d.glob(f"0001-{nonce}-round-*.json"))):
+    time.sleep(0.02)
+lines = ProgressLines("train r0", 3, "steps", every_s=0.0)
+for done in (1, 2, 3):
+    lines.update(done, f"step {done}")
+(d / (reqs[0].stem + ".done.json")).write_text(json.dumps({"nonce": nonce, "rows": []}))
+"""
+
+
+def test_a_worker_groups_progress_lines_reach_the_waiting_task(tmp_path, monkeypatch, caplog):
+    """The flow's TrainerGroup reads the group's stderr; the lines are logged by the thread that
+    waits for the round (the task's: a Prefect run context is per thread)."""
+    import sys
+    import threading
+
+    import trace_rl.trainer.worker_group as wg
+    from trace_rl.stages.config import load_config
+
+    (tmp_path / "group.py").write_text(GROUP)
+    monkeypatch.setattr(wg, "launch_prefix", lambda _t: [sys.executable])
+    group = wg.TrainerGroup(load_config("demo", ["train.num_processes=2"]).train, tmp_path / "cmd",
+                            program=[str(tmp_path / "group.py")])
+    threads: set[str] = set()
+    handler = logging.Handler()
+    handler.emit = lambda record: threads.add(record.threadName)  # type: ignore[method-assign]
+    logging.getLogger(PROGRESS_LOGGER).addHandler(handler)
+    try:
+        with caplog.at_level(logging.INFO, logger=PROGRESS_LOGGER):
+            group.request("round-0", {"args": {}})
+            group.proc.wait(10)
+            group.forward.thread.join(5)
+            group._drain()
+    finally:
+        logging.getLogger(PROGRESS_LOGGER).removeHandler(handler)
+        if group.proc.poll() is None:
+            group.proc.kill()
+    got = _lines(caplog)
+    assert [g.split(" · ")[:2] for g in got] == [[f"train r0: {n}/3 steps", f"step {n}"] for n in (1, 2, 3)]
+    assert threads == {threading.current_thread().name}
+
+
+def test_vllm_worker_bar_prints_a_line_per_finished_request_at_most_each_second(capsys, monkeypatch):
+    """vllm_worker.progress_bar used as vLLM's _run_engine uses `use_tqdm`: total = requests,
+    update(n) per finished request with its n samples, the output speed in the postfix."""
+    import json
+
+    from trace_rl.stages.engines import vllm_worker
+
+    clock = iter([0.0, 0.2, 0.4, 1.5, 1.6, 1.7, 1.8])
+    monkeypatch.setattr(vllm_worker.time, "monotonic", lambda: next(clock))
+    request = {"prompts": [{}] * 5, "sampling": {"n": 4}, "progress_id": "1-0"}
+    bar = vllm_worker.progress_bar(request)(total=5, desc="Processed prompts", postfix="output: 0.00 toks/s")
+    for _ in range(5):
+        bar.postfix = "est. speed input: 9.00 toks/s, output: 100.00 toks/s"
+        bar.update(4)
+    bar.close()
+    out = capsys.readouterr()
+    said = [json.loads(line.removeprefix(vllm_worker.PROGRESS_TAG)) for line in out.out.splitlines()]
+    # the start (t=0), nothing within its second (0.2, 0.4), the request done at 1.5 s, nothing
+    # within that one's second (1.7), the last always
+    assert [s["sequences"] for s in said] == [0, 12, 20] and {s["id"] for s in said} == {"1-0"}
+    assert said[-1]["tokens"] >= 0 and out.err == ""  # no bar drawn
+
+
+def test_vllm_progress_sums_requests_and_says_the_last_line_once(caplog, monkeypatch):
+    """The parent side: workers' lines handed in by reader threads, logged by the waiting one."""
+    from trace_rl.stages.engines.vllm_engine import PROGRESS_TAG, VllmProgress
+
+    monkeypatch.setenv("TRACE_PROGRESS_EVERY_S", "0")
+    lines = VllmProgress(total=12, enabled=True)
+    with caplog.at_level(logging.INFO, logger=PROGRESS_LOGGER):
+        assert not lines.seen("INFO vllm loading weights\n")
+        lines.tick()  # the engine still starts: nothing to say
+        assert _lines(caplog) == []
+        assert lines.seen(PROGRESS_TAG + '{"id": "0", "sequences": 4, "tokens": 80}\n')
+        assert lines.seen(PROGRESS_TAG + '{"id": "1", "sequences": 2, "tokens": 30}\n')
+        lines.tick()
+        lines.seen(PROGRESS_TAG + '{"id": "0", "sequences": 6, "tokens": 120}\n')
+        lines.seen(PROGRESS_TAG + '{"id": "1", "sequences": 6, "tokens": 90}\n')
+        lines.finish()
+        lines.tick()
+    got = _lines(caplog)
+    assert [g.split(" · ")[0] for g in got] == ["vllm sampling: 6/12 sequences", "vllm sampling: 12/12 sequences"]
+    assert "ETA" in got[0] and "done in" in got[1] and all("tok/s" in g for g in got)

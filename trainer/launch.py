@@ -37,6 +37,7 @@ import pyarrow as pa
 from trace_rl.data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, VERDICTS
 from trace_rl.data_schemas.errors import StageError
 from trace_rl.pipeline.layout import dataset_name
+from trace_rl.pipeline.progress_lines import lines_to_stderr
 from trace_rl.pipeline.store import RunStore
 from trace_rl.trainer.config import TrainConfig
 from trace_rl.trainer.worker_group import make_accelerator, watch_flow, write_json
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--args-json", required=True, help="JSON file with the round's arguments")
     ns = parser.parse_args(argv)
     args = json.loads(Path(ns.args_json).read_text())
+    lines_to_stderr()  # the progress lines, for the stage that launched this to forward
     belong_to_flow(args)
     run_from_args(args)
 

@@ -53,6 +53,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from trace_rl.pipeline.progress_lines import StderrForwarder, lines_to_stderr
+
 log = logging.getLogger("trace_rl.trainer.worker_group")
 
 TICK = 0.25  # seconds between the main process's polls (and idle no-op broadcasts)
@@ -269,6 +271,7 @@ def main(argv: list[str] | None = None, accelerator: Any = None) -> None:
                         default=TrainConfig.model_fields["collective_timeout_s"].default)
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    lines_to_stderr()  # the progress lines, for the flow's TrainerGroup to forward
     serve(ns.dir, accelerator, ns.parent_pid, nonce=ns.nonce, parent_id=ns.parent_id,
           timeout_s=ns.timeout_s)
 
@@ -303,6 +306,7 @@ class TrainerGroup:
         self.program = program or ["-m", "trace_rl.trainer.worker_group"]
         self.stop_timeout = stop_timeout
         self.proc: Any = None  # the launcher's subprocess.Popen once started
+        self.forward: StderrForwarder | None = None  # its stderr reader, once started
         self.dead: str | None = None  # why the group is no longer usable
         self.seq = 0
         self.tag: str | None = None  # the manifest that committed the group's last round
@@ -324,8 +328,11 @@ class TrainerGroup:
                "--parent-pid", str(os.getpid()), "--parent-id", process_identity(os.getpid()) or "",
                "--nonce", self.nonce, "--timeout-s", str(self.train_cfg.collective_timeout_s)]
         log.info("trainer group: %s", " ".join(cmd))
-        # its own process group: a terminal's Ctrl-C reaches the flow, which then ends the group
-        self.proc = subprocess.Popen(cmd, start_new_session=True)
+        # its own process group: a terminal's Ctrl-C reaches the flow, which then ends the group;
+        # its stderr passes through a reader whose progress lines `request` logs
+        self.proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.PIPE, text=True,
+                                     errors="replace", bufsize=1)
+        self.forward = StderrForwarder(self.proc.stderr)
 
     def request(self, kind: str, body: dict) -> dict:
         """Send one request and wait for its answer. Raises GroupDied when the group ends
@@ -341,6 +348,7 @@ class TrainerGroup:
         write_json(self.dir / f"{name}.json", {**body, "kind": kind.split("-")[0], "nonce": self.nonce})
         done = self.dir / f"{name}.done.json"
         while not done.exists():
+            self._drain()  # the round's progress lines, into the waiting task's log
             code = self.proc.poll()
             if code is not None:
                 errors = sorted(self.dir.glob(f"{name}.error*.json"))
@@ -350,11 +358,16 @@ class TrainerGroup:
                     raise StageError(f"{name} failed in the trainer group:\n{tb}")
                 raise GroupDied(self.dead)
             time.sleep(0.1)
+        self._drain()
         reply = json.loads(done.read_text())
         if reply.get("nonce") != self.nonce:  # never another flow's answer
             self.dead = f"{done.name} carries nonce {reply.get('nonce')!r}, not this flow's {self.nonce}"
             raise GroupDied(self.dead)
         return reply
+
+    def _drain(self) -> None:
+        if self.forward is not None:
+            self.forward.drain()
 
     def train(self, round_index: int, args: dict, resident_ok: bool) -> dict:
         """Round k in the group; `resident_ok`: the held state's round was committed (the stage

@@ -100,6 +100,20 @@ class HFModel:
         self.model = self.key = self.weights = None
 
 
+def _within_batch(lines: ProgressLines, done: int, tokens: int, stop_ids: list[int]):
+    """A sample_batch `on_step` that, when a line is due, says the sequences that reached a stop
+    token and the tokens sampled so far: one batch can hold a whole round (256 sequences)."""
+    def on_step(gen_BT: torch.Tensor) -> None:
+        if not lines.due(done):
+            return
+        hit = torch.isin(gen_BT, torch.tensor(stop_ids, device=gen_BT.device))
+        finished = int(hit.any(1).sum())
+        if done + finished < lines.total:  # the batch's end says the last line
+            live = (hit.cumsum(1) - hit.int()) == 0  # up to the first stop token, inclusive
+            lines.update(done + finished, tokens=tokens + int(live.sum()))
+    return on_step
+
+
 def generate(
     cfg: RolloutConfig, model_dir: str, prompts: list[dict], *, progress: bool = True,
     held: HFModel | None = None,
@@ -128,6 +142,7 @@ def generate(
             model, seqs[lo : lo + batch], temperature=cfg.temperature, top_k=cfg.top_k,
             top_p=cfg.top_p, max_new_tokens=cfg.max_tokens, stop_ids=stop_ids, pad_id=pad_id,
             seed=cfg.seed * 100_003 + b, device=cfg.hf.device, num_threads=cfg.hf.num_threads,
+            on_step=_within_batch(lines, len(rows), n_tokens, stop_ids) if progress else None,
         )
         for i in range(gen_BT.shape[0]):
             s = lo + i

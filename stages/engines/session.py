@@ -42,6 +42,7 @@ from trace_rl.data_schemas.errors import StageError
 from trace_rl.stages.engines.config import RolloutConfig
 from trace_rl.stages.engines.vllm_engine import (
     LOG_TAIL_LINES,
+    VllmProgress,
     copy_worker_script,
     failure_hint,
     llm_kwargs,
@@ -96,12 +97,16 @@ class _Worker:
         finally:
             os.close(write_fd)
         self._fd, self._buf = read_fd, b""
+        self.lines: VllmProgress | None = None  # the current generate call's progress
         self._thread = threading.Thread(target=self._stream, args=(progress,), daemon=True)
         self._thread.start()
 
     def _stream(self, progress: bool) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
+            lines = self.lines
+            if lines is not None and lines.seen(line):
+                continue
             self.tail.append(line.rstrip("\n"))
             if progress:
                 print(f"[{self.tag}] {line}", end="", file=sys.stderr, flush=True)
@@ -118,6 +123,8 @@ class _Worker:
         """The next reply line; WorkerGone if the process exits or `timeout_s` passes first."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while b"\n" not in self._buf:
+            if self.lines is not None:
+                self.lines.tick()
             if deadline is not None and time.monotonic() > deadline:
                 raise self._gone(f"no answer within vllm.timeout_s={timeout_s}")
             ready, _, _ = select.select([self._fd], [], [], 1.0)
@@ -187,13 +194,13 @@ class EngineSession:
         if reused:
             try:
                 self._refresh(cfg, model_dir, stats)
-                tables = self._generate(cfg, prep.requests, stats)
+                tables = self._generate(cfg, prep.requests, stats, progress)
             except WorkerGone as exc:
                 log.warning("the run's vLLM engine could not be reused, starting it again: %s", exc)
                 reused = False
         if not reused:
             self._start(cfg, model_dir, prep.requests, progress, stats)
-            tables = self._generate(cfg, prep.requests, stats)
+            tables = self._generate(cfg, prep.requests, stats, progress)
         # "resident": the engine was already up; "cold": it started for this call.
         stats["mode"] = "resident" if reused else "cold"
         stats["memory"] = self._ready[0].get("memory", {})
@@ -268,11 +275,16 @@ class EngineSession:
             w.reply(timeout_s)
         return time.perf_counter() - t0
 
-    def _generate(self, cfg: RolloutConfig, requests: list[dict], stats: dict) -> list:
+    def _generate(self, cfg: RolloutConfig, requests: list[dict], stats: dict,
+                  progress: bool = False) -> list:
         """Every worker's request, in pieces that fit its CPU token budget (a whole prefill per
-        piece; every prompt carries its own seed, so the split does not change a sample)."""
+        piece; every prompt carries its own seed, so the split does not change a sample).
+        Progress lines per finished request of each piece (vllm_engine.VllmProgress)."""
         assert self._tmp is not None
         t0 = time.perf_counter()
+        lines = VllmProgress(sum(len(r["prompts"]) for r in requests) * cfg.n, progress)
+        for w in self._workers:
+            w.lines = lines
         pieces = [_pieces(r, ready.get("max_num_batched_tokens"))
                   for r, ready in zip(requests, self._ready)]
         tables, stats["generate_s"], stats["generated_tokens"], stats["peak_rss_gb"] = [], 0.0, 0, 0.0
@@ -282,7 +294,8 @@ class EngineSession:
                 if step < len(mine):
                     req = Path(self._tmp) / f"request-{self._calls}-{rank}-{step}.json"
                     res = req.with_suffix(".parquet")
-                    req.write_text(json.dumps(mine[step]))
+                    req.write_text(json.dumps({**mine[step], "progress": progress,
+                                               "progress_id": f"{rank}-{step}"}))
                     w.send({"op": "generate", "request": str(req), "result": str(res)})
                     sent.append((w, req, res))
             replies = [w.reply(cfg.vllm.timeout_s)["stats"] for w, _, _ in sent]
@@ -293,6 +306,7 @@ class EngineSession:
             stats["generated_tokens"] += sum(r["generated_tokens"] for r in replies)
             stats["peak_rss_gb"] = max(stats["peak_rss_gb"],
                                        sum(r.get("peak_rss_gb", 0.0) for r in replies))
+        lines.finish()
         self._event("generate", time.perf_counter() - t0, tokens=stats["generated_tokens"])
         return tables
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from trace_rl.data_schemas.errors import StageError
+from trace_rl.pipeline.progress_lines import ProgressLines
 from trace_rl.stages.engines.protocol import (
     check_prompts,
     decode_response,
@@ -39,6 +41,56 @@ from trace_rl.stages.engines.config import RolloutConfig
 ENGINE = "vllm"
 WORKER_SCRIPT = Path(__file__).with_name("vllm_worker.py")
 LOG_TAIL_LINES = 80  # vLLM's root cause sits well above its last traceback
+PROGRESS_TAG = "[trace-progress] "  # as in vllm_worker.py (which cannot import this module)
+
+
+class VllmProgress:
+    """Sequences done across the workers' requests, from their PROGRESS_TAG lines (one per
+    finished request, at most one a second each), which the reader threads hand in (`seen`);
+    the thread that waits for the workers logs them (`tick`) through ProgressLines at its
+    cadence, because a Prefect run context is per thread."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled
+        self.latest: dict[str, tuple[int, int]] = {}  # request id -> (sequences, tokens)
+        self.lock = threading.Lock()
+        self.lines: ProgressLines | None = None
+        self.finished = False
+
+    def seen(self, line: str) -> bool:
+        """Take a worker's stdout line; True when it was a progress line."""
+        if not line.startswith(PROGRESS_TAG):
+            return False
+        msg = json.loads(line[len(PROGRESS_TAG):])
+        with self.lock:
+            self.latest[msg["id"]] = (int(msg["sequences"]), int(msg["tokens"]))
+        return True
+
+    def tick(self) -> None:
+        if not self.enabled:
+            return
+        with self.lock:
+            if not self.latest:  # the engine is still starting: no sampling to time yet
+                return
+            done = sum(n for n, _ in self.latest.values())
+            tokens = sum(t for _, t in self.latest.values())
+        if self.finished:  # the last line is said once
+            return
+        if self.lines is None:  # rates and ETA count from the first request's start
+            self.lines = ProgressLines("vllm sampling", self.total, "sequences")
+        self.lines.update(done, tokens=tokens)
+        self.finished = done >= self.total
+
+    def finish(self, grace_s: float = 2.0) -> None:
+        """The last line, once the workers answered: their last progress lines may still be on
+        their way through the reader threads (a reply has its own channel)."""
+        deadline = time.monotonic() + grace_s
+        while self.enabled and time.monotonic() < deadline:
+            with self.lock:
+                if sum(n for n, _ in self.latest.values()) >= self.total:
+                    break
+            time.sleep(0.05)
+        self.tick()
 
 
 def cpu_env(
@@ -97,9 +149,12 @@ def shard_devices(rank: int, tp: int) -> str:
     return ",".join(mine)
 
 
-def _stream(proc: subprocess.Popen, tag: str, tail: collections.deque, progress: bool) -> None:
+def _stream(proc: subprocess.Popen, tag: str, tail: collections.deque, progress: bool,
+            lines: VllmProgress | None = None) -> None:
     assert proc.stdout is not None
     for line in proc.stdout:
+        if lines is not None and lines.seen(line):
+            continue
         tail.append(line.rstrip("\n"))
         if progress:
             print(f"[{tag}] {line}", end="", file=sys.stderr, flush=True)
@@ -115,10 +170,24 @@ def failure_hint(tail_text: str, python: str) -> str:
     return ""
 
 
+def _wait(proc: subprocess.Popen, timeout_s: float | None, lines: VllmProgress | None) -> int:
+    """proc.wait(timeout_s), logging progress lines meanwhile."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while proc.poll() is None:
+        if lines is not None:
+            lines.tick()
+        if deadline is not None and time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(proc.args, timeout_s)
+        time.sleep(0.5)
+    return proc.returncode
+
+
 def run_workers(
-    jobs: list[tuple[list[str], dict[str, str]]], cfg: RolloutConfig, progress: bool
+    jobs: list[tuple[list[str], dict[str, str]]], cfg: RolloutConfig, progress: bool,
+    lines: VllmProgress | None = None,
 ) -> None:
-    """Run worker commands concurrently, streaming logs; raise StageError on any failure."""
+    """Run worker commands concurrently, streaming logs (and progress lines to `lines`); raise
+    StageError on any failure."""
     procs, threads, tails = [], [], []
     for rank, (cmd, env) in enumerate(jobs):
         tail: collections.deque = collections.deque(maxlen=LOG_TAIL_LINES)
@@ -131,19 +200,21 @@ def run_workers(
             errors="replace",
         )
         thread = threading.Thread(
-            target=_stream, args=(proc, f"vllm:{rank}", tail, progress), daemon=True
+            target=_stream, args=(proc, f"vllm:{rank}", tail, progress, lines), daemon=True
         )
         thread.start()
         procs.append(proc), threads.append(thread), tails.append(tail)
     failures = []
     for rank, (proc, thread, tail) in enumerate(zip(procs, threads, tails)):
         try:
-            rc = proc.wait(timeout=cfg.vllm.timeout_s)
+            rc = _wait(proc, cfg.vllm.timeout_s, lines)
         except subprocess.TimeoutExpired:
             proc.kill()
             rc = proc.wait()
             tail.append(f"killed after vllm.timeout_s={cfg.vllm.timeout_s}")
         thread.join()
+        if lines is not None:
+            lines.tick()
         if rc != 0:
             text = "\n".join(tail)
             failures.append(
@@ -238,12 +309,12 @@ def generate_with_stats(
         for rank, request in enumerate(prep.requests):
             req_path = Path(tmp) / f"request-{rank}.json"
             res_path = Path(tmp) / f"result-{rank}.parquet"
-            req_path.write_text(json.dumps(request))
+            req_path.write_text(json.dumps({**request, "progress_id": str(rank)}))
             jobs.append(
                 ([cfg.vllm.python, script, str(req_path), str(res_path)], shard_env(cfg, rank))
             )
             results.append(res_path)
-        run_workers(jobs, cfg, progress)
+        run_workers(jobs, cfg, progress, VllmProgress(len(prompts) * cfg.n, progress))
         tables = [pq.read_table(p) for p in results]
     stats = merge_stats([json.loads(t.schema.metadata[b"stats"]) for t in tables])
     return rows_from_tables(cfg, prompts, prep.prompt_ids, tables, prep.tokenizer), stats

@@ -8,7 +8,7 @@ Serving (a run-scoped engine, see stages/engines/session.py):
 REQUEST.json (written by stages/engines/vllm_engine.py):
     model: checkpoint dir; llm_kwargs: keyword arguments of vllm.LLM;
     sampling: {n, temperature, top_p, top_k, max_tokens}; stop_token_ids: [int];
-    prompts: [{index, seed, prompt_token_ids}]; progress: bool
+    prompts: [{index, seed, prompt_token_ids}]; progress: bool; progress_id: str (optional)
 RESULT.parquet: one row per (prompt, sample): prompt_index, sample_index, response_token_ids,
     response_logprobs, finish_reason; file metadata "stats" holds JSON timings.
 
@@ -19,6 +19,9 @@ REPLY_FD (stdout and stderr carry vLLM's log, so replies need their own channel)
     {"op": "load_weights", "model": DIR}  new weights in place from DIR (vLLM's reload_weights)
     {"op": "sleep", "level": 1|2} / {"op": "wake"}   free / retake the accelerator's memory
     {"op": "close"}
+With "progress", every finished request (a prompt with its n samples), at most one a second and
+always the last, prints a stdout line PROGRESS_TAG + {"id", "sequences", "tokens"} (cumulative over
+the request) that the parent logs as progress (stages/engines/vllm_engine.py, VllmProgress).
 Every reply has "ok"; a failed command answers {"ok": false, "error": traceback} and the worker
 keeps serving, so the parent decides whether to start over.
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -103,6 +107,47 @@ def build_llm(model: str, llm_kwargs: dict, prefill: int, sleep_mode: bool = Fal
     return LLM(model=model, **kwargs), kwargs
 
 
+PROGRESS_TAG = "[trace-progress] "  # stages/engines/vllm_engine.py reads what follows it
+_OUT_SPEED = re.compile(r"output: ([0-9.]+) toks/s")
+
+
+def progress_bar(request: dict):
+    """A tqdm class for LLM.generate's `use_tqdm` that draws nothing (a bar in a log is noise)
+    and prints PROGRESS_TAG lines: vLLM updates it once per finished request, with n sequences,
+    and puts its output speed in the postfix (cumulative tokens = speed x elapsed)."""
+    from tqdm import tqdm
+
+    total = len(request["prompts"]) * request["sampling"]["n"]
+    ident = str(request.get("progress_id", "0"))
+
+    class Lines(tqdm):
+        def __init__(self, *args, **kwargs):
+            self._sink = open(os.devnull, "w")  # noqa: SIM115 (the bar's file: closed in close)
+            super().__init__(*args, **{**kwargs, "file": self._sink})
+            self._said = 0.0
+            if kwargs.get("desc") == "Processed prompts":
+                self._say()  # generation starts: the parent times its rate from here
+
+        def _say(self) -> None:
+            speed = _OUT_SPEED.search(str(self.postfix or ""))
+            tokens = round(float(speed.group(1)) * self.format_dict["elapsed"]) if speed else 0
+            print(PROGRESS_TAG + json.dumps({"id": ident, "sequences": int(self.n), "tokens": tokens}),
+                  flush=True)
+            self._said = time.monotonic()
+
+        def update(self, n=1):
+            shown = super().update(n)
+            if self.desc == "Processed prompts" and (self.n >= total or time.monotonic() - self._said >= 1.0):
+                self._say()
+            return shown
+
+        def close(self):
+            super().close()
+            self._sink.close()
+
+    return Lines
+
+
 def generate(llm, request: dict) -> tuple[dict, dict]:
     """Generate every prompt of the request with a built engine; returns (columns, stats)."""
     from vllm import SamplingParams
@@ -125,7 +170,8 @@ def generate(llm, request: dict) -> tuple[dict, dict]:
         for p in request["prompts"]
     ]
     inputs = [TokensPrompt(prompt_token_ids=p["prompt_token_ids"]) for p in request["prompts"]]
-    outputs = llm.generate(inputs, params, use_tqdm=bool(request.get("progress", False)))
+    outputs = llm.generate(inputs, params,
+                           use_tqdm=progress_bar(request) if request.get("progress") else False)
     keys = ("prompt_index", "sample_index", "response_token_ids", "response_logprobs", "finish_reason")
     cols: dict[str, list] = {k: [] for k in keys}
     for prompt, out in zip(request["prompts"], outputs):
