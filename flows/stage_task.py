@@ -49,7 +49,10 @@ def write_resolved_config(cfg: TraceConfig, *, update: bool = False) -> str:
     if not store.fs.exists(path):
         store.write_text(path, text)
         return path
-    changes = config_changes(yaml.safe_load(store.read_text(path)), yaml.safe_load(text))
+    # run.root is where the file lives, not a setting: a run directory named from another
+    # folder gets an absolute root (stages/config.py _rooted_at_run_dir) and is the same run.
+    changes = [c for c in config_changes(yaml.safe_load(store.read_text(path)), yaml.safe_load(text))
+               if not c.startswith("run.root:")]
     if not changes:
         return path
     if not update:

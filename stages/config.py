@@ -149,26 +149,44 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
         own = p / RESOLVED_CONFIG
         if own.is_file():
             return own
+        # A bare name that is also some unrelated folder in cwd (`demo/`) still names the
+        # packaged config; `./demo` or `demo/` says the folder is meant, and is refused.
+        packaged = _packaged(path) if _bare_name(path) else None
+        if packaged is not None:
+            return packaged
         raise ConfigError(f"{str(path)!r} is a directory without {RESOLVED_CONFIG}: give a run "
                           "directory (one `trace-rl run` made), a config file or a packaged name")
     if p.exists():
         return p
-    for candidate in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
-        if candidate.exists():
-            return candidate
+    packaged = _packaged(path)
+    if packaged is not None:
+        return packaged
     known = sorted(c.stem for c in CONFIG_DIR.glob("*.yaml"))
-    raise ConfigError(f"config file {str(path)!r} not found; packaged configs: {known}")
+    raise ConfigError(f"{str(path)!r} is neither a config file, a run directory nor a packaged "
+                      f"config; packaged configs: {known}")
+
+
+def _bare_name(path: str | os.PathLike) -> bool:
+    return "/" not in str(path) and os.sep not in str(path)
+
+
+def _packaged(path: str | os.PathLike) -> Path | None:
+    for candidate in (CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def describe_config_arg(path: str | os.PathLike) -> str:
     """How a command read its config argument, for the log: "run directory runs/demo
     (runs/demo/config.yaml)", "config file x.yaml" or "packaged config demo (.../demo.yaml)"."""
     resolved = resolve_config_path(path)
+    if resolved.parent == CONFIG_DIR and not Path(path).is_file():
+        shadow = f"; ./{path} is a directory without {RESOLVED_CONFIG}" if Path(path).is_dir() else ""
+        return f"packaged config {path} ({resolved}{shadow})"
     if Path(path).is_dir():
         return f"run directory {path} ({resolved})"
-    if Path(path).exists():
-        return f"config file {resolved}"
-    return f"packaged config {path} ({resolved})"
+    return f"config file {resolved}"
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -272,7 +290,29 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         data = _read_yaml(resolved)
         source = str(resolved)
     data = apply_overrides(data, overrides or [])
-    return config_from_dict(data, source)
+    cfg = config_from_dict(data, source)
+    return _rooted_at_run_dir(cfg, path) if path is not None else cfg
+
+
+def _rooted_at_run_dir(cfg: TraceConfig, path: str | os.PathLike) -> TraceConfig:
+    """A run directory (or the config.yaml inside one) IS the run, wherever the command runs.
+    Its config.yaml keeps `run.root: null` (runs/<name>, relative to the launch's cwd), so
+    without this `trace-rl status /abs/runs/demo` from another folder read ./runs/demo instead,
+    and `stage` started a new run there. Set only when the two differ, so the usual case (cwd is
+    the launch folder) keeps its relative paths."""
+    given = Path(path)
+    if (given / RESOLVED_CONFIG).is_file():
+        run_dir = given
+    elif given.name == RESOLVED_CONFIG and given.parent.name == cfg.run.name:
+        run_dir = given.parent  # <run>/config.yaml; a user's own config.yaml elsewhere is not a run
+    else:
+        return cfg
+    root = cfg.run.root
+    if root is not None and "://" in root:  # a remote run: the local copy is not where it lives
+        return cfg
+    if os.path.realpath(cfg.run.run_root) != os.path.realpath(run_dir):
+        cfg.run.root = str(run_dir.resolve())
+    return cfg
 
 
 def dump_config(cfg: TraceConfig) -> str:

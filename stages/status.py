@@ -212,9 +212,8 @@ def run_config(config: str, overrides: list[str] | None = None) -> TraceConfig:
     directory."""
     from pathlib import Path
 
-    own = Path(config) / RESOLVED_CONFIG
-    if own.is_file():
-        return load_config(own, overrides or [])
+    if (Path(config) / RESOLVED_CONFIG).is_file():
+        return load_config(config, overrides or [])  # a run directory: rooted where it lies
     cfg = load_config(config, overrides or [])
     store = RunStore(cfg.run.run_root)
     path = store.path(RESOLVED_CONFIG)

@@ -84,3 +84,38 @@ def test_a_plain_directory_is_refused_with_what_to_pass(tmp_path, caplog):
     result, _ = invoke(caplog, "config", "show", str(tmp_path))
     assert isinstance(result.exception, TraceError)
     assert "directory without config.yaml" in str(result.exception)
+
+
+def test_a_run_directory_named_from_another_folder_is_that_run(tmp_path, monkeypatch, caplog):
+    """A run launched the default way keeps `run.root: null` (runs/<name>, relative to the
+    launch folder). Named from elsewhere, the directory given is still the run: status reads
+    it and a stage addresses it, rather than a fresh ./runs/<name> in the current folder."""
+    launch, elsewhere = tmp_path / "launch", tmp_path / "elsewhere"
+    run_dir = launch / "runs" / "mine"
+    run_dir.mkdir(parents=True)
+    elsewhere.mkdir()
+    (run_dir / "config.yaml").write_text(dump_config(load_config("demo", ["run.name=mine", "run.rounds=5"])))
+    monkeypatch.chdir(elsewhere)
+    for arg in (str(run_dir), f"{run_dir}/", str(run_dir / "config.yaml")):
+        result, said = invoke(caplog, "status", arg)
+        assert result.exit_code == 0, result.output
+        assert said[0].endswith(f"-> run mine at {run_dir}"), said
+    result, said = invoke(caplog, "stage", "annotate", str(run_dir), "--round", "0")
+    assert f"needs {run_dir}/prompts, which is missing" in str(result.exception)
+    assert not (elsewhere / "runs").exists()
+    monkeypatch.chdir(launch / "runs")  # the bare name of a run directory in cwd: that run
+    result, said = invoke(caplog, "status", "mine")
+    assert said[0] == f"config: run directory mine (mine/config.yaml) -> run mine at {run_dir}"
+
+
+def test_a_bare_name_that_is_also_a_plain_folder_is_the_packaged_config(tmp_path, monkeypatch, caplog):
+    """`demo` with an unrelated ./demo/ folder in cwd: the packaged config, and the log says the
+    folder was passed over; `./demo` or `demo/` means the folder, and is refused."""
+    (tmp_path / "demo").mkdir()
+    monkeypatch.chdir(tmp_path)
+    result, said = invoke(caplog, "config", "show", "demo")
+    assert result.exit_code == 0, result.output
+    assert said[0].startswith("config: packaged config demo (") and "./demo is a directory" in said[0]
+    for arg in ("./demo", "demo/"):
+        result, _ = invoke(caplog, "config", "show", arg)
+        assert "directory without config.yaml" in str(result.exception)

@@ -329,15 +329,18 @@ def clean_tmp_dirs(path: str | Path) -> list[Path]:
 
 
 def save_weights(acc: Any, hf_model: Any, path: str | Path,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, only: set[str] | None = None) -> None:
     """Weights-only save_pretrained (config + safetensors, no tokenizer) of the policy (in
-    `dtype` when given), written to a temporary directory and renamed. Collective: every process
-    must call it (FSDP gathers the full state dict); the main process writes."""
+    `dtype` when given; with `only`, just those tensors are cast, the rest keep their own),
+    written to a temporary directory and renamed. Collective: every process must call it (FSDP
+    gathers the full state dict); the main process writes."""
     path = Path(path)
     acc.wait_for_everyone()
     state_dict = acc.get_state_dict(hf_model) if acc.num_processes > 1 else None
     if dtype is not None:
-        state_dict = _cast(state_dict if state_dict is not None else hf_model.state_dict(), dtype)
+        full = state_dict if state_dict is not None else hf_model.state_dict()
+        state_dict = _cast(full, dtype) if only is None else {
+            **full, **_cast({k: v for k, v in full.items() if k in only}, dtype)}
     if acc.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))

@@ -67,22 +67,26 @@ def eval_mode(module: nn.Module):
         module.train(was_training)
 
 
-def _as_student_computes(hf: nn.Module) -> None:
+def _matmul_weights(hf: nn.Module) -> set[str]:
+    """The names of the Linear weights that autocast casts to the compute dtype (a head tied to
+    the embeddings is the embedding table, which autocast leaves in float32)."""
+    embeddings = {id(m.weight) for m in hf.modules() if isinstance(m, nn.Embedding)}
+    return {f"{name}.weight" for name, m in hf.named_modules()
+            if isinstance(m, nn.Linear) and id(m.weight) not in embeddings}
+
+
+def _as_student_computes(hf: nn.Module, dtype: torch.dtype) -> None:
     """Give the teacher the student's numerics. The student holds float32 weights and computes
     under autocast (trainer/round.py `_load_model`): matmuls in the compute dtype, everything else
     (embedding lookup, norms, the residual stream) in float32. A teacher of bf16 weights without
     autocast ran all of it in bf16, so at a sync step, with the student's own weights, its KL to
-    the student was ~1e-6 nats/token instead of 0. Here the Linear weights stay in the compute
+    the student was ~1e-6 nats/token instead of 0. Here the Linear weights are in the compute
     dtype (autocast casts the student's to it anyway: same values, same kernels) and the other
-    parameters (embeddings, norms; a few percent of the model) are float32, the forward runs
-    under the same autocast (`compute_dtype`)."""
-    embeddings = {id(m.weight) for m in hf.modules() if isinstance(m, nn.Embedding)}
-    # a head tied to the embeddings is the embedding table: float32 with it
-    matmul_only = {id(m.weight) for m in hf.modules()
-                   if isinstance(m, nn.Linear) and id(m.weight) not in embeddings}
-    for param in hf.parameters():
-        if id(param) not in matmul_only and param.dtype != torch.float32:
-            param.data = param.data.float()
+    parameters (embeddings, norms; a few percent of the model) are the student's float32 master
+    (the snapshot stores them so, see `_snapshot`), the forward runs under the same autocast."""
+    matmul = _matmul_weights(hf)
+    for name, param in hf.named_parameters():
+        param.data = param.data.to(dtype if name in matmul else torch.float32)
 
 
 class TeacherHandle:
@@ -134,15 +138,20 @@ class TeacherHandle:
 
     def _snapshot(self, acc: Any, unwrapped: Any, path: Path) -> None:
         """Write the live policy's weights as the teacher's snapshot (collective)."""
-        save_weights(acc, unwrapped.hf, path, dtype=checkpoint_dtype(unwrapped))
+        # only the matmul weights in the compute dtype: embeddings and norms rounded to bf16 made
+        # the teacher differ from a float32 master the optimizer has moved (KL ~5e-7/token at a
+        # sync step); bf16 held exactly only an untrained model's weights
+        save_weights(acc, unwrapped.hf, path, dtype=checkpoint_dtype(unwrapped),
+                     only=_matmul_weights(unwrapped.hf))
 
     def _load(self, acc: Any) -> None:
         from transformers import AutoModelForCausalLM
 
         assert self.path is not None
-        hf = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype)
+        # float32 on load (bf16 tensors widen exactly), then the matmul weights back to bf16
+        hf = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32)
         hf.config.use_cache = False
-        _as_student_computes(hf)
+        _as_student_computes(hf, self.dtype)
         self.model = LeanCausalLM(hf, chunk=self.chunk, compute_dtype=self.dtype)
         self.model.to(acc.device).eval().requires_grad_(False)
 
