@@ -9,6 +9,7 @@ last full state and checks the replay (Δ recorded in the manifest).
 """
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from tiny import TINY_RUN
 from trace_rl.pipeline.layout import dataset_name, start_checkpoint_dir
+from trace_rl.pipeline.progress_lines import PROGRESS_LOGGER
 from trace_rl.stages import get_stage
 from trace_rl.stages.common import open_store, start_checkpoint
 from trace_rl.stages.config import load_config
@@ -86,18 +88,21 @@ def cpu_gloo(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
-def test_three_rounds_one_launch_no_replay(tmp_path, tiny_testbed_dir, cpu_gloo, backend):
+def test_three_rounds_one_launch_no_replay(tmp_path, tiny_testbed_dir, cpu_gloo, backend, caplog):
     cfg = _config(tmp_path, tiny_testbed_dir, rounds=3)
     program = None
     if backend == "fsdp2":
         (tmp_path / "fsdp_group.py").write_text(FSDP_GROUP)
         program = [str(tmp_path / "fsdp_group.py")]
     get_stage("prepare")(cfg, None, progress=False)
-    with trainer_group_session(cfg, program) as group:
+    with caplog.at_level(logging.INFO, logger=PROGRESS_LOGGER), trainer_group_session(cfg, program) as group:
         for k in range(3):
             _round(cfg, k)
         proc = group.proc
     assert proc.poll() == 0  # stopped by the session, cleanly
+    # rank 0's progress lines came back into this process's log, where a flow forwards them
+    progress = [r.getMessage() for r in caplog.records if r.name == PROGRESS_LOGGER]
+    assert [p.split(" · ")[0] for p in progress if "2/2 steps" in p] == [f"train r{k}: 2/2 steps" for k in range(3)]
     launches = (group.dir / LAUNCHES).read_text().splitlines()
     assert len(launches) == 1 and json.loads(launches[0])["processes"] == 2
     store = open_store(cfg)
