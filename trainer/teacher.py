@@ -9,7 +9,6 @@ no teacher is loaded at all.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trace_rl.data_schemas import sampling_fields
 from trace_rl.pipeline.chat import encode_chat_prompt
 from trace_rl.trainer.checkpoint import (
     checkpoint_dtype,
@@ -32,11 +32,10 @@ log = logging.getLogger("trace_rl.trainer.teacher")
 from trace_rl.trainer.teacher_prompt import teacher_message
 
 
-def enable_thinking_of(sampling_json: str | None) -> bool:
-    """The rollout's thinking switch, read from its `sampling` JSON (default: thinking on)."""
-    if not sampling_json:
-        return True
-    return bool(json.loads(sampling_json).get("enable_thinking", True))
+def enable_thinking_of(sampling: dict | str | None) -> bool:
+    """The rollout's thinking switch, read from its `sampling` (the struct, or a version-1 run's
+    JSON; default: thinking on)."""
+    return bool(sampling_fields(sampling).get("enable_thinking", True))
 
 
 def teacher_prompt_ids(
@@ -75,18 +74,26 @@ def _matmul_weights(hf: nn.Module) -> set[str]:
             if isinstance(m, nn.Linear) and id(m.weight) not in embeddings}
 
 
-def _as_student_computes(hf: nn.Module, dtype: torch.dtype) -> None:
+def _as_student_computes(hf: nn.Module, snapshot: Path) -> None:
     """Give the teacher the student's numerics. The student holds float32 weights and computes
     under autocast (trainer/round.py `_load_model`): matmuls in the compute dtype, everything else
     (embedding lookup, norms, the residual stream) in float32. A teacher of bf16 weights without
     autocast ran all of it in bf16, so at a sync step, with the student's own weights, its KL to
-    the student was ~1e-6 nats/token instead of 0. Here the Linear weights are in the compute
-    dtype (autocast casts the student's to it anyway: same values, same kernels) and the other
-    parameters (embeddings, norms; a few percent of the model) are the student's float32 master
-    (the snapshot stores them so, see `_snapshot`), the forward runs under the same autocast."""
+    the student was ~1e-6 nats/token instead of 0. `hf` is loaded in the compute dtype: its Linear
+    weights stay so (autocast casts the student's to it anyway: same values, same kernels); the
+    other parameters (embeddings, norms; a few percent of the model) are read again from the
+    snapshot, which holds them as the student's float32 master (see `_snapshot`), so that host
+    memory never holds a float32 copy of the matmul weights."""
+    from safetensors import safe_open
+
     matmul = _matmul_weights(hf)
-    for name, param in hf.named_parameters():
-        param.data = param.data.to(dtype if name in matmul else torch.float32)
+    rest = {name: p for name, p in hf.named_parameters() if name not in matmul}
+    for f in sorted(snapshot.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in rest.keys() & set(st.keys()):
+                rest[name].data = st.get_tensor(name).float()
+    for p in rest.values():  # a tied head is the embedding: already float32 through it
+        p.data = p.data.float()
 
 
 class TeacherHandle:
@@ -148,10 +155,9 @@ class TeacherHandle:
         from transformers import AutoModelForCausalLM
 
         assert self.path is not None
-        # float32 on load (bf16 tensors widen exactly), then the matmul weights back to bf16
-        hf = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32)
+        hf = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype)
         hf.config.use_cache = False
-        _as_student_computes(hf, self.dtype)
+        _as_student_computes(hf, self.path)
         self.model = LeanCausalLM(hf, chunk=self.chunk, compute_dtype=self.dtype)
         self.model.to(acc.device).eval().requires_grad_(False)
 
