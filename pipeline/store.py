@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections import Counter
@@ -76,7 +77,14 @@ def content_fingerprint(m: Manifest) -> str:
     that writes byte-identical output keeps the fingerprint, so nothing downstream goes stale
     (a content-addressed build); any changed byte changes it."""
     files = [{k: f.get(k) for k in ("name", "rows", "size", "sha256")} for f in m.files]
-    return fingerprint([m.config_fingerprint, m.inputs, files, m.extra])
+    held = {k: v for k, v in (m.extra or {}).items() if k not in RUN_FACTS}
+    return fingerprint([m.config_fingerprint, m.inputs, files, held])
+
+
+# `extra` keys that say how a write went, not what it holds: a rollout's engine record (cold or
+# resident, seconds to generate) differs on every run, so hashing it made a forced rollout that
+# sampled byte-identical rows invalidate everything after it.
+RUN_FACTS = frozenset({"engine"})
 
 
 def read_manifest(fs, directory: str) -> Manifest | None:
@@ -89,6 +97,23 @@ def read_manifest(fs, directory: str) -> Manifest | None:
             return None
     with fs.open(path, "r") as fh:
         return Manifest.from_json(fh.read())
+
+
+_ROUND_DIR = re.compile(r"(?:^|/)round-(\d+)/[^/]+$")  # <round-000k>/<dataset>
+
+
+def stamp_round(rows: Iterable[dict[str, Any]], name: str, schema: pa.Schema) -> list[dict[str, Any]]:
+    """Rows of a round's dataset carry the round of the directory they go to (`round`, schema
+    version 2): stamped on rows that leave it out; a row naming another round is refused."""
+    rows = list(rows)
+    m = _ROUND_DIR.search(name)
+    if m is None or "round" not in schema.names:
+        return rows
+    k = int(m.group(1))
+    wrong = next((r["round"] for r in rows if r.get("round", k) != k), None)
+    if wrong is not None:
+        raise StageError(f"{name}: a row of round {wrong} written into round {k}'s dataset")
+    return [{**r, "round": k} for r in rows]
 
 
 class DatasetWriter:
@@ -108,6 +133,7 @@ class DatasetWriter:
         store._begin_rewrite(name)
 
     def write_rows(self, rows: Iterable[dict[str, Any]]) -> None:
+        rows = stamp_round(rows, self.name, self.schema)
         self.write_table(rows_to_table(rows, self.schema, where=f"{self.name} (rows)"))
 
     def write_table(self, table: pa.Table, part: str | None = None) -> None:

@@ -107,6 +107,27 @@ def test_a_forced_stage_with_identical_output_leaves_everything_current(run):
     assert {e.state for e in eval_states(run)} == {"complete"}
 
 
+def test_a_forced_rollout_with_the_same_samples_but_another_engine_record_is_current(run):
+    """A rollout's manifest records how its engine ran (cold or resident, seconds to generate):
+    facts of the run, not of its rows. A forced rollout that sampled the same rows, timed
+    differently, leaves verify/annotate/train current; other `extra` content does not."""
+    before = manifests(run)["round-0001/rollouts"].fingerprint
+
+    def rewrite_rollouts(extra: dict) -> str:
+        names = ["prompts"]
+        p = decide(run, "rollout", 1, names, force=True, extra_inputs=start_checkpoint(run, open_store(run), 1)[1])
+        with p.writer(SCHEMAS["rollouts"], "rollout", allow_extra=True) as w:
+            w.write_rows([])
+            w.extra = extra
+        return w.manifest.fingerprint
+
+    assert rewrite_rollouts({"engine": {"mode": "cold", "generate_s": 81.2}}) == before
+    assert rewrite_rollouts({"engine": {"mode": "resident", "generate_s": 3.5}}) == before
+    assert set(states_of(run).values()) == {"complete"}
+    assert rewrite_rollouts({"prompts": 31}) != before
+    assert states_of(run)[("verify", 1)] == "stale" and states_of(run)[("train", 2)] == "stale"
+
+
 def test_a_forced_annotation_with_a_changed_setting_makes_its_dependants_stale(run):
     """The run's annotate setting changed and round 0 was re-annotated under it: what depends on
     the new annotations is stale, what came before is not."""
