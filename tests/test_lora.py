@@ -107,3 +107,17 @@ def test_teacher_is_an_adapter_snapshot_with_zero_kl_at_the_sync_step(tmp_path):
     for s in snaps:
         assert lora.is_adapter_dir(s)
         assert (s / lora.ADAPTER_WEIGHTS).stat().st_size < model_bytes / 5
+
+
+@pytest.mark.parametrize("other, says", [
+    ({"rank": 2, "alpha": 4}, "r: 1 saved, 2 now"),  # rank-1 tensors would broadcast into rank 2
+    ({"rank": 1, "alpha": 16}, "lora_alpha: 2 saved, 16 now"),  # same shapes, another scale
+    ({"rank": 1, "alpha": 2, "target_modules": ["q_proj", "v_proj"]}, "target_modules"),
+])
+def test_an_adapter_trained_with_other_lora_settings_is_refused(tmp_path, other, says):
+    base = save_tiny_checkpoint(tmp_path / "base")
+    trained = lora.load_policy(TrainConfig(lora={"rank": 1, "alpha": 2}).lora, base, torch.float32)
+    lora.save_adapter(trained, tmp_path / "adapter")
+    with pytest.raises(ValueError, match="other LoRA settings") as err:
+        lora.load_policy(TrainConfig(lora=other).lora, tmp_path / "adapter", torch.float32)
+    assert says in str(err.value)

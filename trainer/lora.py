@@ -175,17 +175,44 @@ def load_adapter(hf: torch.nn.Module, path: str | Path, name: str = ADAPTER) -> 
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     params = dict(hf.named_parameters())
+    _check_settings(hf, path)
     saved = from_peft_names(load_file(str(Path(path) / ADAPTER_WEIGHTS)), name)
     wanted = {n for n in params if ".lora_" in n and f".{name}." in n}
     if set(saved) != wanted:
         raise ValueError(f"the adapter in {path} does not fit this model's train.lora "
                          f"(target modules or layers differ: {len(saved)} tensors saved, "
                          f"{len(wanted)} expected); use the lora settings it was trained with")
+    # copy_ broadcasts: a rank-1 tensor would fill a rank-r one silently, so shapes are compared
+    # (a DTensor's shape is the whole tensor's)
+    shape = {n: tuple(saved[n].shape) for n in wanted
+             if tuple(saved[n].shape) != tuple(params[n].shape)}
+    if shape:
+        n = sorted(shape)[0]
+        raise ValueError(f"the adapter in {path} has other shapes than this model's train.lora "
+                         f"({n}: {shape[n]} saved, {tuple(params[n].shape)} expected; "
+                         f"{len(shape)} tensors differ): use the lora rank it was trained with")
     for n in sorted(wanted):
         live, value = params[n], saved[n].to(dtype=params[n].dtype)
         if isinstance(live, DTensor):
             value = distribute_tensor(value.to(live.device), live.device_mesh, live.placements)
         live.copy_(value.to(live.device))
+
+
+def _check_settings(hf: torch.nn.Module, path: str | Path) -> None:
+    """Refuse an adapter saved under other LoRA settings than the model's: the rank and alpha set
+    the update's scale (alpha / rank), which the tensors' names and shapes do not show."""
+    live: Any = getattr(hf, "trace_lora")
+    saved = json.loads((Path(path) / ADAPTER_CONFIG).read_text())
+    diff = {k: (saved.get(k), getattr(live, k)) for k in ("r", "lora_alpha")
+            if saved.get(k) != getattr(live, k)}
+    if set(saved.get("target_modules") or []) != set(live.target_modules or []):
+        diff["target_modules"] = (sorted(saved.get("target_modules") or []),
+                                  sorted(live.target_modules or []))
+    if diff:
+        said = ", ".join(f"{k}: {a} saved, {b} now" for k, (a, b) in diff.items())
+        raise ValueError(f"the adapter in {path} was trained with other LoRA settings than "
+                         f"train.lora ({said}); resume with the settings it was trained with, "
+                         "or start a new run")
 
 
 def disk_named_parameters(hf: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
