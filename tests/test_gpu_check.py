@@ -31,3 +31,31 @@ def test_gpu_check_rehearsal_on_cpu_prints_one_json_report():
         assert report["pydantic_from_wheels"]
     else:
         pytest.skip("no build/gpu_wheels (benchmarks/gpu_check.sh prepare): wheels not checked")
+
+
+def test_step_flops_match_the_flops_torch_counts_in_a_train_step():
+    """The MFU's numerator: a forward + backward of the tiny Qwen3 under torch's FLOP counter.
+    Eager attention is counted without the causal mask (twice the causal half), so the
+    counter's total is step_flops plus one more attention term; the head is taken over every
+    position here (resp = seq)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import Qwen3ForCausalLM
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    cfg = gpu_check.shape(tiny=True)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(cfg)
+    batch, seq = 2, 64
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids).logits.logsumexp(-1).sum().backward()
+    attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq * batch * seq
+    flops = gpu_check.step_flops(cfg, gpu_check.matmul_params(model), batch, seq, seq)
+    assert flops + attn == counter.get_total_flops()
+    # the head over a quarter fewer positions: 6 * V * H per token dropped
+    fewer = gpu_check.step_flops(cfg, gpu_check.matmul_params(model), batch, seq, seq - 16)
+    assert flops - fewer == 6 * cfg.vocab_size * cfg.hidden_size * batch * 16
