@@ -121,3 +121,13 @@ def test_an_adapter_trained_with_other_lora_settings_is_refused(tmp_path, other,
     with pytest.raises(ValueError, match="other LoRA settings") as err:
         lora.load_policy(TrainConfig(lora=other).lora, tmp_path / "adapter", torch.float32)
     assert says in str(err.value)
+
+
+def test_a_lora_checkpoint_is_refused_by_a_full_weight_round(tmp_path):
+    # transformers alone would load base + adapter with every parameter frozen
+    tok = make_tokenizer()
+    base = save_tiny_checkpoint(tmp_path / "base")
+    tables = make_round_tables(tok, n_prompts=1, samples=4, seed=4)
+    _, out = _train(tmp_path, _cfg(), tables, 0, base)
+    with pytest.raises(ValueError, match="LoRA adapter checkpoint, but train.lora is not set"):
+        _train(tmp_path, _cfg(lora=None), tables, 1, out, tag="full")

@@ -242,6 +242,16 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | Non
     return out
 
 
+def refuse_adapter_without_lora(path: str | Path) -> None:
+    """A full-weight config (no `train.lora`) cannot train from a LoRA checkpoint: transformers
+    would load base + adapter with every parameter frozen and the round fail on an empty
+    optimizer (or, merged, silently drop the adapter on the next save)."""
+    if is_adapter_dir(path):
+        raise ValueError(f"{path} is a LoRA adapter checkpoint, but train.lora is not set: set "
+                         "train.lora as the run that wrote it had it, or merge it (`trace-rl "
+                         "export RUN --checkpoint K --merge DIR`) and start a new run from DIR")
+
+
 def load_policy(lc: LoraConfig, path: str | Path, dtype: torch.dtype) -> Any:
     """The policy to train from checkpoint `path` under `train.lora`: its base in the compute
     dtype `dtype`, adapters attached, the trained one read from `path` when it is a LoRA

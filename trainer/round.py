@@ -67,6 +67,7 @@ def _load_model(cfg: TrainConfig, path: str):
     if cfg.lora is not None:  # frozen base in the compute dtype, float32 adapters (trainer/lora.py)
         hf = lora.load_policy(cfg.lora, path, _DTYPES[cfg.dtype])
     else:
+        lora.refuse_adapter_without_lora(path)
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if cfg.gradient_checkpointing:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
