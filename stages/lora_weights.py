@@ -16,11 +16,14 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 log = logging.getLogger("trace_rl.stages.lora_weights")
 
 MERGED_DIR = "lora-merged"
+TMP_TAG = ".tmp-"
+STALE_TMP_S = 3600.0  # a merge writes a model's size once (16 GB for 8B): minutes, not an hour
 
 
 def _cache_root(model_dir: Path) -> Path:
@@ -53,6 +56,20 @@ def _base_dtype(base: str):
     return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else None
 
 
+def _sweep(root: Path, keep: Path) -> None:
+    """One merged model at a time: drop the older ones, and temporaries left by a killed merge
+    (not a merge in progress elsewhere: its temporary is younger than STALE_TMP_S)."""
+    for old in root.iterdir():
+        if old == keep:
+            continue
+        try:
+            if TMP_TAG in old.name and time.time() - old.stat().st_mtime < STALE_TMP_S:
+                continue
+        except FileNotFoundError:  # its own process has just renamed or removed it
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def engine_weights(model_dir: str) -> str:
     """`model_dir` itself, or for a LoRA checkpoint the folder of its merged model."""
     from trace_rl.trainer import lora
@@ -65,12 +82,15 @@ def engine_weights(model_dir: str) -> str:
     if (out / "config.json").exists():
         return str(out)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + TMP_TAG, dir=root))
     lora.merge(src, tmp, dtype=_base_dtype(lora.base_of(src)))
-    os.replace(tmp, out)
-    for old in root.iterdir():  # one merged model at a time
-        if old != out:
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process (an evaluation beside the run) merged the same adapter
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").exists():
+            raise
+    _sweep(root, keep=out)
     log.info("LoRA checkpoint %s merged into %s for the rollout engine", model_dir, out)
     return str(out)
 
@@ -84,6 +104,8 @@ def export_merged(cfg, checkpoint: int, out_dir: str) -> Path:
     from trace_rl.stages.common import open_store, start_checkpoint
     from trace_rl.trainer import lora
 
+    from .prune import require_weights
+
     if checkpoint < 1:
         raise StageError("--checkpoint K names policy K >= 1 (round K-1's train stage wrote it); "
                          "policy 0 is model.path itself")
@@ -91,6 +113,7 @@ def export_merged(cfg, checkpoint: int, out_dir: str) -> Path:
     if out.exists() and any(out.iterdir()):
         raise StageError(f"{out} exists and is not empty; name a new folder for the merged model")
     src, _ = start_checkpoint(cfg, open_store(cfg), checkpoint)  # refuses a damaged checkpoint
+    require_weights(src)  # and a pruned one, with the way out (was: FileNotFoundError from copytree)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     if lora.is_adapter_dir(src):

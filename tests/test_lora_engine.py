@@ -2,6 +2,8 @@
 of base + adapter), so outputs and log-probs equal those of a merged reference model; the
 log-probs are the trainer's LoRA policy's (unmerged) within float tolerance."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from peft import PeftModel
@@ -67,3 +69,35 @@ def test_engine_logprobs_are_the_trainer_lora_policy_logprobs(dirs):
         trainer = teacher_forced_logprobs(policy, r["prompt_token_ids"], r["response_token_ids"])
         torch.testing.assert_close(torch.tensor(r["response_logprobs"]), trainer,
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_a_changed_adapter_under_the_same_name_is_merged_again_and_a_raced_merge_is_kept(
+        dirs, tmp_path, monkeypatch):
+    import shutil
+
+    base, ckpt, _, _ = dirs
+    mine = tmp_path / "checkpoints" / "round-0001"
+    shutil.copytree(ckpt, mine)
+    first = engine_weights(str(mine))
+    policy = lora.load_policy(LC, mine, torch.float32)
+    with torch.no_grad():  # the next round rewrites round-0001's adapter (e.g. a rerun)
+        for name, p in policy.named_parameters():
+            if "lora_B" in name and ".default." in name:
+                p.mul_(-1.0)
+    lora.save_adapter(policy, mine)
+    # another process finishes the same merge while this one merges: its copy is taken
+    real_merge = lora.merge
+
+    def raced(src, out, dtype=None):
+        real_merge(src, out, dtype)
+        real_merge(src, out.parent / Path(out).name.split(".tmp-")[0], dtype)
+        return out
+
+    monkeypatch.setattr(lora, "merge", raced)
+    second = engine_weights(str(mine))
+    assert second != first and not Path(first).exists()  # the stale merge is gone
+    assert [p.name for p in Path(second).parent.iterdir()] == [Path(second).name]
+    ids = torch.tensor([[3, 7, 11, 5, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(second)(input_ids=ids).logits,
+                                   policy(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
