@@ -2,18 +2,19 @@
 of base + adapter), so outputs and log-probs equal those of a merged reference model; the
 log-probs are the trainer's LoRA policy's (unmerged) within float tolerance."""
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
 from tiny import PROMPTS, build_model_dir, teacher_forced_logprobs
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from trace_rl.stages.engines import generate
 from trace_rl.stages.engines.config import RolloutConfig
 from trace_rl.stages.lora_weights import engine_weights
 from trace_rl.trainer import lora
 from trace_rl.trainer.config import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 LC = LoraConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
 
@@ -73,9 +74,7 @@ def test_engine_logprobs_are_the_trainer_lora_policy_logprobs(dirs):
 
 def test_a_changed_adapter_under_the_same_name_is_merged_again_and_a_raced_merge_is_kept(
         dirs, tmp_path, monkeypatch):
-    import shutil
-
-    base, ckpt, _, _ = dirs
+    _, ckpt, _, _ = dirs
     mine = tmp_path / "checkpoints" / "round-0001"
     shutil.copytree(ckpt, mine)
     first = engine_weights(str(mine))

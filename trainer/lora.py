@@ -187,7 +187,7 @@ def load_adapter(hf: torch.nn.Module, path: str | Path, name: str = ADAPTER) -> 
     shape = {n: tuple(saved[n].shape) for n in wanted
              if tuple(saved[n].shape) != tuple(params[n].shape)}
     if shape:
-        n = sorted(shape)[0]
+        n = min(shape)
         raise ValueError(f"the adapter in {path} has other shapes than this model's train.lora "
                          f"({n}: {shape[n]} saved, {tuple(params[n].shape)} expected; "
                          f"{len(shape)} tensors differ): use the lora rank it was trained with")
@@ -201,7 +201,7 @@ def load_adapter(hf: torch.nn.Module, path: str | Path, name: str = ADAPTER) -> 
 def _check_settings(hf: torch.nn.Module, path: str | Path) -> None:
     """Refuse an adapter saved under other LoRA settings than the model's: the rank and alpha set
     the update's scale (alpha / rank), which the tensors' names and shapes do not show."""
-    live: Any = getattr(hf, "trace_lora")
+    live: Any = hf.trace_lora  # set by attach
     saved = json.loads((Path(path) / ADAPTER_CONFIG).read_text())
     diff = {k: (saved.get(k), getattr(live, k)) for k in ("r", "lora_alpha")
             if saved.get(k) != getattr(live, k)}
