@@ -44,7 +44,10 @@ class Dataset:
             k = policy_index(ckpt) if ckpt else None
             if k is None:
                 return f"evaluation of {ckpt}" if ckpt else None
-            return f"policy {k} ({ckpt}{', the initial model' if k == 0 else ''}; it sampled round {k})"
+            if k == 0:
+                return f"policy 0 ({ckpt}, the initial model; it sampled round 0)"
+            # not "it sampled round k": the last policy of a run sampled nothing
+            return f"policy {k} ({ckpt}, what round {k - 1}'s train wrote)"
         k = self.round
         return None if k is None else f"round {k} (sampled by policy {k})"
 

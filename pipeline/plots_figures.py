@@ -12,7 +12,7 @@ from typing import Any
 
 from .plots_data import ACCURACY_PNG, CURVES_PNG, FIVE_COLUMN_MEAN, RunStats
 
-KL_DIRECTIONS = ("kl/forward", "kl/reverse", "kl/jsd")
+KL_DIRECTIONS = ("kl_forward", "kl_reverse", "kl_jsd")  # the trainer's kl/<direction> (metric_column)
 
 
 @dataclass(frozen=True)
@@ -163,15 +163,16 @@ def accuracy_figure(stats: RunStats, title: str) -> Any | None:
     for ax, bench in zip(axes, benches):
         _draw_accuracy(ax, stats, bench)
         ax.set_title(bench, fontsize=10)
-        ax.set_xlabel("policy k: sampled round k (0 = initial model)", fontsize=8)
+        ax.set_xlabel("policy k (checkpoint round-000k; 0 = the initial model)", fontsize=8)
         ax.set_ylabel("avg@k (%)", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     last = max(stats.evals)
-    fig.suptitle(f"{title}: held-out accuracy of policy k, the checkpoint that sampled round k "
-                 f"(last: policy {last}, {checkpoint_name(last)})", fontsize=11)
+    # Two short lines: one long line was wider than a one-benchmark figure and lost both ends.
+    fig.suptitle(f"{title}: held-out accuracy by policy\npolicy k samples round k, whose train "
+                 f"writes policy k+1 (last: policy {last}, {checkpoint_name(last)})", fontsize=10)
     return fig
 
 
