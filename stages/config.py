@@ -290,11 +290,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         data = _read_yaml(resolved)
         source = str(resolved)
     data = apply_overrides(data, overrides or [])
+    # A run's config.yaml is a full dump (every section); a user's own config.yaml rarely is.
+    dumped = set(TraceConfig.model_fields) <= set(data)
     cfg = config_from_dict(data, source)
-    return _rooted_at_run_dir(cfg, path) if path is not None else cfg
+    return _rooted_at_run_dir(cfg, path, dumped) if path is not None else cfg
 
 
-def _rooted_at_run_dir(cfg: TraceConfig, path: str | os.PathLike) -> TraceConfig:
+def _rooted_at_run_dir(cfg: TraceConfig, path: str | os.PathLike, dumped: bool) -> TraceConfig:
     """A run directory (or the config.yaml inside one) IS the run, wherever the command runs.
     Its config.yaml keeps `run.root: null` (runs/<name>, relative to the launch's cwd), so
     without this `trace-rl status /abs/runs/demo` from another folder read ./runs/demo instead,
@@ -303,8 +305,8 @@ def _rooted_at_run_dir(cfg: TraceConfig, path: str | os.PathLike) -> TraceConfig
     given = Path(path)
     if (given / RESOLVED_CONFIG).is_file():
         run_dir = given
-    elif given.name == RESOLVED_CONFIG and given.parent.name == cfg.run.name:
-        run_dir = given.parent  # <run>/config.yaml; a user's own config.yaml elsewhere is not a run
+    elif given.name == RESOLVED_CONFIG and given.parent.name == cfg.run.name and dumped:
+        run_dir = given.parent  # <run>/config.yaml; a user's own (partial) config.yaml is not a run
     else:
         return cfg
     root = cfg.run.root

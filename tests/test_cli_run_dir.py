@@ -119,3 +119,15 @@ def test_a_bare_name_that_is_also_a_plain_folder_is_the_packaged_config(tmp_path
     for arg in ("./demo", "demo/"):
         result, _ = invoke(caplog, "config", "show", arg)
         assert "directory without config.yaml" in str(result.exception)
+
+
+def test_a_users_own_config_yaml_in_a_folder_named_like_the_run_is_not_a_run(tmp_path, monkeypatch, caplog):
+    """`exp/demo/config.yaml` written by hand (a few keys, run.name demo) is a config file: its
+    run lives at runs/demo, not in the folder that holds the file."""
+    own = tmp_path / "exp" / "demo" / "config.yaml"
+    own.parent.mkdir(parents=True)
+    own.write_text("run: {name: demo, rounds: 2}\nrollout: {n: 4}\n")
+    monkeypatch.chdir(tmp_path)
+    result, said = invoke(caplog, "config", "show", "exp/demo/config.yaml")
+    assert result.exit_code == 0, result.output
+    assert said[0] == "config: config file exp/demo/config.yaml -> run demo at runs/demo"
