@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -47,6 +48,18 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
+PRUNING = ".pruning"  # suffix of a checkpoint being deleted
+
+
+def _sweep(checkpoints: Path) -> int:
+    """Finish deletions a kill interrupted (their markers are written); bytes freed."""
+    freed = 0
+    for doomed in checkpoints.glob("*" + PRUNING):
+        freed += _size(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    return freed
+
+
 def prune_checkpoints(store, latest: int, keep_last: int | None) -> dict:
     """Apply `plan` to the run's checkpoints after checkpoint `latest` was committed; returns
     {"removed": [...], "states_removed": [...], "freed_bytes": n} for the train manifest."""
@@ -56,7 +69,7 @@ def prune_checkpoints(store, latest: int, keep_last: int | None) -> dict:
     # S as a resume finds it (stages/train.py replay_plan): the latest state that verifies.
     full = next((j for j in range(latest, 0, -1) if usable_trainer_state(dirs[j])), 0)
     remove, drop_state = plan(latest, [j == full > 0 for j in range(latest + 1)], keep_last)
-    freed = 0
+    freed = _sweep(dirs[latest].parent)
     for j in sorted(remove):
         if not dirs[j].is_dir():
             continue  # pruned before
@@ -64,7 +77,12 @@ def prune_checkpoints(store, latest: int, keep_last: int | None) -> dict:
         marker = pruned_marker(dirs[j])
         marker.write_text(json.dumps({"pruned_at": time.time(), "latest": latest,
                                       "by": f"train.keep_checkpoints={keep_last}"}))
-        shutil.rmtree(dirs[j])
+        # Out of its name first (atomic), then deleted: a kill inside rmtree used to leave a
+        # half-deleted checkpoint under its own name, which the damage check reads as a
+        # damaged train stage (and `run` retrains that round and everything after it).
+        doomed = dirs[j].with_name(dirs[j].name + PRUNING)
+        os.replace(dirs[j], doomed)
+        shutil.rmtree(doomed)
     drop_state = {j for j in drop_state if (dirs[j] / STATE_DIR).is_dir()}
     for j in sorted(drop_state):
         freed += _size(dirs[j] / STATE_DIR)

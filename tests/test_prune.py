@@ -5,6 +5,7 @@ to the weights of a run that kept everything."""
 from __future__ import annotations
 
 import itertools
+import shutil
 import json
 import os
 import signal
@@ -107,3 +108,40 @@ def test_sigkill_after_pruning_then_resume_equals_a_run_that_kept_everything(tmp
     # the last round saved the full state: nothing before it is needed any more
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["round-0004"]
     assert invalidate_damaged(RunStore(str(pruned)), deep=False) == []
+
+
+def test_a_prune_killed_mid_delete_leaves_a_pruned_checkpoint_not_a_damaged_one(tmp_path,
+                                                                                monkeypatch):
+    """A kill inside the delete (here: rmtree dies after one file) must not leave a half
+    checkpoint under its own name: the damage check would call round 0's train stage damaged
+    and `run` would retrain it and every round after. The next prune finishes the delete."""
+    import trace_rl.stages.prune as prune
+
+    store = RunStore(str(tmp_path))
+    ckpts = tmp_path / "checkpoints"
+    for k in (1, 2, 3):
+        (ckpts / f"round-{k:04d}").mkdir(parents=True)
+        for name in ("model.safetensors", "config.json"):
+            (ckpts / f"round-{k:04d}" / name).write_bytes(b"x" * 100)
+    real_rmtree = shutil.rmtree
+
+    def killed(path, *a, **kw):
+        next(Path(path).iterdir()).unlink()
+        raise KeyboardInterrupt("killed mid-delete")
+
+    monkeypatch.setattr(prune.shutil, "rmtree", killed)
+    assert prune.prune_checkpoints(store, 3, 1)["removed"] == []  # no state: 1..3 replay
+    assert all((ckpts / f"round-{k:04d}").is_dir() for k in (1, 2, 3))
+    (ckpts / "round-0003" / "trainer_state").mkdir()  # a full state at 3: 1 and 2 may go
+    (ckpts / "round-0003" / "trainer_state" / "state.pt").write_bytes(b"s")
+    monkeypatch.setattr(prune, "usable_trainer_state", lambda d: (Path(d) / "trainer_state").is_dir())
+    with pytest.raises(KeyboardInterrupt):
+        prune.prune_checkpoints(store, 3, 1)
+    gone = ckpts / "round-0001"
+    assert not gone.exists() and pruned_marker(gone).exists()
+    require_weights(str(ckpts / "round-0002"))  # not reached yet: whole
+    monkeypatch.setattr(prune.shutil, "rmtree", real_rmtree)
+    out = prune.prune_checkpoints(store, 3, 1)
+    assert out["removed"] == [1, 2] and out["freed_bytes"] > 0
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "round-0001.pruned.json", "round-0002.pruned.json", "round-0003"]
