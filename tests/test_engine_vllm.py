@@ -8,20 +8,22 @@ the slow part: ~30 s on 2 idle cores).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from tiny import PROMPTS, build_model_dir, teacher_forced_logprobs
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from trace_rl.data_schemas.errors import StageError
+from trace_rl.pipeline.progress_lines import PROGRESS_LOGGER
 from trace_rl.stages.engines import generate
-from trace_rl.stages.engines.protocol import ROW_KEYS
 from trace_rl.stages.engines.config import RolloutConfig
+from trace_rl.stages.engines.protocol import ROW_KEYS
 from trace_rl.stages.engines.vllm_engine import cpu_env
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = os.environ.get("TRACE_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python")
@@ -68,10 +70,41 @@ def _vllm_cfg(cache_dir: Path, python: str = VLLM_PYTHON, **kw) -> RolloutConfig
     )
 
 
+# The progress lines the shared run logged (every tick: TRACE_PROGRESS_EVERY_S=0).
+PROGRESS_SEEN: list[str] = []
+
+
 @pytest.fixture(scope="module")
 def vllm_rows(model_dir, tmp_path_factory) -> list[dict]:
     cfg = _vllm_cfg(tmp_path_factory.mktemp("vllm-cache"))
-    return generate(cfg, model_dir, VLLM_PROMPTS, progress=False)
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: PROGRESS_SEEN.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger(PROGRESS_LOGGER)
+    logger.addHandler(handler)
+    old_level, old_every = logger.level, os.environ.get("TRACE_PROGRESS_EVERY_S")
+    logger.setLevel(logging.INFO)
+    os.environ["TRACE_PROGRESS_EVERY_S"] = "0"
+    try:
+        return generate(cfg, model_dir, VLLM_PROMPTS, progress=True)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        if old_every is None:
+            os.environ.pop("TRACE_PROGRESS_EVERY_S")
+        else:
+            os.environ["TRACE_PROGRESS_EVERY_S"] = old_every
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_vllm_sampling_logs_progress_lines(vllm_rows):
+    """The worker's per-request progress reaches this process's `trace_rl.progress` log: counts
+    never go back, the last line is the whole round, once, with its rate."""
+    total = len(VLLM_PROMPTS) * SAMPLING["n"]
+    counts = [int(re.match(r"vllm sampling: (\d+)/(\d+) sequences", s).group(1)) for s in PROGRESS_SEEN]
+    assert counts and counts == sorted(counts) and counts.count(total) == 1, PROGRESS_SEEN
+    assert re.search(r" · [1-9]\d* tok/s · done in \d+ s$", PROGRESS_SEEN[-1]), PROGRESS_SEEN[-1]
+    assert len(vllm_rows) == total
 
 
 @needs_vllm
