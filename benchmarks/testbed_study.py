@@ -106,10 +106,10 @@ def _train_row(store, round_index: int) -> dict[str, Any]:
     for col in TRAIN_COLUMNS:
         vals = [v for v in metrics.get(col, []) if v is not None]
         row[f"train_{col}"] = float(np.mean(vals)) if vals else None
-    kl_cols = [c for c in metrics if c.startswith("kl/")]
-    for col in kl_cols:
+    kl_cols = [c for c in metrics if c.startswith(("kl_forward", "kl_reverse", "kl_jsd"))]
+    for col in kl_cols:  # the trainer's kl/<direction>, by its column name (schema version 2)
         vals = [v for v in metrics[col] if v is not None]
-        row[f"train_{col.replace('/', '_')}"] = float(np.mean(vals)) if vals else None
+        row[f"train_{col}"] = float(np.mean(vals)) if vals else None
     row["train_steps"] = len(metrics.get("step", []))
     row["train_last_step"] = int(max(metrics["step"])) if metrics.get("step") else None
     verdicts = store.read(dataset_name("verify", round_index), VERDICTS).to_pydict()

@@ -1,11 +1,13 @@
 """Explicit pyarrow schemas for every dataset of a run, and checked Parquet I/O."""
 
 from .io import check_schema, conform, read_parquet, rows_to_table, write_parquet
+from .upgrade import sampling_fields
 from .schemas import (
     ANNOTATIONS,
     EVAL_SAMPLES,
     PROMPTS,
     ROLLOUTS,
+    SAMPLING,
     SCHEMA_VERSION,
     SCHEMAS,
     SPAN,
@@ -13,10 +15,11 @@ from .schemas import (
     VERDICTS,
     extend_metrics,
     get_schema,
+    metric_column,
 )
 
 __all__ = [
-    "ANNOTATIONS", "EVAL_SAMPLES", "PROMPTS", "ROLLOUTS", "SCHEMA_VERSION", "SCHEMAS", "SPAN",
-    "TRAIN_METRICS", "VERDICTS", "check_schema", "conform", "extend_metrics", "get_schema",
-    "read_parquet", "rows_to_table", "write_parquet",
+    "ANNOTATIONS", "EVAL_SAMPLES", "PROMPTS", "ROLLOUTS", "SAMPLING", "SCHEMAS", "SCHEMA_VERSION",
+    "SPAN", "TRAIN_METRICS", "VERDICTS", "check_schema", "conform", "extend_metrics", "get_schema",
+    "metric_column", "read_parquet", "rows_to_table", "sampling_fields", "write_parquet",
 ]

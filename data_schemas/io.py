@@ -7,6 +7,7 @@ the actual type, instead of a traceback from deep inside pyarrow or the trainer.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Iterable
 
 import pyarrow as pa
@@ -15,6 +16,10 @@ import pyarrow.parquet as pq
 from .errors import SchemaError
 
 from .schemas import SCHEMA_VERSION
+from .upgrade import UPGRADABLE, upgrade
+
+# A column name SQL reads unquoted: what a namespaced metric column must be named.
+_SQL_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 
 
 def _type_str(t: pa.DataType) -> str:
@@ -27,7 +32,7 @@ def check_schema(
     """Raise SchemaError when `actual` lacks a column of `expected` or has it with another type.
 
     Extra columns are an error too (a contract that silently grows is no contract), except
-    namespaced metric columns (`kl/forward`) when `allow_extra` is set.
+    metric columns with SQL-safe names (`kl_forward`) when `allow_extra` is set.
     """
     for field in expected:
         idx = actual.get_field_index(field.name)
@@ -44,9 +49,17 @@ def check_schema(
             )
     extra = [n for n in actual.names if expected.get_field_index(n) < 0]
     if allow_extra:
-        extra = [n for n in extra if "/" not in n]
+        extra = [n for n in extra if not _SQL_NAME.fullmatch(n)]
     if extra:
         raise SchemaError(f"{where}: unexpected columns {extra}; the contract has {expected.names}")
+
+
+def _struct_value(value: Any, typ: pa.DataType) -> Any:
+    """A struct column takes a dict, or its JSON text (what version-1 rows carried, and what
+    the engines still hand over as `sampling`)."""
+    if isinstance(value, str) and pa.types.is_struct(typ):
+        return json.loads(value)
+    return value
 
 
 def rows_to_table(rows: Iterable[dict[str, Any]], schema: pa.Schema, where: str = "rows") -> pa.Table:
@@ -62,7 +75,7 @@ def rows_to_table(rows: Iterable[dict[str, Any]], schema: pa.Schema, where: str 
         if extra:
             raise SchemaError(f"{where}: row {i} has columns outside the contract: {extra}")
         for name in schema.names:
-            columns[name].append(row.get(name))
+            columns[name].append(_struct_value(row.get(name), schema.field(name).type))
     arrays = []
     for field in schema:
         try:
@@ -134,7 +147,9 @@ def read_parquet(
             "the wrong dataset?); rerun the stage that writes this dataset with --force"
         )
     version = meta.get(b"schema_version", b"").decode() or None
-    if version != SCHEMA_VERSION:
+    if version in UPGRADABLE and expected:
+        table = upgrade(table, expected, version, path)
+    elif version != SCHEMA_VERSION:
         raise SchemaError(
             f"{path}: schema_version {version!r} in the file metadata, expected {SCHEMA_VERSION!r} "
             "(written by another version of trace-rl? rerun the stage with --force)"

@@ -11,7 +11,10 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+# 2: `round` in verdicts and annotations, SQL-safe metric names (`kl_forward`), rollouts'
+# `checkpoint` relative to the run and `sampling` a struct. Version-1 files are still read
+# (data_schemas/upgrade.py turns them into version-2 tables).
+SCHEMA_VERSION = "2"
 
 SPAN = pa.struct(
     [
@@ -21,6 +24,21 @@ SPAN = pa.struct(
         pa.field("token_start", pa.int32(), nullable=False),
         pa.field("token_end", pa.int32(), nullable=False),
         pa.field("label", pa.string(), nullable=False),
+    ]
+)
+
+
+# The sampling settings every rollout records (RolloutConfig.sampling_dict); fields a writer
+# leaves out are NULL.
+SAMPLING = pa.struct(
+    [
+        pa.field("n", pa.int32()),
+        pa.field("temperature", pa.float64()),
+        pa.field("top_p", pa.float64()),
+        pa.field("top_k", pa.int32()),
+        pa.field("max_tokens", pa.int32()),
+        pa.field("enable_thinking", pa.bool_()),
+        pa.field("seed", pa.int64()),
     ]
 )
 
@@ -52,6 +70,8 @@ ROLLOUTS = _schema(
         _f("round", pa.int32()),
         _f("prompt_id", pa.string()),
         _f("sample_index", pa.int32()),
+        # the checkpoint that sampled the row, relative to the run directory when inside it
+        # (checkpoints/round-000k); the initial model, outside the run, as given
         _f("checkpoint", pa.string()),
         _f("prompt_token_ids", pa.list_(pa.int32())),
         _f("response_text", pa.string()),
@@ -59,7 +79,7 @@ ROLLOUTS = _schema(
         _f("response_logprobs", pa.list_(pa.float32())),
         _f("finish_reason", pa.string()),
         _f("engine", pa.string()),
-        _f("sampling", pa.string()),
+        _f("sampling", SAMPLING),
     ],
 )
 
@@ -67,6 +87,7 @@ VERDICTS = _schema(
     "verdicts",
     [
         _f("rollout_id", pa.string()),
+        _f("round", pa.int32()),
         _f("reward", pa.float32()),
         _f("correct", pa.bool_()),
         _f("extracted_answer", pa.string(), nullable=True),
@@ -79,6 +100,7 @@ ANNOTATIONS = _schema(
     "annotations",
     [
         _f("rollout_id", pa.string()),
+        _f("round", pa.int32()),
         _f("route", pa.string()),
         _f("annotator", pa.string()),
         _f("spans", pa.list_(SPAN)),
@@ -92,7 +114,9 @@ ANNOTATIONS = _schema(
 )
 
 # One row per optimizer step. The fixed columns are the ones every method reports; methods may
-# add namespaced float columns (`kl/forward`, `pg/clip_frac`), which `extend_metrics` admits.
+# add namespaced float columns, which `extend_metrics` admits under SQL-safe names: the trainer's
+# `kl/forward` is the column `kl_forward` (metric_column; version-1 files used the trainer's name,
+# and reading one renames its columns so).
 TRAIN_METRICS = _schema(
     "train_metrics",
     [
@@ -169,8 +193,16 @@ def get_schema(name: str) -> pa.Schema:
         raise KeyError(f"unknown schema {name!r}; valid: {sorted(SCHEMAS)}") from None
 
 
+def metric_column(name: str) -> str:
+    """The column of a trainer metric: `kl/forward` -> `kl_forward`, `teacher/step` ->
+    `teacher_step` (a name SQL reads unquoted)."""
+    return name.replace("/", "_")
+
+
 def extend_metrics(extra_columns: list[str]) -> pa.Schema:
-    """TRAIN_METRICS plus float64 columns for namespaced extras, in a stable (sorted) order."""
+    """TRAIN_METRICS plus float64 columns for namespaced extras (by `metric_column`), in a
+    stable (sorted) order."""
     known = set(TRAIN_METRICS.names)
-    extra = [pa.field(c, pa.float64(), nullable=True) for c in sorted(set(extra_columns) - known)]
+    names = {metric_column(c) for c in extra_columns} - known
+    extra = [pa.field(c, pa.float64(), nullable=True) for c in sorted(names)]
     return pa.schema(list(TRAIN_METRICS) + extra, metadata=TRAIN_METRICS.metadata)

@@ -153,7 +153,7 @@ def stage_figures(cfg: TraceConfig, stage: str, round_index: int | None) -> str:
 
     t = store.read(m.dataset, TRAIN_METRICS, allow_extra=True)
     means = {}
-    for col in ("loss", "pg_loss", "kl_loss", "kl_weight", "kl/forward", "kl/reverse", "kl/jsd",
+    for col in ("loss", "pg_loss", "kl_loss", "kl_weight", "kl_forward", "kl_reverse", "kl_jsd",
                 "entropy", "grad_norm"):
         if col in t.column_names:
             vals = [v for v in t.column(col).to_pylist() if v is not None]

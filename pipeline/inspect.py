@@ -81,7 +81,7 @@ def read_dataset(fs, path: str, label: str) -> Dataset:
     if name is None:
         raise TraceError(f"{path}: an empty directory without {MANIFEST} is not a dataset")
     schema = SCHEMAS[name]
-    extra = name == "train_metrics"  # metrics may carry namespaced columns (`kl/forward`)
+    extra = name == "train_metrics"  # metrics may carry namespaced columns (`kl_forward`)
     tables = [read_parquet(f, schema, fs, allow_extra=extra) for f in files]
     table = pa.concat_tables(tables, promote_options="default") if tables else schema.empty_table()
     return Dataset(label, path, name, table, complete)

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import fsspec
 import pyarrow as pa
 
-from trace_rl.data_schemas import SCHEMA_VERSION, read_parquet, rows_to_table, write_parquet
+from trace_rl.data_schemas import SCHEMA_VERSION, metric_column, read_parquet, rows_to_table, write_parquet
 from trace_rl.data_schemas.errors import StageError
 from trace_rl.data_schemas.schemas import STATUS_COLUMN, refuse_repeated_keys
 
@@ -103,17 +103,13 @@ _ROUND_DIR = re.compile(r"(?:^|/)round-(\d+)/[^/]+$")  # <round-000k>/<dataset>
 
 
 def stamp_round(rows: Iterable[dict[str, Any]], name: str, schema: pa.Schema) -> list[dict[str, Any]]:
-    """Rows of a round's dataset carry the round of the directory they go to (`round`, schema
-    version 2): stamped on rows that leave it out; a row naming another round is refused."""
+    """Rows of a round's dataset carry `round` (schema version 2): the store stamps the round of
+    the directory they go to on rows that leave it out (the stages set it themselves)."""
     rows = list(rows)
     m = _ROUND_DIR.search(name)
     if m is None or "round" not in schema.names:
         return rows
-    k = int(m.group(1))
-    wrong = next((r["round"] for r in rows if r.get("round", k) != k), None)
-    if wrong is not None:
-        raise StageError(f"{name}: a row of round {wrong} written into round {k}'s dataset")
-    return [{**r, "round": k} for r in rows]
+    return [{"round": int(m.group(1)), **r} for r in rows]
 
 
 class DatasetWriter:
@@ -134,6 +130,8 @@ class DatasetWriter:
 
     def write_rows(self, rows: Iterable[dict[str, Any]]) -> None:
         rows = stamp_round(rows, self.name, self.schema)
+        if self.allow_extra:  # the trainer's `kl/forward` is the column `kl_forward`
+            rows = [{metric_column(k): v for k, v in r.items()} for r in rows]
         self.write_table(rows_to_table(rows, self.schema, where=f"{self.name} (rows)"))
 
     def write_table(self, table: pa.Table, part: str | None = None) -> None:

@@ -17,6 +17,7 @@ from trace_rl.pipeline.layout import ANNOTATION_CACHE
 from trace_rl.pipeline.store import Manifest
 
 from .common import dataset_name, decide
+from .rollout import run_path
 
 log = logging.getLogger("trace_rl.stages.annotate")
 
@@ -64,7 +65,7 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
         })
     # The rollouts' own checkpoint: its tokenizer produced the ids that spans must index, and
     # the `self` annotator serves exactly this policy.
-    model_dir = rollouts.column("checkpoint")[0].as_py() if rollouts.num_rows else None
+    model_dir = run_path(p.store, rollouts.column("checkpoint")[0].as_py()) if rollouts.num_rows else None
     from transformers import AutoTokenizer
 
     from trace_rl.stages.annotators import annotate_rows
@@ -74,7 +75,7 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     rows = annotate_rows(cfg.annotate, items, tokenizer, cache_dir=cache_dir, model_path=model_dir,
                          progress=progress, teacher_template=cfg.train.teacher_template)
     with p.writer(ANNOTATIONS, "annotate") as w:
-        w.write_rows(rows)
+        w.write_rows([{**r, "round": round_index} for r in rows])
         covered = [r["coverage"] for r in rows if r["coverage"] is not None]
         # the one mean coverage every view shows: over the rows with spans (the only non-NULL)
         w.extra = {"mean_coverage": sum(covered) / len(covered) if covered else None,

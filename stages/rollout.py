@@ -57,6 +57,17 @@ def _epoch_orders(ids: list[str], per_round: int, seed: int, last_epoch: int) ->
     return orders
 
 
+def run_relative(store, path: str) -> str:
+    """`path` relative to the run directory when inside it (the `checkpoint` column: a run
+    moved or mounted elsewhere still names its own checkpoints); a path outside, as given."""
+    return path.removeprefix(store.path().rstrip("/") + "/")
+
+
+def run_path(store, checkpoint: str) -> str:
+    """A rollout's `checkpoint` as a path to load (the inverse of run_relative)."""
+    return checkpoint if checkpoint.startswith("/") or "://" in checkpoint else store.path(checkpoint)
+
+
 def rollout_id(round_index: int, prompt_id: str, sample_index: int) -> str:
     return f"{round_index:04d}:{prompt_id}:{sample_index}"
 
@@ -80,7 +91,7 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
     rows = []
     for s in samples:
         rows.append({**s, "rollout_id": rollout_id(round_index, s["prompt_id"], s["sample_index"]),
-                     "round": round_index, "checkpoint": model_dir})
+                     "round": round_index, "checkpoint": run_relative(p.store, model_dir)})
     expected = len(chosen) * rcfg.n
     if len(rows) != expected:
         raise RuntimeError(f"engine returned {len(rows)} samples, expected {expected}")

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from trace_rl.data_schemas import TRAIN_METRICS, extend_metrics, rows_to_table
+from trace_rl.data_schemas import TRAIN_METRICS, extend_metrics, metric_column, rows_to_table
 from trace_rl.data_schemas.errors import StageError
 from trace_rl.pipeline.fingerprint import fingerprint
 from trace_rl.pipeline.integrity import checkpoint_record, pruned_marker
@@ -242,8 +242,9 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
                                   save_state=saves_state(cfg, round_index))
     extras = sorted({k for row in metrics for k in row if k not in TRAIN_METRICS.names})
     schema = extend_metrics(extras)
-    table = rows_to_table([{**{k: None for k in extras}, **row} for row in metrics], schema,
-                          where=f"{p.name} metrics")
+    # the trainer's `kl/forward` is the column `kl_forward` (SQL-safe; data_schemas.metric_column)
+    table = rows_to_table([{metric_column(k): v for k, v in {**{k: None for k in extras}, **row}.items()}
+                           for row in metrics], schema, where=f"{p.name} metrics")
     with p.writer(TRAIN_METRICS, "train", allow_extra=True) as w:
         w.write_table(table, part="metrics.parquet")
         w.extra = {"checkpoint": str(out_dir), "steps": len(metrics),

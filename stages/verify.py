@@ -33,7 +33,7 @@ def run(cfg: TraceConfig, round_index: int | None, *, force: bool = False, progr
 
     verdicts = verify_rows(cfg.verify, items)
     with p.writer(VERDICTS, "verify") as w:
-        w.write_rows(verdicts)
+        w.write_rows([{**v, "round": round_index} for v in verdicts])
         w.extra = {"reward_mean": sum(v["reward"] for v in verdicts) / max(len(verdicts), 1)}
     log.info("verify round %d: %d verdicts, reward mean %.3f, statuses %s", round_index, len(verdicts),
              w.extra["reward_mean"], dict(w.counts))

@@ -260,6 +260,7 @@ def _tiny_round(tmp_path, *overrides: str):
     rows = tables["annotations"].to_pylist()
     for r in rows:  # the synthetic spans leave `label` null; the contract says "" for no label
         r["spans"] = [{**sp, "label": sp["label"] or ""} for sp in r["spans"]]
+        r["round"] = 0
     tables["annotations"] = rows_to_table(rows, ANNOTATIONS, where="synthetic annotations")
     for stage, key, schema in (("prepare", "prompts", PROMPTS), ("rollout", "rollouts", ROLLOUTS),
                                ("verify", "verdicts", VERDICTS), ("annotate", "annotations", ANNOTATIONS)):
@@ -330,4 +331,4 @@ def test_coverage_is_null_wherever_nothing_was_distilled(status, with_spans):
     assert (row["coverage"] is not None) == (status == "ok" and with_spans)
     if row["coverage"] is not None:
         assert row["coverage"] == pytest.approx(0.3)
-    rows_to_table([row], ANNOTATIONS, where="coverage contract")
+    rows_to_table([{**row, "round": 0}], ANNOTATIONS, where="coverage contract")

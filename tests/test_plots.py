@@ -78,7 +78,7 @@ def test_collect_run_reads_steps_rounds_and_cis(tmp_path) -> None:
             for r in stats.rounds] == [(0, 4, 0.25, 0.2, 3, 0, 2), (1, 4, 0.5, 0.4, 3, 3, 5)]
     assert stats.steps["step"] == [float(r["step"]) for r in rows]
     assert stats.steps["kl_weight"] == pytest.approx([r["kl_weight"] for r in rows])
-    fwd = stats.steps["kl/forward"]
+    fwd = stats.steps["kl_forward"]  # the trainer's kl/forward, by its SQL-safe column name
     assert fwd[:3] == pytest.approx([0.0, 0.02, 0.04]) and all(math.isnan(v) for v in fwd[3:])
     assert stats.rounds[1].grad_norm == pytest.approx(np.mean([r["grad_norm"] for r in rows[3:]]))
     for ckpt, k in (("initial", 0), ("round-0002", 2)):

@@ -7,14 +7,16 @@ read."""
 from __future__ import annotations
 
 import os
+import re
 
 import datasets
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from test_store import _rollout
 from trace_rl.data_schemas import EVAL_SAMPLES, ROLLOUTS
-from trace_rl.data_schemas.errors import StageError
+from trace_rl.data_schemas.errors import SchemaError, StageError
 from trace_rl.pipeline.store import LEGACY_MANIFEST, MANIFEST, RunStore
 from trace_rl.stages.benchmarks import Benchmark
 from trace_rl.stages.config import load_config
@@ -91,3 +93,108 @@ def test_coverage_is_null_where_a_row_was_not_annotated_and_has_one_mean(tmp_pat
     assert got["coverage"]["mean"] == pytest.approx(0.15) and got["not_annotated"] == 2
     assert summary["html"]["coverage_mean"] == pytest.approx(got["coverage"]["mean"])
     assert page_summary([{"coverage": None, "spans": []}])["coverage_mean"] is None
+
+
+def test_round_datasets_query_cleanly(tmp_path):
+    """Schema version 2: every round dataset has an int32 `round`; metric columns are SQL-safe
+    (`kl/forward` -> `kl_forward`); rollouts' `checkpoint` is relative to the run and resolves
+    against it; `sampling` is a struct. Read back with load_dataset(data_dir) and pyarrow."""
+    from test_store import _annotation
+    from trace_rl.data_schemas import ANNOTATIONS, SAMPLING, TRAIN_METRICS, VERDICTS, extend_metrics
+    from trace_rl.stages.config import load_config
+    from trace_rl.stages.rollout import run_path, run_relative
+
+    store = RunStore(str(tmp_path / "run"))
+    ckpt = str(store.local_path("checkpoints", "round-0002"))
+    sampling = load_config("demo").rollout.sampling_dict()
+    with store.writer("round-0002/rollouts", ROLLOUTS, stage="rollout", config_fingerprint="c") as w:
+        w.write_rows([{**_rollout(i), "round": 2, "checkpoint": run_relative(store, ckpt),
+                       "sampling": sampling} for i in range(2)])
+    with store.writer("round-0002/verdicts", VERDICTS, stage="verify", config_fingerprint="c") as w:
+        w.write_rows([{"rollout_id": f"r{i}", "reward": 1.0, "correct": True, "extracted_answer": "3",
+                       "status": "ok", "detail": None} for i in range(2)])  # round: the directory's
+    with store.writer("round-0002/annotations", ANNOTATIONS, stage="annotate", config_fingerprint="c") as w:
+        w.write_rows([_annotation(i) for i in range(2)])
+    metric = {**{n: 0.5 for n in TRAIN_METRICS.names}, "step": 0, "round": 2, "peak_mem_bytes": 1}
+    with store.writer("round-0002/train", extend_metrics(["kl/forward", "teacher/step"]), stage="train",
+                      config_fingerprint="c", allow_extra=True) as w:
+        w.write_rows([{**metric, "kl/forward": 0.25, "teacher/step": 0.0}])
+
+    for name in ("rollouts", "verdicts", "annotations", "train"):
+        directory = tmp_path / "run" / "round-0002" / name
+        ds = _load(directory, tmp_path)
+        assert ds.features["round"].dtype == "int32" and set(ds["round"]) == {2}, name
+        table = pads.dataset(str(directory), format="parquet").to_table()
+        assert table.schema.field("round").type == pa.int32(), name
+        assert all(re.fullmatch(r"[a-z_][a-z0-9_]*", c) for c in table.column_names), table.column_names
+    metrics = pq.read_table(tmp_path / "run" / "round-0002" / "train")
+    assert metrics.column("kl_forward").type == pa.float64() and metrics.column("kl_forward")[0].as_py() == 0.25
+    rollouts = pq.read_table(tmp_path / "run" / "round-0002" / "rollouts")
+    assert rollouts.schema.field("sampling").type == SAMPLING
+    assert rollouts.column("sampling")[0].as_py() == sampling  # every field typed, none lost
+    assert rollouts.column("checkpoint").to_pylist() == ["checkpoints/round-0002"] * 2
+    assert run_path(store, "checkpoints/round-0002") == ckpt and run_path(store, "/models/x") == "/models/x"
+    rows = _load(tmp_path / "run" / "round-0002" / "rollouts", tmp_path)
+    assert rows[0]["sampling"]["enable_thinking"] is sampling["enable_thinking"]
+
+
+def _v1_schema(name: str, fields: list) -> pa.Schema:
+    return pa.schema(fields, metadata={b"schema_name": name.encode(), b"schema_version": b"1"})
+
+
+def test_a_version_1_run_still_reads(tmp_path):
+    """Shards written with the version-1 schemas (no `round` in verdicts and annotations, JSON
+    `sampling`, absolute `checkpoint`, `kl/forward`) read as version-2 tables, and what reads
+    `sampling` (the trainer) takes them."""
+    import json
+
+    from trace_rl.data_schemas import ANNOTATIONS, SAMPLING, TRAIN_METRICS, VERDICTS, read_parquet
+    from trace_rl.trainer.batch import sampling_of
+    from trace_rl.trainer.teacher import enable_thinking_of
+
+    run = tmp_path / "run"
+    ckpt = str(run / "checkpoints" / "round-0001")
+    old = {
+        "rollouts": [*[f for f in ROLLOUTS if f.name != "sampling"], pa.field("sampling", pa.string(), False)],
+        "verdicts": [f for f in VERDICTS if f.name != "round"],
+        "annotations": [f for f in ANNOTATIONS if f.name != "round"],
+        "train_metrics": [*TRAIN_METRICS, pa.field("kl/forward", pa.float64())],
+    }
+    rows = {
+        "rollouts": {**_rollout(0), "round": 1, "checkpoint": ckpt,
+                     "sampling": json.dumps({"temperature": 0.7, "top_p": 0.9, "top_k": 0,
+                                             "enable_thinking": False})},
+        "verdicts": {"rollout_id": "r0", "reward": 1.0, "correct": True, "extracted_answer": "3",
+                     "status": "ok", "detail": None},
+        "annotations": {"rollout_id": "r0", "route": "key", "annotator": "rule", "spans": [],
+                        "coverage": None, "status": "no_spans", "raw_response": None, "error": None,
+                        "latency_s": 0.1},
+        "train_metrics": {**{f.name: 0.5 for f in TRAIN_METRICS}, "step": 3, "round": 1,
+                          "peak_mem_bytes": 1, "kl/forward": 0.125},
+    }
+    folder = {"rollouts": "rollouts", "verdicts": "verdicts", "annotations": "annotations",
+              "train_metrics": "train"}
+    read = {}
+    for name, fields in old.items():
+        schema = _v1_schema(name, fields)
+        path = run / "round-0001" / folder[name] / "part-00000.parquet"
+        path.parent.mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist([rows[name]], schema=schema), path)
+        new = {"rollouts": ROLLOUTS, "verdicts": VERDICTS, "annotations": ANNOTATIONS,
+               "train_metrics": TRAIN_METRICS}[name]
+        read[name] = read_parquet(str(path), new, allow_extra=name == "train_metrics")
+        assert read[name].schema.metadata[b"schema_version"] == b"2"
+    assert read["verdicts"].column("round").to_pylist() == [1]
+    assert read["verdicts"].schema.field("round").type == pa.int32()
+    assert read["annotations"].column("round").to_pylist() == [1]
+    assert read["train_metrics"].column("kl_forward").to_pylist() == [0.125]
+    assert "kl/forward" not in read["train_metrics"].column_names
+    ro = read["rollouts"].to_pylist()[0]
+    assert read["rollouts"].schema.field("sampling").type == SAMPLING
+    assert ro["checkpoint"] == "checkpoints/round-0001"
+    assert sampling_of(ro["sampling"]) == (0.7, True) and enable_thinking_of(ro["sampling"]) is False
+    # outside <run>/round-000k/<dataset>/ a version-1 verdicts file cannot say its round
+    lone = tmp_path / "lone.parquet"
+    pq.write_table(pa.Table.from_pylist([rows["verdicts"]], schema=_v1_schema("verdicts", old["verdicts"])), lone)
+    with pytest.raises(SchemaError, match="says nothing of its round"):
+        read_parquet(str(lone), VERDICTS)

@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from trace_rl.data_schemas import ANNOTATIONS, PROMPTS, ROLLOUTS, VERDICTS, read_parquet, rows_to_table
+from trace_rl.data_schemas import (ANNOTATIONS, PROMPTS, ROLLOUTS, SCHEMA_VERSION, VERDICTS, read_parquet,
+                                   rows_to_table)
 from trace_rl.data_schemas.errors import SchemaError, StageError
 from trace_rl.pipeline.store import RunStore
 
@@ -49,7 +50,7 @@ def test_round_trip_through_pyarrow_datasets_and_pandas(tmp_path):
     directory = tmp_path / "run" / "round-0000" / "rollouts"
     table = pq.read_table(directory / "part-00000.parquet")
     assert table.schema.field("response_logprobs").type == pa.list_(pa.float32())
-    assert table.schema.metadata[b"schema_version"] == b"1"
+    assert table.schema.metadata[b"schema_version"] == SCHEMA_VERSION.encode()
 
     import datasets
 
@@ -68,20 +69,21 @@ def test_round_trip_through_pyarrow_datasets_and_pandas(tmp_path):
 
 
 def test_missing_and_mistyped_columns_name_file_column_and_types(tmp_path):
-    good = rows_to_table([{"rollout_id": "r", "reward": 1.0, "correct": True, "extracted_answer": "3",
+    good = rows_to_table([{"rollout_id": "r", "round": 0, "reward": 1.0, "correct": True, "extracted_answer": "3",
                            "status": "ok", "detail": None}], VERDICTS)
     path = tmp_path / "bad.parquet"
     pq.write_table(good.drop_columns(["correct"]).replace_schema_metadata(VERDICTS.metadata), path)
     with pytest.raises(SchemaError, match=r"bad\.parquet.*missing column 'correct'.*bool"):
         read_parquet(str(path), VERDICTS)
 
-    mistyped = good.set_column(1, "reward", pa.array(["1.0"])).replace_schema_metadata(VERDICTS.metadata)
+    mistyped = good.set_column(good.schema.get_field_index("reward"), "reward", pa.array(["1.0"])).replace_schema_metadata(VERDICTS.metadata)
     pq.write_table(mistyped, path)
     with pytest.raises(SchemaError, match=r"column 'reward' has type string, expected float"):
         read_parquet(str(path), VERDICTS)
 
     with pytest.raises(SchemaError, match="column 'reward' cannot be stored as float"):
-        rows_to_table([{"rollout_id": "r", "reward": "high", "correct": True, "status": "ok"}], VERDICTS)
+        rows_to_table([{"rollout_id": "r", "round": 0, "reward": "high", "correct": True, "status": "ok"}],
+                      VERDICTS)
 
 
 def test_truncated_file_is_a_clear_error(tmp_path):

@@ -264,9 +264,9 @@ def make_round_tables(tokenizer, n_prompts: int = 4, samples: int = 4, resp_len=
                 "finish_reason": "stop", "engine": "synthetic",
                 "sampling": json.dumps({"enable_thinking": thinking, "temperature": 1.0}),
             })
-            verdicts.append({"rollout_id": rid, "reward": float(correct), "correct": correct,
+            verdicts.append({"rollout_id": rid, "round": 0, "reward": float(correct), "correct": correct,
                              "extracted_answer": None, "status": "ok", "detail": None})
-            annotations.append(_annotation(rid, n, correct, s))
+            annotations.append({**_annotation(rid, n, correct, s), "round": 0})
     return {"prompts": pa.Table.from_pylist(prompts), "rollouts": pa.Table.from_pylist(rollouts),
             "verdicts": pa.Table.from_pylist(verdicts),
             "annotations": pa.Table.from_pylist(annotations)}

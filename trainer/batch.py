@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from trace_rl.data_schemas import sampling_fields
 from trace_rl.trainer.config import TrainConfig
 from trace_rl.trainer.methods import Plan, RolloutView, get_method
 from trace_rl.trainer.teacher import enable_thinking_of, teacher_prompt_ids
@@ -39,9 +40,10 @@ class Example:
     masked: bool = False  # cut by the token limit under `train.overlong: mask`: not trained on
 
 
-def sampling_of(sampling_json: str | None) -> tuple[float, bool]:
-    """(temperature, truncated by top-p / top-k) from a rollout's `sampling` JSON."""
-    s = json.loads(sampling_json) if sampling_json else {}
+def sampling_of(sampling: dict | str | None) -> tuple[float, bool]:
+    """(temperature, truncated by top-p / top-k) from a rollout's `sampling` (the struct, or a
+    version-1 run's JSON)."""
+    s = sampling_fields(sampling)
     top_k = s.get("top_k")
     top_p = s.get("top_p")
     truncated = (top_k is not None and top_k > 0) or (top_p is not None and top_p < 1.0)
