@@ -115,7 +115,7 @@ def _train_row(store, round_index: int) -> dict[str, Any]:
     verdicts = store.read(dataset_name("verify", round_index), VERDICTS).to_pydict()
     row["train_reward"] = float(np.mean(verdicts["reward"]))
     ann = store.read(dataset_name("annotate", round_index), ANNOTATIONS).to_pydict()
-    cov = [c for c, s in zip(ann["coverage"], ann["status"], strict=True) if s == "ok"]
+    cov = [c for c, s in zip(ann["coverage"], ann["status"], strict=True) if s == "ok" and c is not None]
     row["annotation_coverage"] = float(np.mean(cov)) if cov else 0.0
     row["annotated_frac"] = len(cov) / max(len(ann["status"]), 1)
     return row
