@@ -5,9 +5,9 @@ to the weights of a run that kept everything."""
 from __future__ import annotations
 
 import itertools
-import shutil
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -115,7 +115,7 @@ def test_a_prune_killed_mid_delete_leaves_a_pruned_checkpoint_not_a_damaged_one(
     """A kill inside the delete (here: rmtree dies after one file) must not leave a half
     checkpoint under its own name: the damage check would call round 0's train stage damaged
     and `run` would retrain it and every round after. The next prune finishes the delete."""
-    import trace_rl.stages.prune as prune
+    from trace_rl.stages import prune
 
     store = RunStore(str(tmp_path))
     ckpts = tmp_path / "checkpoints"
