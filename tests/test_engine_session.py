@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,7 @@ def test_reloaded_engine_equals_cold_engine_and_survives_a_dead_worker(policies,
     with EngineSession() as session:
         rows_a, stats = session.generate_with_stats(cfg_a, a, VLLM_PROMPTS, progress=False)
         assert stats["mode"] == "cold" and stats["engine_start_s"] > 0
+        assert "restarted" not in stats  # the run's first start replaced nothing
         assert _tokens(rows_a) != _tokens(cold_b), "the two policies must sample differently"
 
         rows_b, stats = session.generate_with_stats(cfg, b, VLLM_PROMPTS, progress=False)
@@ -100,7 +102,8 @@ def test_reloaded_engine_equals_cold_engine_and_survives_a_dead_worker(policies,
         os.kill(session._workers[0].proc.pid, signal.SIGKILL)
         session._workers[0].proc.wait()
         after, stats = session.generate_with_stats(cfg, b, VLLM_PROMPTS, progress=False)
-        assert stats["mode"] == "cold"
+        assert stats["mode"] == "cold" and stats["load_weights_s"] == 0
+        assert stats["restarted"] == "the engine exited between calls"  # the manifest says why
         _assert_same_rollouts(after, cold_b)
     assert not session.running
 
@@ -226,3 +229,36 @@ def test_three_rounds_and_their_evaluations_start_one_engine_equal_to_cold_start
         assert manifest.extra["engine"]["engine_start_s"] > 0
         _assert_same_rollouts(from_flow[k], store.read(dataset_name("rollout", k), ROLLOUTS).to_pylist())
     assert len(starts) == 3
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_stopping_a_killed_worker_ends_the_processes_it_started(tmp_path):
+    """vLLM's default executor runs the engine core in a child of the worker; a worker killed
+    by pid (or the OOM killer) left it running with the model in memory (measured with vLLM:
+    0.6 GB, still up 90 s later). stop() ends the worker's process group. A stand-in worker
+    whose child plays the engine core: no vLLM needed."""
+    from trace_rl.stages.engines.session import _Worker
+
+    pid_file = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time; "
+              "c = subprocess.Popen(['sleep', '300']); "
+              f"open({str(pid_file)!r}, 'w').write(str(c.pid)); time.sleep(300)")
+    worker = _Worker([sys.executable, "-c", script], dict(os.environ), "stand-in", False)
+    while not pid_file.exists() or not pid_file.read_text():
+        assert worker.proc.poll() is None
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    os.kill(worker.proc.pid, signal.SIGKILL)
+    worker.proc.wait()
+    assert _alive(child), "the stand-in engine core outlives its worker, as vLLM's did"
+    worker.stop()
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
