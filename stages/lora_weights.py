@@ -97,10 +97,12 @@ def engine_weights(model_dir: str) -> str:
 
 def export_merged(cfg, checkpoint: int, out_dir: str) -> Path:
     """`trace-rl export RUN --checkpoint K --merge DIR`: policy K (the start checkpoint of round
-    K, checked against its train manifest like any start checkpoint) as a standalone Hugging Face
+    K, checked byte by byte against its train manifest) as a standalone Hugging Face
     model folder: a LoRA checkpoint merged into its base, full weights copied without their
     trainer state."""
     from trace_rl.data_schemas.errors import StageError
+    from trace_rl.pipeline.integrity import verify_dataset
+    from trace_rl.pipeline.layout import dataset_name
     from trace_rl.stages.common import open_store, start_checkpoint
     from trace_rl.trainer import lora
 
@@ -112,7 +114,15 @@ def export_merged(cfg, checkpoint: int, out_dir: str) -> Path:
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise StageError(f"{out} exists and is not empty; name a new folder for the merged model")
-    src, _ = start_checkpoint(cfg, open_store(cfg), checkpoint)  # refuses a damaged checkpoint
+    store = open_store(cfg)
+    src, _ = start_checkpoint(cfg, store, checkpoint)  # refuses a missing or resized checkpoint
+    # what is exported gets published: every byte is checked against the train stage's record
+    # (start_checkpoint compares sizes only; a flipped byte in the adapter kept its size)
+    damage = verify_dataset(store, dataset_name("train", checkpoint - 1), deep=True)
+    if damage:
+        raise StageError(f"checkpoint {checkpoint} is damaged ({'; '.join(map(str, damage))}); "
+                         f"recreate it with `trace-rl stage train CONFIG --round {checkpoint - 1} "
+                         "--force` before exporting it")
     require_weights(src)  # and a pruned one, with the way out (was: FileNotFoundError from copytree)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))

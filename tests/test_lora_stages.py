@@ -7,13 +7,14 @@ import pytest
 import torch
 from peft import PeftModel
 from tiny import TINY_RUN
-from transformers import AutoModelForCausalLM
+from trace_rl.data_schemas.errors import StageError
 from trace_rl.stages import get_stage
 from trace_rl.stages.common import initial_model_dir, open_store
 from trace_rl.stages.config import load_config
 from trace_rl.stages.lora_weights import export_merged
 from trace_rl.stages.status import stage_states
 from trace_rl.trainer import lora
+from transformers import AutoModelForCausalLM
 
 
 @pytest.mark.slow
@@ -50,3 +51,7 @@ def test_two_lora_rounds_through_the_stages_status_damage_and_export(tmp_path, t
     f.write_bytes(bytes(data))
     train1 = stage_states(cfg, store, deep=True)["train"][1]
     assert train1.state == "damaged" and lora.ADAPTER_WEIGHTS in (train1.reason or "")
+    # ... and export refuses it (its size is the recorded one: a size check would export it)
+    with pytest.raises(StageError, match="content differs"):
+        export_merged(cfg, 2, str(tmp_path / "export-damaged"))
+    assert not (tmp_path / "export-damaged").exists()
