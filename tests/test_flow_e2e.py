@@ -50,8 +50,11 @@ def test_two_rounds_every_shard_reads_back(finished_run):
         if k == 0:
             assert ckpt == {cfg.model.testbed_dir}
         else:
-            # The second round samples the policy the first round's train stage wrote.
-            assert ckpt == {str(store.local_path("checkpoints", "round-0001"))}
+            # The second round samples the policy the first round's train stage wrote, named
+            # relative to the run (schema version 2)
+            assert ckpt == {"checkpoints/round-0001"}
+        for table in (rollouts, verdicts, annotations, metrics):  # every round dataset says its round
+            assert set(table.column("round").to_pylist()) == {k}
     assert not seen_prompts[0] & seen_prompts[1], "no prompt repeats within an epoch"
     steps = store.read(dataset_name("train", 1), TRAIN_METRICS, allow_extra=True).column("step").to_pylist()
     assert steps[0] == per_round // cfg.train.mini_batch_size, "the global step continues across rounds"
