@@ -305,7 +305,7 @@ def _rooted_at_run_dir(cfg: TraceConfig, path: str | os.PathLike, dumped: bool) 
     given = Path(path)
     if (given / RESOLVED_CONFIG).is_file():
         run_dir = given
-    elif given.name == RESOLVED_CONFIG and given.parent.name == cfg.run.name and dumped:
+    elif given.name == RESOLVED_CONFIG and dumped and _holds_a_run(given.parent, cfg.run.name):
         run_dir = given.parent  # <run>/config.yaml; a user's own (partial) config.yaml is not a run
     else:
         return cfg
@@ -315,6 +315,13 @@ def _rooted_at_run_dir(cfg: TraceConfig, path: str | os.PathLike, dumped: bool) 
     if os.path.realpath(cfg.run.run_root) != os.path.realpath(run_dir):
         cfg.run.root = str(run_dir.resolve())
     return cfg
+
+
+def _holds_a_run(folder: Path, name: str) -> bool:
+    """A folder is a run when it carries the run's name or a run's outputs: a copied or renamed
+    run (`cp -r runs/demo /scratch/run`) is still that run, not the folder its config.yaml once
+    named (the flow re-reads `<run>/config.yaml`, and read the original run's outputs)."""
+    return folder.name == name or (folder / "prompts").is_dir() or (folder / "checkpoints").is_dir()
 
 
 def dump_config(cfg: TraceConfig) -> str:

@@ -11,8 +11,8 @@ which lives outside the run), the run needs:
     starts from L and reads its teacher copy; evaluation reads L;
   - the last `keep_checkpoints` checkpoints' weights, for evaluating them later.
 
-Everything else goes: the weights of older checkpoints, and the trainer state and teacher copy
-of kept ones older than S (no later round can read them). A removed checkpoint leaves a
+Everything else goes: older checkpoints, whole. A kept checkpoint keeps its trainer state and
+teacher copy, since a damaged later checkpoint is recomputed from it. A removed checkpoint leaves a
 `<dir>.pruned.json` beside it, so that `status` and the damage checks see a pruned checkpoint,
 not a damaged one, and a stage that would need it says so (`require_weights`).
 """
@@ -41,7 +41,10 @@ def plan(latest: int, has_state: list[bool], keep_last: int) -> tuple[set[int], 
     full = max((j for j in range(1, latest + 1) if has_state[j]), default=0)
     needed = set(range(max(full, 1), latest + 1))
     kept = needed | set(range(max(1, latest - keep_last + 1), latest + 1))
-    return set(range(1, latest + 1)) - kept, kept - needed
+    # A kept checkpoint keeps its trainer state and teacher copy: if a later checkpoint is
+    # damaged, its round is recomputed from this one and reads this teacher copy (dropping it
+    # made the recompute take the live policy as teacher, and its weights differ from the run's).
+    return set(range(1, latest + 1)) - kept, set()
 
 
 def _size(path: Path) -> int:

@@ -43,12 +43,17 @@ def _state_files(state_dir: Path) -> list[Path]:
 
 def write_step(ckpt: str | Path, round_index: int, global_step: int) -> None:
     """Say which round and global step the checkpoint's weights are the result of, with an id of
-    this save: a state binds to it, so another run's state at the same round and step (copied
-    with its own record) is foreign."""
-    import uuid
-
+    the weights' content: a state binds to it, so another run's state at the same round and step
+    (copied with its own record) is foreign. A content id, not a random one: a forced train
+    stage that rewrites the same weights rewrites the same bytes here too, so content staleness
+    leaves later rounds current (a random id made every forced retrain invalidate the run)."""
+    d = Path(ckpt)
+    weights = sorted(p for p in d.iterdir() if p.is_file() and p.suffix == ".safetensors")
+    digest = hashlib.sha256()
+    for p in weights:
+        digest.update(p.name.encode() + b"\0" + _sha256(p).encode() + b"\0")
     Path(ckpt, STEP_FILE).write_text(json.dumps({"round": round_index, "global_step": global_step,
-                                                 "id": uuid.uuid4().hex}) + "\n")
+                                                 "id": digest.hexdigest()[:32]}) + "\n")
 
 
 def read_step(ckpt: str | Path) -> dict[str, Any] | None:
