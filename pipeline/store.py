@@ -76,8 +76,14 @@ def content_fingerprint(m: Manifest) -> str:
     stage lists its checkpoint's files by hash), never of when it was written. A forced rerun
     that writes byte-identical output keeps the fingerprint, so nothing downstream goes stale
     (a content-addressed build); any changed byte changes it."""
+    extra = m.extra or {}
+    if "checkpoint_files" in extra:
+        # A train stage: what later stages read of it is its checkpoint, by content. Its metrics
+        # file carries tokens/s and its extra how the round ran (replayed or not), so hashing them
+        # made a forced retrain that wrote bitwise-identical weights invalidate every later round.
+        return fingerprint([m.config_fingerprint, m.inputs, extra["checkpoint_files"]])
     files = [{k: f.get(k) for k in ("name", "rows", "size", "sha256")} for f in m.files]
-    held = {k: v for k, v in (m.extra or {}).items() if k not in RUN_FACTS}
+    held = {k: v for k, v in extra.items() if k not in RUN_FACTS}
     return fingerprint([m.config_fingerprint, m.inputs, files, held])
 
 

@@ -238,3 +238,22 @@ def test_span_view_of_the_run_has_every_round_and_teacher_heat_strips(finished_r
     assert page.count('<div class="heat">') == annotated  # a strip on every annotated rollout
     assert page.count('<div class="strip-legend">') == annotated  # each with its legend beside it
     assert "teacher − student log-prob per sampled token" in page and 'class="tok' in page
+
+
+def test_a_forced_retrain_that_writes_the_same_weights_leaves_later_rounds_current(finished_run):
+    """Staleness by content for the train stage: what later rounds read of it is its checkpoint.
+    Retraining round 0 rewrites bitwise-identical weights (its metrics' tokens/s differ), so
+    round 1 stays current; the checkpoint's weights id is their content hash, not a fresh id."""
+    from trace_rl.stages import get_stage
+    from trace_rl.stages.status import stage_states
+
+    cfg, _, _ = finished_run
+    store = open_store(cfg)
+    train0 = dataset_name("train", 0)
+    before = store.manifest(train0)
+    get_stage("train")(cfg, 0, force=True, progress=False)
+    after = store.manifest(train0)
+    assert after.finished_at > before.finished_at  # it did retrain
+    assert after.extra["checkpoint_files"] == before.extra["checkpoint_files"], "weights differ"
+    states = stage_states(cfg)
+    assert {states[s][1].state for s in ("rollout", "verify", "annotate", "train")} == {"complete"}
