@@ -79,18 +79,22 @@ def test_coverage_is_null_where_a_row_was_not_annotated_and_has_one_mean(tmp_pat
     from trace_rl.stages.annotators.base import make_row
 
     items = [{"rollout_id": f"r{i}", "route": route} for i, route in enumerate(["key", "error", "none", "key"])]
-    rows = [make_row(items[0], "a", "ok", coverage=0.3), make_row(items[1], "a", "no_spans", coverage=0.0),
+    span = {"segment_ids": [1], "char_start": 0, "char_end": 3, "token_start": 0, "token_end": 3,
+            "label": "key"}
+    rows = [make_row(items[0], "a", "ok", spans=[span], coverage=0.3),
+            make_row(items[1], "a", "no_spans", coverage=0.0),
             make_row(items[2], "a", "skipped"), make_row(items[3], "a", "api_error", error="503")]
-    assert [r["coverage"] for r in rows] == [0.3, 0.0, None, None]
+    # NULL wherever nothing was distilled: no_spans, skipped and errors alike (never 0.0)
+    assert [r["coverage"] for r in rows] == [0.3, None, None, None]
     store = RunStore(str(tmp_path / "run"))
     with store.writer("round-0000/annotations", ANNOTATIONS, stage="annotate", config_fingerprint="c") as w:
         w.write_rows(rows)
     table = store.read("round-0000/annotations", ANNOTATIONS)
-    assert table.column("coverage").null_count == 2
+    assert table.column("coverage").null_count == 3
     summary = inspect_path(str(tmp_path / "run" / "round-0000" / "annotations"), html=str(tmp_path / "v.html"),
                            examples=0)
     got = summary["datasets"]["annotations"]
-    assert got["coverage"]["mean"] == pytest.approx(0.15) and got["not_annotated"] == 2
+    assert got["coverage"]["mean"] == pytest.approx(0.3) and got["not_annotated"] == 3
     assert summary["html"]["coverage_mean"] == pytest.approx(got["coverage"]["mean"])
     assert page_summary([{"coverage": None, "spans": []}])["coverage_mean"] is None
 
