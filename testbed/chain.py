@@ -27,8 +27,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from trace_rl.testbed.answers import last_boxed, normalize_integer
 from trace_rl.testbed.config import TestbedConfig
-from trace_rl.testbed.task import last_boxed, normalize_integer
 
 TASK = "digit_chain"
 MULS = (2, 3, 4, 6, 7, 8, 9)  # 5 would collapse the chain onto two digits

@@ -40,7 +40,7 @@ from trace_rl.pipeline.layout import dataset_name
 from trace_rl.pipeline.progress_lines import lines_to_stderr
 from trace_rl.pipeline.store import RunStore
 from trace_rl.trainer.config import TrainConfig
-from trace_rl.trainer.worker_group import make_accelerator, watch_flow, write_json
+from trace_rl.trainer.watchdog import make_accelerator, watch_flow, write_json
 
 ANSWER = "answer.json"  # the launch's answer to the stage, beside metrics_out
 

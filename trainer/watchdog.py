@@ -1,0 +1,77 @@
+"""A trainer process that belongs to its flow: the watchdog every rank runs (it ends the process
+within WATCH seconds of its flow's or launcher's death), the Accelerator with the collective
+deadline, and atomic JSON answers. Shared by the resident worker group (worker_group.py) and
+the per-round launch (launch.py), in a module of its own so that neither imports the other."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("trace_rl.trainer.worker_group")
+
+WATCH = 0.5  # seconds between a process's checks that its flow and launcher still run
+ORPHANED = 75  # exit status of a process whose flow or launcher is gone
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write `obj` as JSON to `path` atomically (readers never see half a file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs: a zombie (killed, not yet reaped by its parent) does not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc: kill(0) is all there is
+
+
+def orphaned(parent_pid: int | None, parent_id: str | None, launcher: int) -> str | None:
+    """Why this process no longer belongs to a flow (None while it does): the flow process is
+    gone, or its pid now names another process, or the launcher is gone."""
+    from trace_rl.pipeline.runlock import process_identity
+
+    if parent_pid is not None:
+        now = process_identity(parent_pid) if parent_id else None
+        if not _alive(parent_pid) or (now is not None and now != parent_id):
+            return f"the flow process {parent_pid} is gone"
+    if os.getppid() != launcher:
+        return f"the launcher {launcher} is gone"
+    return None
+
+
+def watch_flow(parent_pid: int | None, parent_id: str | None, launcher: int) -> None:
+    """Every process, in a daemon thread: end the process once its flow is gone, whatever the
+    main thread is doing (a round can run for hours; the flow that asked for it is dead and a
+    restarted flow must not meet this group's files or devices)."""
+    while True:
+        time.sleep(WATCH)
+        why = orphaned(parent_pid, parent_id, launcher)
+        if why:
+            log.error("trainer group: %s; process %d ends now (nothing saved)", why, os.getpid())
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(ORPHANED)
+
+
+def make_accelerator(timeout_s: float) -> Any:
+    """The group's Accelerator, its process group with the collective deadline."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))])
