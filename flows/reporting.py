@@ -102,11 +102,18 @@ def forward_trace_logs() -> Iterator[None]:
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)
     logger.addHandler(handler)
+    # The progress lines reach the run only through `trace_rl`: a process that earlier set them
+    # up for a parent to forward (lines_to_stderr: propagate off) or any logging config that
+    # disabled the logger would keep them out of the run's log, silently.
+    progress = logging.getLogger("trace_rl.progress")
+    old_progress = (progress.propagate, progress.disabled)
+    progress.propagate, progress.disabled = True, False
     try:
         yield
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
+        progress.propagate, progress.disabled = old_progress
 
 
 def _fmt(x: Any, spec: str = ".3f") -> str:

@@ -29,7 +29,8 @@ ROUNDS = 3
 def _run(root, testbed: str, state_every: int, resident: bool):
     cfg = load_config("demo", TINY_RUN + [
         f"run.root={root}", f"model.testbed_dir={testbed}", f"run.rounds={ROUNDS}",
-        f"train.state_every={state_every}", "eval.benchmarks=[]", "train.teacher_sync_every=3"])
+        f"train.state_every={state_every}", "eval.benchmarks=[]", "train.teacher_sync_every=3",
+        "train.keep_checkpoints=null"])  # every checkpoint is compared across the three runs
     get_stage("prepare")(cfg, None, progress=False)
     with trainer_session() if resident else _nothing() as session:
         for k in range(ROUNDS):
