@@ -28,7 +28,7 @@ def cache_key(model: str, messages: list[dict], sampling: dict) -> str:
 
 
 class ReplyCache:
-    """get/put raw reply strings by key under one directory (None = caching off)."""
+    """lookup/put raw reply strings by key under one directory (None = caching off)."""
 
     def __init__(self, root: str | None):
         self.root = Path(root) if root else None
@@ -37,8 +37,11 @@ class ReplyCache:
         assert self.root is not None
         return self.root / key[:2] / f"{key}.json"
 
-    def get(self, key: str) -> str | None:
-        """The cached reply, or None (missing or unreadable entries count as misses)."""
+    def lookup(self, key: str) -> tuple[str, float] | None:
+        """(reply, the latency its request took) or None. A hit's row records the latency of the
+        request that paid for it, so an annotate rerun served from the cache writes the same
+        bytes as the run that made the requests (its content fingerprint, and so every later
+        stage, stays current). Entries written before latencies were kept read as 0.0."""
         if self.root is None:
             return None
         try:
@@ -47,7 +50,10 @@ class ReplyCache:
         except (OSError, json.JSONDecodeError):
             return None
         raw = entry.get("raw") if isinstance(entry, dict) else None
-        return raw if isinstance(raw, str) else None
+        if not isinstance(raw, str):
+            return None
+        latency = entry.get("latency_s", 0.0)
+        return raw, float(latency) if isinstance(latency, (int, float)) else 0.0
 
     def put(self, key: str, raw: str, meta: dict | None = None) -> None:
         """Store atomically: write a temp file beside the target, then rename.

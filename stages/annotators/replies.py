@@ -66,18 +66,18 @@ def llm_rows(
     rows: list[dict | None] = [None] * len(jobs)
     misses = []
     for i, key in enumerate(keys):
-        raw = cache.get(key)
-        if raw is None:
+        hit = cache.lookup(key)
+        if hit is None:
             misses.append(i)
         else:
-            rows[i] = row_of(cfg, jobs[i], annotator, CallResult(raw, "ok", None, 0.0))
+            rows[i] = row_of(cfg, jobs[i], annotator, CallResult(hit[0], "ok", None, hit[1]))
             tick()
 
     def on_done(k: int, res: CallResult) -> None:
         i = misses[k]
         # Store at once, so a crash later in the run keeps every reply already paid for.
         if res.status == "ok" and res.raw is not None:
-            cache.put(keys[i], res.raw, {"model": model_id})
+            cache.put(keys[i], res.raw, {"model": model_id, "latency_s": res.latency_s})
         rows[i] = row_of(cfg, jobs[i], annotator, res)
         tick()
 
@@ -176,16 +176,16 @@ def api_rows(
                 fields = (schema_fields(mode, len(job.segments), cfg.api.max_tokens,
                                         cfg.api.max_tokens_param) if structured else {})
                 key = cache_key(model_id, messages, {**sampling, **fields})
-                raw = cache.get(key)
-                if raw is not None:
+                hit = cache.lookup(key)
+                if hit is not None:
                     hits += 1
-                    res = CallResult(raw, "ok", None, 0.0)
+                    res = CallResult(hit[0], "ok", None, hit[1])
                 else:
                     if opening is None:  # opened once; a failure reaches every waiter
                         opening = asyncio.create_task(open_caller())
                     res = await (await asyncio.shield(opening)).call(messages, fields)
                     if res.status == "ok" and res.raw is not None:
-                        cache.put(key, res.raw, {"model": model_id})
+                        cache.put(key, res.raw, {"model": model_id, "latency_s": res.latency_s})
                 row = row_of(cfg, job, annotator, res)
             rows[k] = row
             tick()
