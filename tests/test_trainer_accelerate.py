@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from trace_rl.trainer.config import TrainConfig
 from trace_rl.trainer.round import train_round
-from tiny import make_round_tables, make_tokenizer, save_tiny_checkpoint
+from tiny import LEAVE_GROUP, make_round_tables, make_tokenizer, save_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 COMPARED = ("step", "loss", "pg_loss", "kl_loss", "kl_weight", "entropy", "grad_norm",
@@ -99,7 +99,7 @@ def _launch(reference, backend: str, micro: list[int], tensorboard: bool) -> Non
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     assert launcher, "accelerate's CLI must be installed next to the Python interpreter"
     script, args_file = tmp / "multi_micro.py", tmp / f"args-{backend}.json"
-    script.write_text(SCRIPT)
+    script.write_text(SCRIPT + LEAVE_GROUP)
     args_file.write_text(json.dumps({"config": CONFIG, "tables": paths, "init": init,
                                      "out": str(tmp), "micro": micro, "tag": backend, "fsdp2": backend == "fsdp",
                                      "tensorboard": tensorboard}))

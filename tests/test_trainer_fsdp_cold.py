@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tiny import make_round_tables, make_tokenizer, save_tiny_checkpoint
+from tiny import LEAVE_GROUP, make_round_tables, make_tokenizer, save_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = {"method": "grpo", "mini_batch_size": 8, "micro_batch_size": 2, "lr": 1e-3,
@@ -71,7 +71,7 @@ def _launch(tmp: Path, tag: str, init: str, round_index: int, paths: dict, **env
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     assert launcher, "accelerate's CLI must be installed next to the Python interpreter"
     script, args_file = tmp / "fsdp_cold.py", tmp / f"args-{tag}.json"
-    script.write_text(SCRIPT)
+    script.write_text(SCRIPT + LEAVE_GROUP)
     out = tmp / f"out-{tag}"
     args_file.write_text(json.dumps({"config": CONFIG, "tables": paths, "init": init,
                                      "out": str(out), "work": str(tmp / f"work-{tag}"),

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_trainer_fsdp_resume import SCRIPT
-from tiny import make_round_tables, make_tokenizer, save_tiny_checkpoint
+from tiny import LEAVE_GROUP, make_round_tables, make_tokenizer, save_tiny_checkpoint
 from trace_rl.trainer.config import TrainConfig
 from trace_rl.trainer.round import train_round
 
@@ -50,7 +50,7 @@ def _launch(tmp: Path, init: str, paths: dict) -> None:
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     assert launcher, "accelerate's CLI must be installed next to the Python interpreter"
     script, args_file = tmp / "fsdp_round.py", tmp / "args.json"
-    script.write_text(SCRIPT + REPLAY)
+    script.write_text(SCRIPT + REPLAY + LEAVE_GROUP)
     args_file.write_text(json.dumps({
         "config": CONFIG, "tables": paths, "init": init, "out": str(tmp / "out-fsdp"),
         "work": str(tmp / "work-fsdp"), "metrics": str(tmp / "metrics-fsdp.json")}))

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from trace_rl.trainer.config import TrainConfig
 from trace_rl.trainer.round import train_round
-from tiny import make_round_tables, make_tokenizer, save_tiny_checkpoint
+from tiny import LEAVE_GROUP, make_round_tables, make_tokenizer, save_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 # 16 rollouts, 4 per optimizer step: 4 steps; each process takes 2 per step in one micro-batch
@@ -76,7 +76,7 @@ def _launch(tmp: Path, tag: str, init: str, paths: dict, stop_at: int | None = N
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     assert launcher, "accelerate's CLI must be installed next to the Python interpreter"
     script, args_file = tmp / "fsdp_round.py", tmp / f"args-{tag}.json"
-    script.write_text(SCRIPT)
+    script.write_text(SCRIPT + LEAVE_GROUP)
     args_file.write_text(json.dumps({
         "config": CONFIG, "tables": paths, "init": init, "out": str(tmp / f"out-{tag}"),
         "work": str(tmp / f"work-{tag}"), "metrics": str(tmp / f"metrics-{tag}.json")}))

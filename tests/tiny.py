@@ -336,3 +336,7 @@ TINY_RUN = TINY_TESTBED + [
     "eval.limit=8",
     "eval.max_tokens=64",
 ]
+
+# The last lines of every `accelerate launch` script in the tests: the ranks leave the process
+# group the way the product's trainer processes do (a gloo group alive at exit can abort there).
+LEAVE_GROUP = "\nfrom trace_rl.trainer.watchdog import leave_group\nleave_group(acc)\n"

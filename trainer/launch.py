@@ -40,7 +40,7 @@ from trace_rl.pipeline.layout import dataset_name
 from trace_rl.pipeline.progress_lines import lines_to_stderr
 from trace_rl.pipeline.store import RunStore
 from trace_rl.trainer.config import TrainConfig
-from trace_rl.trainer.watchdog import make_accelerator, watch_flow, write_json
+from trace_rl.trainer.watchdog import leave_group, make_accelerator, watch_flow, write_json
 
 ANSWER = "answer.json"  # the launch's answer to the stage, beside metrics_out
 
@@ -121,6 +121,7 @@ def run_from_args(args: dict) -> list[dict]:
             Path(out).with_name("replay.json").write_text(json.dumps({"max_abs_delta": worst}))
         write_json(Path(out).with_name(ANSWER), {"nonce": args.get("nonce"), "rows": rows,
                                                  "replay_max_abs_delta": worst if args.get("replay") else None})
+    leave_group(accelerator)
     return rows
 
 

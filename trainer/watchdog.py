@@ -75,3 +75,11 @@ def make_accelerator(timeout_s: float) -> Any:
     from accelerate.utils import InitProcessGroupKwargs
 
     return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))])
+
+
+def leave_group(accelerator: Any) -> None:
+    """End this process's part in the group: wait for every rank, then destroy the process
+    group. A gloo group left alive to interpreter exit can abort the process there ("terminate
+    called without an active exception", exit -6) after its work was done and written."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from trace_rl.pipeline.progress_lines import StderrForwarder, lines_to_stderr
-from trace_rl.trainer.watchdog import make_accelerator, orphaned, watch_flow, write_json
+from trace_rl.trainer.watchdog import leave_group, make_accelerator, orphaned, watch_flow, write_json
 
 log = logging.getLogger("trace_rl.trainer.worker_group")
 
@@ -193,7 +193,7 @@ def serve(cmd_dir: str | Path, accelerator: Any = None, parent_pid: int | None =
                 if path and rank0:
                     log.info("trainer state written to %s", path)
             resident.clear()
-            acc.wait_for_everyone()
+            leave_group(acc)
             return
         reply = _answer(msg, acc, resident, cmd_dir, nonce)
         if rank0:
