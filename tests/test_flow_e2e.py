@@ -129,16 +129,13 @@ def test_the_prefect_run_reads_like_the_experiment(finished_run):
     summary_md = store.read_text(store.path("plots", "summary.md"))
     assert "| initial |" in summary_md and "| round-0002 |" in summary_md
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name={"like_": name}))
-        by_name = {r.name: r for r in runs}
-        assert {f"{name} · training", f"{name} · round 0", f"{name} · round 1"} <= set(by_name)
-        parent = by_name[f"{name} · training"]
-        ids = [r.id for r in runs if r.parent_task_run_id or r.id == parent.id]
+        # The session's Prefect server holds other tests' runs named "demo" too: select this
+        # run's parent by its run root, its rounds as subflows of the parent's tasks.
+        parent, ids = _this_run(client, name, str(cfg.run.root))
         tasks = {t.name for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": ids}))}
         assert {"prepare", "rollout r0", "verify r1", "annotate r1", "train r1",
                 "evaluate initial", "evaluate round-0002"} <= tasks, tasks
-        logs = "\n".join(x.message for x in client.read_logs(
-            log_filter=LogFilter(flow_run_id={"any_": ids}), limit=200))
+        logs = _all_logs(client, LogFilter(flow_run_id={"any_": ids}))
         assert "verify r1: " in logs and "accuracy (reward rate) " in logs
         assert "mean coverage " in logs and " rows with spans (NULL on rows without" in logs
         assert "train r0: " in logs and "λ " in logs and "pg_loss " in logs
@@ -151,8 +148,7 @@ def test_the_prefect_run_reads_like_the_experiment(finished_run):
         assert re.search(r"hf sampling: \d+/\d+ sequences · \d+ tok/s", _task_logs(client, by_task["rollout r0"].id))
         # the parent run: one line per finished round with its headline numbers; the testbed
         # build is a task of its own, its SFT steps are not in the parent's log
-        parent_logs = "\n".join(x.message for x in client.read_logs(
-            log_filter=LogFilter(flow_run_id={"any_": [parent.id]}), limit=200))
+        parent_logs = _all_logs(client, LogFilter(flow_run_id={"any_": [parent.id]}))
         for k in (0, 1):
             assert re.search(rf"round {k} done \(policy {k} sampled, policy {k + 1} written\): reward "
                              r"rate [\d.]+", parent_logs), parent_logs
@@ -171,8 +167,33 @@ def test_the_prefect_run_reads_like_the_experiment(finished_run):
 def _task_logs(client, task_run_id) -> str:
     from prefect.client.schemas.filters import LogFilter
 
-    return "\n".join(x.message for x in client.read_logs(
-        log_filter=LogFilter(task_run_id={"any_": [task_run_id]}), limit=200))
+    return _all_logs(client, LogFilter(task_run_id={"any_": [task_run_id]}))
+
+
+def _all_logs(client, log_filter) -> str:
+    """Every log line the filter selects, page by page (the API returns at most 200 a call)."""
+    from prefect.client.schemas.sorting import LogSort
+
+    lines, offset = [], 0
+    while page := client.read_logs(log_filter=log_filter, limit=200, offset=offset, sort=LogSort.TIMESTAMP_ASC):
+        lines += [x.message for x in page]
+        offset += len(page)
+    return "\n".join(lines)
+
+
+def _this_run(client, name: str, root: str):
+    """The parent flow run of the run rooted at `root`, and its id with those of its subflows."""
+    from prefect.client.schemas.filters import FlowRunFilter, TaskRunFilter
+
+    parents = [r for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(name={"any_": [f"{name} · training"]}))
+               if f"run.root={root}" in (r.parameters.get("overrides") or [])]
+    assert len(parents) == 1, [p.parameters for p in parents]
+    parent = parents[0]
+    own_tasks = {t.id for t in client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id={"any_": [parent.id]}))}
+    subflows = [r.id for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_task_run_id={"any_": list(own_tasks)}))]
+    names = {r.name for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(id={"any_": subflows}))}
+    assert {f"{name} · round 0", f"{name} · round 1"} <= names, names
+    return parent, [parent.id, *subflows]
 
 
 def test_one_continuous_tensorboard_run_with_rollout_figures(finished_run):
