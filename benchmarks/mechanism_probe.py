@@ -21,7 +21,9 @@ privileged prompt, the snapshot the update distils from; measured with the same 
 type labels included). GRPO is measured on the same annotated tokens. One row per (batch,
 variant) goes to `<out>/probe.jsonl` (a rerun skips rows already there and reuses each batch's
 round-0 data in `<out>/b<b>`, so variants can be added later); `--report` prints the
-paired table (variant − grpo per batch, mean with a 95% t-interval over batches).
+paired table (variant − grpo per batch, mean with a 95% t-interval over batches); `--pool OUT
+[OUT ...]` pools folders made on different testbed builds (`model.testbed.seed=N`) with a
+two-level bootstrap interval over builds, then batches.
 """
 
 from __future__ import annotations
@@ -92,11 +94,13 @@ def token_sets(cfg, tokenizer, tables) -> list[dict]:
     prompts = {r["prompt_id"]: r for r in tables["prompts"].to_pylist()}
     ann = {r["rollout_id"]: r for r in tables["annotations"].to_pylist()}
     sampling = {r["rollout_id"]: r.get("sampling") for r in tables["rollouts"].to_pylist()}
+    # by rollout, not e.group: a rollout cut under `train.overlong: mask` has a group of its own
+    prompt_of = {r["rollout_id"]: r["prompt_id"] for r in tables["rollouts"].to_pylist()}
     out = []
     for e in exs:
         a = ann.get(e.rollout_id) or {}
         labels = [s.get("label") for s in (a.get("spans") or []) if a.get("status") == "ok"]
-        t_ids = teacher_prompt_ids(tokenizer, cfg.train.teacher_template, prompts[e.group],
+        t_ids = teacher_prompt_ids(tokenizer, cfg.train.teacher_template, prompts[prompt_of[e.rollout_id]],
                                    [x for x in labels if x], enable_thinking_of(sampling[e.rollout_id]))
         span = e.plan.mask_R if e.plan.direction else np.zeros(len(e.response_ids), bool)
         out.append({"ids": e.prompt_ids, "t_ids": t_ids, "resp": e.response_ids,
@@ -300,6 +304,39 @@ def report(out: str, variants: list[str]) -> str:
     return "\n".join(lines + step_table(rows, variants)) + "\n"
 
 
+def pooled_report(outs: list[str], variants: list[str]) -> str:
+    """Markdown: each variant − GRPO pooled over builds (one `--out` folder per testbed build),
+    with the two-level bootstrap interval of benchmarks/study_report.py (builds, then batches
+    within them), so the interval carries build-to-build spread as well as batch-to-batch; and
+    each build's own mean, to show how far builds agree."""
+    from study_report import two_level_bootstrap
+
+    rows = {out: load_rows(out) for out in outs}
+    others = [v for v in variants if v != "grpo"]
+    counts = ", ".join(f"{Path(o).name}: {sum(r['variant'] == 'grpo' for r in rs)}" for o, rs in rows.items())
+    head = ["token set", "quantity", "GRPO Δ", *[f"{v} − GRPO" for v in others],
+            *[f"{v} − GRPO per build" for v in others]]
+    lines = [f"Builds: {len(outs)} (batches with GRPO: {counts}). Δ = after one update − before; "
+             "mean over builds of each build's batch mean [95% two-level bootstrap interval: "
+             "builds, then batches]; variant − GRPO paired by batch.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def pooled(groups: list[list[float]]) -> str:
+        if any(len(g) < 2 for g in groups):
+            return "-"
+        est, lo, hi = two_level_bootstrap(groups)
+        return f"{est:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+    for s, q in REPORT:
+        key = f"d_{q}_{s}"
+        grpo = [[r[key] for r in rs if r["variant"] == "grpo" and r.get(key) is not None] for rs in rows.values()]
+        diffs = {v: [paired(rs, v, key) for rs in rows.values()] for v in others}
+        cells = [s, q, pooled(grpo), *[pooled(diffs[v]) for v in others],
+                 *[" / ".join(f"{sum(g) / len(g):+.4f}" if g else "-" for g in diffs[v]) for v in others]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, default=24)
@@ -309,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--testbed-dir", default="/tmp/study-testbed")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report", action="store_true", help="only print the table")
+    ap.add_argument("--pool", nargs="+", metavar="OUT", help="only print the table pooled over "
+                    "these --out folders, one per testbed build (model.testbed.seed)")
     ap.add_argument("overrides", nargs="*", help="section.key=value for every batch")
     a = ap.parse_args(argv)
     unknown = [v for v in a.variants if v not in VARIANTS]
@@ -316,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
     if "grpo" not in a.variants:
         raise SystemExit("the probe pairs every variant with grpo: include grpo in --variants")
+    if a.pool:
+        print(pooled_report(a.pool, a.variants))
+        return 0
     os.makedirs(a.out, exist_ok=True)
     if not a.report:
         import torch
