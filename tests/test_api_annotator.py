@@ -249,6 +249,27 @@ def test_rerun_after_crash_reuses_cache(tok, tmp_path, monkeypatch):
     assert pa.Table.from_pylist(again).equals(pa.Table.from_pylist(rows))
 
 
+def test_duplicate_rollouts_share_one_request_and_a_cached_rerun_writes_the_same_rows(tok, tmp_path, monkeypatch):
+    """Identical rollouts (common for short answers) make one request key: they are asked once
+    and share the reply and its latency, so the run that paid writes the rows its cached rerun
+    writes (each asked on its own, the cache kept the last one's latency and the rerun's bytes
+    differed: the train stage after it went stale)."""
+    monkeypatch.setenv("TRACE_TEST_KEY", KEY)
+    items = [make_item(tok, f"dup{i}", "key", BODY) for i in range(4)]
+    items.append(make_item(tok, "other", "key", "line 1\nKEY step 1"))
+    cache = str(tmp_path / "cache")
+    with FakeOpenAI(latency_s=0.05) as fake:
+        cfg = _cfg(fake.base_url, concurrency=4, timeout_s=5.0)
+        rows = annotate_rows(cfg, items, tok, cache_dir=cache, progress=False)
+        assert len(fake.requests) == 2
+        again = annotate_rows(cfg, items, tok, cache_dir=cache, progress=False)
+        assert len(fake.requests) == 2
+    assert [r["status"] for r in rows] == ["ok"] * 5
+    assert len({r["latency_s"] for r in rows[:4]}) == 1 and rows[0]["latency_s"] >= 0.05
+    assert again == rows
+    assert pa.Table.from_pylist(again).equals(pa.Table.from_pylist(rows))
+
+
 def test_missing_key_env_and_key_like_config_values(tok, monkeypatch):
     monkeypatch.delenv("TRACE_TEST_KEY", raising=False)
     items = [make_item(tok, "a", "key", BODY)]
@@ -323,7 +344,7 @@ def test_self_vllm_server_lifecycle(tok, tmp_path):
             )
 
 
-def test_self_inprocess_tiny_random_model(tok, tmp_path):
+def test_self_inprocess_tiny_random_model(tok, tmp_path, caplog):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     ckpt = tmp_path / "ckpt"
@@ -348,11 +369,16 @@ def test_self_inprocess_tiny_random_model(tok, tmp_path):
         make_item(tok, "b", "none", BODY),
         make_item(tok, "c", "error", BODY),
         make_item(tok, "d", "key", "x"),
+        make_item(tok, "e", "key", BODY),  # a duplicate rollout of "a"
     ]
-    rows = annotate_rows(
-        cfg, items, tok, cache_dir=str(tmp_path / "c"), progress=False, model_path=str(ckpt)
-    )
-    assert [r["rollout_id"] for r in rows] == ["a", "b", "c", "d"]
+    with caplog.at_level(logging.INFO, logger="trace_rl.stages.annotators.replies"):
+        rows = annotate_rows(
+            cfg, items, tok, cache_dir=str(tmp_path / "c"), progress=False, model_path=str(ckpt)
+        )
+    # the duplicate shares a's request and reply (as it shares its cache entry)
+    assert "annotate: 0 cache hits, 3 requests" in caplog.text, caplog.text
+    assert {**rows[4], "rollout_id": "a"} == rows[0]
+    assert [r["rollout_id"] for r in rows] == ["a", "b", "c", "d", "e"]
     assert rows[1]["status"] == "skipped"
     for r in (rows[0], rows[2], rows[3]):
         # A random model rarely writes valid JSON: the point is one row each, reply kept.
@@ -362,4 +388,4 @@ def test_self_inprocess_tiny_random_model(tok, tmp_path):
     again = annotate_rows(
         cfg, items, tok, cache_dir=str(tmp_path / "c"), progress=False, model_path=str(ckpt)
     )
-    assert [r["raw_response"] for r in again] == [r["raw_response"] for r in rows]
+    assert again == rows  # the cached rerun writes the same rows, latencies included

@@ -59,34 +59,41 @@ def llm_rows(
 ) -> list[dict]:
     """Rows of prepared jobs answered by a batch transport: cache hits first, then the misses.
 
-    A reply is stored in the cache and turned into its row as soon as it arrives.
+    A reply is stored in the cache and turned into its row as soon as it arrives. Jobs with the
+    same request (duplicate rollouts) share one request and its reply, as they share one cache
+    entry: a run that requested them writes the rows that its cached rerun writes.
     """
     messages = [build_messages(cfg, j.item, j.segments) for j in jobs]
     keys = [cache_key(model_id, m, sampling) for m in messages]
     rows: list[dict | None] = [None] * len(jobs)
-    misses = []
+    sharing: dict[str, list[int]] = {}  # request key -> the jobs it answers, not in the cache
     for i, key in enumerate(keys):
-        hit = cache.lookup(key)
+        hit = cache.lookup(key) if key not in sharing else None
         if hit is None:
-            misses.append(i)
+            sharing.setdefault(key, []).append(i)
         else:
             rows[i] = row_of(cfg, jobs[i], annotator, CallResult(hit[0], "ok", None, hit[1]))
             tick()
+    misses = [same[0] for same in sharing.values()]
+
+    def answer(i: int, res: CallResult) -> None:
+        for j in sharing[keys[i]]:
+            if rows[j] is None:
+                rows[j] = row_of(cfg, jobs[j], annotator, res)
+                tick()
 
     def on_done(k: int, res: CallResult) -> None:
         i = misses[k]
         # Store at once, so a crash later in the run keeps every reply already paid for.
         if res.status == "ok" and res.raw is not None:
             cache.put(keys[i], res.raw, {"model": model_id, "latency_s": res.latency_s})
-        rows[i] = row_of(cfg, jobs[i], annotator, res)
-        tick()
+        answer(i, res)
 
     if misses:
         results = transport([messages[i] for i in misses], on_done)
         for i, res in zip(misses, results, strict=True):
-            if rows[i] is None:  # a transport that did not report this one as it finished
-                rows[i] = row_of(cfg, jobs[i], annotator, res)
-    log.info("annotate: %d cache hits, %d requests", len(jobs) - len(misses), len(misses))
+            answer(i, res)  # for a transport that did not report this one as it finished
+    log.info("annotate: %d cache hits, %d requests", len(jobs) - sum(map(len, sharing.values())), len(misses))
     assert all(r is not None for r in rows)
     return rows  # type: ignore[return-value]
 
@@ -147,6 +154,7 @@ def api_rows(
     mode = cfg.api.structured_output
     rows: list[dict | None] = [None] * len(jobs)
     hits = 0
+    asking: dict[str, asyncio.Task[CallResult]] = {}  # request key -> its one request
 
     async def go() -> None:
         nonlocal hits
@@ -167,8 +175,17 @@ def api_rows(
                 schema_fallback=mode == "auto",
             )
 
+        async def request(key: str, messages: list[dict], fields: dict) -> CallResult:
+            nonlocal opening
+            if opening is None:  # opened once; a failure reaches every waiter
+                opening = asyncio.create_task(open_caller())
+            res = await (await asyncio.shield(opening)).call(messages, fields)
+            if res.status == "ok" and res.raw is not None:
+                cache.put(key, res.raw, {"model": model_id, "latency_s": res.latency_s})
+            return res
+
         async def one(k: int) -> None:
-            nonlocal hits, opening
+            nonlocal hits
             job = jobs[k]
             row = job.prepare(cfg, annotator)
             if row is None:
@@ -176,16 +193,17 @@ def api_rows(
                 fields = (schema_fields(mode, len(job.segments), cfg.api.max_tokens,
                                         cfg.api.max_tokens_param) if structured else {})
                 key = cache_key(model_id, messages, {**sampling, **fields})
-                hit = cache.lookup(key)
+                hit = cache.lookup(key) if key not in asking else None
                 if hit is not None:
                     hits += 1
                     res = CallResult(hit[0], "ok", None, hit[1])
                 else:
-                    if opening is None:  # opened once; a failure reaches every waiter
-                        opening = asyncio.create_task(open_caller())
-                    res = await (await asyncio.shield(opening)).call(messages, fields)
-                    if res.status == "ok" and res.raw is not None:
-                        cache.put(key, res.raw, {"model": model_id, "latency_s": res.latency_s})
+                    # Jobs with the same request (duplicate rollouts) share one request and its
+                    # reply, as they share one cache entry: the run that asks writes the rows
+                    # that its cached rerun writes.
+                    if key not in asking:
+                        asking[key] = asyncio.create_task(request(key, messages, fields))
+                    res = await asyncio.shield(asking[key])
                 row = row_of(cfg, job, annotator, res)
             rows[k] = row
             tick()
@@ -204,6 +222,6 @@ def api_rows(
 
     if jobs:
         run_coro(go())
-    log.info("annotate: %d cache hits, %d requests", hits, len(jobs) - hits)
+    log.info("annotate: %d cache hits, %d requests", hits, len(asking))
     assert all(r is not None for r in rows)
     return rows  # type: ignore[return-value]
