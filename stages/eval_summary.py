@@ -7,8 +7,10 @@ samples (eval/<ckpt>/<benchmark>/samples.parquet) and gives summary.json's conte
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,8 @@ from trace_rl.pipeline.fingerprint import fingerprint
 from trace_rl.pipeline.layout import eval_samples_dataset, eval_summary
 from trace_rl.pipeline.store import Manifest, RunStore
 from trace_rl.stages.config import TraceConfig
+
+log = logging.getLogger("trace_rl.stages.evaluate")
 
 FIVE_COLUMNS = ("math500", "aime24", "aime25", "amc23", "gpqa_diamond")
 
@@ -103,8 +107,12 @@ def five_column_mean(entries: dict[str, dict[str, Any]],
 # the summary
 
 
-def _previous_entries(store: RunStore, ckpt_name: str) -> dict[str, dict[str, Any]]:
-    """Entries of an earlier summary whose samples are still exactly the ones summarised."""
+def _previous_entries(store: RunStore, ckpt_name: str,
+                      current: Callable[[Manifest], bool]) -> dict[str, dict[str, Any]]:
+    """Entries of an earlier summary whose samples are still exactly the ones summarised and
+    `current` (drawn from this checkpoint with this call's sampling and verifier settings): the
+    summary's header describes every entry in it, so an entry sampled otherwise (another
+    temperature, or weights since rewritten) is left out, with a warning, rather than mixed in."""
     path = store.path(eval_summary(ckpt_name))
     if not store.fs.exists(path):
         return {}
@@ -112,8 +120,14 @@ def _previous_entries(store: RunStore, ckpt_name: str) -> dict[str, dict[str, An
     keep = {}
     for bench, entry in old.items():
         m = store.manifest(eval_samples_dataset(ckpt_name, bench))
-        if m is not None and m.fingerprint == entry.get("dataset_fingerprint"):
+        if m is None or m.fingerprint != entry.get("dataset_fingerprint"):
+            continue
+        if current(m):
             keep[bench] = entry
+        else:
+            log.warning("eval %s: %s left out of summary.json: its samples were drawn with other "
+                        "settings or from other weights; evaluate it again (--benchmarks %s)",
+                        ckpt_name, bench, bench)
     return keep
 
 
@@ -122,10 +136,12 @@ def _read_samples(store: RunStore, dataset: str) -> list[dict[str, Any]]:
 
 
 def build_summary(cfg: TraceConfig, store: RunStore, ckpt_name: str, header: dict[str, Any],
-                  manifests: dict[str, Manifest]) -> dict[str, Any]:
+                  manifests: dict[str, Manifest],
+                  current: Callable[[Manifest], bool]) -> dict[str, Any]:
     """summary.json's content: `header` (what was evaluated, how it was sampled), then the
-    entries computed from the stored samples of `manifests` (+ still-valid old entries)."""
-    entries = _previous_entries(store, ckpt_name)
+    entries computed from the stored samples of `manifests` (+ old entries whose samples are
+    unchanged and `current`: sampled as the header says)."""
+    entries = _previous_entries(store, ckpt_name, current)
     means: dict[str, np.ndarray] = {}
     for bench, m in manifests.items():
         rows = _read_samples(store, m.dataset)

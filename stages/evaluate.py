@@ -197,13 +197,28 @@ class SamplesJob:
     inputs: dict[str, str]
 
 
-def samples_job(cfg: TraceConfig, ckpt: Checkpoint, bench: Benchmark) -> SamplesJob:
-    """The dataset, config fingerprint and inputs of one benchmark's samples; the verifier's
-    runtime-only fields stay out, as for the verify stage."""
+def samples_config_fingerprint(cfg: TraceConfig, verifier: str) -> str:
+    """The config fingerprint of samples graded by `verifier`: eval's sampling settings and the
+    verify section; the verifier's runtime-only fields stay out, as for the verify stage."""
     parts = {"rollout": eval_rollout_config(cfg).model_dump(mode="json"),
-             "verify": {**section_fingerprint_part(cfg, "verify"), "kind": bench.verifier}}
-    return SamplesJob(bench, eval_samples_dataset(ckpt.name, bench.name), fingerprint(parts),
+             "verify": {**section_fingerprint_part(cfg, "verify"), "kind": verifier}}
+    return fingerprint(parts)
+
+
+def samples_job(cfg: TraceConfig, ckpt: Checkpoint, bench: Benchmark) -> SamplesJob:
+    """The dataset, config fingerprint and inputs of one benchmark's samples."""
+    return SamplesJob(bench, eval_samples_dataset(ckpt.name, bench.name),
+                      samples_config_fingerprint(cfg, bench.verifier),
                       {**ckpt.inputs, "benchmark": bench.fingerprint})
+
+
+def sampled_as_now(cfg: TraceConfig, ckpt: Checkpoint, m: Manifest) -> bool:
+    """True when stored samples `m` were drawn from `ckpt` as it is now (same inputs) with this
+    config's eval sampling and verifier settings: an earlier benchmark entry that may stay in a
+    summary whose header states those settings. Its benchmark data is not reloaded here."""
+    verifier = m.extra.get("verifier")
+    return (isinstance(verifier, str) and m.config_fingerprint == samples_config_fingerprint(cfg, verifier)
+            and all(m.inputs.get(name) == fp for name, fp in ckpt.inputs.items()))
 
 
 def write_samples(store: RunStore, job: SamplesJob, ckpt: Checkpoint, rows: list[dict[str, Any]],
@@ -278,7 +293,8 @@ def evaluate_checkpoint(cfg: TraceConfig, *, checkpoint: str = "latest",
                                   progress=progress)
     header = {"checkpoint": ckpt.name, "model_dir": ckpt.model_dir, "checkpoint_inputs": ckpt.inputs,
               "sampling": eval_rollout_config(cfg).sampling_dict()}
-    summary = build_summary(cfg, store, ckpt.name, header, manifests)
+    summary = build_summary(cfg, store, ckpt.name, header, manifests,
+                            current=lambda m: sampled_as_now(cfg, ckpt, m))
     store.write_text(store.path(eval_summary(ckpt.name)), json.dumps(summary, indent=2))
     if progress:
         print_summary(summary)

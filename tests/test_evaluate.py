@@ -209,3 +209,25 @@ def test_checkpoint_resolution_and_stage_entry(tmp_path, model_dir) -> None:
         "hf",
     )
     assert cfg.rollout.n == 8  # the training rollout config is not touched
+
+
+def test_summary_keeps_only_entries_sampled_as_its_header_says(tmp_path, model_dir) -> None:
+    # A summary's header states one sampling config; an earlier benchmark entry sampled with
+    # another one (here temperature 0.6, 12 tokens) was kept beside a new one (1.0, 6 tokens).
+    bench = tmp_path / "mini.jsonl"
+    bench.write_text("\n".join(json.dumps({"id": f"q{i}", "problem": f"What is {i} + {i}?",
+                                           "answer": str(2 * i)}) for i in range(3)))
+    root = tmp_path / "run"
+    run_eval(_cfg(root, model_dir, benchmarks=["testbed"], temperature=0.6), checkpoint="initial",
+             progress=False)
+    hot = _cfg(root, model_dir, temperature=1.0, max_tokens=6)
+    later = run_eval(hot, checkpoint="initial", benchmarks=[f"file:{bench}"], progress=False)
+    assert later["sampling"]["temperature"] == 1.0
+    assert set(later["benchmarks"]) == {"mini"}
+    on_disk = json.loads((root / "eval" / "initial" / "summary.json").read_text())
+    assert set(on_disk["benchmarks"]) == {"mini"}
+    # Sampled again with the header's settings, the testbed entry is back, and "mini" stays.
+    both = run_eval(hot, checkpoint="initial", benchmarks=["testbed"], progress=False)
+    assert set(both["benchmarks"]) == {"mini", "testbed"}
+    tokens = RunStore(str(root)).read("eval/initial/testbed", EVAL_SAMPLES).column("num_tokens")
+    assert max(tokens.to_pylist()) <= 6

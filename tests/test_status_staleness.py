@@ -19,7 +19,7 @@ from trace_rl.stages.benchmarks import Benchmark
 from trace_rl.stages.common import decide, open_store, start_checkpoint
 from trace_rl.stages.config import dump_config, load_config
 from trace_rl.stages.eval_summary import build_summary
-from trace_rl.stages.evaluate import resolve_checkpoint, samples_job, write_samples
+from trace_rl.stages.evaluate import resolve_checkpoint, sampled_as_now, samples_job, write_samples
 from trace_rl.stages.status import eval_states, run_config, stage_states
 from trace_rl.trainer.launch import round_input_names
 
@@ -56,7 +56,8 @@ def write_eval(cfg, checkpoint: str) -> None:
     rows = [{"benchmark": "testbed", "problem_id": "p0", "sample_index": 0, "response_text": "4",
              "extracted_answer": "4", "correct": True, "num_tokens": 1}]
     m = write_samples(store, job, ckpt, rows, {"verdict_status": {"ok": 1}}, k=1)
-    summary = build_summary(cfg, store, ckpt.name, {"checkpoint": ckpt.name}, {"testbed": m})
+    summary = build_summary(cfg, store, ckpt.name, {"checkpoint": ckpt.name}, {"testbed": m},
+                            current=lambda old: sampled_as_now(cfg, ckpt, old))
     import json
 
     store.write_text(store.path(eval_summary(ckpt.name)), json.dumps(summary))
