@@ -78,6 +78,12 @@ def summarize_verdicts(t: pa.Table) -> dict[str, Any]:
             "reward_mean": statistics.fmean(rewards) if rewards else None}
 
 
+# Statuses of rows the annotator read and answered (stages/annotators/base.py): `no_spans` and
+# `too_broad` rows were annotated, they just give nothing to distill; the others (skipped by
+# route or alignment, parse/api errors, timeouts) were not.
+ANNOTATED_STATUSES = ("ok", "no_spans", "too_broad")
+
+
 def summarize_annotations(t: pa.Table) -> dict[str, Any]:
     routes = t.column("route").to_pylist()
     spans = t.column("spans").to_pylist()
@@ -95,7 +101,7 @@ def summarize_annotations(t: pa.Table) -> dict[str, Any]:
             "spans": sum(spans_by_route.values()), "spans_by_route": dict(spans_by_route),
             "labels": dict(labels.most_common()), "rows_without_spans": sum(not s for s in spans),
             "coverage": _stats(annotated), "coverage_of_rows_with_spans": _stats(with_spans),
-            "not_annotated": len(coverage) - len(annotated),
+            "not_annotated": sum(s not in ANNOTATED_STATUSES for s in t.column("status").to_pylist()),
             "annotators": _counts(t, "annotator")}
 
 

@@ -134,7 +134,7 @@ def test_run_summary_values(run_dir: Path, capsys) -> None:
     assert ann["rows_without_spans"] == 2
     # one meaning of coverage: the mean over rows with spans (r4 no_spans, r5 skipped: NULL)
     assert ann["coverage"]["mean"] == pytest.approx((0.25 + 0.125 + 0.2) / 3)
-    assert ann["coverage"]["max"] == pytest.approx(0.25) and ann["not_annotated"] == 2
+    assert ann["coverage"]["max"] == pytest.approx(0.25) and ann["not_annotated"] == 1  # r5 skipped
     assert ann["coverage_of_rows_with_spans"]["mean"] == pytest.approx((0.25 + 0.125 + 0.2) / 3)
     ver = ds["round-0003/verdicts"]
     assert ver["correct"] == 2 and ver["correct_rate"] == pytest.approx(0.4)

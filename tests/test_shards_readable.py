@@ -94,7 +94,9 @@ def test_coverage_is_null_where_a_row_was_not_annotated_and_has_one_mean(tmp_pat
     summary = inspect_path(str(tmp_path / "run" / "round-0000" / "annotations"), html=str(tmp_path / "v.html"),
                            examples=0)
     got = summary["datasets"]["annotations"]
-    assert got["coverage"]["mean"] == pytest.approx(0.3) and got["not_annotated"] == 3
+    # not annotated: skipped and api_error; the no_spans row was annotated (nothing to distill)
+    assert got["coverage"]["mean"] == pytest.approx(0.3) and got["not_annotated"] == 2
+    assert got["rows_without_spans"] == 3
     assert summary["html"]["coverage_mean"] == pytest.approx(got["coverage"]["mean"])
     assert page_summary([{"coverage": None, "spans": []}])["coverage_mean"] is None
 
@@ -202,3 +204,29 @@ def test_a_version_1_run_still_reads(tmp_path):
     pq.write_table(pa.Table.from_pylist([rows["verdicts"]], schema=_v1_schema("verdicts", old["verdicts"])), lone)
     with pytest.raises(SchemaError, match="says nothing of its round"):
         read_parquet(str(lone), VERDICTS)
+
+
+def test_inspect_counts_add_up_to_the_rows_on_disk(tmp_path):
+    """A rule-annotated round (every row read by the annotator: ok 9, no_spans 4, too_broad 3)
+    was reported with `not_annotated` 7, the rows without spans; read back with pyarrow, the
+    statuses, spans and NULL coverage must account for every row once."""
+    from trace_rl.data_schemas import ANNOTATIONS
+    from trace_rl.pipeline.inspect import inspect_path
+    from trace_rl.stages.annotators.base import make_row
+
+    span = {"segment_ids": [1], "char_start": 0, "char_end": 3, "token_start": 0, "token_end": 3,
+            "label": "carry"}
+    statuses = ["ok"] * 9 + ["no_spans"] * 4 + ["too_broad"] * 3 + ["skipped", "parse_error", "timeout"]
+    rows = [make_row({"rollout_id": f"r{i}", "route": "error"}, "rule", st,
+                     spans=[span] if st == "ok" else None, coverage=0.2 if st == "ok" else 0.0)
+            for i, st in enumerate(statuses)]
+    store = RunStore(str(tmp_path / "run"))
+    with store.writer("round-0000/annotations", ANNOTATIONS, stage="annotate", config_fingerprint="c") as w:
+        w.write_rows(rows)
+    on_disk = pq.read_table(tmp_path / "run" / "round-0000" / "annotations").to_pylist()
+    got = inspect_path(str(tmp_path / "run" / "round-0000" / "annotations"), examples=0)["datasets"]["annotations"]
+    assert got["rows"] == len(on_disk) == 19 and sum(got["status"].values()) == 19
+    assert got["not_annotated"] == sum(r["status"] in ("skipped", "parse_error", "timeout") for r in on_disk) == 3
+    assert got["rows_without_spans"] == sum(not r["spans"] for r in on_disk) == 10
+    assert got["rows_without_spans"] == sum(r["coverage"] is None for r in on_disk)
+    assert got["spans"] == sum(len(r["spans"]) for r in on_disk) == 9
