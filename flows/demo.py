@@ -45,16 +45,38 @@ def run_demo(cfg: TraceConfig) -> dict:
     png = plot_run(root)[0]  # curves.png; accuracy.png and summary.md sit beside it
     elapsed = time.time() - t0
     acc0, acc1 = _acc(before), _acc(after)
+    change = _change(cfg, before, after)
     console.print(Panel.fit(
         f"done in {elapsed:.0f} s\n"
         f"held-out accuracy: initial {acc0} -> final {acc1}\n"
+        f"change:            {_fmt_change(change)}\n"
         f"run directory:     {root}\n"
         f"annotated spans:   open {html} in a browser\n"
         f"                   or: trace-rl inspect {annotations}\n"
         f"curves:            {png}\n"
         f"stage states:      trace-rl status demo",
         title="TRACE demo"))
-    return {"seconds": elapsed, "initial": before, "final": after, "html": html, "plot": png}
+    return {"seconds": elapsed, "initial": before, "final": after, "change": change, "html": html,
+            "plot": png}
+
+
+def _change(cfg: TraceConfig, before: dict, after: dict) -> dict | None:
+    """The final minus the initial accuracy on the same held-out problems, with its paired CI
+    (the two intervals above each carry the problems' difficulty, which the pair shares)."""
+    from trace_rl.stages.common import open_store
+    from trace_rl.stages.eval_summary import compare_evaluations
+
+    if "testbed" not in before.get("benchmarks", {}) or "testbed" not in after.get("benchmarks", {}):
+        return None
+    return compare_evaluations(cfg, open_store(cfg), before["checkpoint"], after["checkpoint"], "testbed")
+
+
+def _fmt_change(change: dict | None) -> str:
+    if change is None:
+        return "n/a"
+    ci = change["ci95"]
+    interval = f" (paired 95% CI {100 * ci[0]:+.1f} to {100 * ci[1]:+.1f})" if ci else ""
+    return f"{100 * change['difference']:+.1f} points{interval}, the same {change['n_problems']} problems"
 
 
 def _acc(summary: dict) -> str:

@@ -63,12 +63,37 @@ def benchmark_seed(seed: int, benchmark: str) -> int:
     return int(fingerprint([seed, benchmark]), 16) % (2**32)
 
 
-def summarize_samples(rows: list[dict[str, Any]], *, resamples: int, seed: int,
-                      benchmark: str) -> tuple[dict[str, Any], np.ndarray]:
-    """One benchmark's summary entry from its sample rows, and its bootstrap means [R]."""
+def _by_problem(rows: list[dict[str, Any]]) -> dict[str, list[bool]]:
     by_problem: dict[str, list[bool]] = defaultdict(list)
     for r in rows:
         by_problem[r["problem_id"]].append(bool(r["correct"]))
+    return by_problem
+
+
+def paired_difference(before: list[dict[str, Any]], after: list[dict[str, Any]], *, resamples: int,
+                      seed: int, benchmark: str) -> dict[str, Any]:
+    """avg@k of `after` minus `before` on the same problems, with a paired bootstrap 95% CI.
+
+    Each resample draws problems once and takes both policies' accuracy on them, so what the
+    two share (which problems happen to be easy) cancels; two separate intervals, one per
+    policy, carry it twice and overlap where the difference's interval excludes 0. Sample rows
+    of different problem sets are refused: they are not a before/after pair.
+    """
+    a, b = _by_problem(before), _by_problem(after)
+    if not a or set(a) != set(b):
+        raise StageError(f"benchmark {benchmark!r}: the two evaluations scored different problems "
+                         f"({len(set(a) ^ set(b))} in one only); evaluate both with the same data and "
+                         "eval.limit to compare them")
+    diff_P = per_problem_accuracy(b) - per_problem_accuracy(a)  # both in sorted problem-id order
+    means_R = bootstrap_means(diff_P, resamples, benchmark_seed(seed, f"{benchmark}:paired"))
+    return {"difference": float(diff_P.mean()), "ci95": percentile_ci(means_R),
+            "n_problems": int(diff_P.size), "bootstrap_resamples": int(means_R.size)}
+
+
+def summarize_samples(rows: list[dict[str, Any]], *, resamples: int, seed: int,
+                      benchmark: str) -> tuple[dict[str, Any], np.ndarray]:
+    """One benchmark's summary entry from its sample rows, and its bootstrap means [R]."""
+    by_problem = _by_problem(rows)
     if not by_problem:
         raise StageError(f"benchmark {benchmark!r} has no samples to summarise")
     acc_P = per_problem_accuracy(by_problem)
@@ -163,6 +188,23 @@ def build_summary(cfg: TraceConfig, store: RunStore, ckpt_name: str, header: dic
         "five_column_mean": five_column_mean(entries, means),
         "created_at": time.time(),
     }
+
+
+def compare_evaluations(cfg: TraceConfig, store: RunStore, before: str, after: str,
+                        benchmark: str) -> dict[str, Any]:
+    """`paired_difference` of two checkpoints' stored samples of one benchmark (eval/<ckpt>/
+    <benchmark>); refused unless both were drawn from the same benchmark data."""
+    names = [eval_samples_dataset(ckpt, benchmark) for ckpt in (before, after)]
+    manifests = [store.manifest(name) for name in names]
+    missing = [n for n, m in zip(names, manifests) if m is None]
+    if missing:
+        raise StageError(f"no finished evaluation at {', '.join(missing)}; run `trace-rl eval` first")
+    data = {m.inputs.get("benchmark") for m in manifests if m is not None}
+    if len(data) != 1:
+        raise StageError(f"{names[0]} and {names[1]} were sampled from different {benchmark!r} data "
+                         "(its file, limit or task changed); evaluate both again to compare them")
+    return paired_difference(*(_read_samples(store, n) for n in names), resamples=cfg.eval.bootstrap,
+                             seed=cfg.run.seed, benchmark=benchmark)
 
 
 def print_summary(summary: dict[str, Any]) -> None:

@@ -17,7 +17,9 @@ from trace_rl.pipeline.store import RunStore
 from trace_rl.stages.eval_summary import (
     FIVE_COLUMNS,
     bootstrap_means,
+    compare_evaluations,
     five_column_mean,
+    paired_difference,
     percentile_ci,
     summarize_samples,
 )
@@ -74,6 +76,40 @@ def test_five_column_mean_needs_all_five() -> None:
     assert partial["value"] is None and partial["ci95"] is None
     assert "aime25" in partial["reason"] and "gpqa_diamond" in partial["reason"]
     assert "math500" not in partial["reason"]
+
+
+def test_paired_difference_is_the_difference_of_avg_at_k_on_random_pairs() -> None:
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        problems, k = int(rng.integers(1, 40)), int(rng.integers(1, 5))
+        before = {f"p{i}": list(rng.random(k) < 0.4) for i in range(problems)}
+        after = {f"p{i}": list(rng.random(k) < 0.6) for i in range(problems)}
+        got = paired_difference(_rows(before), _rows(after), resamples=200, seed=trial, benchmark="x")
+        a = summarize_samples(_rows(before), resamples=0, seed=0, benchmark="x")[0]["avg@k"]
+        b = summarize_samples(_rows(after), resamples=0, seed=0, benchmark="x")[0]["avg@k"]
+        assert got["difference"] == pytest.approx(b - a) and got["n_problems"] == problems
+        lo, hi = got["ci95"]
+        assert -1.0 <= lo <= hi <= 1.0
+
+
+def test_paired_interval_keeps_what_the_pair_shares_out() -> None:
+    # 200 problems, half easy (always solved) and half hard (never); training solves 20 more
+    # hard ones. The two per-policy intervals overlap; the paired one excludes 0 and holds 0.10.
+    before = {f"p{i}": [i < 100] * 2 for i in range(200)}
+    after = {f"p{i}": [i < 120] * 2 for i in range(200)}
+    ci_a = summarize_samples(_rows(before), resamples=1000, seed=0, benchmark="x")[0]["ci95"]
+    ci_b = summarize_samples(_rows(after), resamples=1000, seed=0, benchmark="x")[0]["ci95"]
+    assert ci_b[0] < ci_a[1]  # the separate intervals overlap
+    got = paired_difference(_rows(before), _rows(after), resamples=1000, seed=0, benchmark="x")
+    assert got["difference"] == pytest.approx(0.10) and 0.0 < got["ci95"][0] < 0.10 < got["ci95"][1]
+    same = paired_difference(_rows(before), _rows(before), resamples=1000, seed=0, benchmark="x")
+    assert same["difference"] == 0.0 and same["ci95"] == [0.0, 0.0]
+
+
+def test_paired_difference_refuses_different_problems() -> None:
+    with pytest.raises(StageError, match="different problems"):
+        paired_difference(_rows({"p1": [True]}), _rows({"p2": [True]}), resamples=10, seed=0,
+                          benchmark="x")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,3 +267,18 @@ def test_summary_keeps_only_entries_sampled_as_its_header_says(tmp_path, model_d
     assert set(both["benchmarks"]) == {"mini", "testbed"}
     tokens = RunStore(str(root)).read("eval/initial/testbed", EVAL_SAMPLES).column("num_tokens")
     assert max(tokens.to_pylist()) <= 6
+
+
+def test_compare_evaluations_pairs_only_the_same_benchmark_data(tmp_path, model_dir) -> None:
+    root = tmp_path / "run"
+    first = run_eval(_cfg(root, model_dir, benchmarks=["testbed"]), checkpoint="initial", progress=False)
+    again = run_eval(_cfg(root, model_dir, benchmarks=["testbed"]), checkpoint=model_dir, progress=False)
+    cfg, store = _cfg(root, model_dir), RunStore(str(root))
+    got = compare_evaluations(cfg, store, "initial", again["checkpoint"], "testbed")
+    assert got["n_problems"] == 3
+    assert got["difference"] == pytest.approx(again["benchmarks"]["testbed"]["avg@k"]
+                                              - first["benchmarks"]["testbed"]["avg@k"])
+    # Four held-out problems for one policy, three for the other: not a pair.
+    run_eval(_cfg(root, model_dir, benchmarks=["testbed"], limit=4), checkpoint=model_dir, progress=False)
+    with pytest.raises(StageError, match="different 'testbed' data"):
+        compare_evaluations(cfg, store, "initial", again["checkpoint"], "testbed")
