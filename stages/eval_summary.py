@@ -160,6 +160,19 @@ def _read_samples(store: RunStore, dataset: str) -> list[dict[str, Any]]:
     return store.read(dataset, EVAL_SAMPLES).select(["problem_id", "correct", "num_tokens"]).to_pylist()
 
 
+def _check_complete(entry: dict[str, Any], m: Manifest) -> None:
+    """Every problem of the benchmark has its k samples: a problem without samples would leave
+    avg@k's denominator silently, and one with fewer would weigh its few samples as k."""
+    problems, k = m.extra.get("problems"), m.extra.get("k")
+    if problems is None or k is None:  # written before these were recorded
+        return
+    if entry["n_problems"] != problems or entry["k"] != k or entry["n_samples"] != problems * k:
+        raise StageError(
+            f"{m.dataset}: {entry['n_samples']} samples over {entry['n_problems']} problems (k "
+            f"{entry['k']}), but the benchmark has {problems} problems x k {k}; evaluate it again "
+            "with --force")
+
+
 def build_summary(cfg: TraceConfig, store: RunStore, ckpt_name: str, header: dict[str, Any],
                   manifests: dict[str, Manifest],
                   current: Callable[[Manifest], bool]) -> dict[str, Any]:
@@ -172,6 +185,7 @@ def build_summary(cfg: TraceConfig, store: RunStore, ckpt_name: str, header: dic
         rows = _read_samples(store, m.dataset)
         entry, means[bench] = summarize_samples(rows, resamples=cfg.eval.bootstrap, seed=cfg.run.seed,
                                                 benchmark=bench)
+        _check_complete(entry, m)
         entry.update({"dataset": m.dataset, "dataset_fingerprint": m.fingerprint,
                       "verdict_status": m.extra.get("verdict_status", {}),
                       "finish_reason": m.extra.get("finish_reason", {})})

@@ -8,7 +8,8 @@ current (same checkpoint, data, sampling and verifier) is not sampled again unle
 `eval/<ckpt>/summary.json` is then computed from the stored samples: avg@k (= pass@1 estimated
 from k samples) per benchmark with a CI from resampling problems, and the paper's headline, the
 unweighted mean of five columns. A benchmark evaluated by an earlier call stays in the summary
-only while its samples were drawn from the same weights with the settings the header states.
+only while its samples were drawn from the same weights with the settings the header states;
+samples that do not hold k of every problem are refused, never averaged over fewer problems.
 """
 
 from __future__ import annotations

@@ -112,6 +112,29 @@ def test_paired_difference_refuses_different_problems() -> None:
                           benchmark="x")
 
 
+def test_summary_refuses_samples_that_miss_problems(tmp_path) -> None:
+    # Stored samples for 2 of a benchmark's 3 problems averaged over 2 (n_problems 2) in silence.
+    from trace_rl.stages.benchmarks import Benchmark
+    from trace_rl.stages.eval_summary import build_summary
+    from trace_rl.stages.evaluate import Checkpoint, samples_job, write_samples
+
+    cfg = _cfg(tmp_path / "run", str(tmp_path / "model"))
+    store, ckpt = RunStore(str(tmp_path / "run")), Checkpoint("initial", "m", {"checkpoint": "c"})
+    bench = Benchmark("mini", "math", [{"prompt_id": f"p{i}"} for i in range(3)], "bench-fp")
+    job = samples_job(cfg, ckpt, bench)
+    rows = [{"benchmark": "mini", "problem_id": p, "sample_index": i, "response_text": "1",
+             "extracted_answer": "1", "correct": p == "p0", "num_tokens": 1}
+            for p in ("p0", "p1") for i in range(2)]
+    m = write_samples(store, job, ckpt, rows, {"verdict_status": {"ok": 4}}, k=2)
+    with pytest.raises(StageError, match="4 samples over 2 problems .* 3 problems x k 2"):
+        build_summary(cfg, store, "initial", {}, {"mini": m}, current=lambda _: True)
+    # Both problems there, one with a single sample: it would weigh 1 sample as 2.
+    two = Benchmark("mini", "math", [{"prompt_id": "p0"}, {"prompt_id": "p1"}], "bench-fp")
+    m = write_samples(store, samples_job(cfg, ckpt, two), ckpt, rows[:3], {"verdict_status": {"ok": 3}}, k=2)
+    with pytest.raises(StageError, match="k \\[1, 2\\]"):
+        build_summary(cfg, store, "initial", {}, {"mini": m}, current=lambda _: True)
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end: a tiny random Qwen3, the hf engine, the real math verifier
 
