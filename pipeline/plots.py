@@ -80,7 +80,7 @@ def _fmt_acc(acc: Accuracy | None) -> str:
 
 
 _ROUND_COLUMNS = (  # (header, RoundStats attribute, format)
-    ("rollouts", "rollouts", "d"), ("reward rate", "reward_rate", ".3f"), ("coverage", "coverage", ".3f"),
+    ("rollouts", "rollouts", "d"), ("reward rate", "reward_rate", ".3f"), ("coverage (rows with spans)", "coverage", ".3f"),
     ("train steps", "steps", "d"), ("loss", "loss", ".4f"), ("kl weight", "kl_weight", ".3f"),
     ("span token frac", "span_token_frac", ".3f"), ("clip frac", "clip_frac", ".4f"),
     ("entropy", "entropy", ".3f"), ("response len", "response_len", ".1f"),

@@ -62,7 +62,7 @@ def _draw_reward(ax: Any, stats: RunStats) -> None:
 
 def _draw_span(ax: Any, stats: RunStats) -> None:
     _step_lines("span_token_frac")(ax, stats)
-    _round_segments(ax, stats, "coverage", "annotation coverage (round mean)", color="tab:orange", lw=2, ls="--")
+    _round_segments(ax, stats, "coverage", "annotation coverage (mean over rows with spans)", color="tab:orange", lw=2, ls="--")
 
 
 def curve_panels(stats: RunStats) -> list[Panel]:

@@ -112,6 +112,9 @@ def test_curve_figure_data_equals_the_metrics(tmp_path) -> None:
     span = _axis(fig, "span token fraction / coverage")
     assert [list(ln.get_ydata()) for ln in span.get_lines() if ln.get_color() == "tab:orange"] == [
         [0.2, 0.2], [0.4, 0.4]]
+    # coverage is a mean over the rows with spans only (NULL elsewhere), and says so: a round
+    # with 33 of 256 rows at 0.30 covers about 4% of its tokens, not 30%
+    assert "annotation coverage (mean over rows with spans)" in [t.get_text() for t in span.get_legend().get_texts()]
     # The round boundary (round 1 starts at step 3) is marked on every panel.
     assert any(list(ln.get_xdata()) == [2.5, 2.5] for ln in _axis(fig, "grad norm").get_lines())
 
@@ -159,6 +162,7 @@ def test_plot_run_writes_readable_pngs_and_a_matching_summary(tmp_path) -> None:
     assert not list(plots.glob("*.tmp"))
     md = (plots / "summary.md").read_text()
     assert md == metrics_markdown(str(tmp_path / "run"))
+    assert md.startswith("| round | rollouts | reward rate | coverage (rows with spans) |")
     assert "| 0 | 4 | 0.250 | 0.200 | 3 |" in md and "| 1 | 4 | 0.500 | 0.400 | 3 |" in md
     acc = collect_run(str(tmp_path / "run")).evals[2]["testbed"]
     assert f"| round-0002 | {100 * acc.value:.2f} [{100 * acc.ci95[0]:.1f}, {100 * acc.ci95[1]:.1f}] |" in md
