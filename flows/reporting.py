@@ -139,10 +139,13 @@ def stage_figures(cfg: TraceConfig, stage: str, round_index: int | None) -> str:
 
     store = RunStore(cfg.run.run_root)
     if stage == "evaluate":
-        ckpt = checkpoint_name(round_index + 1) if round_index is not None else None
-        paths = [store.path(eval_summary(ckpt))] if ckpt else sorted(store.fs.glob(store.path(eval_summary("*"))))
-        paths = [p for p in paths if store.fs.exists(p)]
-        return _eval_line(json.loads(store.read_text(paths[-1]))) if paths else "evaluate: no summary"
+        from trace_rl.stages.evaluate import latest_checkpoint_name
+
+        # no round: the stage evaluated 'latest' (not the summary whose name sorts last: an
+        # external model's eval/<name>/ would be reported in its place)
+        ckpt = checkpoint_name(round_index + 1) if round_index is not None else latest_checkpoint_name(store)
+        path = store.path(eval_summary(ckpt))
+        return _eval_line(json.loads(store.read_text(path))) if store.fs.exists(path) else "evaluate: no summary"
     m = store.manifest(dataset_name(stage, round_index))
     if m is None:
         return f"{stage_label(stage, round_index)}: no output"

@@ -74,12 +74,17 @@ def _trained_rounds(store: RunStore) -> list[int]:
     return sorted(found)
 
 
+def latest_checkpoint_name(store: RunStore) -> str:
+    """The name 'latest' stands for: the policy after the last finished round, else initial."""
+    rounds = _trained_rounds(store)
+    return checkpoint_name(rounds[-1] + 1) if rounds else checkpoint_name(0)
+
+
 def resolve_checkpoint(cfg: TraceConfig, store: RunStore, checkpoint: str) -> Checkpoint:
     """'initial', 'latest' (policy after the last finished round, else initial), 'round-K'
     (round K's start checkpoint) or a model dir/name."""
     if checkpoint == "latest":
-        rounds = _trained_rounds(store)
-        checkpoint = checkpoint_name(rounds[-1] + 1) if rounds else checkpoint_name(0)
+        checkpoint = latest_checkpoint_name(store)
     k = 0 if checkpoint == checkpoint_name(0) else parse_round(checkpoint)
     if k is not None:
         model_dir, fp = start_checkpoint(cfg, store, k)

@@ -301,6 +301,12 @@ def test_compare_evaluations_pairs_only_the_same_benchmark_data(tmp_path, model_
     assert got["n_problems"] == 3
     assert got["difference"] == pytest.approx(again["benchmarks"]["testbed"]["avg@k"]
                                               - first["benchmarks"]["testbed"]["avg@k"])
+    # The stage's log line without a round reports 'latest' (here the initial policy), not the
+    # summary whose checkpoint name sorts last (this model directory's, "tiny-model0").
+    from trace_rl.flows.reporting import stage_figures
+
+    assert again["checkpoint"] > "initial"
+    assert stage_figures(cfg, "evaluate", None).startswith("eval initial: testbed avg@2")
     # Four held-out problems for one policy, three for the other: not a pair.
     run_eval(_cfg(root, model_dir, benchmarks=["testbed"], limit=4), checkpoint=model_dir, progress=False)
     with pytest.raises(StageError, match="different 'testbed' data"):
