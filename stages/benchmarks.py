@@ -239,7 +239,20 @@ def _load(cfg: TraceConfig, name: str, spec: SourceSpec, verifier: VerifierKind,
         rows, template = gpqa_rows(data.records, name), GPQA_TEMPLATE
     else:
         rows = math_rows(data.records, name, template=template)
+    refuse_repeated_problems(rows, name)
     return Benchmark(name, verifier, rows, fingerprint([data.data_id, identity, template, cfg.eval.limit]))
+
+
+def refuse_repeated_problems(rows: list[dict[str, Any]], bench: str) -> None:
+    """A problem that appears twice under two ids would count twice in avg@k and its CI; the
+    error names the rows by id (the text is never shown: GPQA must not be published)."""
+    first: dict[str, str] = {}
+    for row in rows:
+        key = " ".join(row["problem"].split())
+        if key in first:
+            raise StageError(f"benchmark {bench!r}: rows {first[key]} and {row['prompt_id']} hold the same "
+                             "problem; remove one of them from the source")
+        first[key] = row["prompt_id"]
 
 
 def load_source(cfg: TraceConfig, name: str, src: BenchmarkSource) -> Benchmark:

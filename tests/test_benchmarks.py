@@ -192,6 +192,19 @@ def test_local_file_with_a_column_mapping(tmp_path) -> None:
         load_benchmark(_cfg(), "bad", {"bad": bad})
 
 
+def test_a_problem_repeated_under_two_ids_is_refused(tmp_path) -> None:
+    """It would count twice in avg@k and its CI (a local copy merged from two exports, say)."""
+    path = tmp_path / "merged.jsonl"
+    recs = [{"id": "a", "problem": "What is 2+2?", "answer": "4"},
+            {"id": "b", "problem": "What is 3+3?", "answer": "6"},
+            {"id": "c", "problem": "What is  2+2? ", "answer": "4"}]
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    with pytest.raises(StageError, match="rows a and c hold the same problem") as err:
+        load_benchmark(_cfg(), f"file:{path}")
+    assert "2+2" not in str(err.value)  # rows are named by id, never by text
+    assert len(load_benchmark(_cfg(limit=2), f"file:{path}").rows) == 2
+
+
 def test_unknown_name_lists_the_valid_ones() -> None:
     with pytest.raises(ConfigError) as err:
         load_benchmark(_cfg(), "math5000")
