@@ -297,3 +297,32 @@ def test_review_cases_reward_exactly_the_right_answers(checker: MathChecker) -> 
         if rewarded != (c["expect"] == "correct"):
             wrong.append((c["text"], c["gold"], c["expect"], verdict))
     assert wrong == []
+
+
+@pytest.mark.parametrize("full", [
+    "Adding them up gives the total. The answer is 125 apples.",
+    "Adding them up gives the total.\nAnswer: 125",
+    "Adding them up gives the total.\n#### 125",
+    "Adding them up gives the total, so the answer is $\\boxed{125}$.",
+    "Adding them up gives the total. The final answer is \\boxed{\\frac{125}{2}}.",
+    "\\boxed{125}",
+    "Adding them up gives the total. The answer is 12.5 meters.",
+])
+def test_a_response_cut_inside_its_answer_states_nothing(checker: MathChecker, full: str) -> None:
+    """Property: a response cut by its token limit in the middle of its final answer ("... the
+    answer is 12" of "125", "\\boxed{12" of "\\boxed{125}") is not rewarded for the part it
+    wrote: what follows the cut is unknown. Graded against each value its prefix reads as."""
+    cut_off = {"finish_reason": "length"}
+    start = full.rfind("12")
+    for cut in range(start + 1, len(full)):
+        prefix = full[:cut]
+        closed = prefix.endswith(("}", "$")) or (prefix.endswith(".") and not prefix[-2].isdigit())
+        if closed and prefix.count("{") == prefix.count("}"):
+            continue  # the answer is closed: complete, however the response goes on
+        for gold in ("1", "12", "125", "\\frac{12}{2}", "\\frac{125}{2}"):
+            verdict = checker(prefix, gold, cut_off)
+            assert not verdict.correct, (prefix, gold, verdict)
+    # The whole response, ended by the model, is read; cut right after a closed answer, too.
+    whole = "\\frac{125}{2}" if "frac" in full else "12.5" if "12.5" in full else "125"
+    assert checker(full, whole, {"finish_reason": "stop"}).correct
+    assert checker(full, whole, cut_off).correct == full.endswith((".", "}"))

@@ -38,7 +38,9 @@ counts. Only without any explicit statement does an implicit one count:
   now has 20 apples."; that number is verified.
 
 The last two are not read in a response cut by its token limit (``finish_reason: length``),
-whose last complete sentence is working that happened to end, not a conclusion.
+whose last complete sentence is working that happened to end, not a conclusion. In such a
+response a statement that runs into the cut unclosed ("the answer is 12" of 125, an unclosed
+``\\boxed{``) states nothing either (math_verifier.py).
 
 Sign-off sentences after the last one ("I hope it is correct.") are skipped.
 

@@ -112,6 +112,7 @@ NO_ANSWER_DETAIL = (
 )
 HEDGE_DETAIL = "no stated answer: the last statement hedges between values ({})"
 UNCLEAR_DETAIL = "no stated answer: the last statement is unclear ({}): {}"
+CUT_DETAIL = "no stated answer: the response was cut by its token limit inside its answer ({})"
 # Statements read from a sentence with no answer phrase: the whole sentence must be clear.
 _IMPLICIT_KINDS = ("conclusion", "closing_value", "result", "single_value")
 
@@ -139,6 +140,8 @@ def parse_prediction(region: str, *, cut: bool = False) -> tuple[Parsed, str | N
         if parsed:
             if (why := _unclear_context(region, masked, statement)) is not None:
                 return [], None, UNCLEAR_DETAIL.format(why, repr(statement.text[:60]))
+            if cut and _runs_into_cut(region, statement):
+                return [], None, CUT_DETAIL.format(repr(statement.text[-60:]))
             return parsed, extracted, _STATEMENT_DETAILS.get(statement.kind)
     statement = implicit_statement(region, masked, results=not cut)
     if statement is not None:
@@ -146,8 +149,26 @@ def parse_prediction(region: str, *, cut: bool = False) -> tuple[Parsed, str | N
         if parsed:
             if (why := _unclear_context(region, masked, statement)) is not None:
                 return [], None, UNCLEAR_DETAIL.format(why, repr(statement.text[:60]))
+            if cut and _runs_into_cut(region, statement):
+                return [], None, CUT_DETAIL.format(repr(statement.text[-60:]))
             return parsed, extracted, _STATEMENT_DETAILS[statement.kind]
     return [], None, NO_ANSWER_DETAIL
+
+
+def _runs_into_cut(region: str, statement: Statement) -> bool:
+    """True when a statement reaches the end of a response cut by its token limit without
+    closing: "the answer is 12" may have gone on as 125 or 12.5, "\\boxed{12" as \\boxed{125}.
+    A closed box or math span, or a sentence end that is not a decimal point, is complete."""
+    if statement.kind == "boxed":  # a box is only found with its closing brace
+        return False
+    at = region.find(statement.text, statement.start)
+    tail = region[at + len(statement.text):] if at >= 0 else "?"
+    if tail.strip() not in ("", "."):
+        return False  # something follows the statement: it ended before the cut
+    text = (statement.text + tail).rstrip()  # a last "." may be a decimal point ("12." of 12.5)
+    if text.count("{") > text.count("}"):
+        return True
+    return not (text.endswith(("}", "$", "!", "?")) or (text.endswith(".") and not text[-2:-1].isdigit()))
 
 
 def _unclear_context(region: str, masked: str, statement: Statement) -> str | None:
