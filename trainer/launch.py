@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -40,7 +41,7 @@ from trace_rl.pipeline.layout import dataset_name
 from trace_rl.pipeline.progress_lines import lines_to_stderr
 from trace_rl.pipeline.store import RunStore
 from trace_rl.trainer.config import TrainConfig
-from trace_rl.trainer.watchdog import leave_group, make_accelerator, watch_flow, write_json
+from trace_rl.trainer.watchdog import end_if_orphaned, leave_group, make_accelerator, watch_flow, write_json
 
 ANSWER = "answer.json"  # the launch's answer to the stage, beside metrics_out
 
@@ -116,6 +117,8 @@ def run_from_args(args: dict) -> list[dict]:
     rows, worst = run_round(args, accelerator, Resident())
     out = args.get("metrics_out")
     if out and accelerator.is_main_process:
+        if args.get("parent_pid") is not None:  # launched by a flow: answer it only while it runs
+            end_if_orphaned(int(args["parent_pid"]), args.get("parent_id") or None, os.getppid(), "the round")
         Path(out).write_text("".join(json.dumps(row) + "\n" for row in rows))
         if args.get("replay"):
             Path(out).with_name("replay.json").write_text(json.dumps({"max_abs_delta": worst}))

@@ -55,6 +55,19 @@ def orphaned(parent_pid: int | None, parent_id: str | None, launcher: int) -> st
     return None
 
 
+def end_if_orphaned(parent_pid: int | None, parent_id: str | None, launcher: int, what: str) -> None:
+    """Right before an answer is written: end this process, answering nothing, when its flow
+    is gone. The watchdog polls every WATCH seconds, so a round that ends within that time of
+    the flow's death would otherwise still answer the dead flow (its nonce keeps a restarted
+    flow from taking it, but the answer must not exist)."""
+    why = orphaned(parent_pid, parent_id, launcher)
+    if why:
+        log.error("trainer group: %s; %s is not answered, process %d ends now", why, what, os.getpid())
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(ORPHANED)
+
+
 def watch_flow(parent_pid: int | None, parent_id: str | None, launcher: int) -> None:
     """Every process, in a daemon thread: end the process once its flow is gone, whatever the
     main thread is doing (a round can run for hours; the flow that asked for it is dead and a

@@ -54,7 +54,8 @@ from pathlib import Path
 from typing import Any
 
 from trace_rl.pipeline.progress_lines import StderrForwarder, lines_to_stderr
-from trace_rl.trainer.watchdog import leave_group, make_accelerator, orphaned, watch_flow, write_json
+from trace_rl.trainer.watchdog import (end_if_orphaned, leave_group, make_accelerator, orphaned,
+                                       watch_flow, write_json)
 
 log = logging.getLogger("trace_rl.trainer.worker_group")
 
@@ -197,6 +198,7 @@ def serve(cmd_dir: str | Path, accelerator: Any = None, parent_pid: int | None =
             return
         reply = _answer(msg, acc, resident, cmd_dir, nonce)
         if rank0:
+            end_if_orphaned(parent_pid, parent_id, launcher, msg["name"])
             write_json(cmd_dir / f"{msg['name']}.done.json", reply)
 
 
