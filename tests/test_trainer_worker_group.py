@@ -145,7 +145,10 @@ def test_dead_group_falls_back_to_a_checked_cold_start(tmp_path, tiny_testbed_di
 # A flow stand-in: starts the group (an offload request waits for it to answer), prints the
 # group's process-group id, then waits to be interrupted.
 FLOW = r"""
-import sys, time
+import signal, sys, time
+# Ctrl-C as in a terminal: a process started in the background by a non-interactive shell (a
+# CI runner's `cmd &`) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from trace_rl.stages.config import load_config
 from trace_rl.trainer.worker_group import trainer_group_session
 cfg = load_config("demo", sys.argv[1:])
