@@ -326,3 +326,28 @@ def test_a_response_cut_inside_its_answer_states_nothing(checker: MathChecker, f
     whole = "\\frac{125}{2}" if "frac" in full else "12.5" if "12.5" in full else "125"
     assert checker(full, whole, {"finish_reason": "stop"}).correct
     assert checker(full, whole, cut_off).correct == full.endswith((".", "}"))
+
+
+@pytest.mark.parametrize("response, gold, rewarded", [
+    # Closed before the cut: a line break, a period and a space, a closed \( \) span.
+    ("Adding them up.\nThe answer is 12.\n", "12", True),
+    ("Adding them up.\nThe answer is 12. ", "12", True),
+    ("Adding them up.\nAnswer: 12\n", "12", True),
+    ("Adding them up.\n#### 12\n", "12", True),
+    ("Adding them up. The answer is \\(12\\)", "12", True),
+    # Cut inside a last answer that does not parse yet: the earlier answer it was going on to
+    # restate or revise is not read in its place.
+    ("So $\\boxed{12}$. But wait, we double counted, so the answer is $\\boxed{1", "12", False),
+    ("So $\\boxed{12}$. But wait, we double counted, so the answer is $\\boxed{1", "1", False),
+    ("We get $\\boxed{350}$. Another way: $200 + 2d = \\boxed{3", "350", False),
+    ("We get $\\boxed{350}$. Another way: $200 + 2d = \\boxed{3", "3", False),
+    ("The answer is 12. Actually, no: the answer is $\\frac{3}{4", "12", False),
+])
+def test_a_cut_response_is_read_up_to_its_last_answer(
+    checker: MathChecker, response: str, gold: str, rewarded: bool
+) -> None:
+    """A cut response's last answer decides: closed before the cut, it is read (a line break or
+    "12. " is no decimal point); cut inside, nothing is, not even an earlier closed answer
+    (math500 solutions cut inside their second box: 48 of 2964 cuts read the first box)."""
+    verdict = checker(response, gold, {"finish_reason": "length"})
+    assert verdict.correct == rewarded, verdict

@@ -128,7 +128,10 @@ def parse_prediction(region: str, *, cut: bool = False) -> tuple[Parsed, str | N
     """
     region = cut_at_turn_end(region)
     masked = mask_math(region)
-    for statement in reversed(explicit_statements(region, masked)):
+    statements = explicit_statements(region, masked)
+    if cut and (unfinished := _unfinished_last_answer(region, statements)) is not None:
+        return [], None, CUT_DETAIL.format(repr(unfinished[-60:]))
+    for statement in reversed(statements):
         if statement.kind in _VALUE_KINDS and (stated := stated_value(statement.text)) is not None:
             if stated.kind == "hedge":
                 return [], None, HEDGE_DETAIL.format(repr(stated.text[:60]))
@@ -155,6 +158,21 @@ def parse_prediction(region: str, *, cut: bool = False) -> tuple[Parsed, str | N
     return [], None, NO_ANSWER_DETAIL
 
 
+def _unfinished_last_answer(region: str, statements: list[Statement]) -> str | None:
+    """The answer a cut response was writing when the cut came, or None: an unclosed box at
+    its end ("... = \\boxed{3" of 350), or a last answer statement that runs into the cut
+    ("the answer is $\\frac{3}{4"). Either is skipped as unparsable, so without this check an
+    earlier answer the response was going on to restate or revise would be read instead."""
+    box = max(region.rfind("\\boxed"), region.rfind("\\fbox"))
+    rest = region[box:] if box >= 0 else ""
+    if rest and (rest.count("{") > rest.count("}") or rest.rstrip() in ("\\boxed", "\\fbox")):
+        return rest
+    last = statements[-1] if statements else None
+    if last is not None and last.kind in _VALUE_KINDS and re.search(r"[\d$\\]", last.text):
+        return last.text if _runs_into_cut(region, last) else None
+    return None
+
+
 def _runs_into_cut(region: str, statement: Statement) -> bool:
     """True when a statement reaches the end of a response cut by its token limit without
     closing: "the answer is 12" may have gone on as 125 or 12.5, "\\boxed{12" as \\boxed{125}.
@@ -168,7 +186,10 @@ def _runs_into_cut(region: str, statement: Statement) -> bool:
     text = (statement.text + tail).rstrip()  # a last "." may be a decimal point ("12." of 12.5)
     if text.count("{") > text.count("}"):
         return True
-    return not (text.endswith(("}", "$", "!", "?")) or (text.endswith(".") and not text[-2:-1].isdigit()))
+    if "\n" in tail or re.fullmatch(r"\.\s+", tail):
+        return False  # a line break, or a period and a space, ends it: "12.\n" is not 12.5
+    closed = text.endswith(("}", "$", "\\)", "\\]", "!", "?"))
+    return not (closed or (text.endswith(".") and not text[-2:-1].isdigit()))
 
 
 def _unclear_context(region: str, masked: str, statement: Statement) -> str | None:
