@@ -135,7 +135,7 @@ def test_the_prefect_run_reads_like_the_experiment(finished_run):
         tasks = {t.name for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": ids}))}
         assert {"prepare", "rollout r0", "verify r1", "annotate r1", "train r1",
                 "evaluate initial", "evaluate round-0002"} <= tasks, tasks
-        logs = _all_logs(client, LogFilter(flow_run_id={"any_": ids}))
+        logs = _all_logs(client, LogFilter(flow_run_id={"any_": ids}), until="eval round-0002: testbed avg@")
         assert "verify r1: " in logs and "accuracy (reward rate) " in logs
         assert "mean coverage " in logs and " rows with spans (NULL on rows without" in logs
         assert "train r0: " in logs and "λ " in logs and "pg_loss " in logs
@@ -148,7 +148,8 @@ def test_the_prefect_run_reads_like_the_experiment(finished_run):
         assert re.search(r"hf sampling: \d+/\d+ sequences · \d+ tok/s", _task_logs(client, by_task["rollout r0"].id))
         # the parent run: one line per finished round with its headline numbers; the testbed
         # build is a task of its own, its SFT steps are not in the parent's log
-        parent_logs = _all_logs(client, LogFilter(flow_run_id={"any_": [parent.id]}))
+        parent_logs = _all_logs(client, LogFilter(flow_run_id={"any_": [parent.id]}),
+                                until="policy 2: eval round-0002: testbed avg@")
         for k in (0, 1):
             assert re.search(rf"round {k} done \(policy {k} sampled, policy {k + 1} written\): reward "
                              r"rate [\d.]+", parent_logs), parent_logs
@@ -170,15 +171,28 @@ def _task_logs(client, task_run_id) -> str:
     return _all_logs(client, LogFilter(task_run_id={"any_": [task_run_id]}))
 
 
-def _all_logs(client, log_filter) -> str:
-    """Every log line the filter selects, page by page (the API returns at most 200 a call)."""
-    from prefect.client.schemas.sorting import LogSort
+def _all_logs(client, log_filter, until: str | None = None, wait_s: float = 60.0) -> str:
+    """Every log line the filter selects, page by page (the API returns at most 200 a call).
 
-    lines, offset = [], 0
-    while page := client.read_logs(log_filter=log_filter, limit=200, offset=offset, sort=LogSort.TIMESTAMP_ASC):
-        lines += [x.message for x in page]
-        offset += len(page)
-    return "\n".join(lines)
+    Log lines reach the server in batches from a background worker of this process: its queue
+    is drained first, and with `until` the server is read again (up to `wait_s`) until that
+    text has arrived, so that a late batch is not taken for a missing line."""
+    import time
+
+    from prefect.client.schemas.sorting import LogSort
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=wait_s)
+    deadline = time.monotonic() + wait_s
+    while True:
+        lines, offset = [], 0
+        while page := client.read_logs(log_filter=log_filter, limit=200, offset=offset, sort=LogSort.TIMESTAMP_ASC):
+            lines += [x.message for x in page]
+            offset += len(page)
+        text = "\n".join(lines)
+        if until is None or until in text or time.monotonic() > deadline:
+            return text
+        time.sleep(1.0)
 
 
 def _this_run(client, name: str, root: str):
