@@ -54,10 +54,10 @@ def overlong_ratio(work: Path) -> float:
         grads: dict = {}
         original = round_mod._apply_update
 
-        def capture(r, optimizer, scheduler, _grads=grads, _original=original):
+        def capture(r, optimizer, scheduler, _grads=grads, _original=original, **kw):
             _grads.update({k: p.grad.clone() for k, p in r.unwrapped.named_parameters()
                            if p.grad is not None})
-            return _original(r, optimizer, scheduler)
+            return _original(r, optimizer, scheduler, **kw)
 
         n = rollouts.num_rows
         cfg = TrainConfig(method="grpo", mini_batch_size=n, micro_batch_size=n, lr=1e-3,

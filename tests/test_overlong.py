@@ -6,7 +6,6 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 import torch
-
 from tiny import make_round_tables, make_tokenizer
 from trace_rl.trainer.batch import build_examples
 from trace_rl.trainer.config import TrainConfig
@@ -95,10 +94,10 @@ def _step_gradient(tmp_path, tables, tag: str, **kw) -> tuple[dict, list[dict]]:
     grads: dict = {}
     original = round_mod._apply_update
 
-    def capture(r, optimizer, scheduler):
+    def capture(r, optimizer, scheduler, **kw):
         grads.update({k: p.grad.clone() for k, p in r.unwrapped.named_parameters()
                       if p.grad is not None})
-        return original(r, optimizer, scheduler)
+        return original(r, optimizer, scheduler, **kw)
 
     round_mod._apply_update = capture
     try:
@@ -139,3 +138,47 @@ def test_masked_rollouts_add_nothing_to_the_step(setup, tmp_path, agg, micro) ->
         torch.testing.assert_close(g_cut[name], g_kept[name], rtol=1e-4, atol=1e-7)
     for key in ("entropy", "response_len_mean", "clip_frac"):
         assert rows_cut[0][key] == pytest.approx(rows_kept[0][key], rel=1e-5), key
+
+
+def test_an_all_masked_mini_batch_moves_no_weight(setup, tmp_path) -> None:
+    """A mini-batch whose rollouts were all cut trains no token: AdamW stepped anyway and moved
+    every weight by its moments (about 2/3 of a real step, on no data). Now the weights stay,
+    while the step still counts (the schedule goes on) and the next mini-batch trains."""
+    import numpy as np
+    from tiny import save_tiny_checkpoint
+    from trace_rl.trainer import round as round_mod
+
+    _, t = setup
+    cfg = TrainConfig(method="grpo", mini_batch_size=4, micro_batch_size=4, lr=1e-3,
+                      logprob_chunk=16, tensorboard=False, report_to=[], overlong="mask",
+                      warmup_steps=8)
+    rows = t["rollouts"].to_pylist()
+    order = np.random.default_rng([cfg.seed, 0]).permutation(len(rows))  # the round's order
+    second = {rows[i]["rollout_id"] for i in order[4:8]}  # step 1's mini-batch: all cut
+    for r in rows:
+        r["finish_reason"] = "length" if r["rollout_id"] in second else "stop"
+    tables = {**t, "rollouts": pa.Table.from_pylist(rows, schema=t["rollouts"].schema)}
+    moved: list[float] = []
+    original = round_mod._apply_update
+
+    def measure(r, optimizer, scheduler, **kw):
+        before = [p.detach().clone() for p in r.unwrapped.parameters()]
+        out = original(r, optimizer, scheduler, **kw)
+        moved.append(max(float((p.detach() - b).abs().max())
+                         for p, b in zip(r.unwrapped.parameters(), before)))
+        return out
+
+    round_mod._apply_update = measure
+    try:
+        steps = round_mod.train_round(cfg, **tables,
+                                      init_checkpoint=save_tiny_checkpoint(tmp_path / "i", seed=0),
+                                      output_checkpoint=str(tmp_path / "out"),
+                                      work_dir=str(tmp_path / "w"), round_index=0, progress=False,
+                                      write_output=False)
+    finally:
+        round_mod._apply_update = original
+    assert [s["step"] for s in steps] == [0, 1, 2, 3]
+    assert steps[1]["grad_norm"] == 0.0  # step 1 is the all-cut mini-batch
+    assert [s["lr"] for s in steps] == pytest.approx([1e-3 * k / 8 for k in (1, 2, 3, 4)])
+    assert moved[0] > 0 and moved[2] > 0 and moved[3] > 0
+    assert moved[1] == 0.0, moved

@@ -10,6 +10,7 @@ import torch
 
 from tiny import make_round_tables, make_tokenizer, save_tiny_checkpoint
 from trace_rl.trainer import round as round_mod
+from trace_rl.trainer.checkpoint import PROGRESS_FILE
 from trace_rl.trainer.config import TrainConfig
 
 
@@ -47,11 +48,11 @@ def test_cold_round_holds_one_float32_master(tmp_path, monkeypatch):
     seen = []
     original = round_mod._apply_update
 
-    def at_first_step(r, optimizer, scheduler):  # the peak: weights, grads, moments all live
+    def at_first_step(r, optimizer, scheduler, **kw):  # the peak: weights, grads, moments live
         if not seen:
             gc.collect()
             seen.append(_stray_fp32_bytes(r, optimizer))
-        return original(r, optimizer, scheduler)
+        return original(r, optimizer, scheduler, **kw)
 
     monkeypatch.setattr(round_mod, "_apply_update", at_first_step)
     round_mod.train_round(cfg, **tables, init_checkpoint=str(tmp_path / "c1"),
@@ -61,3 +62,72 @@ def test_cold_round_holds_one_float32_master(tmp_path, monkeypatch):
     print(f"cold round: {stray} stray float32 bytes beside a {master}-byte master")
     assert master > 0
     assert stray == 0
+
+
+def _first_step_stray(monkeypatch, run) -> tuple[int, int]:
+    """`run()` under a probe that counts the stray float32 bytes at its first optimizer step."""
+    seen = []
+    original = round_mod._apply_update
+
+    def at_first_step(r, optimizer, scheduler, **kw):
+        if not seen:
+            gc.collect()
+            seen.append(_stray_fp32_bytes(r, optimizer))
+        return original(r, optimizer, scheduler, **kw)
+
+    monkeypatch.setattr(round_mod, "_apply_update", at_first_step)
+    run()
+    monkeypatch.setattr(round_mod, "_apply_update", original)
+    return seen[0]
+
+
+def test_a_round_resumed_from_its_progress_save_holds_one_float32_master(tmp_path, monkeypatch):
+    """The progress save's weights (and, under FSDP, every rank's copy of them) were kept alive
+    for the rest of a resumed round: one more float32 master."""
+    init = save_tiny_checkpoint(tmp_path / "init", seed=0)
+    tables = make_round_tables(make_tokenizer(), n_prompts=1, samples=4, seed=1)
+    cfg = TrainConfig(method="grpo", mini_batch_size=1, micro_batch_size=1, lr=1e-3,
+                      logprob_chunk=16, dtype="bfloat16", save_every=1, tensorboard=False,
+                      report_to=[])
+    kw = {"init_checkpoint": init, "output_checkpoint": str(tmp_path / "c1"),
+          "work_dir": str(tmp_path / "w0"), "round_index": 0, "progress": False}
+    original, calls = round_mod._apply_update, []
+
+    def crash_in_step_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*a, **k)
+
+    monkeypatch.setattr(round_mod, "_apply_update", crash_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        round_mod.train_round(cfg, **tables, **kw)
+    monkeypatch.setattr(round_mod, "_apply_update", original)
+    assert (tmp_path / "w0" / PROGRESS_FILE).exists()
+    rows: list = []
+    stray, master = _first_step_stray(
+        monkeypatch, lambda: rows.extend(round_mod.train_round(cfg, **tables, **kw)))
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]  # resumed after step 1's save
+    print(f"resumed round: {stray} stray float32 bytes beside a {master}-byte master")
+    assert master > 0 and stray == 0
+
+
+def test_a_rejected_resident_state_is_freed_before_the_round_trains(tmp_path, monkeypatch):
+    """A held state that `take` rejects (here: another start checkpoint) lived on through the
+    round beside the new model: its weights and both AdamW moments, 3 float32 masters."""
+    from trace_rl.trainer.resident import Resident
+
+    init = save_tiny_checkpoint(tmp_path / "init", seed=0)
+    tables = make_round_tables(make_tokenizer(), n_prompts=1, samples=4, seed=1)
+    cfg = TrainConfig(method="grpo", mini_batch_size=4, micro_batch_size=2, lr=1e-3,
+                      logprob_chunk=16, dtype="bfloat16", tensorboard=False, report_to=[])
+    res = Resident()
+    round_mod.train_round(cfg, **tables, init_checkpoint=init, output_checkpoint=str(tmp_path / "c1"),
+                          work_dir=str(tmp_path / "w0"), round_index=0, progress=False,
+                          resident=res)
+    assert res.held is not None
+    stray, master = _first_step_stray(monkeypatch, lambda: round_mod.train_round(
+        cfg, **tables, init_checkpoint=init, output_checkpoint=str(tmp_path / "c1-again"),
+        work_dir=str(tmp_path / "w1"), round_index=0, progress=False, resident=res))
+    print(f"after a rejected resident state: {stray} stray float32 bytes ({master}-byte master)")
+    assert master > 0 and stray == 0

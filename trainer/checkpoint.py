@@ -272,17 +272,26 @@ def usable_trainer_state(path: str | Path) -> bool:
     return not problems
 
 
-def load_progress(work_dir: str | Path, fingerprint: str) -> dict[str, Any] | None:
-    """The last in-round progress save, if it belongs to the same round and config."""
+def load_progress(work_dir: str | Path, fingerprint: str,
+                  receives_shards: bool = False) -> dict[str, Any] | None:
+    """The last in-round progress save, if it belongs to the same round and config.
+
+    `receives_shards` (an FSDP process other than the main one): of a `full_fqn` save the weights
+    and moments are dropped unread (memory-mapped), as `load_trainer_state` does: the main
+    process's copy is broadcast by `restore_sharded`."""
     f = Path(work_dir) / PROGRESS_FILE
     if not f.exists():
         return None
-    state = torch.load(f, map_location="cpu", weights_only=False)
+    state = torch.load(f, map_location="cpu", weights_only=False, mmap=receives_shards)
     if state.get("fingerprint") != fingerprint:
         raise RuntimeError(
             f"{f} was saved by a different round or config (fingerprint mismatch); "
             "delete it or use a fresh work_dir to start the round over"
         )
+    if receives_shards:
+        if state.get("state_layout") != FULL_FQN:  # unsharded: every process needs it all
+            return load_progress(work_dir, fingerprint)
+        state.update(model={}, optimizer={})
     return state
 
 

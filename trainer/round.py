@@ -16,6 +16,8 @@ import json
 import logging
 import math
 import time
+import warnings
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,7 +190,8 @@ def _continue_from(cfg: TrainConfig, optimizer, scheduler, path: str, global_ste
 def _normaliser(cfg: TrainConfig, examples: list[Example], mini: np.ndarray) -> float:
     """The whole mini-batch's token (token_mean) or sequence count, whatever the micro-batch.
     Rollouts masked by `train.overlong: mask` are not counted: counting them would shrink every
-    step by its own (varying) truncated share. At least 1, so an all-masked step adds zeros."""
+    step by its own (varying) truncated share. At least 1, so an all-masked step adds zeros
+    (and `_apply_update` then leaves the weights alone)."""
     kept = [examples[i] for i in mini if not examples[i].masked]
     if cfg.loss_agg == "token_mean":
         return float(max(1, sum(len(e.response_ids) for e in kept)))
@@ -204,13 +207,21 @@ def _collate_micro(r: _Step, examples, idx: list[int], mini, old_logp, adv_all, 
                    [adv_all[i] for i in idx], pad_id, with_teacher, weight, r.acc.device)
 
 
-def _apply_update(r: _Step, optimizer, scheduler) -> tuple[float, float]:
-    """Clip, step, zero; returns (pre-clip gradient norm, the learning rate used)."""
+def _apply_update(r: _Step, optimizer, scheduler, trains: bool = True) -> tuple[float, float]:
+    """Clip, step, zero; returns (pre-clip gradient norm, the learning rate used).
+
+    A mini-batch that trains no token (`trains` False: every rollout in it masked by
+    `train.overlong: mask`) does not step the optimizer: AdamW would still move every weight by
+    its moments (about 2/3 of a real step) on no data. The step still counts (scheduler, global
+    step, λ and teacher syncs go on as planned)."""
     max_norm = r.cfg.grad_clip if r.cfg.grad_clip else float("inf")
     grad_norm = float(r.acc.clip_grad_norm_(r.wrapped.parameters(), max_norm))
     lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
+    if trains:
+        optimizer.step()
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, lr
 
@@ -259,8 +270,11 @@ def train_round(
     if acc.is_main_process:
         for leftover in clean_tmp_dirs(output_checkpoint):
             log.warning("removed %s, left by an interrupted checkpoint save", leftover)
-    before = [*acc._models, *acc._optimizers]
-    prior = resident.held if resident is not None else None
+    # Weak references only: a held state that `take` rejects must be freed at once, not live on
+    # beside this round's model (its master and both moments: 3 float32 copies).
+    before = [weakref.ref(x) for x in (*acc._models, *acc._optimizers)]
+    prior = [weakref.ref(x) for x in (resident.held.wrapped, resident.held.optimizer)] \
+        if resident is not None and resident.held is not None else []
     try:
         return _train_round(cfg, prompts=prompts, rollouts=rollouts, verdicts=verdicts,
                             annotations=annotations, init_checkpoint=init_checkpoint,
@@ -273,8 +287,8 @@ def train_round(
         # or took from the resident is released unless the resident holds it now.
         held = resident.held if resident is not None else None
         keep = (held.wrapped, held.optimizer) if held is not None else ()
-        drop = [x for x in (*acc._models, *acc._optimizers) if not any(x is b for b in before)]
-        drop += [prior.wrapped, prior.optimizer] if prior is not None else []
+        drop = [x for x in (*acc._models, *acc._optimizers) if not any(x is b() for b in before)]
+        drop += [x for x in (ref() for ref in prior) if x is not None]
         release(acc, *[x for x in drop if not any(x is k for k in keep)])
 
 
@@ -301,7 +315,8 @@ def _train_round(cfg: TrainConfig, *, prompts, rollouts, verdicts, annotations, 
     order = np.random.default_rng([cfg.seed, round_index]).permutation(len(examples))
     plan = _shards(cfg, order, acc.process_index, acc.num_processes)
 
-    saved = load_progress(work, fp)
+    # under FSDP only the main process reads the progress save's weights and moments
+    saved = load_progress(work, fp, receives_shards=not acc.is_main_process)
     inherit = round_index > 0 or cfg.continue_trainer_state
     if held is not None:
         optimizer, scheduler, state, global_step = held.optimizer, held.scheduler, None, held.global_step
@@ -311,8 +326,10 @@ def _train_round(cfg: TrainConfig, *, prompts, rollouts, verdicts, annotations, 
             # round k resumes round k-1's state (a continued run's round 0: any round's)
             expect = round_index - 1 if round_index > 0 else None
             # under FSDP only the main process reads the moments and master from the file
+            # a progress save of this round holds all of it, newer: the state is not loaded
             state = load_trainer_state(init_checkpoint, expect, deep=acc.is_main_process,
-                                       receives_shards=not acc.is_main_process) if inherit else None
+                                       receives_shards=not acc.is_main_process) \
+                if inherit and saved is None else None
             global_step = 0
         if state is None and saved is None and round_index > 0:
             raise RuntimeError(
@@ -356,11 +373,15 @@ def _train_round(cfg: TrainConfig, *, prompts, rollouts, verdicts, annotations, 
                              live)
     cursor, rows = 0, []
     if saved is not None:
+        # popped: the save's float32 weights must not live on beside the model's for the round
+        weights, moments = saved.pop("model"), saved.pop("optimizer")
         if saved.get("state_layout") == FULL_FQN:
-            restore_sharded(wrapped, optimizer, saved, with_model=True)
+            restore_sharded(wrapped, optimizer, {"model": weights, "optimizer": moments},
+                            with_model=True)
         else:
-            acc.unwrap_model(wrapped).load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
+            acc.unwrap_model(wrapped).load_state_dict(weights)
+            optimizer.load_state_dict(moments)
+        del weights, moments
         scheduler.load_state_dict(saved["scheduler"])
         global_step, cursor, rows = saved["global_step"], saved["cursor"], saved["rows"]
         teacher.restore(saved["teacher"])
@@ -388,7 +409,8 @@ def _train_round(cfg: TrainConfig, *, prompts, rollouts, verdicts, annotations, 
             mb = _collate_micro(r, examples, idx, mini, old_logp, adv_all, pad_id, with_teacher)
             _micro_step(r, mb, lam, _normaliser(cfg, examples, mini), stats,
                         j == len(plan[step_i]) - 1, live_old=live_first and step_i == 0)
-        grad_norm, lr = _apply_update(r, optimizer, scheduler)
+        grad_norm, lr = _apply_update(r, optimizer, scheduler,
+                                      trains=not all(examples[i].masked for i in mini))
         sums = stats.reduce(acc)
         elapsed = time.perf_counter() - t0
         row = step_row(sums, {"step": global_step, "round": round_index, "kl_weight": lam,
