@@ -72,13 +72,14 @@ if acc.is_main_process:
 LAUNCH = ["--multi_gpu"]
 
 
-def _launch(tmp: Path, tag: str, init: str, paths: dict, stop_at: int | None = None) -> None:
+def _launch(tmp: Path, tag: str, init: str, paths: dict, stop_at: int | None = None,
+            config: dict | None = None) -> None:
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     assert launcher, "accelerate's CLI must be installed next to the Python interpreter"
     script, args_file = tmp / "fsdp_round.py", tmp / f"args-{tag}.json"
     script.write_text(SCRIPT + LEAVE_GROUP)
     args_file.write_text(json.dumps({
-        "config": CONFIG, "tables": paths, "init": init, "out": str(tmp / f"out-{tag}"),
+        "config": config or CONFIG, "tables": paths, "init": init, "out": str(tmp / f"out-{tag}"),
         "work": str(tmp / f"work-{tag}"), "metrics": str(tmp / f"metrics-{tag}.json")}))
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "ACCELERATE_USE_CPU": "true"}
@@ -152,3 +153,47 @@ def test_fsdp2_save_and_resume_matches_uninterrupted(tmp_path):
         torch.testing.assert_close(w_res[k], w_single[k], atol=2e-5, rtol=1e-4, msg=k)
     for a, b in zip(rows_single, rows_res):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6), a["step"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_fsdp2_a_save_before_the_first_optimizer_step_changes_nothing(tmp_path):
+    """The round's first mini-batch is all cut (`overlong: mask`), so the optimizer does not step
+    and holds no state when the progress save after it is taken. torch's get_state_dict filled
+    that state by a step at lr 0, which counted as an AdamW step: with saves the run ended at
+    Adam step 4, without at 3, and the weights differed by as much as the round moved them."""
+    import numpy as np
+    import pyarrow as pa
+
+    tables = make_round_tables(make_tokenizer(), seed=5)
+    rows = tables["rollouts"].to_pylist()
+    order = np.random.default_rng([0, 0]).permutation(len(rows))  # the round's order (seed 0)
+    cut = {rows[i]["rollout_id"] for i in order[:4]}
+    for r in rows:
+        r["finish_reason"] = "length" if r["rollout_id"] in cut else "stop"
+    tables["rollouts"] = pa.Table.from_pylist(rows, schema=tables["rollouts"].schema)
+    paths = {}
+    for name, table in tables.items():
+        paths[name] = str(tmp_path / f"{name}.parquet")
+        pq.write_table(table, paths[name])
+    init = save_tiny_checkpoint(tmp_path / "ckpt0", seed=0)
+    base = {**CONFIG, "method": "grpo", "overlong": "mask"}
+    base.pop("route")
+    _launch(tmp_path, "nosave", init, paths, config={**base, "save_every": 0})
+    _launch(tmp_path, "saved", init, paths, config={**base, "save_every": 1})
+    _launch(tmp_path, "resumed", init, paths, stop_at=1, config={**base, "save_every": 1})
+    assert torch.load(tmp_path / "work-resumed/progress.pt", weights_only=False)["optimizer"] is None
+    _launch(tmp_path, "resumed", init, paths, config={**base, "save_every": 1})
+    ref = json.loads((tmp_path / "metrics-nosave.json").read_text())
+    assert ref[0]["grad_norm"] == 0.0 and ref[1]["grad_norm"] > 0
+    weights = load_file(tmp_path / "out-nosave/model.safetensors")
+    adam = _adam(torch.load(tmp_path / "out-nosave/trainer_state/state.pt", weights_only=False))
+    assert {step for step, _, _ in adam.values()} == {3.0}  # 4 mini-batches, one trained nothing
+    for tag in ("saved", "resumed"):
+        got = json.loads((tmp_path / f"metrics-{tag}.json").read_text())
+        assert [[r[k] for k in COMPARED] for r in got] == [[r[k] for k in COMPARED] for r in ref]
+        other = load_file(tmp_path / f"out-{tag}/model.safetensors")
+        assert all(torch.equal(other[k], v) for k, v in weights.items()), tag
+        state = _adam(torch.load(tmp_path / f"out-{tag}/trainer_state/state.pt", weights_only=False))
+        assert {step for step, _, _ in state.values()} == {3.0}, tag
+        assert all(torch.equal(state[k][1], m) for k, (_, m, _) in adam.items()), tag

@@ -153,14 +153,26 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 def train_state_dicts(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
     """{"model", "optimizer", "state_layout"} to save. Collective under FSDP (every process must
-    call it): the shards are gathered, and only the main process receives the full dicts."""
+    call it): the shards are gathered, and only the main process receives the full dicts.
+
+    Under FSDP an optimizer that has not stepped yet (every mini-batch so far trained nothing:
+    `train.overlong: mask`) is saved as None: torch's `get_state_dict` would first fill its
+    state by a step at lr 0, which counts as an AdamW step, so that a run's bias correction
+    would depend on whether a save fell there. Every process skips the same steps, so all agree."""
     if not is_sharded(model):
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "state_layout": None}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+    )
 
-    model_sd, optim_sd = get_state_dict(
-        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if not optimizer.state:
+        return {"model": get_model_state_dict(model, options=opts), "optimizer": None,
+                "state_layout": FULL_FQN}
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
     return {"model": model_sd, "optimizer": optim_sd, "state_layout": FULL_FQN}
 
 
@@ -183,7 +195,8 @@ def restore_sharded(model: torch.nn.Module, optimizer: Any, state: dict[str, Any
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     if with_model:
         set_model_state_dict(model, state["model"], options=opts)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
+    if state["optimizer"] is not None:  # None: saved before its first step (train_state_dicts)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
 
 
 def save_trainer_state(path: str | Path, state: dict[str, Any]) -> None:
@@ -253,7 +266,8 @@ def load_trainer_state(path: str | Path, expect_round: int | None = None,
         if receives_shards:
             if state.get("state_layout") != FULL_FQN:  # unsharded: every process needs it all
                 return load_trainer_state(path, expect_round, deep)
-            state.update(optimizer={}, **({"master": {}} if "master" in state else {}))
+            state.update(optimizer={} if state["optimizer"] is not None else None,
+                         **({"master": {}} if "master" in state else {}))
     except Exception as e:  # a raw zip / unpickling error says nothing about what to do
         raise TrainerStateError(f"the trainer state {f} cannot be read ({type(e).__name__}: "
                                 f"{e}); it is truncated or damaged. {REMEDY}") from e
@@ -291,7 +305,7 @@ def load_progress(work_dir: str | Path, fingerprint: str,
     if receives_shards:
         if state.get("state_layout") != FULL_FQN:  # unsharded: every process needs it all
             return load_progress(work_dir, fingerprint)
-        state.update(model={}, optimizer={})
+        state.update(model={}, optimizer={} if state["optimizer"] is not None else None)
     return state
 
 
