@@ -36,36 +36,9 @@ def _stray_fp32_bytes(r, optimizer) -> tuple[int, int]:
                        for p in params}.values())
 
 
-def test_cold_round_holds_one_float32_master(tmp_path, monkeypatch):
-    init = save_tiny_checkpoint(tmp_path / "init", seed=0)
-    tables = make_round_tables(make_tokenizer(), n_prompts=1, samples=4, seed=1)
-    cfg = TrainConfig(method="grpo", mini_batch_size=4, micro_batch_size=2, lr=1e-3,
-                      logprob_chunk=16, dtype="bfloat16", tensorboard=False, report_to=[])
-    round_mod.train_round(cfg, **tables, init_checkpoint=init, output_checkpoint=str(tmp_path / "c1"),
-                          work_dir=str(tmp_path / "w0"), round_index=0, progress=False)
-    assert "master" in torch.load(tmp_path / "c1" / "trainer_state" / "state.pt",
-                                  weights_only=False)  # a mixed-precision state: it has one
-    seen = []
-    original = round_mod._apply_update
-
-    def at_first_step(r, optimizer, scheduler, **kw):  # the peak: weights, grads, moments live
-        if not seen:
-            gc.collect()
-            seen.append(_stray_fp32_bytes(r, optimizer))
-        return original(r, optimizer, scheduler, **kw)
-
-    monkeypatch.setattr(round_mod, "_apply_update", at_first_step)
-    round_mod.train_round(cfg, **tables, init_checkpoint=str(tmp_path / "c1"),
-                          output_checkpoint=str(tmp_path / "c2"), work_dir=str(tmp_path / "w1"),
-                          round_index=1, progress=False)
-    stray, master = seen[0]
-    print(f"cold round: {stray} stray float32 bytes beside a {master}-byte master")
-    assert master > 0
-    assert stray == 0
-
-
 def _first_step_stray(monkeypatch, run) -> tuple[int, int]:
-    """`run()` under a probe that counts the stray float32 bytes at its first optimizer step."""
+    """`run()` under a probe that counts the stray float32 bytes at its first optimizer step
+    (the peak: weights, grads, moments all live)."""
     seen = []
     original = round_mod._apply_update
 
@@ -79,6 +52,23 @@ def _first_step_stray(monkeypatch, run) -> tuple[int, int]:
     run()
     monkeypatch.setattr(round_mod, "_apply_update", original)
     return seen[0]
+
+
+def test_cold_round_holds_one_float32_master(tmp_path, monkeypatch):
+    init = save_tiny_checkpoint(tmp_path / "init", seed=0)
+    tables = make_round_tables(make_tokenizer(), n_prompts=1, samples=4, seed=1)
+    cfg = TrainConfig(method="grpo", mini_batch_size=4, micro_batch_size=2, lr=1e-3,
+                      logprob_chunk=16, dtype="bfloat16", tensorboard=False, report_to=[])
+    round_mod.train_round(cfg, **tables, init_checkpoint=init, output_checkpoint=str(tmp_path / "c1"),
+                          work_dir=str(tmp_path / "w0"), round_index=0, progress=False)
+    assert "master" in torch.load(tmp_path / "c1" / "trainer_state" / "state.pt",
+                                  weights_only=False)  # a mixed-precision state: it has one
+    stray, master = _first_step_stray(monkeypatch, lambda: round_mod.train_round(
+        cfg, **tables, init_checkpoint=str(tmp_path / "c1"), output_checkpoint=str(tmp_path / "c2"),
+        work_dir=str(tmp_path / "w1"), round_index=1, progress=False))
+    print(f"cold round: {stray} stray float32 bytes beside a {master}-byte master")
+    assert master > 0
+    assert stray == 0
 
 
 def test_a_round_resumed_from_its_progress_save_holds_one_float32_master(tmp_path, monkeypatch):

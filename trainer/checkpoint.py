@@ -243,6 +243,21 @@ def has_trainer_state(path: str | Path) -> bool:
     return (Path(path) / STATE_DIR / "state.pt").exists()
 
 
+def load_save(f: Path, receives_shards: bool, large: tuple[str, ...]) -> dict[str, Any]:
+    """A trainer-state or progress save as this process needs it. `receives_shards` (an FSDP
+    process other than the main one): a `full_fqn` save is memory-mapped and its `large` parts
+    (moments, master or weights) are dropped untouched, so their pages are never read;
+    `restore_sharded` broadcasts the main process's. Else each of 8 processes on a host would
+    hold the whole ~12 B/param. An unsharded save is read whole: every process needs it all."""
+    state = torch.load(f, map_location="cpu", weights_only=False, mmap=receives_shards)
+    if receives_shards:
+        if state.get("state_layout") != FULL_FQN:
+            return torch.load(f, map_location="cpu", weights_only=False)
+        # None stays None: an optimizer saved before its first step (train_state_dicts)
+        state.update({k: {} if state[k] is not None else None for k in large if k in state})
+    return state
+
+
 def load_trainer_state(path: str | Path, expect_round: int | None = None,
                        deep: bool = True, receives_shards: bool = False) -> dict[str, Any] | None:
     """The trainer state of checkpoint `path` (None: it has none), verified first against its
@@ -250,10 +265,7 @@ def load_trainer_state(path: str | Path, expect_round: int | None = None,
     `expect_round` that resumes from it. Anything wrong raises TrainerStateError saying what to
     do; a damaged state is never loaded.
 
-    `receives_shards` (an FSDP process other than the main one): of a `full_fqn` state only the
-    small parts are read (the file is memory-mapped, and its optimizer moments and master are
-    dropped untouched, so their pages are never read): `restore_sharded` broadcasts them from
-    the main process. Else each of 8 processes on a host would hold the whole ~12 B/param."""
+    `receives_shards`: of a `full_fqn` state only the small parts are read (`load_save`)."""
     f = Path(path) / STATE_DIR / "state.pt"
     if not f.exists():
         return None
@@ -262,12 +274,7 @@ def load_trainer_state(path: str | Path, expect_round: int | None = None,
         raise TrainerStateError(f"the trainer state in {f.parent} is damaged: "
                                 f"{'; '.join(problems)}. {REMEDY}")
     try:
-        state = torch.load(f, map_location="cpu", weights_only=False, mmap=receives_shards)
-        if receives_shards:
-            if state.get("state_layout") != FULL_FQN:  # unsharded: every process needs it all
-                return load_trainer_state(path, expect_round, deep)
-            state.update(optimizer={} if state["optimizer"] is not None else None,
-                         **({"master": {}} if "master" in state else {}))
+        state = load_save(f, receives_shards, large=("optimizer", "master"))
     except Exception as e:  # a raw zip / unpickling error says nothing about what to do
         raise TrainerStateError(f"the trainer state {f} cannot be read ({type(e).__name__}: "
                                 f"{e}); it is truncated or damaged. {REMEDY}") from e
@@ -284,29 +291,6 @@ def usable_trainer_state(path: str | Path) -> bool:
     if problems:
         log.warning("the trainer state in %s is not used: %s", path, "; ".join(problems))
     return not problems
-
-
-def load_progress(work_dir: str | Path, fingerprint: str,
-                  receives_shards: bool = False) -> dict[str, Any] | None:
-    """The last in-round progress save, if it belongs to the same round and config.
-
-    `receives_shards` (an FSDP process other than the main one): of a `full_fqn` save the weights
-    and moments are dropped unread (memory-mapped), as `load_trainer_state` does: the main
-    process's copy is broadcast by `restore_sharded`."""
-    f = Path(work_dir) / PROGRESS_FILE
-    if not f.exists():
-        return None
-    state = torch.load(f, map_location="cpu", weights_only=False, mmap=receives_shards)
-    if state.get("fingerprint") != fingerprint:
-        raise RuntimeError(
-            f"{f} was saved by a different round or config (fingerprint mismatch); "
-            "delete it or use a fresh work_dir to start the round over"
-        )
-    if receives_shards:
-        if state.get("state_layout") != FULL_FQN:  # unsharded: every process needs it all
-            return load_progress(work_dir, fingerprint)
-        state.update(model={}, optimizer={} if state["optimizer"] is not None else None)
-    return state
 
 
 TEACHER_DIR = "teacher"  # under STATE_DIR: weights of the teacher the next round starts with

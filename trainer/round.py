@@ -30,7 +30,6 @@ from trace_rl.trainer.batch import Example, MicroBatch, build_examples, collate,
 from trace_rl.trainer.checkpoint import (
     FULL_FQN,
     clean_tmp_dirs,
-    load_progress,
     load_trainer_state,
     restore_sharded,
     set_rng_state,
@@ -43,7 +42,7 @@ from trace_rl.trainer.metrics import Logger, StepStats, peak_memory_bytes, step_
 from trace_rl.trainer.old_logprobs import old_logprobs
 from trace_rl.trainer.progress import progress_bar
 from trace_rl.trainer.resident import Held, Resident, config_json, release
-from trace_rl.trainer.round_io import Clock, save_output, save_progress
+from trace_rl.trainer.round_io import Clock, load_progress, save_output, save_progress
 from trace_rl.trainer.teacher import TeacherHandle
 from trace_rl.trainer import lora
 from trace_rl.trainer.lora_teacher import LoraTeacher

@@ -20,6 +20,7 @@ from trace_rl.trainer.checkpoint import (
     checkpoint_dtype,
     commit_checkpoint,
     commit_dir,
+    load_save,
     rng_state,
     save_hf_checkpoint,
     train_state_dicts,
@@ -59,6 +60,22 @@ def save_progress(acc, unwrapped, optimizer, scheduler, teacher, work, fp, globa
             "teacher": teacher.state(), "rng": rng_state(),
         }, work / PROGRESS_FILE)
     acc.wait_for_everyone()
+
+
+def load_progress(work_dir: str | Path, fingerprint: str,
+                  receives_shards: bool = False) -> dict[str, Any] | None:
+    """The last in-round progress save, if it belongs to the same round and config.
+    `receives_shards`: of a `full_fqn` save the weights and moments are not read (`load_save`)."""
+    f = Path(work_dir) / PROGRESS_FILE
+    if not f.exists():
+        return None
+    state = load_save(f, receives_shards, large=("model", "optimizer"))
+    if state.get("fingerprint") != fingerprint:
+        raise RuntimeError(
+            f"{f} was saved by a different round or config (fingerprint mismatch); "
+            "delete it or use a fresh work_dir to start the round over"
+        )
+    return state
 
 
 def save_output(acc, unwrapped, tokenizer, optimizer, scheduler, path, global_step,
