@@ -36,3 +36,42 @@ def test_a_dead_flow_gets_no_answer_and_a_live_one_does(tmp_path):
     flow.wait()
     assert _answer(flow.pid, tmp_path / "dead") == ORPHANED
     assert not (tmp_path / "zombie").exists() and not (tmp_path / "dead").exists()
+
+
+EXIT = textwrap.dedent("""
+    import atexit, logging, sys
+    from pathlib import Path
+    from trace_rl.trainer.watchdog import run_then_exit
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
+    atexit.register(lambda: Path(sys.argv[2]).write_text("finalized"))
+    def main():
+        print("written, not flushed")
+        logging.getLogger("t").info("logged")
+        how = sys.argv[1]
+        if how == "raise":
+            raise ValueError("the round failed")
+        if how != "return":
+            sys.exit(int(how) if how.isdigit() else how)
+    run_then_exit(main)
+""")
+
+
+def test_a_trainer_entry_point_ends_with_its_status_and_its_output_but_no_finalization(tmp_path):
+    """run_then_exit skips the interpreter's teardown (where a process group still held by a
+    model aborts the process after its work was written) and keeps the status and the output."""
+    def run(how: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", EXIT, how, str(tmp_path / how)], check=False,
+                              capture_output=True, text=True, timeout=60)
+
+    for how, code in [("return", 0), ("3", 3), ("raise", 1), ("usage: bad arguments", 1)]:
+        done = run(how)
+        assert done.returncode == code, (how, done.stderr)
+        assert done.stdout == "written, not flushed\nlogged\n", how  # flushed before the exit
+        assert not (tmp_path / how).exists(), how  # atexit never ran: no finalization
+    assert "ValueError: the round failed" in run("raise").stderr
+    assert "usage: bad arguments" in run("usage: bad arguments").stderr
+    # the real entry points: argparse's own exit status comes through
+    for module in ("trace_rl.trainer.launch", "trace_rl.trainer.worker_group"):
+        done = subprocess.run([sys.executable, "-m", module, "--no-such-flag"], check=False,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "error:" in done.stderr, (module, done.stderr)

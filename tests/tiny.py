@@ -338,5 +338,7 @@ TINY_RUN = TINY_TESTBED + [
 ]
 
 # The last lines of every `accelerate launch` script in the tests: the ranks leave the process
-# group the way the product's trainer processes do (a gloo group alive at exit can abort there).
-LEAVE_GROUP = "\nfrom trace_rl.trainer.watchdog import leave_group\nleave_group(acc)\n"
+# group and end the way the product's trainer processes do (a gloo group still held at
+# interpreter exit can abort there, after the work was written).
+LEAVE_GROUP = ("\nfrom trace_rl.trainer.watchdog import exit_process, leave_group\nleave_group(acc)\n"
+               "exit_process(0)\n")

@@ -41,7 +41,8 @@ from trace_rl.pipeline.layout import dataset_name
 from trace_rl.pipeline.progress_lines import lines_to_stderr
 from trace_rl.pipeline.store import RunStore
 from trace_rl.trainer.config import TrainConfig
-from trace_rl.trainer.watchdog import end_if_orphaned, leave_group, make_accelerator, watch_flow, write_json
+from trace_rl.trainer.watchdog import (end_if_orphaned, leave_group, make_accelerator, run_then_exit, watch_flow,
+                                      write_json)
 
 ANSWER = "answer.json"  # the launch's answer to the stage, beside metrics_out
 
@@ -151,4 +152,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_then_exit(main)

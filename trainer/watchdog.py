@@ -10,9 +10,11 @@ import logging
 import os
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 log = logging.getLogger("trace_rl.trainer.worker_group")
 
@@ -96,3 +98,32 @@ def leave_group(accelerator: Any) -> None:
     called without an active exception", exit -6) after its work was done and written."""
     accelerator.wait_for_everyone()
     accelerator.end_training()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a trainer process whose work is written, without interpreter finalization. A process
+    group destroyed by `leave_group` stays alive while Python objects hold it (an FSDP2 model's
+    device mesh, the Accelerator's prepared models), and its gloo threads then meet the
+    interpreter's teardown: "terminate called without an active exception", exit -6, after the
+    round was written and answered, which fails the launch (benchmarks/gloo_exit.py)."""
+    logging.shutdown()  # flushes every handler
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_then_exit(main: Callable[[], Any]) -> NoReturn:
+    """A trainer entry point's `__main__`: run `main`, then `exit_process` with its status (0,
+    SystemExit's, or 1 after printing an exception's traceback)."""
+    code = 1
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        if isinstance(e.code, int) or e.code is None:
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - any failure: its traceback, then status 1
+        traceback.print_exc()
+    exit_process(code)

@@ -55,7 +55,7 @@ from typing import Any
 
 from trace_rl.pipeline.progress_lines import StderrForwarder, lines_to_stderr
 from trace_rl.trainer.watchdog import (end_if_orphaned, leave_group, make_accelerator, orphaned,
-                                       watch_flow, write_json)
+                                       run_then_exit, watch_flow, write_json)
 
 log = logging.getLogger("trace_rl.trainer.worker_group")
 
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None, accelerator: Any = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_then_exit(main)
 
 
 # --- the flow's side -------------------------------------------------------------------------
