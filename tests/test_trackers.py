@@ -106,3 +106,53 @@ def test_eval_scalars_per_policy_written_once_per_summary(tmp_path):
     got = [(e.step, round(e.value, 6)) for e in acc.Scalars("eval/testbed/avg@k")]
     assert got[:2] == [(0, 0.2), (2, 0.5)] and got[-1] == (2, 0.6)
     assert {t.split("/")[0] for t in acc.Tags()["scalars"]} == {"eval"}
+
+
+
+FAILING_ROUND = """
+import sys
+from pathlib import Path
+from tiny import make_round_tables, make_tokenizer, save_tiny_checkpoint
+from trace_rl.trainer import round as round_mod
+from trace_rl.trainer.config import TrainConfig
+from trace_rl.trainer.watchdog import run_then_exit
+
+tmp, calls, original = Path(sys.argv[1]), [], round_mod._apply_update
+def fail_second(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        raise RuntimeError("step 1 failed")
+    return original(*args, **kwargs)
+round_mod._apply_update = fail_second
+
+def main():
+    cfg = TrainConfig(method="grpo", mini_batch_size=4, micro_batch_size=4, logprob_chunk=16,
+                      report_to=["tensorboard"])
+    tables = make_round_tables(make_tokenizer(), n_prompts=2, samples=4)
+    round_mod.train_round(cfg, **tables, init_checkpoint=save_tiny_checkpoint(tmp / "i", seed=0),
+                          output_checkpoint=str(tmp / "out"), work_dir=str(tmp / "work"),
+                          round_index=0, progress=False)
+run_then_exit(main)
+"""
+
+
+def test_a_trainer_process_whose_round_fails_keeps_the_steps_it_logged(tmp_path):
+    """A trainer process ends by os._exit (watchdog.run_then_exit: no interpreter finalization),
+    and its round's second step raises: TensorBoard still holds step 0, and the process exits 1
+    with the traceback."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tests = Path(__file__).resolve().parent
+    done = subprocess.run([sys.executable, "-c", FAILING_ROUND, str(tmp_path)], cwd=tests,
+                          env={**os.environ, "PYTHONPATH": str(tests)},
+                          capture_output=True, text=True, check=False, timeout=300)
+    assert done.returncode == 1 and "RuntimeError: step 1 failed" in done.stderr, done.stderr[-2000:]
+    (events,) = {p.parent for p in (tmp_path / "work").rglob("events.out.tfevents*")}
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [0]

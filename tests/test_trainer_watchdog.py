@@ -4,6 +4,7 @@ The watchdog thread polls every WATCH seconds, so a round that ends within that 
 flow's death would still write its answer (CI: the orphan of a SIGKILLed flow answered after
 1.8 s); the check right before an answer is written closes that window."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -69,6 +70,14 @@ def test_a_trainer_entry_point_ends_with_its_status_and_its_output_but_no_finali
         assert done.stdout == "written, not flushed\nlogged\n", how  # flushed before the exit
         assert not (tmp_path / how).exists(), how  # atexit never ran: no finalization
     assert "ValueError: the round failed" in run("raise").stderr
+    # started with stdout or stderr closed (sys.stdout / sys.stderr None): a finished round still
+    # ends with 0 and without finalization
+    for fd in (1, 2):
+        done = subprocess.run([sys.executable, "-c", EXIT, "return", str(tmp_path / f"closed{fd}")],
+                              check=False, capture_output=True, timeout=60,
+                              preexec_fn=lambda fd=fd: os.close(fd))
+        assert done.returncode == 0, (fd, done.stderr)
+        assert not (tmp_path / f"closed{fd}").exists()
     assert "usage: bad arguments" in run("usage: bad arguments").stderr
     # the real entry points: argparse's own exit status comes through
     for module in ("trace_rl.trainer.launch", "trace_rl.trainer.worker_group"):

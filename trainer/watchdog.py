@@ -57,6 +57,18 @@ def orphaned(parent_pid: int | None, parent_id: str | None, launcher: int) -> st
     return None
 
 
+def flush_streams() -> None:
+    """Flush stdout and stderr before an `os._exit`, whatever became of them: a process started
+    with fd 1 or 2 closed has None there, and a closed or broken pipe raises; neither may keep
+    the process from ending."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
 def end_if_orphaned(parent_pid: int | None, parent_id: str | None, launcher: int, what: str) -> None:
     """Right before an answer is written: end this process, answering nothing, when its flow
     is gone. The watchdog polls every WATCH seconds, so a round that ends within that time of
@@ -65,8 +77,7 @@ def end_if_orphaned(parent_pid: int | None, parent_id: str | None, launcher: int
     why = orphaned(parent_pid, parent_id, launcher)
     if why:
         log.error("trainer group: %s; %s is not answered, process %d ends now", why, what, os.getpid())
-        sys.stdout.flush()
-        sys.stderr.flush()
+        flush_streams()
         os._exit(ORPHANED)
 
 
@@ -79,8 +90,7 @@ def watch_flow(parent_pid: int | None, parent_id: str | None, launcher: int) -> 
         why = orphaned(parent_pid, parent_id, launcher)
         if why:
             log.error("trainer group: %s; process %d ends now (nothing saved)", why, os.getpid())
-            sys.stdout.flush()
-            sys.stderr.flush()
+            flush_streams()
             os._exit(ORPHANED)
 
 
@@ -106,10 +116,11 @@ def exit_process(code: int) -> NoReturn:
     device mesh, the Accelerator's prepared models), and its gloo threads then meet the
     interpreter's teardown: "terminate called without an active exception", exit -6, after the
     round was written and answered, which fails the launch (benchmarks/gloo_exit.py)."""
-    logging.shutdown()  # flushes every handler
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    try:
+        logging.shutdown()  # flushes every handler
+        flush_streams()
+    finally:
+        os._exit(code)
 
 
 def run_then_exit(main: Callable[[], Any]) -> NoReturn:
