@@ -156,3 +156,44 @@ def test_a_trainer_process_whose_round_fails_keeps_the_steps_it_logged(tmp_path)
     acc = EventAccumulator(str(events))
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [0]
+
+
+def test_a_round_whose_step_fails_ends_its_trackers_runs(tmp_path, monkeypatch):
+    """wandb and mlflow end a run from their own atexit hooks, which a trainer process (ended by
+    os._exit) never runs: the round ends its trackers itself, when a step fails too."""
+    from tiny import make_round_tables, make_tokenizer, save_tiny_checkpoint
+    from trace_rl.trainer import round as round_mod
+
+    class Recording:
+        def __init__(self):
+            self.steps, self.finished = [], False
+
+        def start(self):
+            pass
+
+        def log(self, values, step):
+            self.steps.append(step)
+
+        def finish(self):
+            self.finished = True
+
+    tracker = Recording()
+    monkeypatch.setattr(metrics, "_make_tracker", lambda *args, **kwargs: tracker)
+    calls, original = [], round_mod._apply_update
+
+    def fail_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("step 1 failed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(round_mod, "_apply_update", fail_second)
+    cfg = TrainConfig(method="grpo", mini_batch_size=4, micro_batch_size=4, logprob_chunk=16,
+                      report_to=["wandb"])
+    monkeypatch.setattr(metrics, "missing_tracker_packages", lambda names: [])
+    with pytest.raises(RuntimeError, match="step 1 failed"):
+        round_mod.train_round(cfg, **make_round_tables(make_tokenizer(), n_prompts=2, samples=4),
+                              init_checkpoint=save_tiny_checkpoint(tmp_path / "i", seed=0),
+                              output_checkpoint=str(tmp_path / "out"), work_dir=str(tmp_path / "work"),
+                              round_index=0, progress=False)
+    assert tracker.steps == [0] and tracker.finished

@@ -393,41 +393,45 @@ def _train_round(cfg: TrainConfig, *, prompts, rollouts, verdicts, annotations, 
     bar = progress_bar(len(plan), cursor, enabled=progress and acc.is_main_process,
                        round_index=round_index)
 
-    for step_i in range(cursor, len(plan)):
-        t0 = time.perf_counter()
-        lam = r.method.kl_weight(cfg, global_step)
-        with_teacher = r.method.needs_teacher(cfg, lam)
-        if with_teacher:
-            with clock("teacher_s"):
-                teacher.ensure(global_step, r.unwrapped, acc)
-        else:
-            teacher.release()  # λ only decreases: from here on this round needs none
-        mini = order[step_i * cfg.mini_batch_size : (step_i + 1) * cfg.mini_batch_size]
-        stats = StepStats()
-        for j, idx in enumerate(plan[step_i]):
-            mb = _collate_micro(r, examples, idx, mini, old_logp, adv_all, pad_id, with_teacher)
-            _micro_step(r, mb, lam, _normaliser(cfg, examples, mini), stats,
-                        j == len(plan[step_i]) - 1, live_old=live_first and step_i == 0)
-        grad_norm, lr = _apply_update(r, optimizer, scheduler,
-                                      trains=not all(examples[i].masked for i in mini))
-        sums = stats.reduce(acc)
-        elapsed = time.perf_counter() - t0
-        row = step_row(sums, {"step": global_step, "round": round_index, "kl_weight": lam,
-                              "grad_norm": grad_norm, "lr": lr,
-                              "tokens_per_s": sums["all_tokens"] / max(elapsed, 1e-9),
-                              "peak_mem_bytes": peak_memory_bytes(),
-                              "teacher/step": teacher.source_step if with_teacher else None})
-        rows.append(row)
-        logger.log(row, global_step)
-        global_step += 1
-        # the progress line's reward: the mean reward of this step's rollouts
-        bar.update({**row, "tokens": sums["all_tokens"],
-                    "reward": float(np.mean([examples[i].reward for i in mini]))})
-        if cfg.save_every and (step_i + 1) % cfg.save_every == 0 and step_i + 1 < len(plan):
-            save_progress(acc, r.unwrapped, optimizer, scheduler, teacher, work, fp,
-                           global_step, step_i + 1, rows)
-    bar.close()
-    logger.close()
+    try:
+        for step_i in range(cursor, len(plan)):
+            t0 = time.perf_counter()
+            lam = r.method.kl_weight(cfg, global_step)
+            with_teacher = r.method.needs_teacher(cfg, lam)
+            if with_teacher:
+                with clock("teacher_s"):
+                    teacher.ensure(global_step, r.unwrapped, acc)
+            else:
+                teacher.release()  # λ only decreases: from here on this round needs none
+            mini = order[step_i * cfg.mini_batch_size : (step_i + 1) * cfg.mini_batch_size]
+            stats = StepStats()
+            for j, idx in enumerate(plan[step_i]):
+                mb = _collate_micro(r, examples, idx, mini, old_logp, adv_all, pad_id, with_teacher)
+                _micro_step(r, mb, lam, _normaliser(cfg, examples, mini), stats,
+                            j == len(plan[step_i]) - 1, live_old=live_first and step_i == 0)
+            grad_norm, lr = _apply_update(r, optimizer, scheduler,
+                                          trains=not all(examples[i].masked for i in mini))
+            sums = stats.reduce(acc)
+            elapsed = time.perf_counter() - t0
+            row = step_row(sums, {"step": global_step, "round": round_index, "kl_weight": lam,
+                                  "grad_norm": grad_norm, "lr": lr,
+                                  "tokens_per_s": sums["all_tokens"] / max(elapsed, 1e-9),
+                                  "peak_mem_bytes": peak_memory_bytes(),
+                                  "teacher/step": teacher.source_step if with_teacher else None})
+            rows.append(row)
+            logger.log(row, global_step)
+            global_step += 1
+            # the progress line's reward: the mean reward of this step's rollouts
+            bar.update({**row, "tokens": sums["all_tokens"],
+                        "reward": float(np.mean([examples[i].reward for i in mini]))})
+            if cfg.save_every and (step_i + 1) % cfg.save_every == 0 and step_i + 1 < len(plan):
+                save_progress(acc, r.unwrapped, optimizer, scheduler, teacher, work, fp,
+                               global_step, step_i + 1, rows)
+    finally:
+        # a failed step too: the trackers end their run here (a trainer process ends by
+        # os._exit, so their own atexit hooks never run)
+        bar.close()
+        logger.close()
     keep_teacher = r.method.needs_teacher(cfg, r.method.kl_weight(cfg, global_step))
     teacher.release()
     if write_output:
