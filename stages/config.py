@@ -126,7 +126,8 @@ class TraceConfig(_Strict):
     @model_validator(mode="after")
     def _engine_logprobs_of_the_trained_distribution(self) -> TraceConfig:
         # The trainer scores softmax(logits / rollout temperature); truncated sampling's engine
-        # log-probs belong to a renormalised distribution it never computes (trainer/round.py).
+        # log-probs belong to a renormalised distribution it never computes
+        # (trainer/round_setup.py `rollout_temperature`).
         truncated = self.rollout.top_p < 1.0 or self.rollout.top_k > 0
         if self.train.old_logprobs == "engine" and truncated:
             raise ValueError(

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from tiny import make_round_tables, make_tokenizer, save_tiny_checkpoint
 from trace_rl.trainer.config import TrainConfig
 from trace_rl.trainer.lean import LeanCausalLM
-from trace_rl.trainer.round import _load_model, train_round
+from trace_rl.trainer.round import train_round
+from trace_rl.trainer.round_setup import load_model
 
 
 def _train(dtype, tables, init, root):
@@ -60,7 +61,7 @@ def test_bf16_config_moves_the_weights_and_tracks_fp32(tmp_path):
 def test_bf16_compute_runs_under_autocast_on_float32_parameters(tmp_path):
     init = save_tiny_checkpoint(tmp_path / "init", seed=0)
     cfg = TrainConfig(dtype="bfloat16", tensorboard=False, report_to=[])
-    _, model = _load_model(cfg, init)
+    _, model = load_model(cfg, init)
     assert isinstance(model, LeanCausalLM) and model.compute_dtype == torch.bfloat16
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     seen = []

@@ -13,7 +13,8 @@ from trace_rl.stages.config import load_config
 from trace_rl.trainer.batch import build_examples, pad_sequences
 from trace_rl.trainer.config import TrainConfig
 from trace_rl.trainer.lean import KLSpec, LeanCausalLM, dense_policy_outputs
-from trace_rl.trainer.round import rollout_temperature, train_round
+from trace_rl.trainer.round import train_round
+from trace_rl.trainer.round_setup import rollout_temperature
 from tiny import (
     make_model,
     make_round_tables,

@@ -11,10 +11,7 @@ at the rollouts' temperature T (engine log-probs under top-p / top-k truncation 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
 import time
 import warnings
 import weakref
@@ -35,7 +32,7 @@ from trace_rl.trainer.checkpoint import (
     set_rng_state,
 )
 from trace_rl.trainer.config import TrainConfig
-from trace_rl.trainer.lean import KLSpec, LeanCausalLM, SpanGroup
+from trace_rl.trainer.lean import LeanCausalLM, SpanGroup
 from trace_rl.trainer.losses import clipped_pg_loss, grpo_advantages
 from trace_rl.trainer.methods import LossInputs, Method, get_method
 from trace_rl.trainer.metrics import Logger, StepStats, peak_memory_bytes, step_row
@@ -43,71 +40,12 @@ from trace_rl.trainer.old_logprobs import old_logprobs
 from trace_rl.trainer.progress import progress_bar
 from trace_rl.trainer.resident import Held, Resident, config_json, release
 from trace_rl.trainer.round_io import Clock, load_progress, save_output, save_progress
+from trace_rl.trainer.round_setup import (DTYPES, check_accelerator, continue_from, fingerprint,
+                                          load_model, make_optimizer, rollout_temperature, shards)
 from trace_rl.trainer.teacher import TeacherHandle
-from trace_rl.trainer import lora
 from trace_rl.trainer.lora_teacher import LoraTeacher
 
 log = logging.getLogger("trace_rl.trainer.round")
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _fingerprint(cfg: TrainConfig, init_checkpoint: str, round_index: int, ids: list[str]) -> str:
-    blob = json.dumps([cfg.model_dump(mode="json"), str(init_checkpoint), round_index, ids])
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _load_model(cfg: TrainConfig, path: str):
-    """Tokenizer and policy. The weights are loaded in float32 whatever `train.dtype` says: they
-    are the master copy AdamW steps (its moments are float32 too); `train.dtype` is the compute
-    dtype of the forwards (autocast, LeanCausalLM). Stepping bf16 weights directly loses every
-    update below half a bf16 ulp: at lr 1e-6 most weights never move (benchmarks/bf16_update.py)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if cfg.lora is not None:  # frozen base in the compute dtype, float32 adapters (trainer/lora.py)
-        hf = lora.load_policy(cfg.lora, path, _DTYPES[cfg.dtype])
-    else:
-        lora.refuse_adapter_without_lora(path)
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if cfg.gradient_checkpointing:
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    hf.config.use_cache = False
-    # from_pretrained returns eval mode, and transformers checkpoints layers only while training
-    hf.train()
-    return tokenizer, LeanCausalLM(hf, chunk=cfg.logprob_chunk, kl_spec=KLSpec.of(cfg),
-                                   compute_dtype=_DTYPES[cfg.dtype])
-
-
-def rollout_temperature(cfg: TrainConfig, examples: list[Example]) -> float:
-    """The one sampling temperature of the round's rollouts (1.0 when none is recorded).
-
-    The trainer scores log-probs at this temperature so that π_old and π_θ are the distribution
-    the engine sampled from. Engine log-probs of truncated sampling (top-p / top-k) are of a
-    renormalised distribution the trainer does not compute, so that combination is refused."""
-    temps = sorted({e.temperature for e in examples})
-    if len(temps) > 1:
-        raise ValueError(f"the round's rollouts were sampled at several temperatures {temps}; "
-                         "train on rollouts of one sampling temperature")
-    if cfg.old_logprobs == "engine" and any(e.truncated for e in examples):
-        raise ValueError("old_logprobs: engine needs rollouts sampled without top-p / top-k "
-                         "truncation (the engine's log-probs are of the truncated distribution, "
-                         "the trainer's of the full one); set train.old_logprobs: recompute, or "
-                         "rollout.top_p: 1.0 and rollout.top_k: -1")
-    return temps[0] if temps else 1.0
-
-
-def _shards(cfg: TrainConfig, order: np.ndarray, rank: int, world: int) -> list[list[list[int]]]:
-    """Per optimizer step, this process's micro-batches (lists of example indices). Every process
-    gets the same number of micro-batches; an empty one is marked by [] and padded by the caller."""
-    steps = []
-    for start in range(0, len(order), cfg.mini_batch_size):
-        mini = order[start : start + cfg.mini_batch_size].tolist()
-        mine = mini[rank::world]
-        n_micro = math.ceil(math.ceil(len(mini) / world) / cfg.micro_batch_size)
-        steps.append([mine[i * cfg.micro_batch_size : (i + 1) * cfg.micro_batch_size]
-                      for i in range(n_micro)])
-    return steps
 
 
 @dataclass
@@ -159,33 +97,6 @@ def _micro_step(r: _Step, mb: MicroBatch, lam: float, normaliser: float, stats: 
                     to_bt(out["kl_raw_N"], mb.mask_BT), clipped_BT, int(s.attention_mask_BL.sum()))
 
 
-def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
-    # the trainable parameters only: all of them, or the LoRA adapters over a frozen base
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]),
-                            weight_decay=cfg.weight_decay)
-    warm = cfg.warmup_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: 1.0 if warm == 0 else min(1.0, (k + 1) / warm))
-    return opt, sched
-
-
-def _continue_from(cfg: TrainConfig, optimizer, scheduler, path: str, global_step: int) -> None:
-    """Round 0 under `train.continue_trainer_state`: keep the restored moments, scheduler position
-    and global step, but train with this config's lr, betas and weight decay; say what it did."""
-    warm = cfg.warmup_steps
-    factor = 1.0 if warm == 0 else min(1.0, (scheduler.last_epoch + 1) / warm)
-    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
-    for group in optimizer.param_groups:
-        group.update(initial_lr=cfg.lr, lr=cfg.lr * factor, betas=tuple(cfg.betas),
-                     weight_decay=cfg.weight_decay)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-    log.warning("train.continue_trainer_state: round 0 continues the trainer state in %s: "
-                "global step %d (λ schedule and teacher syncs from there), AdamW moments, "
-                "scheduler position, teacher snapshot if any; lr %.3g, betas and weight decay "
-                "are this config's", path, global_step, cfg.lr)
-
-
 def _normaliser(cfg: TrainConfig, examples: list[Example], mini: np.ndarray) -> float:
     """The whole mini-batch's token (token_mean) or sequence count, whatever the micro-batch.
     Rollouts masked by `train.overlong: mask` are not counted: counting them would shrink every
@@ -225,14 +136,6 @@ def _apply_update(r: _Step, optimizer, scheduler, trains: bool = True) -> tuple[
     return grad_norm, lr
 
 
-def _check_accelerator(acc: Any) -> None:
-    if acc.gradient_accumulation_steps != 1:
-        raise ValueError(
-            f"the accelerator has gradient_accumulation_steps={acc.gradient_accumulation_steps}; "
-            "train_round accumulates a mini-batch's micro-batches itself (train.mini_batch_size / "
-            "micro_batch_size): set gradient_accumulation_steps: 1 in the accelerate config")
-
-
 def train_round(
     cfg: TrainConfig,
     *,
@@ -265,7 +168,7 @@ def train_round(
     if accelerator is None and resident is not None and resident.held is not None:
         accelerator = resident.held.accelerator  # the process group the held state lives in
     acc = accelerator or Accelerator()
-    _check_accelerator(acc)
+    check_accelerator(acc)
     if acc.is_main_process:
         for leftover in clean_tmp_dirs(output_checkpoint):
             log.warning("removed %s, left by an interrupted checkpoint save", leftover)
@@ -304,15 +207,15 @@ def _train_round(cfg: TrainConfig, *, prompts, rollouts, verdicts, annotations, 
         tokenizer, model = held.tokenizer, held.unwrapped
     else:
         with clock("model_load_s"):
-            tokenizer, model = _load_model(cfg, init_checkpoint)
+            tokenizer, model = load_model(cfg, init_checkpoint)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     examples = build_examples(cfg, tokenizer, prompts, rollouts, verdicts, annotations)
     temperature = rollout_temperature(cfg, examples)
     adv_all = grpo_advantages(torch.tensor([e.reward for e in examples], dtype=torch.float32), [e.group for e in examples],
                               cfg.adv_norm_std).tolist()
-    fp = _fingerprint(cfg, init_checkpoint, round_index, [e.rollout_id for e in examples])
+    fp = fingerprint(cfg, init_checkpoint, round_index, [e.rollout_id for e in examples])
     order = np.random.default_rng([cfg.seed, round_index]).permutation(len(examples))
-    plan = _shards(cfg, order, acc.process_index, acc.num_processes)
+    plan = shards(cfg, order, acc.process_index, acc.num_processes)
 
     # under FSDP only the main process reads the progress save's weights and moments
     saved = load_progress(work, fp, receives_shards=not acc.is_main_process)
@@ -320,7 +223,7 @@ def _train_round(cfg: TrainConfig, *, prompts, rollouts, verdicts, annotations, 
     if held is not None:
         optimizer, scheduler, state, global_step = held.optimizer, held.scheduler, None, held.global_step
     else:
-        optimizer, scheduler = _make_optimizer(cfg, model)
+        optimizer, scheduler = make_optimizer(cfg, model)
         with clock("state_load_s"):
             # round k resumes round k-1's state (a continued run's round 0: any round's)
             expect = round_index - 1 if round_index > 0 else None
@@ -354,7 +257,7 @@ def _train_round(cfg: TrainConfig, *, prompts, rollouts, verdicts, annotations, 
     live_first = cfg.old_logprobs == "recompute" and saved is None and bool(plan)
     live = {i for micro in plan[0] for i in micro} if live_first else set()
     handle = LoraTeacher if cfg.lora is not None else TeacherHandle  # LoRA: adapter snapshots
-    teacher = handle(cfg.teacher_sync_every, work, init_checkpoint, _DTYPES[cfg.dtype],
+    teacher = handle(cfg.teacher_sync_every, work, init_checkpoint, DTYPES[cfg.dtype],
                             cfg.logprob_chunk, inherit=inherit)
     if held is not None:
         wrapped = held.wrapped
@@ -386,7 +289,7 @@ def _train_round(cfg: TrainConfig, *, prompts, rollouts, verdicts, annotations, 
         teacher.restore(saved["teacher"])
         set_rng_state(saved["rng"])
     elif state is not None and round_index == 0:
-        _continue_from(cfg, optimizer, scheduler, init_checkpoint, global_step)
+        continue_from(cfg, optimizer, scheduler, init_checkpoint, global_step)
     r = _Step(cfg, get_method(cfg.method), wrapped, acc.unwrap_model(wrapped), teacher, acc,
               temperature)
     logger = Logger(acc, str(work), cfg.trackers, f"round-{round_index:04d}")

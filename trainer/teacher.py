@@ -76,7 +76,7 @@ def _matmul_weights(hf: nn.Module) -> set[str]:
 
 def _as_student_computes(hf: nn.Module, snapshot: Path) -> None:
     """Give the teacher the student's numerics. The student holds float32 weights and computes
-    under autocast (trainer/round.py `_load_model`): matmuls in the compute dtype, everything else
+    under autocast (trainer/round_setup.py `load_model`): matmuls in the compute dtype, everything else
     (embedding lookup, norms, the residual stream) in float32. A teacher of bf16 weights without
     autocast ran all of it in bf16, so at a sync step, with the student's own weights, its KL to
     the student was ~1e-6 nats/token instead of 0. `hf` is loaded in the compute dtype: its Linear

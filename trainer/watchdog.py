@@ -57,7 +57,7 @@ def orphaned(parent_pid: int | None, parent_id: str | None, launcher: int) -> st
     return None
 
 
-def flush_streams() -> None:
+def _flush_streams() -> None:
     """Flush stdout and stderr before an `os._exit`, whatever became of them: a process started
     with fd 1 or 2 closed has None there, and a closed or broken pipe raises; neither may keep
     the process from ending."""
@@ -77,8 +77,7 @@ def end_if_orphaned(parent_pid: int | None, parent_id: str | None, launcher: int
     why = orphaned(parent_pid, parent_id, launcher)
     if why:
         log.error("trainer group: %s; %s is not answered, process %d ends now", why, what, os.getpid())
-        flush_streams()
-        os._exit(ORPHANED)
+        exit_process(ORPHANED)
 
 
 def watch_flow(parent_pid: int | None, parent_id: str | None, launcher: int) -> None:
@@ -90,8 +89,7 @@ def watch_flow(parent_pid: int | None, parent_id: str | None, launcher: int) -> 
         why = orphaned(parent_pid, parent_id, launcher)
         if why:
             log.error("trainer group: %s; process %d ends now (nothing saved)", why, os.getpid())
-            flush_streams()
-            os._exit(ORPHANED)
+            exit_process(ORPHANED)
 
 
 def make_accelerator(timeout_s: float) -> Any:
@@ -118,7 +116,7 @@ def exit_process(code: int) -> NoReturn:
     round was written and answered, which fails the launch (benchmarks/gloo_exit.py)."""
     try:
         logging.shutdown()  # flushes every handler
-        flush_streams()
+        _flush_streams()
     finally:
         os._exit(code)
 

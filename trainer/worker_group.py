@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from trace_rl.pipeline.progress_lines import StderrForwarder, lines_to_stderr
-from trace_rl.trainer.watchdog import (end_if_orphaned, flush_streams, leave_group, make_accelerator,
+from trace_rl.trainer.watchdog import (end_if_orphaned, exit_process, leave_group, make_accelerator,
                                        orphaned, run_then_exit, watch_flow, write_json)
 
 log = logging.getLogger("trace_rl.trainer.worker_group")
@@ -159,8 +159,7 @@ def _answer(msg: dict, acc: Any, resident: Any, cmd_dir: Path, nonce: str | None
         write_json(cmd_dir / f"{msg['name']}.{suffix}.json",
                    {"rank": acc.process_index, "nonce": nonce, "traceback": traceback.format_exc()})
         log.exception("trainer group: %s failed on process %d", msg["name"], acc.process_index)
-        flush_streams()
-        os._exit(1)
+        exit_process(1)
     return {**reply, "nonce": nonce}
 
 
