@@ -28,7 +28,7 @@ DRIVER = r"""
 import sys
 from trace_rl.stages import get_stage
 from trace_rl.stages.config import load_config
-from trace_rl.trainer.worker_group import trainer_group_session
+from trace_rl.trainer.group_handle import trainer_group_session
 cfg = load_config("demo", sys.argv[1:])
 get_stage("prepare")(cfg, None, progress=False)
 with trainer_group_session(cfg) as group:

@@ -21,7 +21,7 @@ from trace_rl.pipeline.runlock import run_lock
 from trace_rl.stages.config import load_config
 from trace_rl.stages.engines.session import engine_session
 from trace_rl.trainer.resident import active_resident, trainer_session
-from trace_rl.trainer.worker_group import active_group, trainer_group_session
+from trace_rl.trainer.group_handle import active_group, trainer_group_session
 
 from . import reporting
 from .stage_task import run_config_path, run_stage, write_resolved_config

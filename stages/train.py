@@ -42,7 +42,7 @@ from trace_rl.trainer.checkpoint import PROGRESS_FILE, usable_trainer_state
 from trace_rl.trainer.launch import ANSWER as LAUNCH_ANSWER
 from trace_rl.trainer.launch import read_round_inputs, round_input_names
 from trace_rl.trainer.resident import Resident, active_resident, config_json
-from trace_rl.trainer.worker_group import GroupDied, active_group, launch_prefix
+from trace_rl.trainer.group_handle import GroupDied, active_group, launch_prefix
 
 from .common import StageDecision, decide, open_store, start_checkpoint
 from .prune import prune_checkpoints, require_weights

@@ -112,13 +112,13 @@ def test_a_worker_groups_progress_lines_reach_the_waiting_task(tmp_path, monkeyp
     import sys
     import threading
 
-    import trace_rl.trainer.worker_group as wg
+    import trace_rl.trainer.group_handle as handle
     from trace_rl.stages.config import load_config
 
     (tmp_path / "group.py").write_text(GROUP)
-    monkeypatch.setattr(wg, "launch_prefix", lambda _t: [sys.executable])
-    group = wg.TrainerGroup(load_config("demo", ["train.num_processes=2"]).train, tmp_path / "cmd",
-                            program=[str(tmp_path / "group.py")])
+    monkeypatch.setattr(handle, "launch_prefix", lambda _t: [sys.executable])
+    group = handle.TrainerGroup(load_config("demo", ["train.num_processes=2"]).train, tmp_path / "cmd",
+                                program=[str(tmp_path / "group.py")])
     threads: set[str] = set()
     handler = logging.Handler()
     handler.emit = lambda record: threads.add(record.threadName)  # type: ignore[method-assign]

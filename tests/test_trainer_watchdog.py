@@ -84,3 +84,31 @@ def test_a_trainer_entry_point_ends_with_its_status_and_its_output_but_no_finali
         done = subprocess.run([sys.executable, "-m", module, "--no-such-flag"], check=False,
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and "error:" in done.stderr, (module, done.stderr)
+
+
+BLOCKED = textwrap.dedent("""
+    import logging, sys, threading, time
+    from trace_rl.trainer.watchdog import exit_process
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO)
+    def watchdog():
+        time.sleep(1.0)
+        exit_process(75, "the flow is gone", grace_s=1.0)
+    threading.Thread(target=watchdog, daemon=True).start()
+    while True:  # the flow's end of the pipe is not drained: this blocks holding the handler's lock
+        logging.getLogger("t").info("x" * 1000)
+""")
+
+
+def test_a_process_blocked_writing_to_an_undrained_pipe_still_ends():
+    """A watchdog ending its process must not wait on logging or stdio: a stderr pipe that is no
+    longer drained blocks the main thread inside a handler, holding its lock."""
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", BLOCKED], stderr=subprocess.PIPE)
+    start = time.monotonic()
+    try:
+        assert proc.wait(20) == 75
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    assert time.monotonic() - start < 10

@@ -28,7 +28,8 @@ from trace_rl.stages.config import load_config
 from trace_rl.trainer.launch import read_round_inputs
 from trace_rl.trainer.resident import Resident
 from trace_rl.trainer.round import train_round
-from trace_rl.trainer.worker_group import LAUNCHES, trainer_group_session
+from trace_rl.trainer.group_handle import trainer_group_session
+from trace_rl.trainer.worker_group import LAUNCHES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,7 +151,7 @@ import signal, sys, time
 # CI runner's `cmd &`) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
 signal.signal(signal.SIGINT, signal.default_int_handler)
 from trace_rl.stages.config import load_config
-from trace_rl.trainer.worker_group import trainer_group_session
+from trace_rl.trainer.group_handle import trainer_group_session
 cfg = load_config("demo", sys.argv[1:])
 with trainer_group_session(cfg) as group:
     assert group.request("offload", {})["offload"] == "nothing held"  # starts the group
@@ -270,7 +271,7 @@ while True:
 
 def test_an_answer_with_another_nonce_is_never_taken(tmp_path):
     from trace_rl.stages.config import load_config
-    from trace_rl.trainer.worker_group import GroupDied, TrainerGroup
+    from trace_rl.trainer.group_handle import GroupDied, TrainerGroup
 
     cfg = load_config("demo", ["train.num_processes=2"])
     group = TrainerGroup(cfg.train, tmp_path)

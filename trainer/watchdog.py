@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any, NoReturn
 log = logging.getLogger("trace_rl.trainer.worker_group")
 
 WATCH = 0.5  # seconds between a process's checks that its flow and launcher still run
+LAST_WORDS_S = 1.0  # at most this long to log and flush before an orphaned process ends
 ORPHANED = 75  # exit status of a process whose flow or launcher is gone
 
 
@@ -76,8 +78,8 @@ def end_if_orphaned(parent_pid: int | None, parent_id: str | None, launcher: int
     flow from taking it, but the answer must not exist)."""
     why = orphaned(parent_pid, parent_id, launcher)
     if why:
-        log.error("trainer group: %s; %s is not answered, process %d ends now", why, what, os.getpid())
-        exit_process(ORPHANED)
+        message = f"trainer group: {why}; {what} is not answered, process {os.getpid()} ends now"
+        exit_process(ORPHANED, message, grace_s=LAST_WORDS_S)
 
 
 def watch_flow(parent_pid: int | None, parent_id: str | None, launcher: int) -> None:
@@ -88,8 +90,8 @@ def watch_flow(parent_pid: int | None, parent_id: str | None, launcher: int) -> 
         time.sleep(WATCH)
         why = orphaned(parent_pid, parent_id, launcher)
         if why:
-            log.error("trainer group: %s; process %d ends now (nothing saved)", why, os.getpid())
-            exit_process(ORPHANED)
+            message = f"trainer group: {why}; process {os.getpid()} ends now (nothing saved)"
+            exit_process(ORPHANED, message, grace_s=LAST_WORDS_S)
 
 
 def make_accelerator(timeout_s: float) -> Any:
@@ -108,15 +110,26 @@ def leave_group(accelerator: Any) -> None:
     accelerator.end_training()
 
 
-def exit_process(code: int) -> NoReturn:
-    """End a trainer process whose work is written, without interpreter finalization. A process
-    group destroyed by `leave_group` stays alive while Python objects hold it (an FSDP2 model's
-    device mesh, the Accelerator's prepared models), and its gloo threads then meet the
+def exit_process(code: int, why: str | None = None, grace_s: float = 10.0) -> NoReturn:
+    """End a trainer process without interpreter finalization, after logging `why` (as an error)
+    and flushing the logging handlers and stdio for at most `grace_s` seconds: nothing may keep
+    the process from ending (a stderr pipe that its reader no longer drains blocks every write,
+    and a thread blocked there holds the handler's lock).
+
+    Finalization is skipped because a process group destroyed by `leave_group` stays alive while
+    Python objects hold it (an FSDP2 model's device mesh), and its gloo threads then meet the
     interpreter's teardown: "terminate called without an active exception", exit -6, after the
     round was written and answered, which fails the launch (benchmarks/gloo_exit.py)."""
-    try:
+    def last_words() -> None:
+        if why:
+            log.error("%s", why)
         logging.shutdown()  # flushes every handler
         _flush_streams()
+
+    try:
+        words = threading.Thread(target=last_words, daemon=True, name="trainer-exit")
+        words.start()
+        words.join(grace_s)
     finally:
         os._exit(code)
 
